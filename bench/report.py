@@ -1,0 +1,599 @@
+#!/usr/bin/env python3
+"""Turn a results dir's raw JSON into summary.md, SETUP.md and SVG plots.
+
+    python3 bench/report.py RESULTS_DIR [--docs docs/BENCHMARKS.md]
+
+Everything in summary.md and the plots is computed from RESULTS_DIR/raw/*.json
+and RESULTS_DIR/run.json; nothing is pasted by hand.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import glob
+import json
+import os
+import platform
+import statistics
+import subprocess
+import sys
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+sys.path.insert(0, HERE)
+import svgplot  # noqa: E402
+
+REPO = os.path.dirname(HERE)
+ANCHORS = ["nginx", "nginx-tuned", "haproxy"]
+LAT_SCENARIOS = ("pingpong", "rate", "pingpong_pin")
+
+# metric key -> (label, unit, lower_is_better)
+METRICS = {
+    "msgs_per_s": ("msg/s", "msg/s", False),
+    "p50_us": ("p50", "µs", True),
+    "p90_us": ("p90", "µs", True),
+    "p99_us": ("p99", "µs", True),
+    "p999_us": ("p99.9", "µs", True),
+    "max_us": ("max", "µs", True),
+    "proxy_cpu_us_per_msg": ("proxy CPU/msg", "µs", True),
+    "proxy_cpu_cores": ("proxy CPU", "cores", True),
+    "proxy_rss_mb": ("proxy RSS", "MB", True),
+    "backend_cpu_cores": ("backends CPU", "cores", True),
+    "load_cpu_cores": ("load tool CPU", "cores", True),
+    "conns_per_s": ("conn/s", "conn/s", False),
+    "hs_p50_us": ("handshake p50", "µs", True),
+    "hs_p99_us": ("handshake p99", "µs", True),
+    "proxy_cpu_us_per_conn": ("proxy CPU/conn", "µs", True),
+    "mb_per_s": ("MB/s", "MB/s", False),
+    "proxy_cpu_s_per_gb": ("proxy CPU/GB", "s", True),
+    "held": ("conns held", "", False),
+    "alive": ("alive at end", "", False),
+    "proxy_rss_per_conn_b": ("proxy RSS/conn", "B", True),
+    "machine_per_conn_b": ("machine mem/conn", "B", True),
+    "proxy_rss_idle_mb": ("proxy RSS before", "MB", True),
+    "proxy_rss_held_mb": ("proxy RSS held", "MB", True),
+    "threads_before": ("threads before", "", True),
+    "threads_held": ("threads held", "", True),
+    "proxy_fds_held": ("proxy fds held", "", True),
+}
+
+TABLES = {
+    "pingpong": ["msgs_per_s", "p50_us", "p99_us", "proxy_cpu_us_per_msg", "proxy_cpu_cores",
+                 "proxy_rss_mb", "backend_cpu_cores", "load_cpu_cores"],
+    "pingpong_pin": ["msgs_per_s", "p50_us", "p99_us", "proxy_cpu_us_per_msg", "proxy_cpu_cores",
+                     "backend_cpu_cores", "load_cpu_cores"],
+    "rate": ["msgs_per_s", "p50_us", "p90_us", "p99_us", "p999_us", "max_us",
+             "proxy_cpu_us_per_msg", "proxy_cpu_cores"],
+    "handshake": ["conns_per_s", "hs_p50_us", "hs_p99_us", "proxy_cpu_us_per_conn",
+                  "proxy_cpu_cores", "backend_cpu_cores", "load_cpu_cores"],
+    "bulk": ["mb_per_s", "proxy_cpu_s_per_gb", "proxy_cpu_cores", "proxy_rss_mb",
+             "backend_cpu_cores", "load_cpu_cores"],
+    "idle": ["held", "alive", "proxy_rss_per_conn_b", "machine_per_conn_b", "proxy_rss_idle_mb",
+             "proxy_rss_held_mb", "threads_before", "threads_held", "proxy_fds_held"],
+}
+RATIO_METRICS = {
+    "pingpong": ["msgs_per_s", "p99_us", "proxy_cpu_us_per_msg"],
+    "pingpong_pin": ["msgs_per_s", "p99_us", "proxy_cpu_us_per_msg"],
+    "rate": ["p50_us", "p99_us", "p999_us", "proxy_cpu_us_per_msg"],
+    "handshake": ["conns_per_s", "proxy_cpu_us_per_conn"],
+    "bulk": ["mb_per_s", "proxy_cpu_s_per_gb"],
+    "idle": ["proxy_rss_per_conn_b", "machine_per_conn_b"],
+}
+SCENARIO_TITLES = {
+    "pingpong": "Ping-pong (closed loop)",
+    "pingpong_pin": "Ping-pong, proxy pinned to 1 core (load + backends on the other)",
+    "rate": "Open-loop fixed rate (latency at equal load)",
+    "handshake": "Handshake rate (connect, upgrade, close)",
+    "bulk": "Bulk 1 MiB messages",
+    "idle": "Idle connections (memory per connection)",
+}
+
+
+# ------------------------------------------------------------------ loading
+
+def load_run(out: str) -> tuple[dict, list[dict]]:
+    with open(os.path.join(out, "run.json")) as f:
+        meta = json.load(f)
+    recs = []
+    for p in sorted(glob.glob(os.path.join(out, "raw", "*.json"))):
+        with open(p) as f:
+            recs.append(json.load(f))
+    return meta, recs
+
+
+def metrics(rec: dict) -> dict:
+    """Derived metrics of one raw record (None where not applicable)."""
+    s = rec["scenario"]
+    L = rec.get("load") or {}
+    cpu = rec.get("cpu") or {}
+    px = cpu.get("proxy")
+    m: dict = {}
+    if cpu.get("backends"):
+        m["backend_cpu_cores"] = cpu["backends"]["cpu_cores"]
+    if cpu.get("load"):
+        m["load_cpu_cores"] = cpu["load"]["cpu_cores"]
+    if px:
+        m["proxy_cpu_cores"] = px["cpu_cores"]
+        m["proxy_rss_mb"] = px["rss_kb_max"] / 1024
+    if s in LAT_SCENARIOS:
+        rate = L.get("msgs_per_s")
+        m["msgs_per_s"] = rate
+        lat = L.get("latency_us") or {}
+        for k in ("p50", "p90", "p99", "p999", "max"):
+            m[f"{k}_us"] = lat.get(k)
+        if px and rate:
+            m["proxy_cpu_us_per_msg"] = px["cpu_cores"] / rate * 1e6
+    elif s == "handshake":
+        m["conns_per_s"] = L.get("handshakes_per_s")
+        hl = L.get("handshake_latency_us") or {}
+        m["hs_p50_us"] = hl.get("p50")
+        m["hs_p99_us"] = hl.get("p99")
+        n = L.get("handshakes")
+        if px and n:
+            # whole-run CPU (connect + upgrade + close) per completed handshake
+            m["proxy_cpu_us_per_conn"] = px["cpu_s"] / n * 1e6
+    elif s == "bulk":
+        el = L.get("elapsed_s")
+        mbps = L.get("bytes") / el / 1e6 if L.get("bytes") and el else L.get("mb_per_s")
+        m["mb_per_s"] = mbps
+        if px and mbps:
+            m["proxy_cpu_s_per_gb"] = px["cpu_cores"] / (mbps / 1000.0)
+    elif s == "idle":
+        i = rec.get("idle") or {}
+        conns = L.get("connections") or {}
+        n = i.get("established_front") or 0
+        m["held"] = n
+        m["alive"] = conns.get("alive")
+        before = rec.get("proxy_before")
+        held = i.get("proxy")
+        if n and i.get("all_established"):
+            if before and held:
+                m["proxy_rss_per_conn_b"] = (held["rss_kb"] - before["rss_kb"]) * 1024 / n
+            if i.get("machine_used_kb") and rec.get("machine_used_kb_before"):
+                m["machine_per_conn_b"] = (i["machine_used_kb"] - rec["machine_used_kb_before"]) * 1024 / n
+        if before:
+            m["proxy_rss_idle_mb"] = before["rss_kb"] / 1024
+            m["threads_before"] = before["threads"]
+        if held:
+            m["proxy_rss_held_mb"] = held["rss_kb"] / 1024
+            m["threads_held"] = held["threads"]
+            m["proxy_fds_held"] = held.get("fds")
+    return m
+
+
+def aggregate(recs: list[dict]) -> dict:
+    """(scenario, target) -> {"n_ok", "n", "errors", "values": {metric: [..]}}"""
+    agg: dict = {}
+    for r in recs:
+        a = agg.setdefault((r["scenario"], r["target"]),
+                           {"n": 0, "n_ok": 0, "errors": [], "values": {}, "recs": []})
+        a["n"] += 1
+        a["recs"].append(r)
+        if r["status"] == "ok":
+            a["n_ok"] += 1
+        if r.get("error"):
+            a["errors"].append(f"rep {r['rep']}: {r['error']}")
+        if r["status"] in ("ok", "errors"):
+            for k, v in metrics(r).items():
+                if v is not None:
+                    a["values"].setdefault(k, []).append(v)
+    return agg
+
+
+def med(agg, scenario, target, metric):
+    a = agg.get((scenario, target))
+    if not a:
+        return None
+    v = a["values"].get(metric)
+    return statistics.median(v) if v else None
+
+
+def mmm(agg, scenario, target, metric):
+    a = agg.get((scenario, target))
+    v = (a or {}).get("values", {}).get(metric)
+    if not v:
+        return None
+    return (statistics.median(v), min(v), max(v))
+
+
+# ------------------------------------------------------------------ formatting
+
+def f3(v) -> str:
+    if v is None:
+        return "—"
+    a = abs(v)
+    if float(v).is_integer() and a < 1e5:
+        return f"{v:.0f}"
+    if a >= 1e5:
+        return f"{v:,.0f}"
+    if a >= 100:
+        return f"{v:.0f}"
+    if a >= 10:
+        return f"{v:.1f}"
+    if a >= 1:
+        return f"{v:.2f}"
+    return f"{v:.3g}"
+
+
+def cell(t) -> str:
+    if t is None:
+        return "—"
+    m, lo, hi = t
+    if lo == hi:
+        return f3(m)
+    return f"{f3(m)} ({f3(lo)}..{f3(hi)})"
+
+
+def ratio(a, b):
+    if a is None or b is None or b == 0:
+        return None
+    return a / b
+
+
+# ------------------------------------------------------------------ goals
+
+def best_anchor(agg, scenario, metric, lower_better, targets):
+    vals = [(t, med(agg, scenario, t, metric)) for t in ANCHORS if t in targets]
+    vals = [(t, v) for t, v in vals if v is not None]
+    if not vals:
+        return None, None
+    return (min if lower_better else max)(vals, key=lambda x: x[1])
+
+
+def goals(agg, targets) -> list[dict]:
+    g = []
+
+    def add(what, measured, op, limit, detail):
+        if measured is None or limit is None:
+            status = "n/a (missing data)"
+        else:
+            ok = measured <= limit if op == "<=" else measured >= limit
+            status = "**met**" if ok else "**not met**"
+        g.append({"what": what, "measured": measured, "op": op, "limit": limit,
+                  "status": status, "detail": detail})
+
+    r = med(agg, "pingpong", "ringlb", "proxy_cpu_us_per_msg")
+    n = med(agg, "pingpong", "nginx", "proxy_cpu_us_per_msg")
+    add("ping-pong 64 B: ringlb proxy CPU per round trip ≤ 0.5× nginx", ratio(r, n), "<=", 0.5,
+        f"ringlb {f3(r)} µs vs nginx {f3(n)} µs")
+    r = med(agg, "pingpong", "ringlb", "msgs_per_s")
+    n = med(agg, "pingpong", "nginx", "msgs_per_s")
+    add("ping-pong 64 B: ringlb msg/s ≥ 1.3× nginx", ratio(r, n), ">=", 1.3,
+        f"ringlb {f3(r)} vs nginx {f3(n)} msg/s")
+    r = med(agg, "handshake", "ringlb", "proxy_cpu_us_per_conn")
+    h = med(agg, "handshake", "haproxy", "proxy_cpu_us_per_conn")
+    add("handshake: ringlb proxy CPU per connection ≤ 0.5× HAProxy", ratio(r, h), "<=", 0.5,
+        f"ringlb {f3(r)} µs vs haproxy {f3(h)} µs")
+    r = med(agg, "handshake", "ringlb", "conns_per_s")
+    h = med(agg, "handshake", "haproxy", "conns_per_s")
+    add("handshake: ringlb conn/s ≥ 1.5× HAProxy", ratio(r, h), ">=", 1.5,
+        f"ringlb {f3(r)} vs haproxy {f3(h)} conn/s")
+    r = med(agg, "bulk", "ringlb", "mb_per_s")
+    bt, bv = best_anchor(agg, "bulk", "mb_per_s", False, targets)
+    add("bulk 1 MiB: ringlb MB/s ≥ 2× best anchor", ratio(r, bv), ">=", 2.0,
+        f"ringlb {f3(r)} vs best anchor {bt} {f3(bv)} MB/s")
+    r = med(agg, "bulk", "ringlb", "proxy_cpu_s_per_gb")
+    bt, bv = best_anchor(agg, "bulk", "proxy_cpu_s_per_gb", True, targets)
+    add("bulk 1 MiB: ringlb proxy CPU per GB ≤ 0.5× best anchor", ratio(r, bv), "<=", 0.5,
+        f"ringlb {f3(r)} s vs best anchor {bt} {f3(bv)} s")
+    r = med(agg, "idle", "ringlb", "proxy_rss_per_conn_b")
+    add("idle: ringlb proxy RSS ≤ 1 KB per connection (bytes)", r, "<=", 1024,
+        f"ringlb {f3(r)} B/conn")
+    r = med(agg, "idle", "ringlb", "machine_per_conn_b")
+    h = med(agg, "idle", "haproxy", "machine_per_conn_b")
+    add("idle: whole-machine memory per connection ≤ 0.7× HAProxy", ratio(r, h), "<=", 0.7,
+        f"ringlb {f3(r)} B vs haproxy {f3(h)} B per conn")
+    tb = med(agg, "idle", "ringlb", "threads_before")
+    th = med(agg, "idle", "ringlb", "threads_held")
+    extra = (th - tb) if tb is not None and th is not None else None
+    add("idle: zero extra threads with connections held", extra, "<=", 0,
+        f"ringlb threads idle {f3(tb)} → with connections {f3(th)}")
+    r = med(agg, "rate", "ringlb", "p99_us")
+    n = med(agg, "rate", "nginx", "p99_us")
+    add("open loop, equal load: ringlb p99 ≤ nginx p99 (ratio)", ratio(r, n), "<=", 1.0,
+        f"ringlb {f3(r)} µs vs nginx {f3(n)} µs")
+    return g
+
+
+# ------------------------------------------------------------------ plots
+
+def read_hist(out: str, rel: str | None) -> list[tuple[float, float]] | None:
+    """Read a `ringlb-load --hist` CSV as [(percentile 0..100, latency_us)]."""
+    if not rel:
+        return None
+    path = os.path.join(out, rel)
+    try:
+        with open(path, newline="") as f:
+            rows = list(csv.reader(f))
+    except OSError:
+        return None
+    if len(rows) < 2:
+        return None
+    head = [h.strip().lower() for h in rows[0]]
+    pi = next((i for i, h in enumerate(head) if h.startswith("percentile") or h in ("p", "pct", "quantile")), None)
+    vi = next((i for i, h in enumerate(head) if "us" in h or "latency" in h or "value" in h), None)
+    if pi is None or vi is None or pi == vi:
+        return None
+    pts = []
+    for r in rows[1:]:
+        try:
+            p = float(r[pi])
+            v = float(r[vi])
+        except (ValueError, IndexError):
+            continue
+        if head[pi] == "quantile" or (p <= 1.0 and all(float(x[pi]) <= 1.0 for x in rows[1:] if x)):
+            p *= 100.0
+        pts.append((p, v))
+    return pts or None
+
+
+def curve_for(out, agg, scenario, target):
+    """Percentile curve of the rep whose p99 is the median (hist CSV if present)."""
+    a = agg.get((scenario, target))
+    if not a:
+        return None
+    good = [r for r in a["recs"] if r["status"] in ("ok", "errors") and (r.get("load") or {}).get("latency_us")]
+    if not good:
+        return None
+    good.sort(key=lambda r: r["load"]["latency_us"].get("p99") or 0)
+    r = good[len(good) // 2]
+    h = read_hist(out, r.get("hist"))
+    if h:
+        return h
+    lat = r["load"]["latency_us"]
+    pts = [(50, lat.get("p50")), (90, lat.get("p90")), (99, lat.get("p99")), (99.9, lat.get("p999"))]
+    return [(p, v) for p, v in pts if v]
+
+
+def plots(out: str, agg, targets, scenarios) -> list[tuple[str, str]]:
+    made = []
+
+    def save(name, svg, caption):
+        with open(os.path.join(out, name), "w") as f:
+            f.write(svg)
+        made.append((name, caption))
+
+    for s in ("rate", "pingpong", "pingpong_pin"):
+        if s not in scenarios:
+            continue
+        curves = {t: c for t in targets if (c := curve_for(out, agg, s, t))}
+        note = "rep with the median p99"
+        save(f"latency_{s}.svg", svgplot.percentile_curves(f"{SCENARIO_TITLES[s]}: latency percentiles",
+                                                           curves, note), f"Latency percentiles, {s}")
+
+    def bars(name, title, unit, scen, metric_list, caption, tgts=None):
+        tg = tgts or [t for t in targets if t != "direct"]
+        series = [(METRICS[m][0], [mmm(agg, scen, t, m) for t in tg]) for m in metric_list]
+        save(name, svgplot.bar_chart(title, unit, tg, series, "bars: median, whiskers: min..max"), caption)
+
+    if "pingpong" in scenarios:
+        bars("cpu_per_msg.svg", "Proxy CPU per round trip (ping-pong 64 B)", "µs CPU / message",
+             "pingpong", ["proxy_cpu_us_per_msg"], "Proxy CPU per message")
+        bars("pingpong_throughput.svg", "Ping-pong throughput (64 B)", "messages / s",
+             "pingpong", ["msgs_per_s"], "Ping-pong msg/s", tgts=targets)
+    if "handshake" in scenarios:
+        bars("cpu_per_conn.svg", "Proxy CPU per connection (handshake)", "µs CPU / connection",
+             "handshake", ["proxy_cpu_us_per_conn"], "Proxy CPU per connection")
+    if "bulk" in scenarios:
+        bars("cpu_per_gb.svg", "Proxy CPU per GB (bulk 1 MiB)", "s CPU / GB",
+             "bulk", ["proxy_cpu_s_per_gb"], "Proxy CPU per GB")
+        bars("bulk_throughput.svg", "Bulk throughput (1 MiB messages)", "MB / s",
+             "bulk", ["mb_per_s"], "Bulk MB/s", tgts=targets)
+    if "idle" in scenarios:
+        bars("mem_per_conn.svg", "Memory per idle connection", "bytes / connection",
+             "idle", ["proxy_rss_per_conn_b", "machine_per_conn_b"], "Memory per connection",
+             tgts=targets)
+    return made
+
+
+# ------------------------------------------------------------------ summary
+
+def summary_md(out: str, meta: dict, recs: list[dict], img_prefix: str = "") -> str:
+    targets = meta["targets"]
+    scenarios = meta["scenarios"]
+    agg = aggregate(recs)
+    L = []
+    L.append(f"# ringlb benchmark summary — {os.path.basename(os.path.normpath(out))}")
+    L.append("")
+    L.append(f"Mode **{meta['mode']}**, {meta['reps']} rep(s), targets interleaved rep by rep; "
+             f"{meta.get('workers')} workers/threads/shards per proxy; run status: **{meta.get('status')}** "
+             f"({meta.get('started')} → {meta.get('finished')}).")
+    L.append("Cells are median (min..max) over reps. Noise on this shared 2-core machine is large: "
+             "compare only within this run. Load generator, backends and proxy share the same 2 cores.")
+    if meta.get("rate_calibration"):
+        rc = meta["rate_calibration"]
+        L.append(f"Open-loop rate: {rc['rate']} msg/s ({rc['why']}).")
+    L.append("")
+
+    # goals
+    if "ringlb" in targets:
+        L.append("## Targets (from the issue)")
+        L.append("")
+        L.append("| target | measured | limit | status | detail |")
+        L.append("|---|---|---|---|---|")
+        for g in goals(agg, targets):
+            L.append(f"| {g['what']} | {f3(g['measured'])} | {g['op']} {f3(g['limit'])} | {g['status']} | {g['detail']} |")
+        L.append("")
+
+    # rows present
+    L.append("## Runs")
+    L.append("")
+    L.append("| scenario | " + " | ".join(targets) + " |")
+    L.append("|---|" + "---|" * len(targets))
+    for s in scenarios:
+        row = []
+        for t in targets:
+            a = agg.get((s, t))
+            row.append("missing" if not a else f"{a['n_ok']}/{a['n']} ok")
+        L.append(f"| {s} | " + " | ".join(row) + " |")
+    L.append("")
+
+    for s in scenarios:
+        cols = TABLES.get(s.replace("_pin", "") if s not in TABLES else s, [])
+        L.append(f"## {SCENARIO_TITLES.get(s, s)}")
+        L.append("")
+        p = meta["params"].get(s, {})
+        L.append("Parameters: " + ", ".join(f"{k}={v}" for k, v in p.items()))
+        L.append("")
+        L.append("| target | status | " + " | ".join(
+            f"{METRICS[c][0]}" + (f" ({METRICS[c][1]})" if METRICS[c][1] and METRICS[c][1] != METRICS[c][0] else "") for c in cols) + " |")
+        L.append("|---|---|" + "---|" * len(cols))
+        for t in targets:
+            a = agg.get((s, t))
+            st = "missing" if not a else f"{a['n_ok']}/{a['n']} ok"
+            L.append(f"| {t} | {st} | " + " | ".join(cell(mmm(agg, s, t, c)) for c in cols) + " |")
+        L.append("")
+        rms = RATIO_METRICS.get(s, [])
+        if "ringlb" in targets and rms:
+            others = [t for t in ("nginx", "nginx-tuned", "haproxy", "direct") if t in targets]
+            L.append(f"Ratios (medians), ringlb / other — for {', '.join(METRICS[m][0] for m in rms)}:")
+            L.append("")
+            L.append("| ratio | " + " | ".join(METRICS[m][0] for m in rms) + " |")
+            L.append("|---|" + "---|" * len(rms))
+            for o in others:
+                vals = [ratio(med(agg, s, "ringlb", m), med(agg, s, o, m)) for m in rms]
+                L.append(f"| ringlb/{o} | " + " | ".join(f3(v) for v in vals) + " |")
+            L.append("")
+        errs = [(t, e) for t in targets for e in (agg.get((s, t)) or {}).get("errors", [])]
+        if errs:
+            L.append("Problems:")
+            L.append("")
+            for t, e in errs:
+                L.append(f"- {t} {e.splitlines()[0][:400] if e else ''}")
+            L.append("")
+
+    L.append("## Plots")
+    L.append("")
+    for name, caption in plots(out, agg, targets, scenarios):
+        L.append(f"![{caption}]({img_prefix}{name})")
+        L.append("")
+    L.append("## How the numbers are made")
+    L.append("")
+    L.append("- Proxy CPU: utime+stime from /proc/PID/stat of every process in the proxy's tree "
+             "(nginx master + workers; HAProxy and ringlb are one process with threads), sampled every "
+             "0.25 s; CPU/message = steady-state CPU cores ÷ msg/s (warm-up and teardown excluded). "
+             "Handshake CPU/connection = whole-run CPU delta ÷ completed handshakes.")
+    L.append("- Proxy RSS: sum of VmRSS over the proxy tree. Idle RSS/connection = (RSS with all "
+             "connections held − RSS before the load) ÷ connections; whole-machine memory/connection = "
+             "Δ(MemTotal − MemAvailable) over the same interval ÷ connections (includes the load tool, "
+             "backends and kernel socket memory; direct shows that baseline).")
+    L.append("- direct = load tool straight to one echo backend (no proxy): the ceiling of the load tool.")
+    L.append("")
+    return "\n".join(L)
+
+
+def generate(out: str, docs: str | None = None) -> str:
+    meta, recs = load_run(out)
+    text = summary_md(out, meta, recs)
+    with open(os.path.join(out, "summary.md"), "w") as f:
+        f.write(text)
+    if docs:
+        rel = os.path.relpath(out, os.path.dirname(os.path.abspath(docs)))
+        body = summary_md(out, meta, recs, img_prefix=rel + "/")
+        hdr = ("# Benchmarks\n\n"
+               "Generated by `python3 bench/report.py " + os.path.relpath(out, REPO) + " --docs "
+               + os.path.relpath(os.path.abspath(docs), REPO) + "` from the raw data of the latest full run "
+               f"(setup: [{rel}/SETUP.md]({rel}/SETUP.md)). See [bench/README.md](../bench/README.md) "
+               "for how to reproduce.\n\n")
+        body = body.replace("# ringlb benchmark summary", "## Latest run", 1)
+        with open(docs, "w") as f:
+            f.write(hdr + body)
+    return text
+
+
+# ------------------------------------------------------------------ SETUP.md
+
+def _cmd(args) -> str:
+    try:
+        r = subprocess.run(args, capture_output=True, text=True, timeout=10)
+        return (r.stdout + r.stderr).strip()
+    except (OSError, subprocess.TimeoutExpired) as e:
+        return f"unavailable ({e})"
+
+
+def write_setup(out: str, meta: dict) -> None:
+    with open(os.path.join(HERE, "configs", "SETUP.md.tmpl")) as f:
+        tmpl = f.read()
+    cpu = "unknown"
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    cpu = line.split(":", 1)[1].strip()
+                    break
+    except OSError:
+        pass
+    mem = "unknown"
+    try:
+        with open("/proc/meminfo") as f:
+            mem = f.readline().split(":", 1)[1].strip()
+    except OSError:
+        pass
+    bins = meta.get("bins", {})
+    rev = _cmd(["git", "-C", REPO, "rev-parse", "HEAD"])
+    dirty = _cmd(["git", "-C", REPO, "status", "--porcelain", "--", "src", "loadtest", "Cargo.toml", "Cargo.lock"])
+    configs = []
+    cdir = os.path.join(out, "configs")
+    for name in sorted(os.listdir(cdir)) if os.path.isdir(cdir) else []:
+        with open(os.path.join(cdir, name)) as f:
+            configs.append(f"### configs/{name}\n\n```\n{f.read().rstrip()}\n```\n")
+    try:
+        import resource
+        nofile = resource.getrlimit(resource.RLIMIT_NOFILE)
+    except Exception:  # pragma: no cover
+        nofile = "?"
+    vals = {
+        "date": meta.get("started", ""),
+        "host": meta.get("host", ""),
+        "kernel": " ".join(platform.uname()),
+        "cpu": cpu,
+        "nproc": str(os.cpu_count()),
+        "memtotal": mem,
+        "nofile": str(nofile),
+        "somaxconn": _read("/proc/sys/net/core/somaxconn"),
+        "nginx": _cmd([bins["nginx"], "-v"]) if bins.get("nginx") else "not installed",
+        "haproxy": _cmd([bins["haproxy"], "-v"]).splitlines()[0] if bins.get("haproxy") else "not installed",
+        "ringlb_rev": rev + (" (+ uncommitted changes in src/loadtest)" if dirty.strip() else ""),
+        "ringlb_bin": str(bins.get("ringlb")),
+        "load_bin": str(bins.get("ringlb-load")),
+        "rustc": _cmd(["rustc", "-V"]),
+        "python": sys.version.split()[0],
+        "argv": " ".join(meta.get("argv", [])),
+        "mode": meta.get("mode", ""),
+        "reps": str(meta.get("reps")),
+        "workers": str(meta.get("workers")),
+        "targets": ", ".join(meta.get("targets", [])),
+        "params": "\n".join(f"- **{s}**: " + ", ".join(f"{k}={v}" for k, v in p.items())
+                            for s, p in meta.get("params", {}).items()),
+        "rate": str(meta.get("rate_calibration", "n/a")),
+        "configs": "\n".join(configs) or "(no proxy configs rendered)",
+    }
+    import re
+    text = re.sub(r"\{\{(\w+)\}\}", lambda m: vals.get(m.group(1), m.group(0)), tmpl)
+    with open(os.path.join(out, "SETUP.md"), "w") as f:
+        f.write(text)
+
+
+def _read(path):
+    try:
+        with open(path) as f:
+            return f.read().strip()
+    except OSError:
+        return "?"
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("results_dir")
+    ap.add_argument("--docs", help="also write this markdown file (docs/BENCHMARKS.md)")
+    ap.add_argument("--setup", action="store_true", help="regenerate SETUP.md too (uses this machine's info)")
+    a = ap.parse_args()
+    if a.setup:
+        meta, _ = load_run(a.results_dir)
+        write_setup(a.results_dir, meta)
+    generate(a.results_dir, a.docs)
+    print(os.path.join(a.results_dir, "summary.md"))
+
+
+if __name__ == "__main__":
+    main()

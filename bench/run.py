@@ -1,0 +1,474 @@
+#!/usr/bin/env python3
+"""ringlb benchmark harness.
+
+    python3 bench/run.py --targets direct,ringlb,nginx,nginx-tuned,haproxy [--quick]
+                         [--reps 3] [--out DIR] [--pin]
+
+For every scenario, rep and target (targets interleaved rep by rep) it starts
+two `ringlb-load echo` backends, the target proxy in front of them, runs the
+load, samples the proxy's CPU time / RSS / threads from /proc and stops
+everything it started by process group.  Raw JSON goes to
+bench/results/<date>-<host>/raw/, then report.py writes summary.md, SETUP.md
+and SVG plots from that raw data.
+
+Standard library only. Installs nothing: missing tools are reported with the
+command to install them.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import os
+import platform
+import signal
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+sys.path.insert(0, HERE)
+
+import procutil  # noqa: E402
+from procutil import Child, Sampler, StartError  # noqa: E402
+import targets as targets_mod  # noqa: E402
+from targets import TARGETS, TOOL_FOR_KIND, find_program, start_target  # noqa: E402
+
+REPO = os.path.dirname(HERE)
+ALL_SCENARIOS = ["pingpong", "rate", "handshake", "bulk", "idle"]
+PIN_SCENARIO = "pingpong_pin"
+
+# Scenario parameters. Durations in seconds.
+FULL = {
+    "pingpong": {"connections": 200, "size": 64, "duration": 10, "warmup": 2},
+    "rate": {"connections": 200, "size": 64, "duration": 10, "warmup": 2, "rate": None},
+    "handshake": {"total": 20000, "concurrency": 50},
+    "bulk": {"connections": 4, "size": "1MiB", "duration": 10, "warmup": 2},
+    "idle": {"connections": 9000, "hold": 25, "procs": 2},
+    PIN_SCENARIO: {"connections": 200, "size": 64, "duration": 10, "warmup": 2,
+                   "proxy_cpus": "0", "other_cpus": "1"},
+}
+QUICK = {
+    "pingpong": {"connections": 50, "size": 64, "duration": 3, "warmup": 1},
+    "rate": {"connections": 50, "size": 64, "duration": 3, "warmup": 1, "rate": None},
+    "handshake": {"total": 1000, "concurrency": 20},
+    "bulk": {"connections": 2, "size": "1MiB", "duration": 3, "warmup": 1},
+    "idle": {"connections": 300, "hold": 8, "procs": 1},
+    PIN_SCENARIO: {"connections": 50, "size": 64, "duration": 3, "warmup": 1,
+                   "proxy_cpus": "0", "other_cpus": "1"},
+}
+DEFAULT_RATE = {"full": 20000, "quick": 2000}
+
+_HELP_CACHE: dict[str, str] = {}
+
+
+def log(msg: str) -> None:
+    ts = datetime.datetime.now().strftime("%H:%M:%S")
+    print(f"[{ts}] {msg}", flush=True)
+
+
+# ------------------------------------------------------------ tool discovery
+
+def find_binary(name: str, bin_dir: str | None) -> str | None:
+    dirs = []
+    if bin_dir:
+        dirs.append(bin_dir)
+    if os.environ.get("CARGO_TARGET_DIR"):
+        dirs.append(os.path.join(os.environ["CARGO_TARGET_DIR"], "release"))
+    dirs += [os.path.join(REPO, "target", "release"), os.path.join(REPO, "target-bench", "release")]
+    for d in dirs:
+        p = os.path.join(d, name)
+        if os.access(p, os.X_OK):
+            return p
+    return None
+
+
+def tool_help(load_bin: str, mode: str) -> str:
+    if mode not in _HELP_CACHE:
+        try:
+            r = subprocess.run([load_bin, mode, "--help"], capture_output=True, text=True, timeout=10)
+            _HELP_CACHE[mode] = r.stdout + r.stderr
+        except (OSError, subprocess.TimeoutExpired):
+            _HELP_CACHE[mode] = ""
+    return _HELP_CACHE[mode]
+
+
+def supports(load_bin: str, mode: str, flag: str) -> bool:
+    return flag in tool_help(load_bin, mode)
+
+
+def check_tools(names: list[str], pin: bool) -> tuple[dict, list[str]]:
+    """Return (programs found, human-readable problems)."""
+    found, missing = {}, []
+    kinds = {TARGETS[t][0] for t in names}
+    for kind, prog in TOOL_FOR_KIND.items():
+        p = find_program(prog)
+        found[prog] = p
+        if kind in kinds and not p:
+            missing.append(prog)
+    for prog in ["ss"] + (["taskset"] if pin else []):
+        p = find_program(prog)
+        found[prog] = p
+        if not p:
+            missing.append({"ss": "iproute2", "taskset": "util-linux"}[prog])
+    return found, missing
+
+
+# ------------------------------------------------------------ one measurement
+
+class Ctx:
+    def __init__(self, args, out, bins, params, mode):
+        self.args = args
+        self.out = out
+        self.bins = bins
+        self.params = params
+        self.mode = mode  # "full" | "quick"
+        self.raw = os.path.join(out, "raw")
+        self.logs = os.path.join(out, "logs")
+        self.configs = os.path.join(out, "configs")
+        for d in (self.raw, self.logs, self.configs):
+            os.makedirs(d, exist_ok=True)
+        self.work = tempfile.mkdtemp(prefix="ringlb-bench-")
+
+
+def start_backends(ctx: Ctx, tag: str, cpus: str | None) -> tuple[list[Child], list[int]]:
+    children, ports = [], []
+    for i in (1, 2):
+        c = Child(f"echo{i}", [ctx.bins["ringlb-load"], "echo", "--listen", "127.0.0.1:0"],
+                  os.path.join(ctx.logs, f"{tag}-echo{i}.log"), cpus=cpus, capture_stdout=True)
+        children.append(c)
+        line = c.read_lines(1, timeout=10.0)[0]
+        if not line.startswith("listening "):
+            raise StartError(f"echo{i}: unexpected first line {line!r}")
+        port = int(line.rsplit(":", 1)[1])
+        procutil.wait_tcp(port, 10.0, c)
+        ports.append(port)
+    return children, ports
+
+
+def load_cmd(ctx: Ctx, scenario: str, p: dict, url: str, json_path: str, hist_path: str) -> list[str]:
+    lb = ctx.bins["ringlb-load"]
+    mode = {"pingpong": "pingpong", PIN_SCENARIO: "pingpong", "rate": "rate",
+            "handshake": "handshake", "bulk": "bulk", "idle": "idle"}[scenario]
+    cmd = [lb, mode, "--url", url, "--json", json_path]
+    if mode in ("pingpong", "rate", "bulk"):
+        cmd += ["--connections", str(p["connections"]), "--size", str(p["size"]),
+                "--duration", f"{p['duration']}s"]
+        if p.get("warmup") and supports(lb, mode, "--warmup"):
+            cmd += ["--warmup", f"{p['warmup']}s"]
+        if mode == "pingpong" and supports(lb, mode, "--binary"):
+            cmd += ["--binary"]
+        if mode == "rate":
+            cmd += ["--rate", str(p["rate"])]
+        if mode in ("pingpong", "rate") and supports(lb, mode, "--hist"):
+            cmd += ["--hist", hist_path]
+    elif mode == "handshake":
+        cmd += ["--total", str(p["total"]), "--concurrency", str(p["concurrency"])]
+    elif mode == "idle":
+        cmd += ["--connections", str(p["connections"]), "--hold", f"{p['hold']}s"]
+        if p.get("procs", 1) > 1 and supports(lb, mode, "--procs"):
+            cmd += ["--procs", str(p["procs"])]
+    return cmd
+
+
+def load_timeout(scenario: str, p: dict) -> float:
+    if scenario == "handshake":
+        return 180.0
+    if scenario == "idle":
+        return p["hold"] + 120.0
+    return p["duration"] + p.get("warmup", 0) + 60.0
+
+
+def measure(ctx: Ctx, scenario: str, target: str, rep: int) -> dict:
+    p = dict(ctx.params[scenario])
+    tag = f"{scenario}.{target}.r{rep}"
+    rec = {"scenario": scenario, "target": target, "rep": rep, "params": p,
+           "status": "failed", "error": None, "started": time.time()}
+    pinned = "proxy_cpus" in p
+    proxy_cpus = p.get("proxy_cpus") if pinned else None
+    other_cpus = p.get("other_cpus") if pinned else None
+    backends, running, load = [], None, None
+    try:
+        backends, bports = start_backends(ctx, tag, other_cpus)
+        rec["backend_ports"] = bports
+        running = start_target(target, bports, ctx.work, ctx.logs, tag, ctx.bins,
+                               ctx.args.workers, proxy_cpus, ctx.configs)
+        if running.child is not None:
+            rec["proxy_cmd"] = running.child.cmd
+        url = f"ws://127.0.0.1:{running.port}/"
+        proxy_roots = [running.child.pid] if running.child else []
+        time.sleep(0.3)  # let workers settle after start
+        proxy_pids = []
+        for r in proxy_roots:
+            proxy_pids += procutil.descendants(r)
+        before = procutil.sample_tree(proxy_pids, fds=True) if proxy_pids else None
+        rec["proxy_before"] = before
+        rec["machine_used_kb_before"] = procutil.machine_used_kb()
+
+        json_path = os.path.join(ctx.work, f"{tag}.json")
+        hist_path = os.path.join(ctx.raw, "hist", f"{tag}.csv")
+        os.makedirs(os.path.dirname(hist_path), exist_ok=True)
+        cmd = load_cmd(ctx, scenario, p, url, json_path, hist_path)
+        rec["load_cmd"] = cmd
+        t_spawn = time.monotonic()
+        load = Child("load", cmd, os.path.join(ctx.logs, f"{tag}-load.log"), cpus=other_cpus)
+        roots = {"load": [load.pid], "backends": [b.pid for b in backends]}
+        if proxy_roots:
+            roots["proxy"] = proxy_roots
+        sampler = Sampler(roots, interval=0.25).start()
+
+        if scenario == "idle":
+            rec["idle"] = idle_probe(ctx, p, running, bports, proxy_pids, load, rec)
+
+        rc = load.wait(load_timeout(scenario, p))
+        t_exit = time.monotonic()
+        sampler.stop()
+        if rc is None:
+            load.stop()
+            raise StartError(f"load tool did not finish within {load_timeout(scenario, p):.0f}s")
+        rec["load_rc"] = rc
+        rec["load_wall_s"] = t_exit - t_spawn
+        try:
+            with open(json_path) as f:
+                rec["load"] = json.load(f)
+        except (OSError, ValueError) as e:
+            raise StartError(f"load tool exit {rc}, no JSON ({e}); log: {load.log_tail()[-800:]}")
+        if not os.path.exists(hist_path):
+            rec["hist"] = None
+        else:
+            rec["hist"] = os.path.relpath(hist_path, ctx.out)
+
+        # Steady-state window (skip warmup/connect at the start, teardown at the end).
+        if scenario in ("handshake", "idle"):
+            t0, t1 = t_spawn - 1.0, t_exit + 1.0
+        else:
+            warm = p.get("warmup", 0) + 0.75
+            t0 = t_spawn + warm
+            t1 = min(t_exit, t_spawn + warm + p["duration"] - 1.0)
+            if t1 - t0 < 1.0:
+                t0, t1 = t_spawn, t_exit
+        rec["window"] = {"t0_rel": t0 - t_spawn, "t1_rel": t1 - t_spawn}
+        rec["cpu"] = {k: sampler.window(k, t0, t1) for k in roots}
+        rec["samples"] = {k: [{"t": round(s["t"] - t_spawn, 3), "cpu_s": s["cpu_s"],
+                               "rss_kb": s["rss_kb"], "threads": s["threads"]} for s in v]
+                          for k, v in sampler.samples.items()}
+        errs = rec["load"].get("error_total", 0) or 0
+        rec["status"] = "ok" if rc == 0 and not errs else "errors"
+        if rec["status"] == "errors":
+            rec["error"] = f"load exit {rc}, error_total={errs}: {rec['load'].get('errors')}"
+        # The proxy must still be alive at the end of the run.
+        if running.child is not None and not running.child.alive():
+            rec["status"] = "failed"
+            rec["error"] = f"{target} exited during the run: {running.child.log_tail()[-800:]}"
+    except StartError as e:
+        rec["error"] = str(e)
+    except Exception as e:  # keep going: a broken target must not kill the run
+        rec["error"] = f"{type(e).__name__}: {e}"
+    finally:
+        if load is not None:
+            load.stop()
+        if running is not None:
+            running.stop()
+        for b in backends:
+            b.stop()
+    rec["finished"] = time.time()
+    with open(os.path.join(ctx.raw, f"{tag}.json"), "w") as f:
+        json.dump(rec, f, indent=1)
+    return rec
+
+
+def idle_probe(ctx, p, running, bports, proxy_pids, load, rec) -> dict:
+    """While `idle` holds its connections: wait (bounded) until all are
+    established at the proxy and at the backends, then sample memory."""
+    n = p["connections"]
+    deadline = time.monotonic() + max(5.0, p["hold"] - 3.0)
+    front = back = 0
+    while time.monotonic() < deadline and load.alive():
+        front = procutil.established_on_port(running.port)
+        back = sum(procutil.established_on_port(bp) for bp in bports) if running.child else front
+        if front >= n and back >= n:
+            break
+        time.sleep(0.25)
+    out = {"established_front": front, "established_back": back, "all_established": front >= n and back >= n}
+    time.sleep(1.0)  # settle
+    out["machine_used_kb"] = procutil.machine_used_kb()
+    if proxy_pids:
+        pids = procutil.descendants(running.child.pid)
+        out["proxy"] = procutil.sample_tree(pids, fds=True)
+    out["established_front_at_sample"] = procutil.established_on_port(running.port)
+    return out
+
+
+# ------------------------------------------------------------ orchestration
+
+def calibrate_rate(records: list[dict], mode: str) -> tuple[int, str]:
+    """Open-loop rate: half the lowest proxy's median ping-pong throughput."""
+    by_target: dict[str, list[float]] = {}
+    for r in records:
+        if r["scenario"] == "pingpong" and r["status"] in ("ok", "errors") and r["target"] != "direct":
+            v = (r.get("load") or {}).get("msgs_per_s")
+            if v:
+                by_target.setdefault(r["target"], []).append(v)
+    if not by_target:
+        return DEFAULT_RATE[mode], "default (no ping-pong results to calibrate from)"
+    lowest_t, lowest = min(((t, statistics.median(v)) for t, v in by_target.items()), key=lambda x: x[1])
+    rate = 0.5 * lowest
+    mag = 10 ** max(0, len(str(int(rate))) - 2)
+    rate = max(100, int(rate // mag * mag))
+    return rate, f"0.5 x lowest proxy ping-pong median ({lowest_t}: {lowest:.0f} msg/s)"
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--targets", default="direct,ringlb,nginx,nginx-tuned,haproxy",
+                    help="comma list of: " + ",".join(TARGETS))
+    ap.add_argument("--scenarios", default=",".join(ALL_SCENARIOS),
+                    help="comma list of: " + ",".join(ALL_SCENARIOS + [PIN_SCENARIO]))
+    ap.add_argument("--quick", action="store_true", help="1 rep, short runs, small idle count (CI)")
+    ap.add_argument("--reps", type=int, default=None, help="repetitions (default 3, quick 1)")
+    ap.add_argument("--out", default=None, help="results dir (default bench/results/<date>-<host>)")
+    ap.add_argument("--pin", action="store_true",
+                    help=f"add scenario {PIN_SCENARIO}: proxy on CPU 0, load+backends on CPU 1")
+    ap.add_argument("--workers", type=int, default=2, help="nginx workers = HAProxy threads = ringlb shards")
+    ap.add_argument("--rate", type=int, default=None, help="open-loop msg/s (default: calibrated)")
+    ap.add_argument("--idle-connections", type=int, default=None)
+    ap.add_argument("--bin-dir", default=None, help="dir with ringlb and ringlb-load")
+    ap.add_argument("--build", action="store_true",
+                    help="run `cargo build --release --workspace` first")
+    ap.add_argument("--skip-missing", action="store_true",
+                    help="drop targets whose program is not installed instead of stopping")
+    args = ap.parse_args(argv)
+
+    mode = "quick" if args.quick else "full"
+    reps = args.reps or (1 if args.quick else 3)
+    if reps < 1 or reps > 20:
+        ap.error("--reps must be 1..20")
+    names = [t.strip() for t in args.targets.split(",") if t.strip()]
+    for t in names:
+        if t not in TARGETS:
+            ap.error(f"unknown target {t!r}; known: {', '.join(TARGETS)}")
+    scenarios = [s.strip() for s in args.scenarios.split(",") if s.strip()]
+    if args.pin and PIN_SCENARIO not in scenarios:
+        scenarios.append(PIN_SCENARIO)
+    for s in scenarios:
+        if s not in FULL:
+            ap.error(f"unknown scenario {s!r}")
+    if PIN_SCENARIO in scenarios and (os.cpu_count() or 1) < 2:
+        ap.error("--pin needs at least 2 CPUs")
+
+    progs, missing = check_tools(names, PIN_SCENARIO in scenarios)
+    if missing:
+        pkgs = " ".join(sorted(set(missing)))
+        msg = (f"Missing tools: {pkgs}.\n"
+               f"This harness installs nothing itself. Please install them, e.g. on Debian:\n"
+               f"    apt-get install -y {pkgs}\n"
+               f"(or run with --skip-missing to benchmark only the targets that are available)")
+        if not args.skip_missing or any(m in ("iproute2", "util-linux") for m in missing):
+            print(msg, file=sys.stderr)
+            return 3
+        print(msg, file=sys.stderr)
+        names = [t for t in names if TOOL_FOR_KIND.get(TARGETS[t][0]) not in missing]
+
+    if args.build:
+        env = dict(os.environ)
+        log(f"building: cargo build --release --workspace (CARGO_TARGET_DIR={env.get('CARGO_TARGET_DIR', 'target')})")
+        r = subprocess.run(["cargo", "build", "--release", "--workspace"], cwd=REPO, env=env)
+        if r.returncode != 0:
+            print("cargo build failed", file=sys.stderr)
+            return 4
+    bins = dict(progs)
+    bins["ringlb-load"] = find_binary("ringlb-load", args.bin_dir)
+    bins["ringlb"] = find_binary("ringlb", args.bin_dir)
+    if not bins["ringlb-load"]:
+        print("ringlb-load not found. Build it first:\n"
+              "    cargo build --release --workspace\n"
+              "(or pass --build, or --bin-dir DIR; CARGO_TARGET_DIR is honoured)", file=sys.stderr)
+        return 4
+
+    params = {s: dict((QUICK if args.quick else FULL)[s]) for s in scenarios}
+    if args.idle_connections and "idle" in params:
+        params["idle"]["connections"] = args.idle_connections
+
+    host = socket.gethostname()
+    stamp = datetime.datetime.now().strftime("%Y-%m-%d-%H%M")
+    out = args.out or os.path.join(HERE, "results", f"{stamp}-{host}" + ("-quick" if args.quick else ""))
+    out = os.path.abspath(out)
+    os.makedirs(out, exist_ok=True)
+    ctx = Ctx(args, out, bins, params, mode)
+
+    meta = {"started": datetime.datetime.now().isoformat(timespec="seconds"), "host": host,
+            "mode": mode, "reps": reps, "targets": names, "scenarios": scenarios,
+            "workers": args.workers, "argv": sys.argv, "bins": bins, "params": params,
+            "status": "running"}
+
+    def write_meta():
+        with open(os.path.join(out, "run.json"), "w") as f:
+            json.dump(meta, f, indent=1)
+
+    write_meta()
+    log(f"results -> {out}")
+    log(f"targets {names}; scenarios {scenarios}; reps {reps}; mode {mode}")
+
+    def on_signal(signum, frame):
+        raise KeyboardInterrupt(f"signal {signum}")
+
+    signal.signal(signal.SIGTERM, on_signal)
+    records: list[dict] = []
+    rc = 0
+    try:
+        for scenario in scenarios:
+            if scenario == "rate":
+                if args.rate:
+                    rate, why = args.rate, "--rate"
+                else:
+                    rate, why = calibrate_rate(records, mode)
+                params["rate"]["rate"] = rate
+                meta["rate_calibration"] = {"rate": rate, "why": why}
+                write_meta()
+                log(f"open-loop rate: {rate} msg/s ({why})")
+            for rep in range(reps):
+                for target in names:
+                    t0 = time.monotonic()
+                    rec = measure(ctx, scenario, target, rep)
+                    records.append(rec)
+                    log(f"{scenario:12s} rep {rep} {target:12s} {rec['status']:7s} "
+                        f"{brief(rec)} ({time.monotonic() - t0:.1f}s)"
+                        + (f"  !! {rec['error'][:300]}" if rec.get("error") else ""))
+        meta["status"] = "completed"
+    except KeyboardInterrupt as e:
+        meta["status"] = f"interrupted ({e})"
+        rc = 130
+    finally:
+        procutil.REGISTRY.stop_all()
+        meta["finished"] = datetime.datetime.now().isoformat(timespec="seconds")
+        write_meta()
+
+    import report  # noqa: E402
+    report.write_setup(out, meta)
+    report.generate(out)
+    log(f"summary: {os.path.join(out, 'summary.md')}")
+    return rc
+
+
+def brief(rec: dict) -> str:
+    L = rec.get("load") or {}
+    s = rec["scenario"]
+    if s in ("pingpong", "rate", PIN_SCENARIO):
+        lat = L.get("latency_us") or {}
+        return f"{L.get('msgs_per_s', 0):.0f} msg/s p99 {lat.get('p99', 0):.0f}us"
+    if s == "handshake":
+        return f"{L.get('handshakes_per_s', 0):.0f} conn/s"
+    if s == "bulk":
+        return f"{L.get('mb_per_s', 0):.1f} MB/s"
+    if s == "idle":
+        i = rec.get("idle") or {}
+        return f"held {i.get('established_front')} conns"
+    return ""
+
+
+if __name__ == "__main__":
+    sys.exit(main())

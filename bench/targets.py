@@ -1,0 +1,134 @@
+"""Benchmark targets: what sits between the load tool and the echo backends."""
+
+from __future__ import annotations
+
+import os
+import re
+import shutil
+
+from procutil import Child, StartError, free_port, wait_tcp
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+CONFIG_DIR = os.path.join(HERE, "configs")
+
+# Extra nginx directives for the "nginx-tuned" target (bulk transfers).
+NGINX_TUNED_EXTRA = """\
+            # nginx-tuned: bigger buffers for 1 MiB messages.
+            proxy_buffer_size 64k;
+            proxy_buffers 8 64k;
+            proxy_busy_buffers_size 128k;"""
+
+TARGETS = {
+    # name: (kind, template file or None, extra template vars)
+    "direct": ("direct", None, {}),
+    "ringlb": ("ringlb", "ringlb.toml.tmpl", {}),
+    "nginx": ("nginx", "nginx.conf.tmpl", {"nginx_extra": ""}),
+    "nginx-tuned": ("nginx", "nginx.conf.tmpl", {"nginx_extra": NGINX_TUNED_EXTRA}),
+    "haproxy": ("haproxy", "haproxy.cfg.tmpl", {}),
+}
+
+# Program each target kind needs on PATH (ringlb comes from the build).
+TOOL_FOR_KIND = {"nginx": "nginx", "haproxy": "haproxy"}
+
+# HAProxy: 2 fds per connection must fit under the 20000 RLIMIT_NOFILE hard limit.
+HAPROXY_MAXCONN = 9900
+
+
+def render(template_name: str, values: dict) -> str:
+    with open(os.path.join(CONFIG_DIR, template_name)) as f:
+        text = f.read()
+
+    def sub(m):
+        key = m.group(1)
+        if key not in values:
+            raise KeyError(f"{template_name}: no value for {{{{{key}}}}}")
+        return str(values[key])
+
+    return re.sub(r"\{\{(\w+)\}\}", sub, text)
+
+
+def find_program(name: str) -> str | None:
+    p = shutil.which(name)
+    if p:
+        return p
+    for d in ("/usr/sbin", "/usr/local/sbin", "/sbin"):
+        c = os.path.join(d, name)
+        if os.access(c, os.X_OK):
+            return c
+    return None
+
+
+class Running:
+    """A started target. `child` is None for the direct target."""
+
+    def __init__(self, name, port, child=None, config_path=None):
+        self.name = name
+        self.port = port
+        self.child = child
+        self.config_path = config_path
+
+    def stop(self):
+        if self.child is not None:
+            self.child.stop()
+
+
+def start_target(name: str, backend_ports: list[int], workdir: str, logdir: str,
+                 tag: str, bins: dict, workers: int, cpus: str | None,
+                 configs_out: str, ready_timeout: float = 10.0) -> Running:
+    """Start target `name` in front of the backends; return once it accepts TCP."""
+    kind, template, extra = TARGETS[name]
+    if kind == "direct":
+        return Running(name, backend_ports[0])
+
+    port = free_port()
+    prefix = os.path.join(workdir, f"{tag}-{name}")
+    os.makedirs(prefix, exist_ok=True)
+    values = {"port": port, "backend1": backend_ports[0], "backend2": backend_ports[1],
+              "workers": workers, "prefix": prefix, "haproxy_maxconn": HAPROXY_MAXCONN}
+    values.update(extra)
+    text = render(template, values)
+    ext = {"nginx": "conf", "haproxy": "cfg", "ringlb": "toml"}[kind]
+    config_path = os.path.join(prefix, f"{name}.{ext}")
+    with open(config_path, "w") as f:
+        f.write(text)
+    # Keep one rendered copy per target in the results (ports differ per run).
+    with open(os.path.join(configs_out, f"{name}.{ext}"), "w") as f:
+        f.write(text)
+
+    env = dict(os.environ)
+    if kind == "nginx":
+        exe = bins.get("nginx")
+        if not exe:
+            raise StartError("nginx not found on PATH (apt-get install -y nginx)")
+        for sub in ("client_body", "proxy", "fastcgi", "uwsgi", "scgi"):
+            os.makedirs(os.path.join(prefix, sub), exist_ok=True)
+        cmd = [exe, "-p", prefix + "/", "-c", config_path,
+               "-e", os.path.join(prefix, "error.log"), "-g", "daemon off;"]
+    elif kind == "haproxy":
+        exe = bins.get("haproxy")
+        if not exe:
+            raise StartError("haproxy not found on PATH (apt-get install -y haproxy)")
+        cmd = [exe, "-db", "-f", config_path]
+    elif kind == "ringlb":
+        exe = bins.get("ringlb")
+        if not exe:
+            raise StartError("ringlb binary not found (cargo build --release --workspace)")
+        cmd = [exe, "run", "--config", config_path]
+        env.setdefault("RUST_LOG", "warn")
+    else:  # pragma: no cover
+        raise StartError(f"unknown target kind {kind}")
+
+    child = Child(name, cmd, os.path.join(logdir, f"{tag}-{name}.log"), env=env, cpus=cpus)
+    try:
+        wait_tcp(port, ready_timeout, child)
+    except StartError as e:
+        tail = child.log_tail()
+        if kind == "nginx":
+            try:
+                with open(os.path.join(prefix, "error.log")) as f:
+                    tail += f.read()[-1500:]
+            except OSError:
+                pass
+        child.stop()
+        raise StartError(f"{name} did not become ready: {e}; log: {tail.strip()[-1500:]}")
+    return Running(name, port, child, config_path)
