@@ -1,0 +1,754 @@
+//! Configuration in two stages.
+//!
+//! Stage one is the file as written: structs that mirror the TOML with
+//! `deny_unknown_fields`, so a misspelt key is an error and not a silently
+//! ignored setting. Values that need checking beyond their TOML type are kept
+//! `Spanned`, so stage two can point at the exact line and column.
+//!
+//! Stage two is [`Config`]: typed (`Duration`, `SocketAddr`, `NonZero*`),
+//! cross-checked (routes name existing upstreams, no duplicate paths) and
+//! never clamped: a value out of range is rejected with a message naming the
+//! file, the position and the key.
+
+use std::collections::BTreeMap;
+use std::fmt;
+use std::net::SocketAddr;
+use std::num::{NonZeroU32, NonZeroUsize};
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use serde::Deserialize;
+use toml::Spanned;
+
+/// A configuration problem, already formatted as `file:line:col: key: what`.
+#[derive(Debug, thiserror::Error)]
+#[error("{0}")]
+pub struct ConfigError(String);
+
+impl ConfigError {
+    fn at(
+        src: &Source<'_>,
+        span: std::ops::Range<usize>,
+        key: &str,
+        msg: impl fmt::Display,
+    ) -> Self {
+        let (line, col) = line_col(src.text, span.start);
+        ConfigError(format!("{}:{line}:{col}: {key}: {msg}", src.name))
+    }
+
+    fn whole(src: &Source<'_>, msg: impl fmt::Display) -> Self {
+        ConfigError(format!("{}: {msg}", src.name))
+    }
+}
+
+struct Source<'a> {
+    name: String,
+    text: &'a str,
+}
+
+fn line_col(text: &str, offset: usize) -> (usize, usize) {
+    let before = &text[..offset.min(text.len())];
+    let line = before.matches('\n').count() + 1;
+    let col = before
+        .rfind('\n')
+        .map_or(before.len(), |nl| before.len() - nl - 1)
+        + 1;
+    (line, col)
+}
+
+// ---------------------------------------------------------------------------
+// Stage one: the file as written.
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct FileConfig {
+    server: FileServer,
+    admin: Option<FileAdmin>,
+    #[serde(default)]
+    route: Vec<FileRoute>,
+    #[serde(default)]
+    upstream: BTreeMap<String, FileUpstream>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct FileServer {
+    listen: Spanned<Vec<Spanned<String>>>,
+    shards: Option<Spanned<i64>>,
+    max_connections: Option<Spanned<i64>>,
+    handshake_timeout: Option<Spanned<String>>,
+    max_request_head: Option<Spanned<i64>>,
+    max_headers: Option<Spanned<i64>>,
+    tcp_keepalive: Option<Spanned<String>>,
+    buffer_size: Option<Spanned<i64>>,
+    buffers_per_shard: Option<Spanned<i64>>,
+    max_buffers_per_direction: Option<Spanned<i64>>,
+    linger_timeout: Option<Spanned<String>>,
+    backlog: Option<Spanned<i64>>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct FileAdmin {
+    listen: Spanned<String>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct FileRoute {
+    path: Spanned<String>,
+    upstream: Spanned<String>,
+    #[serde(default)]
+    strip_prefix: bool,
+    #[serde(default)]
+    websocket_only: bool,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct FileUpstream {
+    balance: Option<Spanned<String>>,
+    connect_timeout: Option<Spanned<String>>,
+    response_timeout: Option<Spanned<String>>,
+    max_response_head: Option<Spanned<i64>>,
+    servers: Spanned<Vec<FileServerEntry>>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct FileServerEntry {
+    addr: Spanned<String>,
+    weight: Option<Spanned<i64>>,
+    max_connections: Option<Spanned<i64>>,
+}
+
+// ---------------------------------------------------------------------------
+// Stage two: validated, typed.
+
+/// The whole validated configuration.
+#[derive(Debug, Clone)]
+pub struct Config {
+    pub server: ServerConfig,
+    pub admin: Option<AdminConfig>,
+    pub routes: Vec<RouteConfig>,
+    /// Indexed by `RouteConfig::upstream`.
+    pub upstreams: Vec<UpstreamConfig>,
+    /// Where it was loaded from, if from a file.
+    pub source: Option<PathBuf>,
+}
+
+#[derive(Debug, Clone)]
+pub struct ServerConfig {
+    pub listen: Vec<SocketAddr>,
+    pub shards: NonZeroUsize,
+    pub max_connections: NonZeroUsize,
+    pub handshake_timeout: Duration,
+    pub max_request_head: NonZeroUsize,
+    /// Header lines in a request head; beyond it: 431.
+    pub max_headers: usize,
+    pub tcp_keepalive: Option<Duration>,
+    /// Size of one provided buffer; one recv completion fills at most one.
+    pub buffer_size: NonZeroU32,
+    /// Provided buffers per shard (a power of two, at most 32768).
+    pub buffers_per_shard: u16,
+    /// Backpressure: buffers queued towards one side before ringlb stops
+    /// reading from the other.
+    pub max_buffers_per_direction: NonZeroUsize,
+    /// After ringlb answers with an error, how long it keeps reading (and
+    /// discarding) so the client sees the answer rather than a reset.
+    pub linger_timeout: Duration,
+    pub backlog: i32,
+}
+
+#[derive(Debug, Clone)]
+pub struct AdminConfig {
+    pub listen: SocketAddr,
+}
+
+#[derive(Debug, Clone)]
+pub struct RouteConfig {
+    pub path: String,
+    pub upstream: usize,
+    pub strip_prefix: bool,
+    pub websocket_only: bool,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Balance {
+    LeastConn,
+}
+
+#[derive(Debug, Clone)]
+pub struct UpstreamConfig {
+    pub name: String,
+    pub balance: Balance,
+    pub connect_timeout: Duration,
+    /// From the forwarded request being sent until the backend's response
+    /// head is complete.
+    pub response_timeout: Duration,
+    pub max_response_head: NonZeroUsize,
+    pub servers: Vec<ServerEntry>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ServerEntry {
+    pub addr: SocketAddr,
+    pub weight: NonZeroU32,
+    /// `None`: no limit.
+    pub max_connections: Option<NonZeroUsize>,
+}
+
+pub const DEFAULT_HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
+pub const DEFAULT_CONNECT_TIMEOUT: Duration = Duration::from_secs(3);
+pub const DEFAULT_RESPONSE_TIMEOUT: Duration = Duration::from_secs(30);
+pub const DEFAULT_MAX_HEAD: usize = 16 * 1024;
+pub const DEFAULT_MAX_HEADERS: usize = 100;
+pub const DEFAULT_MAX_CONNECTIONS: usize = 100_000;
+pub const DEFAULT_KEEPALIVE: Duration = Duration::from_secs(60);
+pub const DEFAULT_BUFFER_SIZE: u32 = 32 * 1024;
+pub const DEFAULT_BUFFERS_PER_SHARD: u16 = 1024;
+pub const DEFAULT_MAX_BUFFERS_PER_DIRECTION: usize = 8;
+pub const DEFAULT_LINGER: Duration = Duration::from_secs(2);
+pub const DEFAULT_BACKLOG: i32 = 4096;
+
+impl Config {
+    /// Reads and validates a file.
+    pub fn load(path: &Path) -> Result<Config, ConfigError> {
+        let text = std::fs::read_to_string(path)
+            .map_err(|e| ConfigError(format!("{}: cannot read: {e}", path.display())))?;
+        let mut cfg = Config::parse(&text, &path.display().to_string())?;
+        cfg.source = Some(path.to_path_buf());
+        Ok(cfg)
+    }
+
+    /// Parses and validates TOML text; `name` is used in error messages.
+    pub fn parse(text: &str, name: &str) -> Result<Config, ConfigError> {
+        let src = Source {
+            name: name.to_string(),
+            text,
+        };
+        let file: FileConfig = toml::from_str(text)
+            .map_err(|e| ConfigError(format!("{name}: {}", e.to_string().trim_end())))?;
+        validate(file, &src)
+    }
+
+    /// The configuration of `ringlb run --listen A --upstream B ...`: one
+    /// route `/` to one least-connections group.
+    pub fn quick(
+        listen: Vec<SocketAddr>,
+        upstreams: Vec<SocketAddr>,
+        shards: Option<NonZeroUsize>,
+    ) -> Config {
+        Config {
+            server: ServerConfig {
+                listen,
+                shards: shards.unwrap_or_else(default_shards),
+                ..ServerConfig::defaults()
+            },
+            admin: None,
+            routes: vec![RouteConfig {
+                path: "/".into(),
+                upstream: 0,
+                strip_prefix: false,
+                websocket_only: false,
+            }],
+            upstreams: vec![UpstreamConfig {
+                name: "default".into(),
+                balance: Balance::LeastConn,
+                connect_timeout: DEFAULT_CONNECT_TIMEOUT,
+                response_timeout: DEFAULT_RESPONSE_TIMEOUT,
+                max_response_head: NonZeroUsize::new(DEFAULT_MAX_HEAD).unwrap(),
+                servers: upstreams
+                    .into_iter()
+                    .map(|addr| ServerEntry {
+                        addr,
+                        weight: NonZeroU32::MIN,
+                        max_connections: None,
+                    })
+                    .collect(),
+            }],
+            source: None,
+        }
+    }
+}
+
+impl ServerConfig {
+    fn defaults() -> ServerConfig {
+        ServerConfig {
+            listen: Vec::new(),
+            shards: default_shards(),
+            max_connections: NonZeroUsize::new(DEFAULT_MAX_CONNECTIONS).unwrap(),
+            handshake_timeout: DEFAULT_HANDSHAKE_TIMEOUT,
+            max_request_head: NonZeroUsize::new(DEFAULT_MAX_HEAD).unwrap(),
+            max_headers: DEFAULT_MAX_HEADERS,
+            tcp_keepalive: Some(DEFAULT_KEEPALIVE),
+            buffer_size: NonZeroU32::new(DEFAULT_BUFFER_SIZE).unwrap(),
+            buffers_per_shard: DEFAULT_BUFFERS_PER_SHARD,
+            max_buffers_per_direction: NonZeroUsize::new(DEFAULT_MAX_BUFFERS_PER_DIRECTION)
+                .unwrap(),
+            linger_timeout: DEFAULT_LINGER,
+            backlog: DEFAULT_BACKLOG,
+        }
+    }
+}
+
+pub fn default_shards() -> NonZeroUsize {
+    std::thread::available_parallelism().unwrap_or(NonZeroUsize::MIN)
+}
+
+fn validate(file: FileConfig, src: &Source<'_>) -> Result<Config, ConfigError> {
+    let s = file.server;
+    let mut server = ServerConfig::defaults();
+
+    if s.listen.get_ref().is_empty() {
+        return Err(ConfigError::at(
+            src,
+            s.listen.span(),
+            "server.listen",
+            "needs at least one address",
+        ));
+    }
+    for a in s.listen.get_ref() {
+        let addr = socket_addr(src, a, "server.listen")?;
+        if server.listen.contains(&addr) {
+            return Err(ConfigError::at(
+                src,
+                a.span(),
+                "server.listen",
+                format!("{addr} is listed twice"),
+            ));
+        }
+        server.listen.push(addr);
+    }
+    if let Some(v) = &s.shards {
+        server.shards =
+            NonZeroUsize::new(int_in(src, v, "server.shards", 1, 1024)? as usize).unwrap();
+    }
+    if let Some(v) = &s.max_connections {
+        server.max_connections =
+            NonZeroUsize::new(int_in(src, v, "server.max_connections", 1, 100_000_000)? as usize)
+                .unwrap();
+    }
+    if let Some(v) = &s.handshake_timeout {
+        server.handshake_timeout = duration(src, v, "server.handshake_timeout")?;
+    }
+    if let Some(v) = &s.max_request_head {
+        server.max_request_head =
+            NonZeroUsize::new(int_in(src, v, "server.max_request_head", 256, 1 << 20)? as usize)
+                .unwrap();
+    }
+    if let Some(v) = &s.max_headers {
+        server.max_headers = int_in(src, v, "server.max_headers", 8, 10_000)? as usize;
+    }
+    if let Some(v) = &s.tcp_keepalive {
+        server.tcp_keepalive = if v.get_ref() == "off" {
+            None
+        } else {
+            Some(duration(src, v, "server.tcp_keepalive")?)
+        };
+    }
+    if let Some(v) = &s.buffer_size {
+        server.buffer_size =
+            NonZeroU32::new(int_in(src, v, "server.buffer_size", 1024, 1 << 20)? as u32).unwrap();
+    }
+    if let Some(v) = &s.buffers_per_shard {
+        let n = int_in(src, v, "server.buffers_per_shard", 16, 32768)?;
+        if !(n as u64).is_power_of_two() {
+            return Err(ConfigError::at(
+                src,
+                v.span(),
+                "server.buffers_per_shard",
+                format!("{n} is not a power of two"),
+            ));
+        }
+        server.buffers_per_shard = n as u16;
+    }
+    if let Some(v) = &s.max_buffers_per_direction {
+        server.max_buffers_per_direction = NonZeroUsize::new(int_in(
+            src,
+            v,
+            "server.max_buffers_per_direction",
+            1,
+            1024,
+        )? as usize)
+        .unwrap();
+    }
+    if let Some(v) = &s.linger_timeout {
+        server.linger_timeout = duration(src, v, "server.linger_timeout")?;
+    }
+    if let Some(v) = &s.backlog {
+        server.backlog = int_in(src, v, "server.backlog", 1, 1 << 20)? as i32;
+    }
+    if server.max_buffers_per_direction.get() * 2 > server.buffers_per_shard as usize {
+        let span = s
+            .max_buffers_per_direction
+            .as_ref()
+            .map_or(0..0, |v| v.span());
+        return Err(ConfigError::at(
+            src,
+            span,
+            "server.max_buffers_per_direction",
+            format!(
+                "{} per direction cannot fit twice in buffers_per_shard = {}",
+                server.max_buffers_per_direction, server.buffers_per_shard
+            ),
+        ));
+    }
+
+    let admin = match file.admin {
+        Some(a) => Some(AdminConfig {
+            listen: socket_addr(src, &a.listen, "admin.listen")?,
+        }),
+        None => None,
+    };
+
+    let mut names: Vec<&String> = Vec::new();
+    let mut upstreams = Vec::new();
+    for (name, u) in &file.upstream {
+        let key = |k: &str| format!("upstream.{name}.{k}");
+        let balance = match &u.balance {
+            None => Balance::LeastConn,
+            Some(b) if b.get_ref() == "least_conn" => Balance::LeastConn,
+            Some(b) => {
+                return Err(ConfigError::at(
+                    src,
+                    b.span(),
+                    &key("balance"),
+                    format!(
+                        "unknown balance {:?}; the only one is \"least_conn\"",
+                        b.get_ref()
+                    ),
+                ))
+            }
+        };
+        let connect_timeout = match &u.connect_timeout {
+            Some(v) => duration(src, v, &key("connect_timeout"))?,
+            None => DEFAULT_CONNECT_TIMEOUT,
+        };
+        let response_timeout = match &u.response_timeout {
+            Some(v) => duration(src, v, &key("response_timeout"))?,
+            None => DEFAULT_RESPONSE_TIMEOUT,
+        };
+        let max_response_head = match &u.max_response_head {
+            Some(v) => {
+                NonZeroUsize::new(int_in(src, v, &key("max_response_head"), 256, 1 << 20)? as usize)
+                    .unwrap()
+            }
+            None => NonZeroUsize::new(DEFAULT_MAX_HEAD).unwrap(),
+        };
+        if u.servers.get_ref().is_empty() {
+            return Err(ConfigError::at(
+                src,
+                u.servers.span(),
+                &key("servers"),
+                "needs at least one server",
+            ));
+        }
+        let mut servers: Vec<ServerEntry> = Vec::new();
+        for e in u.servers.get_ref() {
+            let addr = socket_addr(src, &e.addr, &key("servers.addr"))?;
+            if servers.iter().any(|s| s.addr == addr) {
+                return Err(ConfigError::at(
+                    src,
+                    e.addr.span(),
+                    &key("servers.addr"),
+                    format!("{addr} is listed twice"),
+                ));
+            }
+            let weight = match &e.weight {
+                Some(w) => NonZeroU32::new(int_in(src, w, &key("servers.weight"), 1, 1000)? as u32)
+                    .unwrap(),
+                None => NonZeroU32::MIN,
+            };
+            let max_connections = match &e.max_connections {
+                Some(m) => Some(
+                    NonZeroUsize::new(int_in(
+                        src,
+                        m,
+                        &key("servers.max_connections"),
+                        1,
+                        100_000_000,
+                    )? as usize)
+                    .unwrap(),
+                ),
+                None => None,
+            };
+            servers.push(ServerEntry {
+                addr,
+                weight,
+                max_connections,
+            });
+        }
+        names.push(name);
+        upstreams.push(UpstreamConfig {
+            name: name.clone(),
+            balance,
+            connect_timeout,
+            response_timeout,
+            max_response_head,
+            servers,
+        });
+    }
+
+    if file.route.is_empty() {
+        return Err(ConfigError::whole(
+            src,
+            "route: no [[route]] defined; ringlb would answer 404 to everything",
+        ));
+    }
+    let mut routes: Vec<RouteConfig> = Vec::new();
+    for r in &file.route {
+        let path = r.path.get_ref();
+        if !path.starts_with('/') {
+            return Err(ConfigError::at(
+                src,
+                r.path.span(),
+                "route.path",
+                format!("{path:?} must start with '/'"),
+            ));
+        }
+        if path
+            .bytes()
+            .any(|b| b.is_ascii_control() || b == b' ' || b == b'?' || b == b'#')
+        {
+            return Err(ConfigError::at(
+                src,
+                r.path.span(),
+                "route.path",
+                format!("{path:?} has a character not allowed in a path prefix"),
+            ));
+        }
+        if routes.iter().any(|x| x.path == *path) {
+            return Err(ConfigError::at(
+                src,
+                r.path.span(),
+                "route.path",
+                format!("{path:?} is routed twice"),
+            ));
+        }
+        let Some(upstream) = names.iter().position(|n| *n == r.upstream.get_ref()) else {
+            return Err(ConfigError::at(
+                src,
+                r.upstream.span(),
+                "route.upstream",
+                format!("no [upstream.{}] is defined", r.upstream.get_ref()),
+            ));
+        };
+        routes.push(RouteConfig {
+            path: path.clone(),
+            upstream,
+            strip_prefix: r.strip_prefix,
+            websocket_only: r.websocket_only,
+        });
+    }
+
+    Ok(Config {
+        server,
+        admin,
+        routes,
+        upstreams,
+        source: None,
+    })
+}
+
+fn socket_addr(
+    src: &Source<'_>,
+    v: &Spanned<String>,
+    key: &str,
+) -> Result<SocketAddr, ConfigError> {
+    v.get_ref().parse().map_err(|_| {
+        ConfigError::at(
+            src,
+            v.span(),
+            key,
+            format!("{:?} is not an IP:port address (like \"127.0.0.1:8080\" or \"[::1]:8080\"; host names are not resolved)", v.get_ref()),
+        )
+    })
+}
+
+fn int_in(
+    src: &Source<'_>,
+    v: &Spanned<i64>,
+    key: &str,
+    min: i64,
+    max: i64,
+) -> Result<i64, ConfigError> {
+    let n = *v.get_ref();
+    if n < min || n > max {
+        return Err(ConfigError::at(
+            src,
+            v.span(),
+            key,
+            format!("{n} is out of range {min}..={max}"),
+        ));
+    }
+    Ok(n)
+}
+
+fn duration(src: &Source<'_>, v: &Spanned<String>, key: &str) -> Result<Duration, ConfigError> {
+    match parse_duration(v.get_ref()) {
+        Ok(d) if d.is_zero() => Err(ConfigError::at(
+            src,
+            v.span(),
+            key,
+            "must be longer than zero",
+        )),
+        Ok(d) => Ok(d),
+        Err(e) => Err(ConfigError::at(src, v.span(), key, e)),
+    }
+}
+
+/// Parses `"250ms"`, `"10s"`, `"5m"`, `"1h"`, `"1.5s"`.
+pub fn parse_duration(s: &str) -> Result<Duration, String> {
+    let s = s.trim();
+    let split = s
+        .find(|c: char| !(c.is_ascii_digit() || c == '.'))
+        .ok_or_else(|| format!("{s:?} has no unit; write it like \"10s\" or \"500ms\""))?;
+    let (num, unit) = s.split_at(split);
+    let n: f64 = num
+        .parse()
+        .map_err(|_| format!("{s:?} is not a duration like \"10s\" or \"500ms\""))?;
+    let secs = match unit {
+        "ms" => n / 1000.0,
+        "s" => n,
+        "m" => n * 60.0,
+        "h" => n * 3600.0,
+        _ => {
+            return Err(format!(
+                "{s:?} has unknown unit {unit:?}; use ms, s, m or h"
+            ))
+        }
+    };
+    if !secs.is_finite() || secs > 365.0 * 86400.0 {
+        return Err(format!("{s:?} is too long"));
+    }
+    Ok(Duration::from_secs_f64(secs))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const MIN: &str = r#"
+[server]
+listen = ["127.0.0.1:8080"]
+
+[[route]]
+path = "/"
+upstream = "u"
+
+[upstream.u]
+servers = [{ addr = "127.0.0.1:9001" }]
+"#;
+
+    fn err(text: &str) -> String {
+        Config::parse(text, "t.toml").unwrap_err().to_string()
+    }
+
+    #[test]
+    fn minimal_gets_defaults() {
+        let c = Config::parse(MIN, "t.toml").unwrap();
+        assert_eq!(c.server.handshake_timeout, DEFAULT_HANDSHAKE_TIMEOUT);
+        assert_eq!(c.upstreams[0].servers[0].weight.get(), 1);
+        assert_eq!(c.routes[0].upstream, 0);
+    }
+
+    #[test]
+    fn unknown_key_names_key_and_position() {
+        let e = err(&MIN.replace("[server]\n", "[server]\nhandshake_timout = \"1s\"\n"));
+        assert!(e.starts_with("t.toml: "), "{e}");
+        assert!(e.contains("handshake_timout"), "{e}");
+        assert!(e.contains("line 3"), "{e}");
+    }
+
+    #[test]
+    fn bad_duration_points_at_value() {
+        let e = err(&MIN.replace("[server]\n", "[server]\nhandshake_timeout = \"10x\"\n"));
+        assert!(
+            e.starts_with("t.toml:3:21: server.handshake_timeout:"),
+            "{e}"
+        );
+        assert!(e.contains("unknown unit"), "{e}");
+        let e = err(&MIN.replace("[server]\n", "[server]\nhandshake_timeout = \"0s\"\n"));
+        assert!(e.contains("longer than zero"), "{e}");
+    }
+
+    #[test]
+    fn bad_address() {
+        let e = err(&MIN.replace("127.0.0.1:8080", "localhost:8080"));
+        assert!(e.starts_with("t.toml:3:11: server.listen:"), "{e}");
+        let e = err(&MIN.replace("127.0.0.1:9001", "nowhere"));
+        assert!(e.contains("upstream.u.servers.addr"), "{e}");
+    }
+
+    #[test]
+    fn route_to_missing_upstream() {
+        let e = err(&MIN.replace("upstream = \"u\"", "upstream = \"nope\""));
+        assert!(e.contains("route.upstream: no [upstream.nope]"), "{e}");
+    }
+
+    #[test]
+    fn out_of_range_values_are_rejected_not_clamped() {
+        for (k, v) in [
+            ("shards", "0"),
+            ("max_connections", "0"),
+            ("max_request_head", "10"),
+            ("buffers_per_shard", "1000"),
+            ("buffer_size", "10"),
+        ] {
+            let e = err(&MIN.replace("[server]\n", &format!("[server]\n{k} = {v}\n")));
+            assert!(e.contains(&format!("server.{k}")), "{k}: {e}");
+        }
+        let e = err(&MIN.replace(
+            "addr = \"127.0.0.1:9001\"",
+            "addr = \"127.0.0.1:9001\", weight = 0",
+        ));
+        assert!(
+            e.contains("upstream.u.servers.weight: 0 is out of range"),
+            "{e}"
+        );
+    }
+
+    #[test]
+    fn duplicates_are_rejected() {
+        let e = err(&MIN.replace(
+            "servers = [{ addr = \"127.0.0.1:9001\" }]",
+            "servers = [{ addr = \"127.0.0.1:9001\" }, { addr = \"127.0.0.1:9001\" }]",
+        ));
+        assert!(e.contains("listed twice"), "{e}");
+        let e = err(&format!(
+            "{MIN}\n[[route]]\npath = \"/\"\nupstream = \"u\"\n"
+        ));
+        assert!(e.contains("routed twice"), "{e}");
+    }
+
+    #[test]
+    fn no_routes_is_an_error() {
+        let e = err("[server]\nlisten = [\"127.0.0.1:1\"]\n");
+        assert!(e.contains("no [[route]]"), "{e}");
+    }
+
+    #[test]
+    fn unknown_balance() {
+        let e = err(&MIN.replace(
+            "[upstream.u]\n",
+            "[upstream.u]\nbalance = \"round_robin\"\n",
+        ));
+        assert!(e.contains("upstream.u.balance"), "{e}");
+    }
+
+    #[test]
+    fn durations() {
+        assert_eq!(parse_duration("250ms").unwrap(), Duration::from_millis(250));
+        assert_eq!(parse_duration("1.5s").unwrap(), Duration::from_millis(1500));
+        assert_eq!(parse_duration("2m").unwrap(), Duration::from_secs(120));
+        assert!(parse_duration("10").is_err());
+        assert!(parse_duration("s").is_err());
+    }
+
+    #[test]
+    fn line_col_counts_from_one() {
+        assert_eq!(line_col("ab\ncd", 0), (1, 1));
+        assert_eq!(line_col("ab\ncd", 4), (2, 2));
+    }
+}

@@ -1,0 +1,748 @@
+//! One proxied connection as a sans-IO state machine.
+//!
+//! The shard feeds it completions (`on_*` methods) and executes the
+//! [`Action`]s it pushes; the machine never touches a socket. Stages, in
+//! order:
+//!
+//! ```text
+//! ReadingHead ──► Connecting(n) ──► AwaitingResponse ──► Relaying ──► Closing
+//!      │               │ ▲ retry next backend  │               (both EOF / error /
+//!      │               └─┘                     │                response done)
+//!      └───────────────┴──────────► Responding ┘ (ringlb's own 4xx/5xx, then linger)
+//! ```
+//!
+//! - `ReadingHead`: client recv armed; bytes accumulate in a small head
+//!   buffer that exists only until the head is parsed. Handshake timer runs.
+//! - `Connecting(n)`: a backend was picked (its lease counts it); the
+//!   forwarded head, plus any bytes the client sent after its head, wait in
+//!   the backend queue. Connect timer runs. Failure → next backend, bounded
+//!   by the number of backends, then 502 (or 504 if the last one timed out).
+//! - `AwaitingResponse`: client→backend already relays (a first frame sent
+//!   eagerly goes through in order); backend bytes accumulate until the
+//!   response head parses. 101 with the right accept key → `Relaying`;
+//!   another status → relayed, and the connection ends with its body.
+//! - `Relaying`: bytes move in provided buffers from one side's recv to the
+//!   other side's send, no copy. No timer of any kind. A direction whose
+//!   queue holds `max_buffers_per_direction` buffers stops receiving until it
+//!   drains (backpressure). EOF on one side shuts down the other side's write
+//!   half once everything before it is sent.
+//! - `Responding`: ringlb's own answer is sent, the client's write half is
+//!   shut, and what the client still sends is discarded until it closes or
+//!   the linger timer fires (so it reads the answer instead of a reset).
+//! - `Closing`: the shard cancels every op and frees the slot when the
+//!   kernel has returned them all; completions that still arrive only give
+//!   their buffers back.
+
+use std::collections::VecDeque;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use crate::http::{self, Body, Reject, Request};
+use crate::route;
+use crate::snapshot::Snapshot;
+use crate::upstream::{Lease, Rng};
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Side {
+    Client = 0,
+    Backend = 1,
+}
+
+impl Side {
+    pub fn other(self) -> Side {
+        match self {
+            Side::Client => Side::Backend,
+            Side::Backend => Side::Client,
+        }
+    }
+
+    pub fn idx(self) -> usize {
+        self as usize
+    }
+}
+
+/// Bytes waiting to be sent to one side.
+#[derive(Debug)]
+pub enum Payload {
+    /// Part of a provided buffer of the shard's ring, still owned by this
+    /// connection until sent.
+    Ring { bid: u16, start: u32, len: u32 },
+    /// Bytes ringlb wrote itself: a forwarded head, a relayed response head,
+    /// an error answer. `start` is how much was already sent.
+    Owned { data: Vec<u8>, start: usize },
+}
+
+impl Payload {
+    pub fn remaining(&self) -> usize {
+        match self {
+            Payload::Ring { len, .. } => *len as usize,
+            Payload::Owned { data, start } => data.len() - start,
+        }
+    }
+
+    fn advance(&mut self, n: usize) {
+        match self {
+            Payload::Ring { start, len, .. } => {
+                *start += n as u32;
+                *len -= n as u32;
+            }
+            Payload::Owned { start, .. } => *start += n,
+        }
+    }
+
+    fn truncate(&mut self, keep: usize) {
+        match self {
+            Payload::Ring { len, .. } => *len = (*len).min(keep as u32),
+            Payload::Owned { data, start } => data.truncate(*start + keep),
+        }
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum TimerKind {
+    Handshake,
+    Connect { attempt: u32 },
+    Response,
+    Linger,
+}
+
+/// What the shard must do for a connection.
+#[derive(Debug, PartialEq, Eq)]
+pub enum Action {
+    /// Arm a multishot recv on this side.
+    ArmRecv(Side),
+    /// Cancel this side's multishot recv (backpressure).
+    CancelRecv(Side),
+    /// Send the front of this side's queue.
+    Send(Side),
+    /// Open a socket and connect it to this backend.
+    Connect(SocketAddr),
+    /// Cancel the connect in flight (its timer fired).
+    CancelConnect,
+    /// Close the backend socket now: its connect failed and no op uses it.
+    DropBackend,
+    /// Shut down the backend socket and cancel its ops; closed with the rest.
+    AbortBackend,
+    ShutdownWrite(Side),
+    /// Give a provided buffer back to the ring.
+    Release(u16),
+    Timer(TimerKind, Duration),
+    /// The recv on this side ran out of provided buffers; call
+    /// [`Conn::on_buffers_available`] when there are some again.
+    Starved(Side),
+    /// Tear the connection down.
+    Close,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Stage {
+    ReadingHead,
+    Connecting { attempt: u32 },
+    AwaitingResponse,
+    Relaying,
+    Responding,
+    Closing,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum RecvState {
+    Off,
+    Armed,
+    Cancelling,
+}
+
+/// Why a multishot recv ended.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum RecvEnd {
+    Eof,
+    /// Ended without error (cancelled, or the kernel stopped it); re-arm if wanted.
+    Stopped,
+    NoBuffers,
+    Error(i32),
+}
+
+/// Who ended the session, for the access log.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Closer {
+    Client,
+    Backend,
+    Proxy,
+    Error,
+}
+
+/// One direction of flow: bytes going *to* `Side`.
+#[derive(Debug, Default)]
+struct Flow {
+    queue: VecDeque<Payload>,
+    sending: bool,
+    /// The source side reached EOF; shut our write half once drained.
+    src_eof: bool,
+    shut: bool,
+    bytes: u64,
+    /// Body bytes still expected before the session ends (non-101 responses).
+    limit: Option<u64>,
+}
+
+/// State only needed until the session is relaying; dropped after.
+#[derive(Debug)]
+struct Handshake {
+    snap: Arc<Snapshot>,
+    head: Vec<u8>,
+    request: Option<Request>,
+    upstream: usize,
+    tried: Vec<usize>,
+    last_timed_out: bool,
+    resp: Vec<u8>,
+}
+
+#[derive(Debug)]
+pub struct Conn {
+    stage: Stage,
+    pub client_addr: SocketAddr,
+    recv: [RecvState; 2],
+    /// Indexed by destination side.
+    flow: [Flow; 2],
+    connected: bool,
+    hs: Option<Box<Handshake>>,
+    lease: Option<Lease>,
+    /// `Some` once the session's HTTP status is known.
+    pub status: Option<u16>,
+    /// The end-of-response rule for non-101 answers.
+    finish_with_response: bool,
+    pub closer: Option<Closer>,
+    max_queue: usize,
+    linger: Duration,
+}
+
+impl Conn {
+    /// A client connection was accepted.
+    pub fn accept(snap: Arc<Snapshot>, client_addr: SocketAddr, out: &mut Vec<Action>) -> Conn {
+        let server = &snap.config.server;
+        out.push(Action::ArmRecv(Side::Client));
+        out.push(Action::Timer(
+            TimerKind::Handshake,
+            server.handshake_timeout,
+        ));
+        let max_queue = server.max_buffers_per_direction.get();
+        let linger = server.linger_timeout;
+        Conn {
+            stage: Stage::ReadingHead,
+            client_addr,
+            recv: [RecvState::Armed, RecvState::Off],
+            flow: Default::default(),
+            connected: false,
+            hs: Some(Box::new(Handshake {
+                snap,
+                head: Vec::new(),
+                request: None,
+                upstream: 0,
+                tried: Vec::new(),
+                last_timed_out: false,
+                resp: Vec::new(),
+            })),
+            lease: None,
+            status: None,
+            finish_with_response: false,
+            closer: None,
+            max_queue,
+            linger,
+        }
+    }
+
+    /// A connection accepted over capacity: answer 503 and close.
+    pub fn over_capacity(
+        snap: Arc<Snapshot>,
+        client_addr: SocketAddr,
+        out: &mut Vec<Action>,
+    ) -> Conn {
+        let mut c = Conn::accept(snap, client_addr, &mut Vec::new());
+        c.recv = [RecvState::Off, RecvState::Off];
+        c.respond(Reject::ServiceUnavailable, out);
+        c
+    }
+
+    pub fn stage(&self) -> Stage {
+        self.stage
+    }
+
+    pub fn backend_addr(&self) -> Option<SocketAddr> {
+        self.lease.as_ref().map(|l| l.backend().addr)
+    }
+
+    /// Bytes sent towards `side`.
+    pub fn bytes_to(&self, side: Side) -> u64 {
+        self.flow[side.idx()].bytes
+    }
+
+    /// The payload the next send to `side` must carry.
+    pub fn front(&self, side: Side) -> Option<&Payload> {
+        self.flow[side.idx()].queue.front()
+    }
+
+    fn set_stage(&mut self, to: Stage) {
+        debug_assert!(
+            matches!(
+                (self.stage, to),
+                (Stage::ReadingHead, Stage::Connecting { .. })
+                    | (Stage::Connecting { .. }, Stage::Connecting { .. })
+                    | (Stage::Connecting { .. }, Stage::AwaitingResponse)
+                    | (Stage::AwaitingResponse, Stage::Relaying)
+                    | (
+                        Stage::ReadingHead | Stage::Connecting { .. } | Stage::AwaitingResponse,
+                        Stage::Responding
+                    )
+                    | (_, Stage::Closing)
+            ),
+            "bad transition {:?} -> {:?}",
+            self.stage,
+            to
+        );
+        self.stage = to;
+    }
+
+    /// Data arrived on `side` in provided buffer `bid`.
+    pub fn on_recv(&mut self, side: Side, bid: u16, data: &[u8], out: &mut Vec<Action>) {
+        match (self.stage, side) {
+            (Stage::ReadingHead, Side::Client) => {
+                out.push(Action::Release(bid));
+                let hs = self.hs.as_mut().expect("handshake state");
+                hs.head.extend_from_slice(data);
+                self.try_head(out);
+            }
+            (Stage::AwaitingResponse, Side::Backend) => {
+                out.push(Action::Release(bid));
+                let hs = self.hs.as_mut().expect("handshake state");
+                hs.resp.extend_from_slice(data);
+                self.try_response(out);
+            }
+            (Stage::Connecting { .. } | Stage::AwaitingResponse | Stage::Relaying, _) => {
+                self.relay(side, bid, data.len(), out);
+            }
+            // Responding discards what the client still sends; Closing only
+            // gives buffers back.
+            _ => out.push(Action::Release(bid)),
+        }
+    }
+
+    fn relay(&mut self, src: Side, bid: u16, len: usize, out: &mut Vec<Action>) {
+        let dst = src.other();
+        let mut payload = Payload::Ring {
+            bid,
+            start: 0,
+            len: len as u32,
+        };
+        let flow = &mut self.flow[dst.idx()];
+        if let Some(limit) = &mut flow.limit {
+            // A non-101 response ends with its body; anything after is not ours to relay.
+            let keep = (*limit).min(len as u64);
+            *limit -= keep;
+            if keep == 0 {
+                out.push(Action::Release(bid));
+                self.maybe_finish(out);
+                return;
+            }
+            payload.truncate(keep as usize);
+        }
+        flow.queue.push_back(payload);
+        self.kick(dst, out);
+        if self.flow[dst.idx()].queue.len() >= self.max_queue
+            && self.recv[src.idx()] == RecvState::Armed
+        {
+            self.recv[src.idx()] = RecvState::Cancelling;
+            out.push(Action::CancelRecv(src));
+        }
+    }
+
+    /// Starts a send to `dst` if one can go now.
+    fn kick(&mut self, dst: Side, out: &mut Vec<Action>) {
+        let ready = dst == Side::Client || self.connected;
+        let flow = &mut self.flow[dst.idx()];
+        if ready && !flow.sending && !flow.queue.is_empty() {
+            flow.sending = true;
+            out.push(Action::Send(dst));
+        }
+    }
+
+    /// A send to `dst` completed with `res` bytes (or an errno).
+    pub fn on_send(&mut self, dst: Side, res: Result<usize, i32>, out: &mut Vec<Action>) {
+        if self.stage == Stage::Closing {
+            return;
+        }
+        let n = match res {
+            Ok(n) => n,
+            Err(_) => {
+                if self.stage == Stage::Responding && dst == Side::Backend {
+                    // The backend was aborted; its failed send is expected.
+                    self.flow[dst.idx()].sending = false;
+                    return;
+                }
+                self.close(Closer::Error, out);
+                return;
+            }
+        };
+        let flow = &mut self.flow[dst.idx()];
+        flow.sending = false;
+        flow.bytes += n as u64;
+        let front = flow
+            .queue
+            .front_mut()
+            .expect("send completed for an empty queue");
+        front.advance(n);
+        if front.remaining() == 0 {
+            if let Some(Payload::Ring { bid, .. }) = flow.queue.pop_front() {
+                out.push(Action::Release(bid));
+            }
+        }
+        self.kick(dst, out);
+        let src = dst.other();
+        let flow = &self.flow[dst.idx()];
+        if flow.queue.is_empty() && !flow.sending {
+            if self.stage == Stage::Responding && dst == Side::Client {
+                self.flow[dst.idx()].shut = true;
+                out.push(Action::ShutdownWrite(Side::Client));
+                self.ensure_recv(Side::Client, out);
+                return;
+            }
+            if flow.src_eof && !flow.shut {
+                self.flow[dst.idx()].shut = true;
+                out.push(Action::ShutdownWrite(dst));
+            }
+            self.maybe_finish(out);
+        }
+        if self.stage != Stage::Closing
+            && self.recv[src.idx()] == RecvState::Off
+            && self.wants_recv(src)
+        {
+            self.recv[src.idx()] = RecvState::Armed;
+            out.push(Action::ArmRecv(src));
+        }
+    }
+
+    fn wants_recv(&self, src: Side) -> bool {
+        let flow = &self.flow[src.other().idx()];
+        match self.stage {
+            Stage::Closing => false,
+            Stage::Responding => src == Side::Client,
+            _ => !flow.src_eof && flow.queue.len() < self.max_queue,
+        }
+    }
+
+    fn ensure_recv(&mut self, side: Side, out: &mut Vec<Action>) {
+        if self.recv[side.idx()] == RecvState::Off {
+            self.recv[side.idx()] = RecvState::Armed;
+            out.push(Action::ArmRecv(side));
+        }
+    }
+
+    /// A multishot recv on `side` ended.
+    pub fn on_recv_end(&mut self, side: Side, why: RecvEnd, out: &mut Vec<Action>) {
+        self.recv[side.idx()] = RecvState::Off;
+        if self.stage == Stage::Closing {
+            return;
+        }
+        match why {
+            RecvEnd::Stopped => {
+                if self.wants_recv(side) {
+                    self.ensure_recv(side, out);
+                }
+            }
+            RecvEnd::NoBuffers => out.push(Action::Starved(side)),
+            RecvEnd::Error(_) => {
+                if self.stage == Stage::Responding && side == Side::Backend {
+                    return;
+                }
+                self.close(Closer::Error, out)
+            }
+            RecvEnd::Eof => self.on_eof(side, out),
+        }
+    }
+
+    /// Provided buffers are back after this side starved.
+    pub fn on_buffers_available(&mut self, side: Side, out: &mut Vec<Action>) {
+        if self.wants_recv(side) {
+            self.ensure_recv(side, out);
+        }
+    }
+
+    fn on_eof(&mut self, side: Side, out: &mut Vec<Action>) {
+        match (self.stage, side) {
+            (Stage::ReadingHead, _) | (Stage::Responding, Side::Client) => {
+                self.close(Closer::Client, out)
+            }
+            (Stage::Responding, Side::Backend) => {}
+            (Stage::AwaitingResponse, Side::Backend) => {
+                self.abort_backend(out);
+                self.respond(Reject::BadGateway("backend closed before answering"), out);
+            }
+            _ => {
+                let dst = side.other();
+                let flow = &mut self.flow[dst.idx()];
+                flow.src_eof = true;
+                if flow.queue.is_empty()
+                    && !flow.sending
+                    && !flow.shut
+                    && (dst == Side::Client || self.connected)
+                {
+                    flow.shut = true;
+                    out.push(Action::ShutdownWrite(dst));
+                }
+                if self.closer.is_none() {
+                    self.closer = Some(if side == Side::Client {
+                        Closer::Client
+                    } else {
+                        Closer::Backend
+                    });
+                }
+                self.maybe_finish(out);
+            }
+        }
+    }
+
+    /// Ends the session once every direction that is going to finish has.
+    fn maybe_finish(&mut self, out: &mut Vec<Action>) {
+        if self.stage != Stage::Relaying {
+            return;
+        }
+        let to_client = &self.flow[Side::Client.idx()];
+        let drained = to_client.queue.is_empty() && !to_client.sending;
+        if self.finish_with_response && drained && (to_client.limit == Some(0) || to_client.src_eof)
+        {
+            self.closer.get_or_insert(Closer::Backend);
+            self.close_now(out);
+            return;
+        }
+        let to_backend = &self.flow[Side::Backend.idx()];
+        if to_client.shut && to_backend.shut {
+            self.close_now(out);
+        }
+    }
+
+    pub fn on_connect(&mut self, res: Result<(), i32>, out: &mut Vec<Action>) {
+        let Stage::Connecting { attempt } = self.stage else {
+            // Aborted meanwhile (e.g. handshake answered); nothing to do.
+            return;
+        };
+        match res {
+            Ok(()) => {
+                self.connected = true;
+                let hs = self.hs.as_ref().expect("handshake state");
+                let timeout = hs.snap.upstreams[hs.upstream].response_timeout;
+                self.set_stage(Stage::AwaitingResponse);
+                self.recv[Side::Backend.idx()] = RecvState::Armed;
+                out.push(Action::ArmRecv(Side::Backend));
+                out.push(Action::Timer(TimerKind::Response, timeout));
+                self.kick(Side::Backend, out);
+                let to_backend = &mut self.flow[Side::Backend.idx()];
+                if to_backend.src_eof && to_backend.queue.is_empty() && !to_backend.sending {
+                    to_backend.shut = true;
+                    out.push(Action::ShutdownWrite(Side::Backend));
+                }
+            }
+            Err(_) => {
+                if let Some(lease) = self.lease.take() {
+                    lease
+                        .backend()
+                        .connect_failures
+                        .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                }
+                out.push(Action::DropBackend);
+                self.connect_next(attempt + 1, out);
+            }
+        }
+    }
+
+    pub fn on_timer(&mut self, kind: TimerKind, out: &mut Vec<Action>) {
+        match (kind, self.stage) {
+            (TimerKind::Handshake, Stage::ReadingHead) => {
+                self.closer = Some(Closer::Proxy);
+                self.status = Some(408);
+                self.close_now(out);
+            }
+            (TimerKind::Connect { attempt }, Stage::Connecting { attempt: now })
+                if attempt == now =>
+            {
+                if let Some(hs) = self.hs.as_mut() {
+                    hs.last_timed_out = true;
+                }
+                out.push(Action::CancelConnect);
+            }
+            (TimerKind::Response, Stage::AwaitingResponse) => {
+                self.abort_backend(out);
+                self.respond(Reject::GatewayTimeout, out);
+            }
+            (TimerKind::Linger, Stage::Responding) => self.close_now(out),
+            _ => {}
+        }
+    }
+
+    fn try_head(&mut self, out: &mut Vec<Action>) {
+        let hs = self.hs.as_mut().expect("handshake state");
+        let server = &hs.snap.config.server;
+        let parsed =
+            http::parse_request(&hs.head, server.max_request_head.get(), server.max_headers);
+        let req = match parsed {
+            Ok(None) => return,
+            Ok(Some(req)) => req,
+            Err(reject) => return self.respond(reject, out),
+        };
+        let Some(route) = hs.snap.router.find(req.path()) else {
+            return self.respond(Reject::NotFound, out);
+        };
+        if route.websocket_only && !req.is_upgrade() {
+            return self.respond(Reject::UpgradeRequired, out);
+        }
+        let target = route::rewrite_target(route, &req.target);
+        let ip = self.client_addr.ip();
+        let forwarded = http::forward_head(&req, &target, ip, &hs.head[req.head_len..]);
+        hs.upstream = route.upstream;
+        hs.head = Vec::new();
+        hs.request = Some(req);
+        self.flow[Side::Backend.idx()]
+            .queue
+            .push_back(Payload::Owned {
+                data: forwarded,
+                start: 0,
+            });
+        self.connect_next(0, out);
+    }
+
+    /// Picks a backend not tried yet and connects, or answers 502/504.
+    fn connect_next(&mut self, attempt: u32, out: &mut Vec<Action>) {
+        let hs = self.hs.as_mut().expect("handshake state");
+        let upstream = &hs.snap.upstreams[hs.upstream];
+        // Each backend once, at most.
+        let picked = RNG.with(|rng| upstream.pick(&hs.tried, &mut rng.borrow_mut()));
+        match picked {
+            Some((i, lease)) => {
+                hs.tried.push(i);
+                let addr = lease.backend().addr;
+                let timeout = upstream.connect_timeout;
+                self.lease = Some(lease);
+                self.set_stage(Stage::Connecting { attempt });
+                out.push(Action::Connect(addr));
+                out.push(Action::Timer(TimerKind::Connect { attempt }, timeout));
+            }
+            None => {
+                let reject = if attempt == 0 && hs.tried.is_empty() {
+                    Reject::BadGateway("no backend available")
+                } else if hs.last_timed_out {
+                    Reject::GatewayTimeout
+                } else {
+                    Reject::BadGateway("no backend reachable")
+                };
+                self.respond(reject, out);
+            }
+        }
+    }
+
+    fn try_response(&mut self, out: &mut Vec<Action>) {
+        let hs = self.hs.as_mut().expect("handshake state");
+        let req = hs.request.as_ref().expect("request parsed");
+        let max = hs.snap.upstreams[hs.upstream].max_response_head;
+        let parsed =
+            http::parse_response(&hs.resp, max, req.ws_key.as_deref(), req.method == "HEAD");
+        let resp = match parsed {
+            Ok(None) => return,
+            Ok(Some(r)) => r,
+            Err(reject) => {
+                self.abort_backend(out);
+                return self.respond(reject, out);
+            }
+        };
+        let data = std::mem::take(&mut hs.resp);
+        let extra = (data.len() - resp.head_len) as u64;
+        self.status = Some(resp.status);
+        self.hs = None;
+        self.set_stage(Stage::Relaying);
+        let to_client = &mut self.flow[Side::Client.idx()];
+        match resp.body {
+            Body::Upgraded => {}
+            Body::UntilClose => self.finish_with_response = true,
+            Body::None | Body::Length(_) => {
+                let want = if let Body::Length(n) = resp.body {
+                    n
+                } else {
+                    0
+                };
+                self.finish_with_response = true;
+                to_client.limit = Some(want.saturating_sub(extra));
+            }
+        }
+        let mut payload = Payload::Owned { data, start: 0 };
+        if let Body::Length(n) = resp.body {
+            payload.truncate(resp.head_len + n.min(extra) as usize);
+        } else if resp.body == Body::None {
+            payload.truncate(resp.head_len);
+        }
+        to_client.queue.push_back(payload);
+        self.kick(Side::Client, out);
+    }
+
+    /// Answers the client with ringlb's own response, then closes.
+    fn respond(&mut self, reject: Reject, out: &mut Vec<Action>) {
+        self.status = Some(reject.status());
+        self.closer = Some(Closer::Proxy);
+        self.lease = None;
+        self.hs = None;
+        let linger = self.linger;
+        self.set_stage(Stage::Responding);
+        for flow in &mut self.flow {
+            release_unsent(flow, out);
+        }
+        self.flow[Side::Client.idx()]
+            .queue
+            .push_back(Payload::Owned {
+                data: reject.response(),
+                start: 0,
+            });
+        self.kick(Side::Client, out);
+        out.push(Action::Timer(TimerKind::Linger, linger));
+    }
+
+    fn abort_backend(&mut self, out: &mut Vec<Action>) {
+        self.connected = false;
+        out.push(Action::AbortBackend);
+    }
+
+    fn close(&mut self, closer: Closer, out: &mut Vec<Action>) {
+        self.closer.get_or_insert(closer);
+        self.close_now(out);
+    }
+
+    fn close_now(&mut self, out: &mut Vec<Action>) {
+        if self.stage == Stage::Closing {
+            return;
+        }
+        self.set_stage(Stage::Closing);
+        self.hs = None;
+        out.push(Action::Close);
+    }
+
+    /// After the shard saw every op of this connection complete: every
+    /// buffer still held, for the ring.
+    pub fn into_buffers(self) -> impl Iterator<Item = u16> {
+        let Conn { flow, lease, .. } = self;
+        drop(lease);
+        flow.into_iter()
+            .flat_map(|f| f.queue.into_iter())
+            .filter_map(|p| match p {
+                Payload::Ring { bid, .. } => Some(bid),
+                Payload::Owned { .. } => None,
+            })
+    }
+}
+
+/// Drops what is queued but not yet handed to the kernel.
+fn release_unsent(flow: &mut Flow, out: &mut Vec<Action>) {
+    let keep = usize::from(flow.sending);
+    while flow.queue.len() > keep {
+        if let Some(Payload::Ring { bid, .. }) = flow.queue.pop_back() {
+            out.push(Action::Release(bid));
+        }
+    }
+}
+
+thread_local! {
+    static RNG: std::cell::RefCell<Rng> = std::cell::RefCell::new(Rng::seeded());
+}

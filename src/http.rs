@@ -1,0 +1,623 @@
+//! HTTP/1.1 heads: the client's request, the head ringlb forwards, and the
+//! backend's response. Pure functions over byte slices; no sockets.
+//!
+//! ringlb never forwards the client's head byte for byte. It parses it with
+//! `httparse`, checks it (RFC 6455 §4.2.1 for upgrades, RFC 9112 framing rules
+//! for everything), and writes a new head: one canonical request line, the
+//! client's end-to-end headers in their order, then the headers ringlb owns
+//! (`X-Forwarded-For`, `X-Real-IP`, `X-Forwarded-Proto`, `Connection`,
+//! `Upgrade`). Re-serialising is what makes smuggling shapes harmless: the
+//! backend only ever sees framing that ringlb itself decided on.
+
+use std::net::IpAddr;
+
+use base64::Engine as _;
+use sha1::{Digest, Sha1};
+
+const WS_GUID: &[u8] = b"258EAFA5-E914-47DA-95CA-C5AB0DC85B11";
+
+/// Why ringlb answers a request itself. The status is what the client gets.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Reject {
+    BadRequest(&'static str),
+    /// Sec-WebSocket-Version is not 13.
+    UpgradeVersion,
+    /// Route is WebSocket-only and the request is not an upgrade.
+    UpgradeRequired,
+    HeadTooLarge,
+    NotFound,
+    BadGateway(&'static str),
+    ServiceUnavailable,
+    GatewayTimeout,
+}
+
+impl Reject {
+    pub fn status(self) -> u16 {
+        match self {
+            Reject::BadRequest(_) => 400,
+            Reject::NotFound => 404,
+            Reject::UpgradeVersion | Reject::UpgradeRequired => 426,
+            Reject::HeadTooLarge => 431,
+            Reject::BadGateway(_) => 502,
+            Reject::ServiceUnavailable => 503,
+            Reject::GatewayTimeout => 504,
+        }
+    }
+
+    /// The whole response ringlb sends; every one closes the connection.
+    pub fn response(self) -> Vec<u8> {
+        let (reason, extra, body): (&str, &str, &str) = match self {
+            Reject::BadRequest(why) => ("Bad Request", "", why),
+            Reject::NotFound => ("Not Found", "", "no route for this path"),
+            Reject::UpgradeVersion => (
+                "Upgrade Required",
+                "Sec-WebSocket-Version: 13\r\nUpgrade: websocket\r\n",
+                "only WebSocket version 13 is supported",
+            ),
+            Reject::UpgradeRequired => (
+                "Upgrade Required",
+                "Sec-WebSocket-Version: 13\r\nUpgrade: websocket\r\n",
+                "this route only accepts WebSocket upgrades",
+            ),
+            Reject::HeadTooLarge => (
+                "Request Header Fields Too Large",
+                "",
+                "request head too large",
+            ),
+            Reject::BadGateway(why) => ("Bad Gateway", "", why),
+            Reject::ServiceUnavailable => ("Service Unavailable", "", "over capacity"),
+            Reject::GatewayTimeout => ("Gateway Timeout", "", "backend did not answer in time"),
+        };
+        format!(
+            "HTTP/1.1 {} {reason}\r\n{extra}Content-Type: text/plain\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}\n",
+            self.status(),
+            body.len() + 1
+        )
+        .into_bytes()
+    }
+}
+
+/// A parsed, checked client request head.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Request {
+    /// Bytes of the head including the blank line; what follows is body or frames.
+    pub head_len: usize,
+    pub method: String,
+    /// Origin-form target: path and query.
+    pub target: String,
+    /// `Some(key)` for a valid WebSocket upgrade.
+    pub ws_key: Option<String>,
+    /// The end-to-end headers to forward, in order, original name case.
+    headers: Vec<(String, Vec<u8>)>,
+    /// Values of X-Forwarded-For the client sent, joined.
+    forwarded_for: Option<String>,
+}
+
+impl Request {
+    pub fn is_upgrade(&self) -> bool {
+        self.ws_key.is_some()
+    }
+
+    pub fn path(&self) -> &str {
+        self.target.split('?').next().unwrap_or("")
+    }
+
+    pub fn header(&self, name: &str) -> Option<&[u8]> {
+        self.headers
+            .iter()
+            .find(|(n, _)| n.eq_ignore_ascii_case(name))
+            .map(|(_, v)| v.as_slice())
+    }
+}
+
+/// Parses the client's head. `Ok(None)`: incomplete, read more (the caller
+/// enforces `max_head` on what it has buffered).
+pub fn parse_request(
+    buf: &[u8],
+    max_head: usize,
+    max_headers: usize,
+) -> Result<Option<Request>, Reject> {
+    let mut storage = vec![httparse::EMPTY_HEADER; max_headers];
+    let mut req = httparse::Request::new(&mut storage);
+    let head_len = match req.parse(buf) {
+        Ok(httparse::Status::Complete(n)) => n,
+        Ok(httparse::Status::Partial) => {
+            return if buf.len() >= max_head {
+                Err(Reject::HeadTooLarge)
+            } else {
+                Ok(None)
+            };
+        }
+        Err(httparse::Error::TooManyHeaders) => return Err(Reject::HeadTooLarge),
+        Err(_) => return Err(Reject::BadRequest("malformed request head")),
+    };
+    if head_len > max_head {
+        return Err(Reject::HeadTooLarge);
+    }
+    let method = req.method.unwrap_or_default();
+    let target = req.path.unwrap_or_default();
+    let minor = req.version.unwrap_or(0);
+    if !target.starts_with('/') {
+        // Absolute-form and asterisk-form have no business at a WebSocket front.
+        return Err(Reject::BadRequest("request target must be a path"));
+    }
+
+    let mut host_count = 0;
+    let mut upgrade_ws = false;
+    let mut conn_upgrade = false;
+    let mut conn_named: Vec<String> = Vec::new();
+    let mut ws_version: Option<&[u8]> = None;
+    let mut ws_key: Option<&[u8]> = None;
+    let mut content_length: Option<u64> = None;
+    let mut chunked = false;
+    let mut forwarded_for: Vec<String> = Vec::new();
+
+    for h in req.headers.iter() {
+        let name = h.name;
+        let value = h.value;
+        if name.eq_ignore_ascii_case("host") {
+            host_count += 1;
+        } else if name.eq_ignore_ascii_case("upgrade") {
+            upgrade_ws |= has_token(value, "websocket");
+        } else if name.eq_ignore_ascii_case("connection") {
+            conn_upgrade |= has_token(value, "upgrade");
+            for t in tokens(value) {
+                conn_named.push(t.to_ascii_lowercase());
+            }
+        } else if name.eq_ignore_ascii_case("sec-websocket-version") {
+            ws_version = Some(value);
+        } else if name.eq_ignore_ascii_case("sec-websocket-key") {
+            if ws_key.is_some() {
+                return Err(Reject::BadRequest("Sec-WebSocket-Key sent twice"));
+            }
+            ws_key = Some(value);
+        } else if name.eq_ignore_ascii_case("content-length") {
+            let v = std::str::from_utf8(value)
+                .ok()
+                .filter(|s| !s.is_empty() && s.bytes().all(|b| b.is_ascii_digit()))
+                .and_then(|s| s.parse::<u64>().ok())
+                .ok_or(Reject::BadRequest("invalid Content-Length"))?;
+            if content_length.is_some_and(|c| c != v) {
+                return Err(Reject::BadRequest("conflicting Content-Length"));
+            }
+            content_length = Some(v);
+        } else if name.eq_ignore_ascii_case("transfer-encoding") {
+            // Only a lone "chunked" is framing ringlb can pass through safely.
+            if chunked || !value.trim_ascii().eq_ignore_ascii_case(b"chunked") {
+                return Err(Reject::BadRequest("unsupported Transfer-Encoding"));
+            }
+            chunked = true;
+        } else if name.eq_ignore_ascii_case("x-forwarded-for") {
+            let v = std::str::from_utf8(value)
+                .map_err(|_| Reject::BadRequest("invalid X-Forwarded-For"))?;
+            let v = v.trim();
+            if !v.is_empty() {
+                forwarded_for.push(v.to_string());
+            }
+        }
+    }
+    if content_length.is_some() && chunked {
+        return Err(Reject::BadRequest(
+            "both Content-Length and Transfer-Encoding",
+        ));
+    }
+    if minor == 1 && host_count != 1 {
+        return Err(Reject::BadRequest("HTTP/1.1 needs exactly one Host header"));
+    }
+    if host_count > 1 {
+        return Err(Reject::BadRequest("more than one Host header"));
+    }
+
+    let ws_key = if upgrade_ws {
+        if method != "GET" {
+            return Err(Reject::BadRequest("WebSocket upgrade must use GET"));
+        }
+        if minor != 1 {
+            return Err(Reject::BadRequest("WebSocket upgrade needs HTTP/1.1"));
+        }
+        if !conn_upgrade {
+            return Err(Reject::BadRequest(
+                "Connection header lacks the upgrade token",
+            ));
+        }
+        if ws_version.map(|v| v.trim_ascii()) != Some(b"13") {
+            return Err(Reject::UpgradeVersion);
+        }
+        let key = ws_key
+            .map(|k| k.trim_ascii())
+            .ok_or(Reject::BadRequest("missing Sec-WebSocket-Key"))?;
+        let decoded = base64::engine::general_purpose::STANDARD
+            .decode(key)
+            .map_err(|_| Reject::BadRequest("Sec-WebSocket-Key is not base64"))?;
+        if decoded.len() != 16 {
+            return Err(Reject::BadRequest("Sec-WebSocket-Key must encode 16 bytes"));
+        }
+        if chunked || content_length.is_some_and(|c| c > 0) {
+            return Err(Reject::BadRequest("WebSocket upgrade with a body"));
+        }
+        // Checked as base64 above, so it is ASCII.
+        Some(String::from_utf8_lossy(key).into_owned())
+    } else {
+        None
+    };
+
+    let mut headers = Vec::with_capacity(req.headers.len());
+    for h in req.headers.iter() {
+        let lname = h.name.to_ascii_lowercase();
+        if is_hop_by_hop(&lname) || is_owned_by_proxy(&lname) {
+            continue;
+        }
+        // The client may name more hop-by-hop headers; Host is never one,
+        // whatever it says, or the backend could not route the request.
+        if lname != "host" && conn_named.contains(&lname) {
+            continue;
+        }
+        headers.push((h.name.to_string(), h.value.to_vec()));
+    }
+
+    Ok(Some(Request {
+        head_len,
+        method: method.to_string(),
+        target: target.to_string(),
+        ws_key,
+        headers,
+        forwarded_for: if forwarded_for.is_empty() {
+            None
+        } else {
+            Some(forwarded_for.join(", "))
+        },
+    }))
+}
+
+/// Headers that only concern one hop (RFC 9110 §7.6.1, RFC 2616 §13.5.1).
+/// Transfer-Encoding stays: ringlb relays a request body unchanged, so the
+/// framing the backend needs is the client's.
+fn is_hop_by_hop(lname: &str) -> bool {
+    matches!(
+        lname,
+        "connection"
+            | "keep-alive"
+            | "proxy-connection"
+            | "proxy-authenticate"
+            | "proxy-authorization"
+            | "te"
+            | "trailer"
+            | "upgrade"
+    )
+}
+
+/// Headers ringlb sets itself; a client's copy would be spoofing.
+fn is_owned_by_proxy(lname: &str) -> bool {
+    matches!(lname, "x-forwarded-for" | "x-real-ip" | "x-forwarded-proto")
+}
+
+/// Writes the head sent to the backend. `target` is the (possibly rewritten)
+/// request target.
+pub fn forward_head(req: &Request, target: &str, client: IpAddr, extra: &[u8]) -> Vec<u8> {
+    let mut out = Vec::with_capacity(
+        256 + req
+            .headers
+            .iter()
+            .map(|(n, v)| n.len() + v.len() + 4)
+            .sum::<usize>()
+            + extra.len(),
+    );
+    out.extend_from_slice(req.method.as_bytes());
+    out.push(b' ');
+    out.extend_from_slice(target.as_bytes());
+    out.extend_from_slice(b" HTTP/1.1\r\n");
+    for (n, v) in &req.headers {
+        out.extend_from_slice(n.as_bytes());
+        out.extend_from_slice(b": ");
+        out.extend_from_slice(v);
+        out.extend_from_slice(b"\r\n");
+    }
+    let ip = client.to_canonical().to_string();
+    out.extend_from_slice(b"X-Forwarded-For: ");
+    if let Some(prev) = &req.forwarded_for {
+        out.extend_from_slice(prev.as_bytes());
+        out.extend_from_slice(b", ");
+    }
+    out.extend_from_slice(ip.as_bytes());
+    out.extend_from_slice(b"\r\nX-Real-IP: ");
+    out.extend_from_slice(ip.as_bytes());
+    out.extend_from_slice(b"\r\nX-Forwarded-Proto: http\r\n");
+    if req.is_upgrade() {
+        out.extend_from_slice(b"Connection: Upgrade\r\nUpgrade: websocket\r\n\r\n");
+    } else {
+        out.extend_from_slice(b"Connection: close\r\n\r\n");
+    }
+    out.extend_from_slice(extra);
+    out
+}
+
+/// How much body follows a response head.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Body {
+    /// 101: from here on, WebSocket frames both ways.
+    Upgraded,
+    None,
+    Length(u64),
+    /// Chunked or unframed: relayed until the backend closes.
+    UntilClose,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Response {
+    pub head_len: usize,
+    pub status: u16,
+    pub body: Body,
+}
+
+/// Parses the backend's response head. For an upgrade (`ws_key` given), a 101
+/// must carry the right `Sec-WebSocket-Accept`, or it is a bad gateway.
+pub fn parse_response(
+    buf: &[u8],
+    max_head: usize,
+    ws_key: Option<&str>,
+    head_request: bool,
+) -> Result<Option<Response>, Reject> {
+    let mut storage = [httparse::EMPTY_HEADER; 128];
+    let mut resp = httparse::Response::new(&mut storage);
+    let head_len = match resp.parse(buf) {
+        Ok(httparse::Status::Complete(n)) if n <= max_head => n,
+        Ok(httparse::Status::Partial) if buf.len() < max_head => return Ok(None),
+        Ok(_) | Err(httparse::Error::TooManyHeaders) => {
+            return Err(Reject::BadGateway("backend response head too large"))
+        }
+        Err(_) => return Err(Reject::BadGateway("malformed backend response")),
+    };
+    let status = resp.code.unwrap_or(0);
+    let headers: &[httparse::Header<'_>] = resp.headers;
+    let find = |name: &'static str| {
+        headers
+            .iter()
+            .filter(move |h| h.name.eq_ignore_ascii_case(name))
+            .map(|h| h.value)
+    };
+
+    if status == 101 {
+        let Some(key) = ws_key else {
+            return Err(Reject::BadGateway(
+                "backend switched protocols on a plain request",
+            ));
+        };
+        if !find("upgrade").any(|v| has_token(v, "websocket")) {
+            return Err(Reject::BadGateway("backend 101 without Upgrade: websocket"));
+        }
+        let want = accept_key(key);
+        let ok = find("sec-websocket-accept").any(|v| v.trim_ascii() == want.as_bytes());
+        if !ok {
+            return Err(Reject::BadGateway(
+                "backend sent a wrong Sec-WebSocket-Accept",
+            ));
+        }
+        return Ok(Some(Response {
+            head_len,
+            status,
+            body: Body::Upgraded,
+        }));
+    }
+    if (100..200).contains(&status) {
+        // 100 Continue and friends precede the real answer; ringlb does not
+        // send Expect, so treat a stray one as the start of an unframed reply.
+        return Ok(Some(Response {
+            head_len,
+            status,
+            body: Body::UntilClose,
+        }));
+    }
+    let body = if head_request || status == 204 || status == 304 {
+        Body::None
+    } else if find("transfer-encoding").next().is_some() {
+        Body::UntilClose
+    } else {
+        let mut lens = find("content-length").map(|v| {
+            std::str::from_utf8(v)
+                .ok()
+                .and_then(|s| s.trim().parse::<u64>().ok())
+        });
+        match (lens.next(), lens.next()) {
+            (None, _) => Body::UntilClose,
+            (Some(Some(n)), None) => Body::Length(n),
+            _ => return Err(Reject::BadGateway("backend sent an invalid Content-Length")),
+        }
+    };
+    Ok(Some(Response {
+        head_len,
+        status,
+        body,
+    }))
+}
+
+/// `Sec-WebSocket-Accept` for a key (RFC 6455 §4.2.2).
+pub fn accept_key(key: &str) -> String {
+    let mut h = Sha1::new();
+    h.update(key.as_bytes());
+    h.update(WS_GUID);
+    base64::engine::general_purpose::STANDARD.encode(h.finalize())
+}
+
+fn tokens(value: &[u8]) -> impl Iterator<Item = &str> {
+    std::str::from_utf8(value)
+        .unwrap_or("")
+        .split(',')
+        .map(str::trim)
+        .filter(|t| !t.is_empty())
+}
+
+fn has_token(value: &[u8], token: &str) -> bool {
+    tokens(value).any(|t| t.eq_ignore_ascii_case(token))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const KEY: &str = "dGhlIHNhbXBsZSBub25jZQ==";
+
+    fn ws(extra: &str) -> String {
+        format!(
+            "GET /chat?x=1 HTTP/1.1\r\nHost: example.com\r\nUpgrade: websocket\r\nConnection: Upgrade\r\nSec-WebSocket-Key: {KEY}\r\nSec-WebSocket-Version: 13\r\n{extra}\r\n"
+        )
+    }
+
+    fn parse(s: &str) -> Result<Option<Request>, Reject> {
+        parse_request(s.as_bytes(), 16384, 100)
+    }
+
+    #[test]
+    fn rfc_example_accept() {
+        assert_eq!(accept_key(KEY), "s3pPLMBiTxaQ9kYGzzhZRbK+xOo=");
+    }
+
+    #[test]
+    fn valid_upgrade() {
+        let r = parse(&ws("")).unwrap().unwrap();
+        assert_eq!(r.ws_key.as_deref(), Some(KEY));
+        assert_eq!(r.path(), "/chat");
+        assert_eq!(r.head_len, ws("").len());
+    }
+
+    #[test]
+    fn partial_then_too_large() {
+        let s = ws("");
+        assert_eq!(parse(&s[..s.len() - 2]), Ok(None));
+        let big = format!("GET / HTTP/1.1\r\nX: {}\r\n", "a".repeat(20000));
+        assert_eq!(parse(&big), Err(Reject::HeadTooLarge));
+        let many: String = (0..200).map(|i| format!("X-{i}: y\r\n")).collect();
+        assert_eq!(
+            parse(&format!("GET / HTTP/1.1\r\nHost: a\r\n{many}\r\n")),
+            Err(Reject::HeadTooLarge)
+        );
+    }
+
+    #[test]
+    fn rejects() {
+        let v12 = ws("").replace("Version: 13", "Version: 12");
+        assert_eq!(parse(&v12), Err(Reject::UpgradeVersion));
+        let nokey = ws("").replace(&format!("Sec-WebSocket-Key: {KEY}\r\n"), "");
+        assert!(matches!(parse(&nokey), Err(Reject::BadRequest(_))));
+        let shortkey = ws("").replace(KEY, "c2hvcnQ=");
+        assert!(matches!(parse(&shortkey), Err(Reject::BadRequest(_))));
+        assert!(matches!(
+            parse("\x01\x02garbage\r\n\r\n"),
+            Err(Reject::BadRequest(_))
+        ));
+        let post = ws("").replacen("GET", "POST", 1);
+        assert!(matches!(parse(&post), Err(Reject::BadRequest(_))));
+        let body = ws("Content-Length: 5\r\n");
+        assert!(matches!(parse(&body), Err(Reject::BadRequest(_))));
+        let both =
+            "POST / HTTP/1.1\r\nHost: a\r\nContent-Length: 3\r\nTransfer-Encoding: chunked\r\n\r\n";
+        assert!(matches!(parse(both), Err(Reject::BadRequest(_))));
+        let dup = "POST / HTTP/1.1\r\nHost: a\r\nContent-Length: 3\r\nContent-Length: 4\r\n\r\n";
+        assert!(matches!(parse(dup), Err(Reject::BadRequest(_))));
+        let abs = "GET http://a/ HTTP/1.1\r\nHost: a\r\n\r\n";
+        assert!(matches!(parse(abs), Err(Reject::BadRequest(_))));
+        let two_hosts = "GET / HTTP/1.1\r\nHost: a\r\nHost: b\r\n\r\n";
+        assert!(matches!(parse(two_hosts), Err(Reject::BadRequest(_))));
+    }
+
+    #[test]
+    fn forwarded_head_drops_hop_by_hop_and_adds_ours() {
+        let r = parse(&ws("Connection: X-Secret, host\r\nX-Secret: 1\r\nKeep-Alive: 5\r\nX-Forwarded-For: 10.0.0.1\r\nX-Real-IP: 6.6.6.6\r\nTE: trailers\r\n"))
+            .unwrap()
+            .unwrap();
+        let out = String::from_utf8(forward_head(
+            &r,
+            "/x",
+            "192.0.2.7".parse().unwrap(),
+            b"tail",
+        ))
+        .unwrap();
+        assert!(
+            out.starts_with("GET /x HTTP/1.1\r\nHost: example.com\r\n"),
+            "{out}"
+        );
+        assert!(!out.to_ascii_lowercase().contains("x-secret"), "{out}");
+        assert!(!out.contains("Keep-Alive"), "{out}");
+        assert!(!out.contains("TE:"), "{out}");
+        assert!(!out.contains("6.6.6.6"), "{out}");
+        assert!(
+            out.contains("X-Forwarded-For: 10.0.0.1, 192.0.2.7\r\n"),
+            "{out}"
+        );
+        assert!(out.contains("X-Real-IP: 192.0.2.7\r\n"), "{out}");
+        assert!(out.contains("X-Forwarded-Proto: http\r\n"), "{out}");
+        assert!(
+            out.contains(&format!("Sec-WebSocket-Key: {KEY}\r\n")),
+            "{out}"
+        );
+        assert!(
+            out.ends_with("Connection: Upgrade\r\nUpgrade: websocket\r\n\r\ntail"),
+            "{out}"
+        );
+        assert_eq!(out.matches("Connection:").count(), 1);
+    }
+
+    #[test]
+    fn plain_request_gets_connection_close() {
+        let r = parse("GET /api/x HTTP/1.1\r\nHost: a\r\nConnection: keep-alive\r\n\r\n")
+            .unwrap()
+            .unwrap();
+        assert!(!r.is_upgrade());
+        let out = String::from_utf8(forward_head(
+            &r,
+            "/x",
+            "::ffff:127.0.0.1".parse().unwrap(),
+            b"",
+        ))
+        .unwrap();
+        assert!(out.contains("X-Real-IP: 127.0.0.1\r\n"), "{out}");
+        assert!(out.ends_with("Connection: close\r\n\r\n"), "{out}");
+    }
+
+    #[test]
+    fn responses() {
+        let ok = format!("HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\nConnection: Upgrade\r\nSec-WebSocket-Accept: {}\r\n\r\nframe", accept_key(KEY));
+        let r = parse_response(ok.as_bytes(), 16384, Some(KEY), false)
+            .unwrap()
+            .unwrap();
+        assert_eq!(r.body, Body::Upgraded);
+        assert_eq!(r.head_len, ok.len() - 5);
+        let wrong = ok.replace(&accept_key(KEY), "AAAAAAAAAAAAAAAAAAAAAAAAAAA=");
+        assert!(matches!(
+            parse_response(wrong.as_bytes(), 16384, Some(KEY), false),
+            Err(Reject::BadGateway(_))
+        ));
+        let forbidden = b"HTTP/1.1 403 Forbidden\r\nContent-Length: 4\r\n\r\nnope";
+        let r = parse_response(forbidden, 16384, Some(KEY), false)
+            .unwrap()
+            .unwrap();
+        assert_eq!((r.status, r.body), (403, Body::Length(4)));
+        assert_eq!(
+            parse_response(b"HTTP/1.1 200 OK\r\n", 16384, None, false),
+            Ok(None)
+        );
+        assert!(parse_response(b"garbage\r\n\r\n", 16384, None, false).is_err());
+        let huge = format!("HTTP/1.1 200 OK\r\nX: {}\r\n\r\n", "a".repeat(400));
+        assert!(parse_response(huge.as_bytes(), 256, None, false).is_err());
+    }
+
+    #[test]
+    fn reject_responses_are_complete_http() {
+        for r in [
+            Reject::UpgradeVersion,
+            Reject::HeadTooLarge,
+            Reject::BadGateway("x"),
+            Reject::GatewayTimeout,
+        ] {
+            let bytes = r.response();
+            let parsed = parse_response(&bytes, 4096, None, false).unwrap().unwrap();
+            assert_eq!(parsed.status, r.status());
+            assert_eq!(
+                parsed.body,
+                Body::Length((bytes.len() - parsed.head_len) as u64)
+            );
+        }
+        assert!(String::from_utf8(Reject::UpgradeVersion.response())
+            .unwrap()
+            .contains("Sec-WebSocket-Version: 13\r\n"));
+    }
+}

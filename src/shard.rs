@@ -1,0 +1,592 @@
+//! A shard: one thread, one io_uring, its own SO_REUSEPORT listeners, a slab
+//! of connections and a provided-buffer ring. Nothing here is shared with
+//! other shards except the read-only snapshot and per-connection atomics
+//! (backend lease counts, the global connection count).
+//!
+//! The loop: publish returned buffers, submit, wait for completions or the
+//! next timer, turn each completion into a call on the connection's state
+//! machine, and carry out the actions it returns. Only this file and
+//! `ring.rs` know about SQEs.
+//!
+//! `user_data` layout (64 bits):
+//!
+//! ```text
+//!  63..56  op     1 accept, 2 recv, 3 send, 4 connect, 5 cancel, 6 wake
+//!  55..48  side   0 client, 1 backend (recv/send/connect)
+//!  31..0   key    slab key of the connection, or the listener index (accept)
+//! ```
+//!
+//! A slot is freed only when its in-flight op count is zero, so a CQE's key
+//! always names the connection that submitted it; timers, which are not
+//! kernel ops, carry a generation as well.
+
+use std::cmp::Reverse;
+use std::collections::{BinaryHeap, VecDeque};
+use std::net::{SocketAddr, TcpListener};
+use std::os::fd::{AsRawFd, OwnedFd, RawFd};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::mpsc::Receiver;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use slab::Slab;
+use socket2::{Domain, SockAddr, SockRef, Socket, TcpKeepalive, Type};
+
+use crate::conn::{Action, Conn, RecvEnd, Side, Stage, TimerKind};
+use crate::ring::{self, BufRing, Cqe, Uring};
+use crate::snapshot::Snapshot;
+
+const OP_ACCEPT: u64 = 1;
+const OP_RECV: u64 = 2;
+const OP_SEND: u64 = 3;
+const OP_CONNECT: u64 = 4;
+const OP_CANCEL: u64 = 5;
+const OP_WAKE: u64 = 6;
+
+fn ud(op: u64, side: Side, key: usize) -> u64 {
+    op << 56 | (side as u64) << 48 | key as u64
+}
+
+fn ud_op(ud: u64) -> u64 {
+    ud >> 56
+}
+
+fn ud_side(ud: u64) -> Side {
+    if (ud >> 48) & 0xff == 0 {
+        Side::Client
+    } else {
+        Side::Backend
+    }
+}
+
+fn ud_key(ud: u64) -> usize {
+    (ud & 0xffff_ffff) as usize
+}
+
+/// Messages from the main thread; the shard reads them when its eventfd fires.
+#[derive(Debug)]
+pub enum Command {
+    /// Stop at once: the process is exiting.
+    Stop,
+}
+
+/// Counters a shard writes and the main thread reads. Each is written by one
+/// shard only, so the adds are uncontended.
+#[derive(Debug, Default)]
+pub struct ShardStats {
+    pub accepted: AtomicU64,
+    pub active: AtomicUsize,
+    pub bytes_to_backend: AtomicU64,
+    pub bytes_to_client: AtomicU64,
+}
+
+/// State shared by all shards.
+#[derive(Debug, Default)]
+pub struct Shared {
+    /// Client connections across all shards, for `server.max_connections`.
+    pub clients: AtomicUsize,
+}
+
+struct Entry {
+    conn: Conn,
+    gen: u32,
+    client: OwnedFd,
+    backend: Option<OwnedFd>,
+    /// The address a connect reads until its CQE arrives.
+    connect_addr: Option<Box<SockAddr>>,
+    /// Ops submitted and not yet completed, per side.
+    inflight: [u32; 2],
+    closing: bool,
+}
+
+impl Entry {
+    fn fd(&self, side: Side) -> Option<RawFd> {
+        match side {
+            Side::Client => Some(self.client.as_raw_fd()),
+            Side::Backend => self.backend.as_ref().map(|f| f.as_raw_fd()),
+        }
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
+enum TimerTarget {
+    Conn {
+        key: u32,
+        gen: u32,
+    },
+    /// Re-arm a listener's accept after it failed (EMFILE and friends).
+    Accept {
+        listener: u32,
+    },
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct Timer {
+    at: Instant,
+    target: TimerTarget,
+    kind: TimerKind,
+}
+
+impl Ord for Timer {
+    fn cmp(&self, other: &Self) -> std::cmp::Ordering {
+        (self.at, self.target).cmp(&(other.at, other.target))
+    }
+}
+
+impl PartialOrd for Timer {
+    fn partial_cmp(&self, other: &Self) -> Option<std::cmp::Ordering> {
+        Some(self.cmp(other))
+    }
+}
+
+pub struct Shard {
+    // Field order is drop order: the ring goes before the buffers it may
+    // write into (see ring.rs).
+    uring: Uring,
+    bufs: BufRing,
+    id: usize,
+    conns: Slab<Entry>,
+    listeners: Vec<Option<TcpListener>>,
+    snap: Arc<Snapshot>,
+    shared: Arc<Shared>,
+    stats: Arc<ShardStats>,
+    timers: BinaryHeap<Reverse<Timer>>,
+    starved: VecDeque<(usize, u32, Side)>,
+    actions: Vec<Action>,
+    cqes: Vec<Cqe>,
+    wake: OwnedFd,
+    wake_buf: Box<[u8; 8]>,
+    commands: Receiver<Command>,
+    next_gen: u32,
+    stopping: bool,
+    accept_errors_logged: Option<Instant>,
+}
+
+pub struct ShardInit {
+    pub id: usize,
+    pub listeners: Vec<TcpListener>,
+    pub snap: Arc<Snapshot>,
+    pub shared: Arc<Shared>,
+    pub stats: Arc<ShardStats>,
+    pub wake: OwnedFd,
+    pub commands: Receiver<Command>,
+}
+
+impl Shard {
+    /// Builds the shard on the calling thread (the ring is single-issuer).
+    pub fn new(init: ShardInit) -> std::io::Result<Shard> {
+        let server = &init.snap.config.server;
+        let uring = Uring::new(1024)?;
+        let bufs = uring.buf_ring(0, server.buffers_per_shard, server.buffer_size.get())?;
+        Ok(Shard {
+            uring,
+            bufs,
+            id: init.id,
+            conns: Slab::new(),
+            listeners: init.listeners.into_iter().map(Some).collect(),
+            snap: init.snap,
+            shared: init.shared,
+            stats: init.stats,
+            timers: BinaryHeap::new(),
+            starved: VecDeque::new(),
+            actions: Vec::with_capacity(16),
+            cqes: Vec::with_capacity(256),
+            wake: init.wake,
+            wake_buf: Box::new([0; 8]),
+            commands: init.commands,
+            next_gen: 0,
+            stopping: false,
+            accept_errors_logged: None,
+        })
+    }
+
+    pub fn mode(&self) -> ring::Mode {
+        self.uring.mode
+    }
+
+    pub fn run(mut self) -> std::io::Result<()> {
+        for i in 0..self.listeners.len() {
+            self.arm_accept(i);
+        }
+        let wake_fd = self.wake.as_raw_fd();
+        self.uring
+            .read_eventfd(wake_fd, &mut self.wake_buf, ud(OP_WAKE, Side::Client, 0));
+        while !self.stopping {
+            self.bufs.commit();
+            let timeout = self
+                .timers
+                .peek()
+                .map(|Reverse(t)| t.at.saturating_duration_since(Instant::now()));
+            self.uring.submit_and_wait(timeout)?;
+            loop {
+                self.uring.completions(&mut self.cqes);
+                if self.cqes.is_empty() {
+                    break;
+                }
+                let cqes = std::mem::take(&mut self.cqes);
+                for cqe in &cqes {
+                    self.complete(*cqe);
+                }
+                self.cqes = cqes;
+            }
+            self.fire_timers();
+            self.feed_starved();
+        }
+        Ok(())
+    }
+
+    fn arm_accept(&mut self, i: usize) {
+        if let Some(l) = &self.listeners[i] {
+            self.uring
+                .accept_multi(l.as_raw_fd(), ud(OP_ACCEPT, Side::Client, i));
+        }
+    }
+
+    fn complete(&mut self, cqe: Cqe) {
+        let key = ud_key(cqe.user_data);
+        match ud_op(cqe.user_data) {
+            OP_ACCEPT => self.on_accept(key, cqe),
+            OP_RECV => self.on_recv(key, ud_side(cqe.user_data), cqe),
+            OP_SEND => {
+                let side = ud_side(cqe.user_data);
+                let Some(e) = self.conns.get_mut(key) else {
+                    return;
+                };
+                e.inflight[side.idx()] -= 1;
+                let res = if cqe.result >= 0 {
+                    Ok(cqe.result as usize)
+                } else {
+                    Err(-cqe.result)
+                };
+                if let Ok(n) = res {
+                    let counter = match side {
+                        Side::Client => &self.stats.bytes_to_client,
+                        Side::Backend => &self.stats.bytes_to_backend,
+                    };
+                    counter.fetch_add(n as u64, Ordering::Relaxed);
+                }
+                e.conn.on_send(side, res, &mut self.actions);
+                self.exec(key);
+            }
+            OP_CONNECT => {
+                let Some(e) = self.conns.get_mut(key) else {
+                    return;
+                };
+                e.inflight[Side::Backend.idx()] -= 1;
+                e.connect_addr = None;
+                let res = if cqe.result >= 0 {
+                    Ok(())
+                } else {
+                    Err(-cqe.result)
+                };
+                e.conn.on_connect(res, &mut self.actions);
+                self.exec(key);
+            }
+            OP_WAKE => self.on_wake(),
+            // Cancel results carry nothing we need: the cancelled op reports itself.
+            _ => {}
+        }
+    }
+
+    fn on_accept(&mut self, listener: usize, cqe: Cqe) {
+        if cqe.result >= 0 {
+            self.new_conn(ring::adopt_fd(cqe.result));
+        } else if cqe.result != -libc::ECANCELED {
+            let now = Instant::now();
+            if self
+                .accept_errors_logged
+                .is_none_or(|t| now.duration_since(t) > Duration::from_secs(5))
+            {
+                self.accept_errors_logged = Some(now);
+                log::warn!(
+                    "shard {}: accept failed: {} (backing off 50ms; logged at most every 5s)",
+                    self.id,
+                    std::io::Error::from_raw_os_error(-cqe.result)
+                );
+            }
+        }
+        if !cqe.more() && !self.stopping {
+            if cqe.result >= 0 {
+                self.arm_accept(listener);
+            } else {
+                // Re-arming at once on EMFILE would spin a core; wait a bit.
+                self.timers.push(Reverse(Timer {
+                    at: Instant::now() + Duration::from_millis(50),
+                    target: TimerTarget::Accept {
+                        listener: listener as u32,
+                    },
+                    kind: TimerKind::Handshake,
+                }));
+            }
+        }
+    }
+
+    fn new_conn(&mut self, fd: OwnedFd) {
+        let sock = SockRef::from(&fd);
+        let Ok(peer) = sock.peer_addr() else { return };
+        let Some(peer) = peer.as_socket() else { return };
+        self.stats.accepted.fetch_add(1, Ordering::Relaxed);
+        configure(&sock, &self.snap);
+        let over = self.shared.clients.fetch_add(1, Ordering::Relaxed)
+            >= self.snap.config.server.max_connections.get();
+        self.stats.active.fetch_add(1, Ordering::Relaxed);
+        let gen = self.next_gen;
+        self.next_gen = self.next_gen.wrapping_add(1);
+        let conn = if over {
+            Conn::over_capacity(self.snap.clone(), peer, &mut self.actions)
+        } else {
+            Conn::accept(self.snap.clone(), peer, &mut self.actions)
+        };
+        let key = self.conns.insert(Entry {
+            conn,
+            gen,
+            client: fd,
+            backend: None,
+            connect_addr: None,
+            inflight: [0, 0],
+            closing: false,
+        });
+        assert!(key <= u32::MAX as usize);
+        self.exec(key);
+    }
+
+    fn on_recv(&mut self, key: usize, side: Side, cqe: Cqe) {
+        let Some(e) = self.conns.get_mut(key) else {
+            return;
+        };
+        if !cqe.more() {
+            e.inflight[side.idx()] -= 1;
+        }
+        if cqe.result > 0 {
+            let bid = cqe.buffer().expect("recv data without a buffer");
+            self.bufs.taken(bid);
+            let data = self.bufs.data(bid, cqe.result as usize);
+            e.conn.on_recv(side, bid, data, &mut self.actions);
+        }
+        if !cqe.more() {
+            let why = match cqe.result {
+                0 => RecvEnd::Eof,
+                r if r > 0 => RecvEnd::Stopped,
+                r if r == -libc::ECANCELED => RecvEnd::Stopped,
+                r if r == -libc::ENOBUFS => RecvEnd::NoBuffers,
+                r => RecvEnd::Error(-r),
+            };
+            e.conn.on_recv_end(side, why, &mut self.actions);
+        }
+        self.exec(key);
+    }
+
+    /// Carries out the actions a connection returned, then frees it if it
+    /// is closed and idle.
+    fn exec(&mut self, key: usize) {
+        let mut batch = std::mem::take(&mut self.actions);
+        while !batch.is_empty() {
+            for action in batch.drain(..) {
+                self.do_action(key, action);
+            }
+            // Actions may have produced actions (a connect that failed at once).
+            std::mem::swap(&mut batch, &mut self.actions);
+        }
+        self.actions = batch;
+        self.maybe_free(key);
+    }
+
+    fn do_action(&mut self, key: usize, action: Action) {
+        let e = &mut self.conns[key];
+        match action {
+            Action::ArmRecv(side) => {
+                let fd = e.fd(side).expect("recv on a side without a socket");
+                e.inflight[side.idx()] += 1;
+                self.uring
+                    .recv_multi(fd, self.bufs.bgid, ud(OP_RECV, side, key));
+            }
+            Action::CancelRecv(side) => {
+                self.uring
+                    .cancel(ud(OP_RECV, side, key), ud(OP_CANCEL, side, key));
+            }
+            Action::Send(side) => {
+                let fd = e.fd(side).expect("send on a side without a socket");
+                let (ptr, len) = match e.conn.front(side).expect("send with an empty queue") {
+                    crate::conn::Payload::Ring { bid, start, len } => {
+                        (self.bufs.ptr(*bid, *start), *len as usize)
+                    }
+                    crate::conn::Payload::Owned { data, start } => {
+                        (data[*start..].as_ptr(), data.len() - start)
+                    }
+                };
+                e.inflight[side.idx()] += 1;
+                self.uring.send(fd, ptr, len, ud(OP_SEND, side, key));
+            }
+            Action::Connect(addr) => match backend_socket(addr, &self.snap) {
+                Ok(sock) => {
+                    let sa = Box::new(SockAddr::from(addr));
+                    let fd: OwnedFd = sock.into();
+                    self.uring
+                        .connect(fd.as_raw_fd(), &sa, ud(OP_CONNECT, Side::Backend, key));
+                    e.backend = Some(fd);
+                    e.connect_addr = Some(sa);
+                    e.inflight[Side::Backend.idx()] += 1;
+                }
+                Err(err) => {
+                    log::warn!("shard {}: cannot open a socket to {addr}: {err}", self.id);
+                    e.conn.on_connect(
+                        Err(err.raw_os_error().unwrap_or(libc::EIO)),
+                        &mut self.actions,
+                    );
+                }
+            },
+            Action::CancelConnect => {
+                self.uring.cancel(
+                    ud(OP_CONNECT, Side::Backend, key),
+                    ud(OP_CANCEL, Side::Backend, key),
+                );
+            }
+            Action::DropBackend => {
+                debug_assert_eq!(e.inflight[Side::Backend.idx()], 0);
+                e.backend = None;
+            }
+            Action::AbortBackend => {
+                if let Some(fd) = &e.backend {
+                    let _ = SockRef::from(fd).shutdown(std::net::Shutdown::Both);
+                    if e.inflight[Side::Backend.idx()] > 0 {
+                        self.uring
+                            .cancel_fd(fd.as_raw_fd(), ud(OP_CANCEL, Side::Backend, key));
+                    }
+                }
+            }
+            Action::ShutdownWrite(side) => {
+                let fd = match side {
+                    Side::Client => Some(&e.client),
+                    Side::Backend => e.backend.as_ref(),
+                };
+                if let Some(fd) = fd {
+                    let _ = SockRef::from(fd).shutdown(std::net::Shutdown::Write);
+                }
+            }
+            Action::Release(bid) => self.bufs.release(bid),
+            Action::Timer(kind, after) => {
+                let gen = e.gen;
+                self.timers.push(Reverse(Timer {
+                    at: Instant::now() + after,
+                    target: TimerTarget::Conn {
+                        key: key as u32,
+                        gen,
+                    },
+                    kind,
+                }));
+            }
+            Action::Starved(side) => self.starved.push_back((key, e.gen, side)),
+            Action::Close => {
+                e.closing = true;
+                for side in [Side::Client, Side::Backend] {
+                    let fd = match side {
+                        Side::Client => Some(&e.client),
+                        Side::Backend => e.backend.as_ref(),
+                    };
+                    if let Some(fd) = fd {
+                        // shutdown() wakes pending recvs with EOF and makes the
+                        // FIN go out; the cancel covers ops shutdown does not end.
+                        let _ = SockRef::from(fd).shutdown(std::net::Shutdown::Both);
+                        if e.inflight[side.idx()] > 0 {
+                            self.uring
+                                .cancel_fd(fd.as_raw_fd(), ud(OP_CANCEL, side, key));
+                        }
+                    }
+                }
+            }
+        }
+    }
+
+    fn maybe_free(&mut self, key: usize) {
+        let Some(e) = self.conns.get(key) else { return };
+        if !e.closing || e.inflight != [0, 0] {
+            return;
+        }
+        let e = self.conns.remove(key);
+        debug_assert_eq!(e.conn.stage(), Stage::Closing);
+        for bid in e.conn.into_buffers() {
+            self.bufs.release(bid);
+        }
+        self.shared.clients.fetch_sub(1, Ordering::Relaxed);
+        self.stats.active.fetch_sub(1, Ordering::Relaxed);
+        // The sockets close here, with nothing left in flight on them.
+    }
+
+    fn fire_timers(&mut self) {
+        let now = Instant::now();
+        while let Some(Reverse(t)) = self.timers.peek().copied() {
+            if t.at > now {
+                break;
+            }
+            self.timers.pop();
+            match t.target {
+                TimerTarget::Accept { listener } => self.arm_accept(listener as usize),
+                TimerTarget::Conn { key, gen } => {
+                    let key = key as usize;
+                    let Some(e) = self.conns.get_mut(key) else {
+                        continue;
+                    };
+                    if e.gen != gen || e.closing {
+                        continue;
+                    }
+                    e.conn.on_timer(t.kind, &mut self.actions);
+                    self.exec(key);
+                }
+            }
+        }
+    }
+
+    /// Re-arms recvs that ran out of buffers, while there are buffers to spare.
+    fn feed_starved(&mut self) {
+        let spare = (self.snap.config.server.buffers_per_shard as usize / 4).max(1);
+        while self.bufs.available() > spare {
+            let Some((key, gen, side)) = self.starved.pop_front() else {
+                break;
+            };
+            let Some(e) = self.conns.get_mut(key) else {
+                continue;
+            };
+            if e.gen != gen || e.closing {
+                continue;
+            }
+            e.conn.on_buffers_available(side, &mut self.actions);
+            self.exec(key);
+        }
+    }
+
+    fn on_wake(&mut self) {
+        while let Ok(cmd) = self.commands.try_recv() {
+            match cmd {
+                Command::Stop => self.stopping = true,
+            }
+        }
+        if !self.stopping {
+            let wake_fd = self.wake.as_raw_fd();
+            self.uring
+                .read_eventfd(wake_fd, &mut self.wake_buf, ud(OP_WAKE, Side::Client, 0));
+        }
+    }
+}
+
+fn configure(sock: &SockRef<'_>, snap: &Snapshot) {
+    // Relayed WebSocket frames are latency-sensitive and already batched by
+    // the sender; Nagle would only delay them.
+    let _ = sock.set_nodelay(true);
+    if let Some(idle) = snap.config.server.tcp_keepalive {
+        let ka = TcpKeepalive::new()
+            .with_time(idle)
+            .with_interval(Duration::from_secs(10).min(idle))
+            .with_retries(6);
+        let _ = sock.set_tcp_keepalive(&ka);
+    }
+}
+
+fn backend_socket(addr: SocketAddr, snap: &Snapshot) -> std::io::Result<Socket> {
+    let sock = Socket::new(
+        Domain::for_address(addr),
+        Type::STREAM.nonblocking().cloexec(),
+        None,
+    )?;
+    configure(&SockRef::from(&sock), snap);
+    Ok(sock)
+}

@@ -1,0 +1,265 @@
+//! Backends and the least-connections pick.
+//!
+//! Every backend has one atomic count of live connections (including those
+//! still connecting or mid-handshake), shared by all shards, so the pick is
+//! global rather than per shard. A connection holds a [`Lease`] for as long
+//! as it uses the backend; dropping the lease gives the slot back. The only
+//! atomics touched are per connection (pick and release), never per message.
+
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use crate::config::UpstreamConfig;
+
+#[derive(Debug)]
+pub struct Backend {
+    pub addr: SocketAddr,
+    pub weight: u32,
+    pub max_connections: Option<usize>,
+    active: AtomicUsize,
+    pub connections_total: AtomicU64,
+    pub connect_failures: AtomicU64,
+}
+
+impl Backend {
+    pub fn new(addr: SocketAddr, weight: u32, max_connections: Option<usize>) -> Backend {
+        Backend {
+            addr,
+            weight,
+            max_connections,
+            active: AtomicUsize::new(0),
+            connections_total: AtomicU64::new(0),
+            connect_failures: AtomicU64::new(0),
+        }
+    }
+
+    pub fn active(&self) -> usize {
+        self.active.load(Ordering::Relaxed)
+    }
+}
+
+#[derive(Debug)]
+pub struct Upstream {
+    pub name: String,
+    pub backends: Vec<Arc<Backend>>,
+    pub connect_timeout: Duration,
+    pub response_timeout: Duration,
+    pub max_response_head: usize,
+}
+
+impl Upstream {
+    pub fn new(cfg: &UpstreamConfig) -> Upstream {
+        Upstream {
+            name: cfg.name.clone(),
+            backends: cfg
+                .servers
+                .iter()
+                .map(|s| {
+                    Arc::new(Backend::new(
+                        s.addr,
+                        s.weight.get(),
+                        s.max_connections.map(|m| m.get()),
+                    ))
+                })
+                .collect(),
+            connect_timeout: cfg.connect_timeout,
+            response_timeout: cfg.response_timeout,
+            max_response_head: cfg.max_response_head.get(),
+        }
+    }
+
+    /// Picks the backend with the lowest `active / weight` among those not in
+    /// `tried` and not full, choosing at random among ties, and takes a
+    /// lease on it. `None`: every backend was tried or is full.
+    pub fn pick(&self, tried: &[usize], rng: &mut Rng) -> Option<(usize, Lease)> {
+        // Another shard may fill a backend between our look and our
+        // increment; then we give the slot back and look again.
+        for _ in 0..=self.backends.len() {
+            let mut best: Option<(usize, usize, u32)> = None; // (index, active, weight)
+            let mut ties = 0u32;
+            for (i, b) in self.backends.iter().enumerate() {
+                if tried.contains(&i) {
+                    continue;
+                }
+                let active = b.active();
+                if b.max_connections.is_some_and(|m| active >= m) {
+                    continue;
+                }
+                match best {
+                    None => {
+                        best = Some((i, active, b.weight));
+                        ties = 1;
+                    }
+                    Some((_, ba, bw)) => {
+                        // active/weight < ba/bw without division.
+                        let lhs = active as u128 * bw as u128;
+                        let rhs = ba as u128 * b.weight as u128;
+                        if lhs < rhs {
+                            best = Some((i, active, b.weight));
+                            ties = 1;
+                        } else if lhs == rhs {
+                            // Reservoir sampling: each tie wins with equal chance.
+                            ties += 1;
+                            if rng.below(ties) == 0 {
+                                best = Some((i, active, b.weight));
+                            }
+                        }
+                    }
+                }
+            }
+            let (i, _, _) = best?;
+            let b = &self.backends[i];
+            let now = b.active.fetch_add(1, Ordering::Relaxed) + 1;
+            if b.max_connections.is_some_and(|m| now > m) {
+                b.active.fetch_sub(1, Ordering::Relaxed);
+                continue;
+            }
+            b.connections_total.fetch_add(1, Ordering::Relaxed);
+            return Some((i, Lease(b.clone())));
+        }
+        None
+    }
+}
+
+/// A counted use of a backend; the count drops with the lease.
+#[derive(Debug)]
+pub struct Lease(Arc<Backend>);
+
+impl Lease {
+    pub fn backend(&self) -> &Backend {
+        &self.0
+    }
+}
+
+impl Drop for Lease {
+    fn drop(&mut self) {
+        self.0.active.fetch_sub(1, Ordering::Relaxed);
+    }
+}
+
+/// xorshift64*: tie-breaking only, so speed matters and quality barely does.
+#[derive(Debug, Clone)]
+pub struct Rng(u64);
+
+impl Rng {
+    pub fn new(seed: u64) -> Rng {
+        Rng(seed | 1)
+    }
+
+    pub fn seeded() -> Rng {
+        let t = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| d.as_nanos() as u64);
+        let stack = &t as *const u64 as u64;
+        Rng::new(t ^ stack.rotate_left(32))
+    }
+
+    pub fn next_u64(&mut self) -> u64 {
+        self.0 ^= self.0 >> 12;
+        self.0 ^= self.0 << 25;
+        self.0 ^= self.0 >> 27;
+        self.0.wrapping_mul(0x2545_F491_4F6C_DD1D)
+    }
+
+    /// Uniform-enough in `0..n` for small `n`.
+    pub fn below(&mut self, n: u32) -> u32 {
+        (((self.next_u64() >> 32) * n as u64) >> 32) as u32
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use proptest::prelude::{prop_assert, proptest};
+
+    fn up(weights: &[u32], max: &[Option<usize>]) -> Upstream {
+        Upstream {
+            name: "t".into(),
+            backends: weights
+                .iter()
+                .zip(max)
+                .enumerate()
+                .map(|(i, (w, m))| {
+                    Arc::new(Backend::new(
+                        SocketAddr::from(([127, 0, 0, 1], 9000 + i as u16)),
+                        *w,
+                        *m,
+                    ))
+                })
+                .collect(),
+            connect_timeout: Duration::from_secs(1),
+            response_timeout: Duration::from_secs(1),
+            max_response_head: 4096,
+        }
+    }
+
+    #[test]
+    fn even_spread_and_refill() {
+        let u = up(&[1, 1], &[None, None]);
+        let mut rng = Rng::new(7);
+        let mut leases: Vec<(usize, Lease)> =
+            (0..10).map(|_| u.pick(&[], &mut rng).unwrap()).collect();
+        assert_eq!(u.backends[0].active(), 5);
+        assert_eq!(u.backends[1].active(), 5);
+        leases.retain(|(i, _)| *i != 0);
+        assert_eq!(u.backends[0].active(), 0);
+        for _ in 0..5 {
+            assert_eq!(u.pick(&[], &mut rng).unwrap().0, 0);
+        }
+    }
+
+    #[test]
+    fn weights_two_to_one() {
+        let u = up(&[2, 1], &[None, None]);
+        let mut rng = Rng::new(3);
+        let _l: Vec<_> = (0..30).map(|_| u.pick(&[], &mut rng).unwrap()).collect();
+        assert_eq!(u.backends[0].active(), 20);
+        assert_eq!(u.backends[1].active(), 10);
+    }
+
+    #[test]
+    fn ties_are_random_not_first() {
+        let u = up(&[1, 1, 1], &[None, None, None]);
+        let mut rng = Rng::new(11);
+        let mut first = [0; 3];
+        for _ in 0..300 {
+            let (i, _lease) = u.pick(&[], &mut rng).unwrap();
+            first[i] += 1;
+        }
+        assert!(first.iter().all(|&n| n > 50), "{first:?}");
+    }
+
+    #[test]
+    fn full_and_tried_are_skipped() {
+        let u = up(&[1, 1], &[Some(1), None]);
+        let mut rng = Rng::new(5);
+        let a = u.pick(&[], &mut rng).unwrap();
+        let b = u.pick(&[], &mut rng).unwrap();
+        let c = u.pick(&[], &mut rng).unwrap();
+        assert_eq!(u.backends[0].active(), 1);
+        assert_eq!(u.backends[1].active(), 2);
+        assert!(u.pick(&[1], &mut rng).is_none());
+        drop((a, b, c));
+        assert_eq!(u.backends[0].active() + u.backends[1].active(), 0);
+    }
+
+    proptest! {
+        #[test]
+        fn pick_is_least_loaded(weights in proptest::collection::vec(1u32..5, 1..6), n in 0usize..60, seed in 1u64..1000) {
+            let u = up(&weights, &vec![None; weights.len()]);
+            let mut rng = Rng::new(seed);
+            let mut held = Vec::new();
+            for _ in 0..n {
+                held.push(u.pick(&[], &mut rng).unwrap());
+            }
+            // The next pick has the minimal active/weight of all backends.
+            let (i, _l) = u.pick(&[], &mut rng).unwrap();
+            let load = |j: usize| (u.backends[j].active() as f64 - if j == i { 1.0 } else { 0.0 }) / weights[j] as f64;
+            for j in 0..weights.len() {
+                prop_assert!(load(i) <= load(j) + 1e-9);
+            }
+        }
+    }
+}
