@@ -280,10 +280,17 @@ def meminfo() -> dict:
     return out
 
 
-def machine_used_kb() -> int:
-    """Whole-machine memory in use: MemTotal - MemAvailable (kB)."""
-    m = meminfo()
-    return m["MemTotal"] - m["MemAvailable"]
+def machine_used_kb(samples: int = 5, interval: float = 0.1) -> int:
+    """Whole-machine memory in use: MemTotal - MemAvailable (kB), the median
+    of a few reads to damp short spikes from other processes."""
+    vals = []
+    for i in range(samples):
+        m = meminfo()
+        vals.append(m["MemTotal"] - m["MemAvailable"])
+        if i + 1 < samples:
+            time.sleep(interval)
+    vals.sort()
+    return vals[len(vals) // 2]
 
 
 def established_on_port(port: int) -> int:
