@@ -33,7 +33,6 @@
 //!   kernel has returned them all; completions that still arrive only give
 //!   their buffers back.
 
-use std::collections::VecDeque;
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
@@ -42,6 +41,9 @@ use crate::http::{self, Body, Reject, Request};
 use crate::route;
 use crate::snapshot::Snapshot;
 use crate::upstream::{Lease, Rng};
+
+mod queue;
+use queue::Queue;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Side {
@@ -169,59 +171,6 @@ pub enum Closer {
     Backend,
     Proxy,
     Error,
-}
-
-/// A FIFO of payloads that holds its first element inline: a relaying
-/// connection usually has at most one payload queued per direction, and an
-/// idle one has none, so the common case allocates nothing.
-#[derive(Debug, Default)]
-struct Queue {
-    first: Option<Payload>,
-    /// Only used while more than one payload waits; freed once drained.
-    more: VecDeque<Payload>,
-}
-
-impl Queue {
-    fn push_back(&mut self, p: Payload) {
-        if self.first.is_none() {
-            self.first = Some(p);
-        } else {
-            self.more.push_back(p);
-        }
-    }
-
-    fn front(&self) -> Option<&Payload> {
-        self.first.as_ref()
-    }
-
-    fn front_mut(&mut self) -> Option<&mut Payload> {
-        self.first.as_mut()
-    }
-
-    fn pop_front(&mut self) -> Option<Payload> {
-        let p = self.first.take();
-        self.first = self.more.pop_front();
-        if self.more.is_empty() && self.more.capacity() > 0 {
-            self.more = VecDeque::new();
-        }
-        p
-    }
-
-    fn pop_back(&mut self) -> Option<Payload> {
-        self.more.pop_back().or_else(|| self.first.take())
-    }
-
-    fn len(&self) -> usize {
-        usize::from(self.first.is_some()) + self.more.len()
-    }
-
-    fn is_empty(&self) -> bool {
-        self.first.is_none()
-    }
-
-    fn into_iter(self) -> impl Iterator<Item = Payload> {
-        self.first.into_iter().chain(self.more)
-    }
 }
 
 /// One direction of flow: bytes going *to* `Side`.
@@ -799,3 +748,6 @@ fn release_unsent(flow: &mut Flow, out: &mut Vec<Action>) {
 thread_local! {
     static RNG: std::cell::RefCell<Rng> = std::cell::RefCell::new(Rng::seeded());
 }
+
+#[cfg(test)]
+mod tests;

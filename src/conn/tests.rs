@@ -1,0 +1,364 @@
+//! The connection machine driven by hand: completions in, actions out, no sockets.
+use super::*;
+use crate::config::Config;
+
+const KEY: &str = "dGhlIHNhbXBsZSBub25jZQ==";
+
+fn snap(servers: &[&str], extra: &str) -> Arc<Snapshot> {
+    let list: Vec<String> = servers
+        .iter()
+        .map(|s| format!("{{ addr = \"{s}\" }}"))
+        .collect();
+    let toml = format!(
+        "[server]\nlisten = [\"127.0.0.1:1\"]\nmax_buffers_per_direction = 2\n{extra}\n[[route]]\npath = \"/\"\nupstream = \"u\"\n[upstream.u]\nservers = [{}]\n",
+        list.join(",")
+    );
+    Snapshot::new(Config::parse(&toml, "test").unwrap())
+}
+
+fn request() -> String {
+    format!("GET /x HTTP/1.1\r\nHost: h\r\nUpgrade: websocket\r\nConnection: Upgrade\r\nSec-WebSocket-Key: {KEY}\r\nSec-WebSocket-Version: 13\r\n\r\n")
+}
+
+fn response() -> String {
+    format!(
+        "HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\nConnection: Upgrade\r\nSec-WebSocket-Accept: {}\r\n\r\n",
+        http::accept_key(KEY)
+    )
+}
+
+fn client() -> SocketAddr {
+    "192.0.2.1:5000".parse().unwrap()
+}
+
+/// Drives a connection to `Relaying`; returns it with the actions cleared.
+fn relaying(s: &Arc<Snapshot>) -> Conn {
+    let mut out = Vec::new();
+    let mut c = Conn::accept(s.clone(), client(), &mut out);
+    c.on_recv(Side::Client, 1, request().as_bytes(), &mut out);
+    c.on_connect(Ok(()), &mut out);
+    c.on_send(
+        Side::Backend,
+        Ok(c.front(Side::Backend).unwrap().remaining()),
+        &mut out,
+    );
+    c.on_recv(Side::Backend, 2, response().as_bytes(), &mut out);
+    c.on_send(Side::Client, Ok(response().len()), &mut out);
+    assert_eq!(c.stage(), Stage::Relaying);
+    c
+}
+
+#[test]
+fn handshake_in_two_pieces_then_relay() {
+    let s = snap(&["127.0.0.1:9001"], "");
+    let mut out = Vec::new();
+    let mut c = Conn::accept(s.clone(), client(), &mut out);
+    assert_eq!(
+        out,
+        vec![
+            Action::ArmRecv(Side::Client),
+            Action::Timer(TimerKind::Handshake, s.config.server.handshake_timeout)
+        ]
+    );
+    out.clear();
+
+    let req = request();
+    let (a, b) = req.as_bytes().split_at(20);
+    c.on_recv(Side::Client, 3, a, &mut out);
+    assert_eq!(out, vec![Action::Release(3)]);
+    assert_eq!(c.stage(), Stage::ReadingHead);
+    out.clear();
+    c.on_recv(Side::Client, 4, b, &mut out);
+    assert_eq!(out[0], Action::Release(4));
+    assert_eq!(out[1], Action::Connect("127.0.0.1:9001".parse().unwrap()));
+    assert!(matches!(
+        out[2],
+        Action::Timer(TimerKind::Connect { attempt: 0 }, _)
+    ));
+    assert_eq!(c.stage(), Stage::Connecting { attempt: 0 });
+    out.clear();
+
+    c.on_connect(Ok(()), &mut out);
+    assert_eq!(out[0], Action::ArmRecv(Side::Backend));
+    assert!(matches!(out[1], Action::Timer(TimerKind::Response, _)));
+    assert_eq!(out[2], Action::Send(Side::Backend));
+    let Some(Payload::Owned { data, .. }) = c.front(Side::Backend) else {
+        panic!()
+    };
+    let head = String::from_utf8(data.clone()).unwrap();
+    assert!(
+        head.starts_with("GET /x HTTP/1.1\r\n") && head.contains("X-Real-IP: 192.0.2.1\r\n"),
+        "{head}"
+    );
+    out.clear();
+
+    let n = c.front(Side::Backend).unwrap().remaining();
+    c.on_send(Side::Backend, Ok(n), &mut out);
+    assert!(out.is_empty(), "{out:?}");
+    c.on_recv(Side::Backend, 5, response().as_bytes(), &mut out);
+    assert_eq!(out, vec![Action::Release(5), Action::Send(Side::Client)]);
+    assert_eq!(c.stage(), Stage::Relaying);
+    assert_eq!(c.status, Some(101));
+}
+
+#[test]
+fn relay_keeps_the_buffer_and_releases_it_after_send() {
+    let s = snap(&["127.0.0.1:9001"], "");
+    let mut c = relaying(&s);
+    let before = c.bytes_to(Side::Backend);
+    let mut out = Vec::new();
+    c.on_recv(Side::Client, 9, b"frame", &mut out);
+    assert_eq!(out, vec![Action::Send(Side::Backend)]);
+    assert!(matches!(
+        c.front(Side::Backend),
+        Some(Payload::Ring {
+            bid: 9,
+            start: 0,
+            len: 5
+        })
+    ));
+    out.clear();
+    // A short send: the rest goes out from the same buffer.
+    c.on_send(Side::Backend, Ok(2), &mut out);
+    assert_eq!(out, vec![Action::Send(Side::Backend)]);
+    assert!(matches!(
+        c.front(Side::Backend),
+        Some(Payload::Ring {
+            bid: 9,
+            start: 2,
+            len: 3
+        })
+    ));
+    out.clear();
+    c.on_send(Side::Backend, Ok(3), &mut out);
+    assert_eq!(out, vec![Action::Release(9)]);
+    assert_eq!(c.bytes_to(Side::Backend) - before, 5);
+}
+
+#[test]
+fn backpressure_cancels_and_rearms_recv() {
+    let s = snap(&["127.0.0.1:9001"], "");
+    let mut c = relaying(&s);
+    let mut out = Vec::new();
+    c.on_recv(Side::Backend, 10, b"a", &mut out);
+    c.on_recv(Side::Backend, 11, b"b", &mut out);
+    // max_buffers_per_direction = 2: the backend is no longer read.
+    assert_eq!(
+        out,
+        vec![
+            Action::Send(Side::Client),
+            Action::CancelRecv(Side::Backend)
+        ]
+    );
+    out.clear();
+    c.on_recv(Side::Backend, 12, b"c", &mut out); // raced the cancel
+    c.on_recv_end(Side::Backend, RecvEnd::Stopped, &mut out);
+    assert!(out.is_empty(), "{out:?}");
+    c.on_send(Side::Client, Ok(1), &mut out);
+    assert_eq!(out, vec![Action::Release(10), Action::Send(Side::Client)]);
+    out.clear();
+    c.on_send(Side::Client, Ok(1), &mut out);
+    assert_eq!(
+        out,
+        vec![
+            Action::Release(11),
+            Action::Send(Side::Client),
+            Action::ArmRecv(Side::Backend)
+        ]
+    );
+}
+
+#[test]
+fn half_close_each_way_then_close() {
+    let s = snap(&["127.0.0.1:9001"], "");
+    let mut c = relaying(&s);
+    let mut out = Vec::new();
+    c.on_recv_end(Side::Client, RecvEnd::Eof, &mut out);
+    assert_eq!(out, vec![Action::ShutdownWrite(Side::Backend)]);
+    out.clear();
+    // The backend still talks; its bytes still reach the client.
+    c.on_recv(Side::Backend, 20, b"late", &mut out);
+    assert_eq!(out, vec![Action::Send(Side::Client)]);
+    out.clear();
+    c.on_recv_end(Side::Backend, RecvEnd::Eof, &mut out);
+    assert!(out.is_empty(), "shut only after the queued bytes: {out:?}");
+    c.on_send(Side::Client, Ok(4), &mut out);
+    assert_eq!(
+        out,
+        vec![
+            Action::Release(20),
+            Action::ShutdownWrite(Side::Client),
+            Action::Close
+        ]
+    );
+    assert_eq!(c.closer, Some(Closer::Client));
+    assert!(c.into_buffers().next().is_none());
+}
+
+#[test]
+fn failed_connect_tries_next_then_502() {
+    let s = snap(&["127.0.0.1:9001", "127.0.0.1:9002"], "");
+    let mut out = Vec::new();
+    let mut c = Conn::accept(s.clone(), client(), &mut out);
+    c.on_recv(Side::Client, 1, request().as_bytes(), &mut out);
+    let first = out
+        .iter()
+        .find_map(|a| {
+            if let Action::Connect(x) = a {
+                Some(*x)
+            } else {
+                None
+            }
+        })
+        .unwrap();
+    out.clear();
+    c.on_connect(Err(libc::ECONNREFUSED), &mut out);
+    assert_eq!(out[0], Action::DropBackend);
+    let Action::Connect(second) = out[1] else {
+        panic!("{out:?}")
+    };
+    assert_ne!(first, second);
+    assert_eq!(c.stage(), Stage::Connecting { attempt: 1 });
+    out.clear();
+    c.on_connect(Err(libc::ECONNREFUSED), &mut out);
+    assert_eq!(c.stage(), Stage::Responding);
+    assert_eq!(c.status, Some(502));
+    assert!(out.contains(&Action::Send(Side::Client)));
+    assert_eq!(
+        s.upstreams[0]
+            .backends
+            .iter()
+            .map(|b| b.active())
+            .sum::<usize>(),
+        0
+    );
+    // The answer goes out, the write half is shut, the client is read
+    // until it closes.
+    out.clear();
+    let n = c.front(Side::Client).unwrap().remaining();
+    c.on_send(Side::Client, Ok(n), &mut out);
+    assert_eq!(out, vec![Action::ShutdownWrite(Side::Client)]);
+    out.clear();
+    c.on_recv(Side::Client, 7, b"more", &mut out);
+    assert_eq!(out, vec![Action::Release(7)]);
+    out.clear();
+    c.on_recv_end(Side::Client, RecvEnd::Eof, &mut out);
+    assert_eq!(out, vec![Action::Close]);
+}
+
+#[test]
+fn connect_timer_cancels_and_last_timeout_is_504() {
+    let s = snap(&["127.0.0.1:9001"], "");
+    let mut out = Vec::new();
+    let mut c = Conn::accept(s.clone(), client(), &mut out);
+    c.on_recv(Side::Client, 1, request().as_bytes(), &mut out);
+    out.clear();
+    c.on_timer(TimerKind::Connect { attempt: 7 }, &mut out);
+    assert!(out.is_empty(), "a stale timer must do nothing");
+    c.on_timer(TimerKind::Connect { attempt: 0 }, &mut out);
+    assert_eq!(out, vec![Action::CancelConnect]);
+    out.clear();
+    c.on_connect(Err(libc::ECANCELED), &mut out);
+    assert_eq!(c.status, Some(504));
+}
+
+#[test]
+fn handshake_timer_closes_only_while_reading_head() {
+    let s = snap(&["127.0.0.1:9001"], "");
+    let mut out = Vec::new();
+    let mut c = Conn::accept(s.clone(), client(), &mut out);
+    out.clear();
+    c.on_timer(TimerKind::Handshake, &mut out);
+    assert_eq!(out, vec![Action::Close]);
+    let mut c = relaying(&s);
+    out.clear();
+    c.on_timer(TimerKind::Handshake, &mut out);
+    c.on_timer(TimerKind::Response, &mut out);
+    assert!(
+        out.is_empty(),
+        "a relaying connection has no timers: {out:?}"
+    );
+}
+
+#[test]
+fn early_client_bytes_wait_for_the_connect_and_follow_the_head() {
+    let s = snap(&["127.0.0.1:9001"], "");
+    let mut out = Vec::new();
+    let mut c = Conn::accept(s.clone(), client(), &mut out);
+    let mut first = request().into_bytes();
+    first.extend_from_slice(b"F1");
+    c.on_recv(Side::Client, 1, &first, &mut out);
+    c.on_recv(Side::Client, 2, b"F2", &mut out);
+    assert!(
+        !out.contains(&Action::Send(Side::Backend)),
+        "sent before connected: {out:?}"
+    );
+    out.clear();
+    c.on_connect(Ok(()), &mut out);
+    let Some(Payload::Owned { data, .. }) = c.front(Side::Backend) else {
+        panic!()
+    };
+    assert!(data.ends_with(b"\r\n\r\nF1"));
+    let n = data.len();
+    c.on_send(Side::Backend, Ok(n), &mut out);
+    assert!(matches!(
+        c.front(Side::Backend),
+        Some(Payload::Ring { bid: 2, .. })
+    ));
+}
+
+#[test]
+fn non_101_response_ends_with_its_body() {
+    let s = snap(&["127.0.0.1:9001"], "");
+    let mut out = Vec::new();
+    let mut c = Conn::accept(s.clone(), client(), &mut out);
+    c.on_recv(Side::Client, 1, request().as_bytes(), &mut out);
+    c.on_connect(Ok(()), &mut out);
+    out.clear();
+    c.on_recv(
+        Side::Backend,
+        2,
+        b"HTTP/1.1 403 Forbidden\r\nContent-Length: 4\r\n\r\nno",
+        &mut out,
+    );
+    assert_eq!(c.status, Some(403));
+    c.on_recv(Side::Backend, 3, b"pe+junk", &mut out);
+    assert!(matches!(c.front(Side::Client), Some(Payload::Owned { .. })));
+    out.clear();
+    let n = c.front(Side::Client).unwrap().remaining();
+    c.on_send(Side::Client, Ok(n), &mut out);
+    // Only "pe" of the second read belongs to the body.
+    assert!(matches!(
+        c.front(Side::Client),
+        Some(Payload::Ring { bid: 3, len: 2, .. })
+    ));
+    out.clear();
+    c.on_send(Side::Client, Ok(2), &mut out);
+    assert_eq!(out, vec![Action::Release(3), Action::Close]);
+}
+
+#[test]
+fn starved_recv_waits_for_buffers() {
+    let s = snap(&["127.0.0.1:9001"], "");
+    let mut c = relaying(&s);
+    let mut out = Vec::new();
+    c.on_recv_end(Side::Client, RecvEnd::NoBuffers, &mut out);
+    assert_eq!(out, vec![Action::Starved(Side::Client)]);
+    out.clear();
+    c.on_buffers_available(Side::Client, &mut out);
+    assert_eq!(out, vec![Action::ArmRecv(Side::Client)]);
+}
+
+#[test]
+fn close_returns_every_held_buffer() {
+    let s = snap(&["127.0.0.1:9001"], "");
+    let mut c = relaying(&s);
+    let mut out = Vec::new();
+    c.on_recv(Side::Client, 30, b"x", &mut out);
+    c.on_recv(Side::Backend, 31, b"y", &mut out);
+    c.on_recv_end(Side::Client, RecvEnd::Error(libc::ECONNRESET), &mut out);
+    assert!(out.ends_with(&[Action::Close]));
+    let mut held: Vec<u16> = c.into_buffers().collect();
+    held.sort();
+    assert_eq!(held, vec![30, 31]);
+}
