@@ -107,13 +107,16 @@ impl Drop for Proxy {
     }
 }
 
+/// The target and headers of an upgrade request a backend saw.
+pub type SeenRequest = (String, Vec<(String, String)>);
+
 /// A WebSocket echo backend (tungstenite) that records each upgrade
 /// request's path and headers and counts live connections.
 #[derive(Clone)]
 pub struct Backend {
     pub addr: SocketAddr,
     pub active: Arc<AtomicUsize>,
-    pub requests: Arc<Mutex<Vec<(String, Vec<(String, String)>)>>>,
+    pub requests: Arc<Mutex<Vec<SeenRequest>>>,
 }
 
 impl Backend {
@@ -139,6 +142,7 @@ impl Backend {
 
     async fn serve(&self, stream: TcpStream) {
         let requests = self.requests.clone();
+        #[allow(clippy::result_large_err)] // the callback type is tungstenite's
         let cb = move |req: &Request, resp: Response| {
             let headers = req
                 .headers()
@@ -173,7 +177,7 @@ impl Backend {
                         .await;
                 }
                 Message::Text(_) | Message::Binary(_) => {
-                    if ws.send(msg).await.is_err() {
+                    if let Err(_closed) = ws.send(msg).await {
                         break;
                     }
                 }
@@ -187,7 +191,7 @@ impl Backend {
         self.active.load(Ordering::SeqCst)
     }
 
-    pub fn last_request(&self) -> (String, Vec<(String, String)>) {
+    pub fn last_request(&self) -> SeenRequest {
         self.requests
             .lock()
             .unwrap()
