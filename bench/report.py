@@ -311,9 +311,12 @@ def read_hist(out: str, rel: str | None) -> list[tuple[float, float]] | None:
         return None
     head = [h.strip().lower() for h in rows[0]]
     pi = next((i for i, h in enumerate(head) if h.startswith("percentile") or h in ("p", "pct", "quantile")), None)
-    vi = next((i for i, h in enumerate(head) if "us" in h or "latency" in h or "value" in h), None)
+    vi = next((i for i, h in enumerate(head) if h.endswith("_us") or "latency" in h or "value" in h), None)
     if pi is None or vi is None or pi == vi:
         return None
+    ki = head.index("kind") if "kind" in head else None
+    if ki is not None:  # ringlb-load: kind,percentile,latency_us,count_at_or_below
+        rows = [rows[0]] + [r for r in rows[1:] if len(r) > ki and r[ki].strip() == "roundtrip"]
     pts = []
     for r in rows[1:]:
         try:

@@ -274,9 +274,9 @@ async def client_main(a):
         json.dump(res, f)
     if getattr(a, "hist", None) and st.lat:
         with open(a.hist, "w") as f:
-            f.write("percentile,latency_us\n")
+            f.write("kind,percentile,latency_us,count_at_or_below\n")
             for p in (0, 10, 25, 50, 75, 90, 95, 99, 99.5, 99.9, 99.95, 99.99):
-                f.write(f"{p},{pct(st.lat, p)}\n")
+                f.write(f"roundtrip,{p},{pct(st.lat, p)},0\n")
     return 1 if errs else 0
 
 
