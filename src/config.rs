@@ -64,6 +64,7 @@ fn line_col(text: &str, offset: usize) -> (usize, usize) {
 struct FileConfig {
     server: FileServer,
     admin: Option<FileAdmin>,
+    log: Option<FileLog>,
     #[serde(default)]
     route: Vec<FileRoute>,
     #[serde(default)]
@@ -84,6 +85,7 @@ struct FileServer {
     buffers_per_shard: Option<Spanned<i64>>,
     max_buffers_per_direction: Option<Spanned<i64>>,
     linger_timeout: Option<Spanned<String>>,
+    drain_timeout: Option<Spanned<String>>,
     backlog: Option<Spanned<i64>>,
 }
 
@@ -91,6 +93,13 @@ struct FileServer {
 #[serde(deny_unknown_fields)]
 struct FileAdmin {
     listen: Spanned<String>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct FileLog {
+    access: Option<Spanned<String>>,
+    level: Option<Spanned<String>>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -111,6 +120,8 @@ struct FileUpstream {
     connect_timeout: Option<Spanned<String>>,
     response_timeout: Option<Spanned<String>>,
     max_response_head: Option<Spanned<i64>>,
+    max_fails: Option<Spanned<i64>>,
+    fail_timeout: Option<Spanned<String>>,
     servers: Spanned<Vec<FileServerEntry>>,
 }
 
@@ -130,6 +141,7 @@ struct FileServerEntry {
 pub struct Config {
     pub server: ServerConfig,
     pub admin: Option<AdminConfig>,
+    pub log: LogConfig,
     pub routes: Vec<RouteConfig>,
     /// Indexed by `RouteConfig::upstream`.
     pub upstreams: Vec<UpstreamConfig>,
@@ -157,7 +169,34 @@ pub struct ServerConfig {
     /// After ringlb answers with an error, how long it keeps reading (and
     /// discarding) so the client sees the answer rather than a reset.
     pub linger_timeout: Duration,
+    /// On SIGTERM: how long established sessions may run before ringlb
+    /// closes them. `None`: until they end by themselves.
+    pub drain_timeout: Option<Duration>,
     pub backlog: i32,
+}
+
+/// Where the access log goes: one JSON line per session, at its end.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum AccessLog {
+    Off,
+    Stderr,
+    File(PathBuf),
+}
+
+#[derive(Debug, Clone)]
+pub struct LogConfig {
+    pub access: AccessLog,
+    /// Daemon log filter (`RUST_LOG` syntax); `RUST_LOG` overrides it.
+    pub level: String,
+}
+
+impl Default for LogConfig {
+    fn default() -> Self {
+        LogConfig {
+            access: AccessLog::Off,
+            level: "info".into(),
+        }
+    }
 }
 
 #[derive(Debug, Clone)]
@@ -167,7 +206,7 @@ pub struct AdminConfig {
 
 #[derive(Debug, Clone)]
 pub struct RouteConfig {
-    pub path: String,
+    pub path: std::sync::Arc<str>,
     pub upstream: usize,
     pub strip_prefix: bool,
     pub websocket_only: bool,
@@ -187,6 +226,10 @@ pub struct UpstreamConfig {
     /// head is complete.
     pub response_timeout: Duration,
     pub max_response_head: NonZeroUsize,
+    /// Passive health (nginx semantics): this many failed connects within
+    /// `fail_timeout` mark a backend down for `fail_timeout`. 0: never.
+    pub max_fails: u32,
+    pub fail_timeout: Duration,
     pub servers: Vec<ServerEntry>,
 }
 
@@ -210,6 +253,8 @@ pub const DEFAULT_BUFFERS_PER_SHARD: u16 = 1024;
 pub const DEFAULT_MAX_BUFFERS_PER_DIRECTION: usize = 8;
 pub const DEFAULT_LINGER: Duration = Duration::from_secs(2);
 pub const DEFAULT_BACKLOG: i32 = 4096;
+pub const DEFAULT_MAX_FAILS: u32 = 1;
+pub const DEFAULT_FAIL_TIMEOUT: Duration = Duration::from_secs(10);
 
 impl Config {
     /// Reads and validates a file.
@@ -246,6 +291,7 @@ impl Config {
                 ..ServerConfig::defaults()
             },
             admin: None,
+            log: LogConfig::default(),
             routes: vec![RouteConfig {
                 path: "/".into(),
                 upstream: 0,
@@ -258,6 +304,8 @@ impl Config {
                 connect_timeout: DEFAULT_CONNECT_TIMEOUT,
                 response_timeout: DEFAULT_RESPONSE_TIMEOUT,
                 max_response_head: NonZeroUsize::new(DEFAULT_MAX_HEAD).unwrap(),
+                max_fails: DEFAULT_MAX_FAILS,
+                fail_timeout: DEFAULT_FAIL_TIMEOUT,
                 servers: upstreams
                     .into_iter()
                     .map(|addr| ServerEntry {
@@ -287,6 +335,7 @@ impl ServerConfig {
             max_buffers_per_direction: NonZeroUsize::new(DEFAULT_MAX_BUFFERS_PER_DIRECTION)
                 .unwrap(),
             linger_timeout: DEFAULT_LINGER,
+            drain_timeout: None,
             backlog: DEFAULT_BACKLOG,
         }
     }
@@ -376,6 +425,13 @@ fn validate(file: FileConfig, src: &Source<'_>) -> Result<Config, ConfigError> {
     if let Some(v) = &s.linger_timeout {
         server.linger_timeout = duration(src, v, "server.linger_timeout")?;
     }
+    if let Some(v) = &s.drain_timeout {
+        server.drain_timeout = if v.get_ref() == "none" {
+            None
+        } else {
+            Some(duration(src, v, "server.drain_timeout")?)
+        };
+    }
     if let Some(v) = &s.backlog {
         server.backlog = int_in(src, v, "server.backlog", 1, 1 << 20)? as i32;
     }
@@ -401,6 +457,37 @@ fn validate(file: FileConfig, src: &Source<'_>) -> Result<Config, ConfigError> {
         }),
         None => None,
     };
+
+    let mut log = LogConfig::default();
+    if let Some(l) = &file.log {
+        if let Some(a) = &l.access {
+            log.access = match a.get_ref().as_str() {
+                "off" => AccessLog::Off,
+                "stderr" => AccessLog::Stderr,
+                "" => {
+                    return Err(ConfigError::at(
+                        src,
+                        a.span(),
+                        "log.access",
+                        "give \"off\", \"stderr\" or a file path",
+                    ))
+                }
+                path => AccessLog::File(PathBuf::from(path)),
+            };
+        }
+        if let Some(v) = &l.level {
+            const LEVELS: [&str; 6] = ["off", "error", "warn", "info", "debug", "trace"];
+            if !LEVELS.contains(&v.get_ref().as_str()) {
+                return Err(ConfigError::at(
+                    src,
+                    v.span(),
+                    "log.level",
+                    format!("{:?} is not one of {}", v.get_ref(), LEVELS.join(", ")),
+                ));
+            }
+            log.level = v.get_ref().clone();
+        }
+    }
 
     let mut names: Vec<&String> = Vec::new();
     let mut upstreams = Vec::new();
@@ -435,6 +522,14 @@ fn validate(file: FileConfig, src: &Source<'_>) -> Result<Config, ConfigError> {
                     .unwrap()
             }
             None => NonZeroUsize::new(DEFAULT_MAX_HEAD).unwrap(),
+        };
+        let max_fails = match &u.max_fails {
+            Some(v) => int_in(src, v, &key("max_fails"), 0, 1000)? as u32,
+            None => DEFAULT_MAX_FAILS,
+        };
+        let fail_timeout = match &u.fail_timeout {
+            Some(v) => duration(src, v, &key("fail_timeout"))?,
+            None => DEFAULT_FAIL_TIMEOUT,
         };
         if u.servers.get_ref().is_empty() {
             return Err(ConfigError::at(
@@ -486,6 +581,8 @@ fn validate(file: FileConfig, src: &Source<'_>) -> Result<Config, ConfigError> {
             connect_timeout,
             response_timeout,
             max_response_head,
+            max_fails,
+            fail_timeout,
             servers,
         });
     }
@@ -518,7 +615,7 @@ fn validate(file: FileConfig, src: &Source<'_>) -> Result<Config, ConfigError> {
                 format!("{path:?} has a character not allowed in a path prefix"),
             ));
         }
-        if routes.iter().any(|x| x.path == *path) {
+        if routes.iter().any(|x| *x.path == **path) {
             return Err(ConfigError::at(
                 src,
                 r.path.span(),
@@ -535,7 +632,7 @@ fn validate(file: FileConfig, src: &Source<'_>) -> Result<Config, ConfigError> {
             ));
         };
         routes.push(RouteConfig {
-            path: path.clone(),
+            path: path.as_str().into(),
             upstream,
             strip_prefix: r.strip_prefix,
             websocket_only: r.websocket_only,
@@ -545,6 +642,7 @@ fn validate(file: FileConfig, src: &Source<'_>) -> Result<Config, ConfigError> {
     Ok(Config {
         server,
         admin,
+        log,
         routes,
         upstreams,
         source: None,

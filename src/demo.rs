@@ -73,7 +73,8 @@ pub fn run(listen: SocketAddr) -> anyhow::Result<()> {
     for sig in [signal_hook::consts::SIGINT, signal_hook::consts::SIGTERM] {
         signal_hook::flag::register(sig, stop.clone())?;
     }
-    let upstream = &server.snapshot.upstreams[0];
+    let snap = server.control.snapshot();
+    let upstream = &snap.upstreams[0];
     let mut last = 0;
     while !stop.load(Ordering::Relaxed) {
         std::thread::sleep(Duration::from_secs(1));

@@ -6,6 +6,7 @@
 //! `server` (listeners and shard threads), `demo`.
 #![deny(unsafe_code)]
 
+pub mod admin;
 pub mod config;
 pub mod conn;
 pub mod demo;
@@ -15,4 +16,5 @@ pub mod route;
 pub mod server;
 pub mod shard;
 pub mod snapshot;
+pub mod stats;
 pub mod upstream;

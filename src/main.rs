@@ -4,6 +4,7 @@ use std::net::SocketAddr;
 use std::num::NonZeroUsize;
 use std::path::PathBuf;
 use std::process::ExitCode;
+use std::time::{Duration, Instant};
 
 use anyhow::Context;
 use clap::{Parser, Subcommand};
@@ -51,9 +52,6 @@ enum Cmd {
 }
 
 fn main() -> ExitCode {
-    env_logger::Builder::from_env(env_logger::Env::default().default_filter_or("info"))
-        .format_target(false)
-        .init();
     let cli = Cli::parse();
     match run(cli) {
         Ok(()) => ExitCode::SUCCESS,
@@ -62,6 +60,13 @@ fn main() -> ExitCode {
             ExitCode::FAILURE
         }
     }
+}
+
+/// `RUST_LOG` wins over the configured level.
+fn init_log(level: &str) {
+    env_logger::Builder::from_env(env_logger::Env::default().default_filter_or(level))
+        .format_target(false)
+        .init();
 }
 
 fn run(cli: Cli) -> anyhow::Result<()> {
@@ -84,27 +89,77 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             upstream,
             shards,
         } => {
-            let cfg = match config {
-                Some(path) => Config::load(&path)?,
+            let cfg = match &config {
+                Some(path) => Config::load(path)?,
                 None if !listen.is_empty() => Config::quick(listen, upstream, shards),
                 None => anyhow::bail!("give --config FILE, or --listen ADDR with --upstream ADDR"),
             };
+            init_log(&cfg.log.level);
             let server = Server::start(cfg)?;
-            wait_for_signal()?;
-            log::info!("stopping");
-            server.stop();
-            Ok(())
+            supervise(server, config.as_deref())
         }
-        Cmd::Demo { listen } => ringlb::demo::run(listen),
+        Cmd::Demo { listen } => {
+            init_log("warn");
+            ringlb::demo::run(listen)
+        }
     }
 }
 
-fn wait_for_signal() -> anyhow::Result<()> {
-    use signal_hook::consts::{SIGINT, SIGTERM};
-    let mut signals = signal_hook::iterator::Signals::new([SIGINT, SIGTERM])
+/// The main thread's life after start: SIGHUP reloads, the first
+/// SIGTERM/SIGINT drains, the drain deadline or a second signal ends it.
+fn supervise(mut server: Server, config: Option<&std::path::Path>) -> anyhow::Result<()> {
+    use signal_hook::consts::{SIGHUP, SIGINT, SIGTERM};
+    let mut signals = signal_hook::iterator::Signals::new([SIGINT, SIGTERM, SIGHUP])
         .context("installing signal handlers")?;
-    if let Some(sig) = signals.forever().next() {
-        log::info!("received signal {sig}");
+    let mut drain_started: Option<Instant> = None;
+    let mut closing = false;
+    loop {
+        for sig in signals.pending() {
+            match sig {
+                SIGHUP => match config {
+                    Some(path) => match server.reload(path) {
+                        Ok(()) => log::info!("reloaded {}", path.display()),
+                        Err(e) => {
+                            log::error!("reload rejected, the running configuration stays: {e:#}")
+                        }
+                    },
+                    None => log::warn!("SIGHUP ignored: no config file (quick mode)"),
+                },
+                _ if drain_started.is_none() => {
+                    log::info!(
+                        "draining: listeners closed, {} sessions continue until they end{}",
+                        server.active_connections(),
+                        match server.control.snapshot().config.server.drain_timeout {
+                            Some(t) => format!(" or for {t:?}"),
+                            None => String::new(),
+                        }
+                    );
+                    server.drain();
+                    drain_started = Some(Instant::now());
+                }
+                _ => {
+                    log::info!("second signal: stopping now");
+                    server.stop();
+                    return Ok(());
+                }
+            }
+        }
+        if let Some(t0) = drain_started {
+            if server.finished() {
+                log::info!("drained; exiting");
+                server.join();
+                return Ok(());
+            }
+            let deadline = server.control.snapshot().config.server.drain_timeout;
+            if !closing && deadline.is_some_and(|d| t0.elapsed() >= d) {
+                log::info!(
+                    "drain_timeout reached: closing {} sessions",
+                    server.active_connections()
+                );
+                server.close_all();
+                closing = true;
+            }
+        }
+        std::thread::sleep(Duration::from_millis(50));
     }
-    Ok(())
 }

@@ -35,7 +35,7 @@ fn prefix_matches(prefix: &str, path: &str) -> bool {
 /// The target the backend sees. With `strip_prefix`, `/api/x?q` under `/api`
 /// becomes `/x?q`, and `/api` itself becomes `/`.
 pub fn rewrite_target(route: &RouteConfig, target: &str) -> String {
-    if !route.strip_prefix || route.path == "/" {
+    if !route.strip_prefix || &*route.path == "/" {
         return target.to_string();
     }
     let prefix = route.path.trim_end_matches('/');

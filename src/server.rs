@@ -1,38 +1,69 @@
-//! Starting and stopping the shards.
+//! Starting, reloading, draining and stopping the shards.
 //!
 //! The main thread binds every listen address once per shard with
 //! SO_REUSEPORT (the first bind resolves port 0, the others reuse the port
 //! it got), then starts one thread per shard. Each shard builds its ring on
 //! its own thread and reports back before `start` returns, so a ring that
 //! cannot be created is a startup error, not a silent dead shard.
+//!
+//! Reload builds a new snapshot in which backends that stay keep their
+//! counters and health, sends it to every shard and opens or closes
+//! listeners whose addresses changed. Live sessions are never touched.
 
+use std::fs::OpenOptions;
+use std::io::Write;
 use std::net::{SocketAddr, TcpListener};
 use std::os::fd::OwnedFd;
+use std::path::Path;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::mpsc;
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
+use std::time::{Instant, SystemTime};
 
 use anyhow::{bail, Context};
 use socket2::{Domain, Socket, Type};
 
-use crate::config::Config;
+use crate::config::{AccessLog, Config};
 use crate::ring;
-use crate::shard::{Command, Shard, ShardInit, ShardStats, Shared};
+use crate::shard::{Command, Shard, ShardInit, Shared};
 use crate::snapshot::Snapshot;
+use crate::stats::ShardStats;
 
 struct ShardHandle {
     commands: mpsc::Sender<Command>,
     wake: OwnedFd,
     thread: Option<JoinHandle<std::io::Result<()>>>,
-    stats: Arc<ShardStats>,
+}
+
+/// What the admin thread and the main thread share.
+#[derive(Debug)]
+pub struct Control {
+    pub snapshot: Mutex<Arc<Snapshot>>,
+    pub shards: Vec<Arc<ShardStats>>,
+    pub started: Instant,
+    pub loaded_at: Mutex<SystemTime>,
+    pub reloads_ok: AtomicU64,
+    pub reloads_failed: AtomicU64,
+    pub shared: Arc<Shared>,
+}
+
+impl Control {
+    pub fn snapshot(&self) -> Arc<Snapshot> {
+        self.snapshot
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone()
+    }
 }
 
 pub struct Server {
     shards: Vec<ShardHandle>,
     /// The addresses actually bound (port 0 resolved).
     pub local_addrs: Vec<SocketAddr>,
-    pub snapshot: Arc<Snapshot>,
-    pub shared: Arc<Shared>,
+    pub control: Arc<Control>,
+    /// The admin listener's address, if configured.
+    pub admin_addr: Option<SocketAddr>,
 }
 
 impl Server {
@@ -46,11 +77,8 @@ impl Server {
         let mut per_shard: Vec<Vec<TcpListener>> = (0..shards).map(|_| Vec::new()).collect();
         let mut local_addrs = Vec::new();
         for addr in &server_cfg.listen {
-            let mut bound = *addr;
-            for listeners in per_shard.iter_mut() {
-                let l = bind(bound, server_cfg.backlog)
-                    .with_context(|| format!("cannot listen on {addr}"))?;
-                bound = l.local_addr()?;
+            let (bound, socks) = bind_all(*addr, shards, server_cfg.backlog)?;
+            for (listeners, l) in per_shard.iter_mut().zip(socks) {
                 listeners.push(l);
             }
             local_addrs.push(bound);
@@ -58,6 +86,7 @@ impl Server {
 
         let shared = Arc::new(Shared::default());
         let mut handles = Vec::new();
+        let mut stats_all = Vec::new();
         for (id, listeners) in per_shard.into_iter().enumerate() {
             let (tx, rx) = mpsc::channel();
             let wake = ring::eventfd().context("eventfd")?;
@@ -70,6 +99,7 @@ impl Server {
                 stats: stats.clone(),
                 wake: wake.try_clone()?,
                 commands: rx,
+                access_log: open_access_log(&snapshot.config.log.access)?,
             };
             let (ready_tx, ready_rx) = mpsc::channel();
             let thread = std::thread::Builder::new()
@@ -98,51 +128,198 @@ impl Server {
                 commands: tx,
                 wake,
                 thread: Some(thread),
-                stats,
             });
+            stats_all.push(stats);
         }
+        let control = Arc::new(Control {
+            snapshot: Mutex::new(snapshot.clone()),
+            shards: stats_all,
+            started: Instant::now(),
+            loaded_at: Mutex::new(SystemTime::now()),
+            reloads_ok: AtomicU64::new(0),
+            reloads_failed: AtomicU64::new(0),
+            shared,
+        });
+        let admin_addr = match &snapshot.config.admin {
+            Some(a) => Some(
+                crate::admin::spawn(a.listen, control.clone())
+                    .with_context(|| format!("admin listener on {}", a.listen))?,
+            ),
+            None => None,
+        };
         for a in &local_addrs {
             log::info!("listening on {a} ({shards} shards)");
+        }
+        if let Some(a) = admin_addr {
+            log::info!("admin listening on {a}");
         }
         Ok(Server {
             shards: handles,
             local_addrs,
-            snapshot,
-            shared,
+            control,
+            admin_addr,
         })
+    }
+
+    fn send(&self, make: impl Fn() -> Command) {
+        for s in &self.shards {
+            let _ = s.commands.send(make());
+            ring::eventfd_signal(&s.wake);
+        }
     }
 
     /// Client connections currently open, all shards.
-    pub fn active_connections(&self) -> usize {
-        self.shards
-            .iter()
-            .map(|s| s.stats.active.load(std::sync::atomic::Ordering::Relaxed))
-            .sum()
+    pub fn active_connections(&self) -> u64 {
+        self.control.shards.iter().map(|s| s.active.get()).sum()
     }
 
-    /// Bytes relayed (to backends, to clients), all shards.
-    pub fn bytes(&self) -> (u64, u64) {
-        use std::sync::atomic::Ordering::Relaxed;
-        self.shards.iter().fold((0, 0), |(b, c), s| {
+    /// Re-reads the config file and swaps it in on every shard. On error the
+    /// running configuration stays and the error is returned (and counted).
+    pub fn reload(&mut self, path: &Path) -> anyhow::Result<()> {
+        let res = self.try_reload(path);
+        match &res {
+            Ok(()) => self.control.reloads_ok.fetch_add(1, Ordering::Relaxed),
+            Err(_) => self.control.reloads_failed.fetch_add(1, Ordering::Relaxed),
+        };
+        res
+    }
+
+    fn try_reload(&mut self, path: &Path) -> anyhow::Result<()> {
+        let mut config = Config::load(path)?;
+        let old = self.control.snapshot();
+        let old_server = &old.config.server;
+        // Shard count and buffer rings are fixed for the life of the process.
+        let fixed = [
             (
-                b + s.stats.bytes_to_backend.load(Relaxed),
-                c + s.stats.bytes_to_client.load(Relaxed),
-            )
-        })
-    }
+                "shards",
+                old_server.shards.get() as u64,
+                config.server.shards.get() as u64,
+            ),
+            (
+                "buffer_size",
+                old_server.buffer_size.get() as u64,
+                config.server.buffer_size.get() as u64,
+            ),
+            (
+                "buffers_per_shard",
+                old_server.buffers_per_shard as u64,
+                config.server.buffers_per_shard as u64,
+            ),
+        ];
+        for (key, was, now) in fixed {
+            if was != now {
+                log::warn!("reload: server.{key} changes only on restart; keeping {was}");
+            }
+        }
+        config.server.shards = old_server.shards;
+        config.server.buffer_size = old_server.buffer_size;
+        config.server.buffers_per_shard = old_server.buffers_per_shard;
+        if config.admin.as_ref().map(|a| a.listen) != old.config.admin.as_ref().map(|a| a.listen) {
+            log::warn!("reload: admin.listen changes only on restart");
+        }
 
-    /// Stops every shard and waits for its thread.
-    pub fn stop(mut self) {
-        for s in &self.shards {
-            let _ = s.commands.send(Command::Stop);
+        // Listeners: bind new addresses before anything is swapped, so a
+        // bind failure leaves everything as it was.
+        let shards = self.shards.len();
+        let mut local = Vec::new();
+        let mut per_shard: Vec<Vec<TcpListener>> = (0..shards).map(|_| Vec::new()).collect();
+        for addr in &config.server.listen {
+            match old.config.server.listen.iter().position(|a| a == addr) {
+                Some(pos) => local.push(self.local_addrs[pos]),
+                None => {
+                    let (bound, socks) = bind_all(*addr, shards, config.server.backlog)?;
+                    for (i, l) in socks.into_iter().enumerate() {
+                        per_shard[i].push(l);
+                    }
+                    local.push(bound);
+                }
+            }
+        }
+        let removed: Vec<SocketAddr> = self
+            .local_addrs
+            .iter()
+            .filter(|a| !local.contains(a))
+            .copied()
+            .collect();
+
+        let snap = Snapshot::reload(config, Some(&old));
+        for (s, socks) in self.shards.iter().zip(per_shard) {
+            let _ = s.commands.send(Command::Reload(snap.clone()));
+            if !socks.is_empty() {
+                let _ = s.commands.send(Command::AddListeners(socks));
+            }
+            if !removed.is_empty() {
+                let _ = s.commands.send(Command::RemoveListeners(removed.clone()));
+            }
             ring::eventfd_signal(&s.wake);
         }
+        for a in &local {
+            if !self.local_addrs.contains(a) {
+                log::info!("listening on {a} ({shards} shards)");
+            }
+        }
+        for a in &removed {
+            log::info!("no longer listening on {a}");
+        }
+        self.local_addrs = local;
+        *self
+            .control
+            .snapshot
+            .lock()
+            .unwrap_or_else(|e| e.into_inner()) = snap;
+        *self
+            .control
+            .loaded_at
+            .lock()
+            .unwrap_or_else(|e| e.into_inner()) = SystemTime::now();
+        Ok(())
+    }
+
+    /// Stops accepting; shards exit as their last session ends.
+    pub fn drain(&self) {
+        self.send(|| Command::Drain);
+    }
+
+    /// Ends every session now and lets the shards exit.
+    pub fn close_all(&self) {
+        self.send(|| Command::CloseAll);
+    }
+
+    /// True when every shard thread has exited.
+    pub fn finished(&self) -> bool {
+        self.shards
+            .iter()
+            .all(|s| s.thread.as_ref().is_none_or(|t| t.is_finished()))
+    }
+
+    /// Stops every shard at once and waits for its thread.
+    pub fn stop(mut self) {
+        self.send(|| Command::Stop);
+        self.join();
+    }
+
+    pub fn join(&mut self) {
         for s in &mut self.shards {
             if let Some(t) = s.thread.take() {
                 let _ = t.join();
             }
         }
     }
+}
+
+fn bind_all(
+    addr: SocketAddr,
+    shards: usize,
+    backlog: i32,
+) -> anyhow::Result<(SocketAddr, Vec<TcpListener>)> {
+    let mut bound = addr;
+    let mut socks = Vec::with_capacity(shards);
+    for _ in 0..shards {
+        let l = bind(bound, backlog).with_context(|| format!("cannot listen on {addr}"))?;
+        bound = l.local_addr()?;
+        socks.push(l);
+    }
+    Ok((bound, socks))
 }
 
 fn bind(addr: SocketAddr, backlog: i32) -> std::io::Result<TcpListener> {
@@ -159,4 +336,21 @@ fn bind(addr: SocketAddr, backlog: i32) -> std::io::Result<TcpListener> {
     sock.bind(&addr.into())?;
     sock.listen(backlog)?;
     Ok(sock.into())
+}
+
+fn open_access_log(cfg: &AccessLog) -> anyhow::Result<Option<Box<dyn Write + Send>>> {
+    Ok(match cfg {
+        AccessLog::Off => None,
+        AccessLog::Stderr => Some(Box::new(std::io::LineWriter::new(std::io::stderr()))),
+        AccessLog::File(path) => {
+            // O_APPEND: each shard writes whole lines with one write(2), so
+            // lines from different shards never interleave.
+            let f = OpenOptions::new()
+                .create(true)
+                .append(true)
+                .open(path)
+                .with_context(|| format!("access log {}", path.display()))?;
+            Some(Box::new(std::io::BufWriter::with_capacity(64 * 1024, f)))
+        }
+    })
 }

@@ -22,9 +22,10 @@
 
 use std::cmp::Reverse;
 use std::collections::{BinaryHeap, VecDeque};
+use std::io::Write;
 use std::net::{SocketAddr, TcpListener};
 use std::os::fd::{AsRawFd, OwnedFd, RawFd};
-use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::mpsc::Receiver;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -35,6 +36,7 @@ use socket2::{Domain, SockAddr, SockRef, Socket, TcpKeepalive, Type};
 use crate::conn::{Action, Conn, RecvEnd, Side, Stage, TimerKind};
 use crate::ring::{self, BufRing, Cqe, Uring};
 use crate::snapshot::Snapshot;
+use crate::stats::{self, ShardStats};
 
 const OP_ACCEPT: u64 = 1;
 const OP_RECV: u64 = 2;
@@ -66,18 +68,18 @@ fn ud_key(ud: u64) -> usize {
 /// Messages from the main thread; the shard reads them when its eventfd fires.
 #[derive(Debug)]
 pub enum Command {
-    /// Stop at once: the process is exiting.
+    /// A new configuration: new connections use it; live ones keep theirs.
+    Reload(Arc<Snapshot>),
+    /// Start accepting on these (new listen addresses after a reload).
+    AddListeners(Vec<TcpListener>),
+    /// Stop accepting on these addresses.
+    RemoveListeners(Vec<SocketAddr>),
+    /// Stop accepting; exit once the last session has ended.
+    Drain,
+    /// Close every session now (FIN both ways), then exit.
+    CloseAll,
+    /// Exit at once.
     Stop,
-}
-
-/// Counters a shard writes and the main thread reads. Each is written by one
-/// shard only, so the adds are uncontended.
-#[derive(Debug, Default)]
-pub struct ShardStats {
-    pub accepted: AtomicU64,
-    pub active: AtomicUsize,
-    pub bytes_to_backend: AtomicU64,
-    pub bytes_to_client: AtomicU64,
 }
 
 /// State shared by all shards.
@@ -97,6 +99,9 @@ struct Entry {
     /// Ops submitted and not yet completed, per side.
     inflight: [u32; 2],
     closing: bool,
+    accepted_at: Instant,
+    /// Accept to the answer (ours or the backend's); `None` until known.
+    handshake: Option<Duration>,
 }
 
 impl Entry {
@@ -139,6 +144,13 @@ impl PartialOrd for Timer {
     }
 }
 
+struct Listener {
+    sock: TcpListener,
+    addr: SocketAddr,
+    /// Its accept is being cancelled; dropped when the accept CQE ends.
+    closing: bool,
+}
+
 pub struct Shard {
     // Field order is drop order: the ring goes before the buffers it may
     // write into (see ring.rs).
@@ -146,7 +158,7 @@ pub struct Shard {
     bufs: BufRing,
     id: usize,
     conns: Slab<Entry>,
-    listeners: Vec<Option<TcpListener>>,
+    listeners: Vec<Option<Listener>>,
     snap: Arc<Snapshot>,
     shared: Arc<Shared>,
     stats: Arc<ShardStats>,
@@ -159,7 +171,10 @@ pub struct Shard {
     commands: Receiver<Command>,
     next_gen: u32,
     stopping: bool,
+    draining: bool,
     accept_errors_logged: Option<Instant>,
+    access_log: Option<Box<dyn Write + Send>>,
+    log_dirty: bool,
 }
 
 pub struct ShardInit {
@@ -170,6 +185,7 @@ pub struct ShardInit {
     pub stats: Arc<ShardStats>,
     pub wake: OwnedFd,
     pub commands: Receiver<Command>,
+    pub access_log: Option<Box<dyn Write + Send>>,
 }
 
 impl Shard {
@@ -183,7 +199,11 @@ impl Shard {
             bufs,
             id: init.id,
             conns: Slab::new(),
-            listeners: init.listeners.into_iter().map(Some).collect(),
+            listeners: init
+                .listeners
+                .into_iter()
+                .map(|l| Some(listener(l)))
+                .collect(),
             snap: init.snap,
             shared: init.shared,
             stats: init.stats,
@@ -196,7 +216,10 @@ impl Shard {
             commands: init.commands,
             next_gen: 0,
             stopping: false,
+            draining: false,
             accept_errors_logged: None,
+            access_log: init.access_log,
+            log_dirty: false,
         })
     }
 
@@ -212,6 +235,10 @@ impl Shard {
         self.uring
             .read_eventfd(wake_fd, &mut self.wake_buf, ud(OP_WAKE, Side::Client, 0));
         while !self.stopping {
+            if self.draining && self.conns.is_empty() && self.listeners.iter().all(Option::is_none)
+            {
+                break;
+            }
             self.bufs.commit();
             let timeout = self
                 .timers
@@ -231,14 +258,37 @@ impl Shard {
             }
             self.fire_timers();
             self.feed_starved();
+            self.stats.active.set(self.conns.len() as u64);
+            if self.log_dirty {
+                self.log_dirty = false;
+                if let Some(w) = &mut self.access_log {
+                    let _ = w.flush();
+                }
+            }
+        }
+        if let Some(w) = &mut self.access_log {
+            let _ = w.flush();
         }
         Ok(())
     }
 
     fn arm_accept(&mut self, i: usize) {
         if let Some(l) = &self.listeners[i] {
-            self.uring
-                .accept_multi(l.as_raw_fd(), ud(OP_ACCEPT, Side::Client, i));
+            if !l.closing {
+                self.uring
+                    .accept_multi(l.sock.as_raw_fd(), ud(OP_ACCEPT, Side::Client, i));
+            }
+        }
+    }
+
+    /// Cancels a listener's accept; the socket closes when the accept ends.
+    fn close_listener(&mut self, i: usize) {
+        if let Some(l) = &mut self.listeners[i] {
+            if !l.closing {
+                l.closing = true;
+                let fd = l.sock.as_raw_fd();
+                self.uring.cancel_fd(fd, ud(OP_CANCEL, Side::Client, i));
+            }
         }
     }
 
@@ -263,7 +313,7 @@ impl Shard {
                         Side::Client => &self.stats.bytes_to_client,
                         Side::Backend => &self.stats.bytes_to_backend,
                     };
-                    counter.fetch_add(n as u64, Ordering::Relaxed);
+                    counter.add(n as u64);
                 }
                 e.conn.on_send(side, res, &mut self.actions);
                 self.exec(key);
@@ -290,7 +340,13 @@ impl Shard {
 
     fn on_accept(&mut self, listener: usize, cqe: Cqe) {
         if cqe.result >= 0 {
-            self.new_conn(ring::adopt_fd(cqe.result));
+            let fd = ring::adopt_fd(cqe.result);
+            if self.listeners[listener].as_ref().is_some_and(|l| l.closing) {
+                // Raced the cancel: the listener is going away; so is this.
+                drop(fd);
+            } else {
+                self.new_conn(fd);
+            }
         } else if cqe.result != -libc::ECANCELED {
             let now = Instant::now();
             if self
@@ -304,6 +360,10 @@ impl Shard {
                     std::io::Error::from_raw_os_error(-cqe.result)
                 );
             }
+        }
+        if !cqe.more() && self.listeners[listener].as_ref().is_some_and(|l| l.closing) {
+            self.listeners[listener] = None;
+            return;
         }
         if !cqe.more() && !self.stopping {
             if cqe.result >= 0 {
@@ -325,11 +385,11 @@ impl Shard {
         let sock = SockRef::from(&fd);
         let Ok(peer) = sock.peer_addr() else { return };
         let Some(peer) = peer.as_socket() else { return };
-        self.stats.accepted.fetch_add(1, Ordering::Relaxed);
+        self.stats.accepted.add(1);
         configure(&sock, &self.snap);
         let over = self.shared.clients.fetch_add(1, Ordering::Relaxed)
             >= self.snap.config.server.max_connections.get();
-        self.stats.active.fetch_add(1, Ordering::Relaxed);
+
         let gen = self.next_gen;
         self.next_gen = self.next_gen.wrapping_add(1);
         let conn = if over {
@@ -345,6 +405,8 @@ impl Shard {
             connect_addr: None,
             inflight: [0, 0],
             closing: false,
+            accepted_at: Instant::now(),
+            handshake: None,
         });
         assert!(key <= u32::MAX as usize);
         self.exec(key);
@@ -388,6 +450,16 @@ impl Shard {
             std::mem::swap(&mut batch, &mut self.actions);
         }
         self.actions = batch;
+        if let Some(e) = self.conns.get_mut(key) {
+            if e.handshake.is_none() {
+                if let Some(status) = e.conn.status {
+                    let took = e.accepted_at.elapsed();
+                    e.handshake = Some(took);
+                    self.stats
+                        .record_handshake(stats::result_index(status), took);
+                }
+            }
+        }
         self.maybe_free(key);
     }
 
@@ -504,12 +576,47 @@ impl Shard {
         }
         let e = self.conns.remove(key);
         debug_assert_eq!(e.conn.stage(), Stage::Closing);
+        if e.handshake.is_none() {
+            self.stats
+                .record_handshake(stats::RESULT_CLOSED, e.accepted_at.elapsed());
+        }
+        if self.access_log.is_some() {
+            self.log_session(&e);
+        }
         for bid in e.conn.into_buffers() {
             self.bufs.release(bid);
         }
         self.shared.clients.fetch_sub(1, Ordering::Relaxed);
-        self.stats.active.fetch_sub(1, Ordering::Relaxed);
         // The sockets close here, with nothing left in flight on them.
+    }
+
+    fn log_session(&mut self, e: &Entry) {
+        let c = &e.conn;
+        let ms = |d: Duration| (d.as_secs_f64() * 1e6).round() / 1e3;
+        let line = serde_json::json!({
+            "time": humantime::format_rfc3339_millis(std::time::SystemTime::now()).to_string(),
+            "client": c.client_addr.to_string(),
+            "route": c.route.as_deref(),
+            "backend": c.backend.map(|b| b.to_string()),
+            "status": c.status,
+            "handshake_ms": e.handshake.map(ms),
+            "duration_ms": ms(e.accepted_at.elapsed()),
+            "bytes_from_client": c.bytes_to(Side::Backend),
+            "bytes_from_backend": c.bytes_to(Side::Client),
+            "closed_by": match c.closer {
+                Some(crate::conn::Closer::Client) => "client",
+                Some(crate::conn::Closer::Backend) => "backend",
+                Some(crate::conn::Closer::Proxy) => "proxy",
+                Some(crate::conn::Closer::Drain) => "drain",
+                Some(crate::conn::Closer::Error) | None => "error",
+            },
+        });
+        if let Some(w) = &mut self.access_log {
+            let mut text = line.to_string();
+            text.push('\n');
+            let _ = w.write_all(text.as_bytes());
+            self.log_dirty = true;
+        }
     }
 
     fn fire_timers(&mut self) {
@@ -558,6 +665,45 @@ impl Shard {
         while let Ok(cmd) = self.commands.try_recv() {
             match cmd {
                 Command::Stop => self.stopping = true,
+                Command::Reload(snap) => self.snap = snap,
+                Command::AddListeners(socks) => {
+                    for sock in socks {
+                        self.listeners.push(Some(listener(sock)));
+                        self.arm_accept(self.listeners.len() - 1);
+                    }
+                }
+                Command::RemoveListeners(addrs) => {
+                    for i in 0..self.listeners.len() {
+                        if self.listeners[i]
+                            .as_ref()
+                            .is_some_and(|l| addrs.contains(&l.addr))
+                        {
+                            self.close_listener(i);
+                        }
+                    }
+                }
+                Command::Drain => {
+                    self.draining = true;
+                    for i in 0..self.listeners.len() {
+                        self.close_listener(i);
+                    }
+                }
+                Command::CloseAll => {
+                    self.draining = true;
+                    for i in 0..self.listeners.len() {
+                        self.close_listener(i);
+                    }
+                    let keys: Vec<usize> = self
+                        .conns
+                        .iter()
+                        .filter(|(_, e)| !e.closing)
+                        .map(|(k, _)| k)
+                        .collect();
+                    for key in keys {
+                        self.conns[key].conn.drain_close(&mut self.actions);
+                        self.exec(key);
+                    }
+                }
             }
         }
         if !self.stopping {
@@ -565,6 +711,15 @@ impl Shard {
             self.uring
                 .read_eventfd(wake_fd, &mut self.wake_buf, ud(OP_WAKE, Side::Client, 0));
         }
+    }
+}
+
+fn listener(sock: TcpListener) -> Listener {
+    let addr = sock.local_addr().expect("a bound listener has an address");
+    Listener {
+        sock,
+        addr,
+        closing: false,
     }
 }
 

@@ -7,20 +7,35 @@
 //! atomics touched are per connection (pick and release), never per message.
 
 use std::net::SocketAddr;
-use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, AtomicUsize, Ordering};
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use crate::config::UpstreamConfig;
+
+/// What survives a reload for a backend that stays: its live count, its
+/// totals, its health and whether an operator is draining it.
+#[derive(Debug, Default)]
+pub struct BackendState {
+    active: AtomicUsize,
+    pub connections_total: AtomicU64,
+    pub connect_failures: AtomicU64,
+    /// Set by the admin API: no new connections.
+    pub draining: AtomicBool,
+    /// Passive health: failures counted in the current window.
+    fails: AtomicU32,
+    /// Start of the failure window, in ms since `epoch()`.
+    fail_window_start: AtomicU64,
+    /// Down until this time (ms since `epoch()`); 0: up.
+    down_until: AtomicU64,
+}
 
 #[derive(Debug)]
 pub struct Backend {
     pub addr: SocketAddr,
     pub weight: u32,
     pub max_connections: Option<usize>,
-    active: AtomicUsize,
-    pub connections_total: AtomicU64,
-    pub connect_failures: AtomicU64,
+    pub state: Arc<BackendState>,
 }
 
 impl Backend {
@@ -29,14 +44,75 @@ impl Backend {
             addr,
             weight,
             max_connections,
-            active: AtomicUsize::new(0),
-            connections_total: AtomicU64::new(0),
-            connect_failures: AtomicU64::new(0),
+            state: Arc::default(),
         }
     }
 
     pub fn active(&self) -> usize {
-        self.active.load(Ordering::Relaxed)
+        self.state.active.load(Ordering::Relaxed)
+    }
+
+    pub fn is_up(&self) -> bool {
+        self.state.down_until.load(Ordering::Relaxed) <= now_ms()
+    }
+
+    pub fn is_draining(&self) -> bool {
+        self.state.draining.load(Ordering::Relaxed)
+    }
+}
+
+/// Milliseconds on a process-wide monotonic clock; never 0.
+pub fn now_ms() -> u64 {
+    static EPOCH: std::sync::OnceLock<Instant> = std::sync::OnceLock::new();
+    EPOCH.get_or_init(Instant::now).elapsed().as_millis() as u64 + 1
+}
+
+/// Passive health with nginx's semantics: `max_fails` failures within
+/// `fail_timeout` mark the backend down for `fail_timeout`.
+#[derive(Debug, Clone, Copy)]
+pub struct HealthPolicy {
+    pub max_fails: u32,
+    pub fail_timeout: Duration,
+}
+
+impl BackendState {
+    /// Records a failed connect; returns true if this marked the backend down.
+    pub fn record_failure(&self, policy: HealthPolicy) -> bool {
+        self.connect_failures.fetch_add(1, Ordering::Relaxed);
+        if policy.max_fails == 0 {
+            return false;
+        }
+        let now = now_ms();
+        let window = policy.fail_timeout.as_millis() as u64;
+        let start = self.fail_window_start.load(Ordering::Relaxed);
+        let fails = if now.saturating_sub(start) > window {
+            self.fail_window_start.store(now, Ordering::Relaxed);
+            self.fails.store(1, Ordering::Relaxed);
+            1
+        } else {
+            self.fails.fetch_add(1, Ordering::Relaxed) + 1
+        };
+        if fails >= policy.max_fails {
+            self.fails.store(0, Ordering::Relaxed);
+            self.fail_window_start.store(0, Ordering::Relaxed);
+            self.down_until.store(now + window, Ordering::Relaxed);
+            true
+        } else {
+            false
+        }
+    }
+
+    /// A successful connect clears the failure count.
+    pub fn record_success(&self) {
+        if self.fails.load(Ordering::Relaxed) != 0 {
+            self.fails.store(0, Ordering::Relaxed);
+        }
+    }
+
+    /// Marks up or down from an active check.
+    pub fn set_down(&self, down: bool) {
+        self.down_until
+            .store(if down { u64::MAX } else { 0 }, Ordering::Relaxed);
     }
 }
 
@@ -47,26 +123,36 @@ pub struct Upstream {
     pub connect_timeout: Duration,
     pub response_timeout: Duration,
     pub max_response_head: usize,
+    pub health: HealthPolicy,
 }
 
 impl Upstream {
-    pub fn new(cfg: &UpstreamConfig) -> Upstream {
+    /// Builds an upstream; backends that `previous` already had (same
+    /// upstream name, same address) keep their state, so live counts and
+    /// health survive a reload.
+    pub fn new(cfg: &UpstreamConfig, previous: Option<&Upstream>) -> Upstream {
         Upstream {
             name: cfg.name.clone(),
             backends: cfg
                 .servers
                 .iter()
                 .map(|s| {
-                    Arc::new(Backend::new(
-                        s.addr,
-                        s.weight.get(),
-                        s.max_connections.map(|m| m.get()),
-                    ))
+                    let max = s.max_connections.map(|m| m.get());
+                    let mut b = Backend::new(s.addr, s.weight.get(), max);
+                    let old = previous.and_then(|p| p.backends.iter().find(|o| o.addr == s.addr));
+                    if let Some(old) = old {
+                        b.state = old.state.clone();
+                    }
+                    Arc::new(b)
                 })
                 .collect(),
             connect_timeout: cfg.connect_timeout,
             response_timeout: cfg.response_timeout,
             max_response_head: cfg.max_response_head.get(),
+            health: HealthPolicy {
+                max_fails: cfg.max_fails,
+                fail_timeout: cfg.fail_timeout,
+            },
         }
     }
 
@@ -84,7 +170,7 @@ impl Upstream {
                     continue;
                 }
                 let active = b.active();
-                if b.max_connections.is_some_and(|m| active >= m) {
+                if b.max_connections.is_some_and(|m| active >= m) || b.is_draining() || !b.is_up() {
                     continue;
                 }
                 match best {
@@ -111,12 +197,12 @@ impl Upstream {
             }
             let (i, _, _) = best?;
             let b = &self.backends[i];
-            let now = b.active.fetch_add(1, Ordering::Relaxed) + 1;
+            let now = b.state.active.fetch_add(1, Ordering::Relaxed) + 1;
             if b.max_connections.is_some_and(|m| now > m) {
-                b.active.fetch_sub(1, Ordering::Relaxed);
+                b.state.active.fetch_sub(1, Ordering::Relaxed);
                 continue;
             }
-            b.connections_total.fetch_add(1, Ordering::Relaxed);
+            b.state.connections_total.fetch_add(1, Ordering::Relaxed);
             return Some((i, Lease(b.clone())));
         }
         None
@@ -135,7 +221,7 @@ impl Lease {
 
 impl Drop for Lease {
     fn drop(&mut self) {
-        self.0.active.fetch_sub(1, Ordering::Relaxed);
+        self.0.state.active.fetch_sub(1, Ordering::Relaxed);
     }
 }
 
@@ -192,7 +278,46 @@ mod tests {
             connect_timeout: Duration::from_secs(1),
             response_timeout: Duration::from_secs(1),
             max_response_head: 4096,
+            health: HealthPolicy {
+                max_fails: 1,
+                fail_timeout: Duration::from_secs(10),
+            },
         }
+    }
+
+    #[test]
+    fn down_and_draining_are_skipped() {
+        let u = up(&[1, 1], &[None, None]);
+        let mut rng = Rng::new(9);
+        u.backends[0].state.draining.store(true, Ordering::Relaxed);
+        for _ in 0..4 {
+            assert_eq!(u.pick(&[], &mut rng).unwrap().0, 1);
+        }
+        u.backends[0].state.draining.store(false, Ordering::Relaxed);
+        assert!(u.backends[1].state.record_failure(u.health));
+        assert!(!u.backends[1].is_up());
+        assert_eq!(u.pick(&[], &mut rng).unwrap().0, 0);
+        u.backends[0].state.set_down(true);
+        assert!(
+            u.pick(&[], &mut rng).is_none(),
+            "every backend down: no pick"
+        );
+    }
+
+    #[test]
+    fn failures_must_fall_in_one_window() {
+        let s = BackendState::default();
+        let p = HealthPolicy {
+            max_fails: 2,
+            fail_timeout: Duration::from_secs(60),
+        };
+        assert!(!s.record_failure(p));
+        s.record_success();
+        assert!(
+            !s.record_failure(p),
+            "a success in between resets the count"
+        );
+        assert!(s.record_failure(p));
     }
 
     #[test]

@@ -170,6 +170,8 @@ pub enum Closer {
     Client,
     Backend,
     Proxy,
+    /// ringlb closed it while shutting down.
+    Drain,
     Error,
 }
 
@@ -213,6 +215,11 @@ pub struct Conn {
     /// The end-of-response rule for non-101 answers.
     finish_with_response: bool,
     pub closer: Option<Closer>,
+    /// The route prefix matched, for the access log.
+    pub route: Option<Arc<str>>,
+    /// The backend tried last, for the access log.
+    pub backend: Option<SocketAddr>,
+
     max_queue: usize,
     linger: Duration,
 }
@@ -247,6 +254,9 @@ impl Conn {
             status: None,
             finish_with_response: false,
             closer: None,
+            route: None,
+            backend: None,
+
             max_queue,
             linger,
         }
@@ -528,6 +538,9 @@ impl Conn {
         match res {
             Ok(()) => {
                 self.connected = true;
+                if let Some(lease) = &self.lease {
+                    lease.backend().state.record_success();
+                }
                 let hs = self.hs.as_ref().expect("handshake state");
                 let timeout = hs.snap.upstreams[hs.upstream].response_timeout;
                 self.set_stage(Stage::AwaitingResponse);
@@ -541,12 +554,19 @@ impl Conn {
                     out.push(Action::ShutdownWrite(Side::Backend));
                 }
             }
-            Err(_) => {
+            Err(errno) => {
                 if let Some(lease) = self.lease.take() {
-                    lease
-                        .backend()
-                        .connect_failures
-                        .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                    let hs = self.hs.as_ref().expect("handshake state");
+                    let upstream = &hs.snap.upstreams[hs.upstream];
+                    if lease.backend().state.record_failure(upstream.health) {
+                        log::warn!(
+                            "backend {} of upstream {} marked down for {:?} after a failed connect ({})",
+                            lease.backend().addr,
+                            upstream.name,
+                            upstream.health.fail_timeout,
+                            std::io::Error::from_raw_os_error(errno)
+                        );
+                    }
                 }
                 out.push(Action::DropBackend);
                 self.connect_next(attempt + 1, out);
@@ -598,6 +618,8 @@ impl Conn {
         let ip = self.client_addr.ip();
         let forwarded = http::forward_head(&req, &target, ip, &hs.head[req.head_len..]);
         hs.upstream = route.upstream;
+        self.route = Some(route.path.clone());
+
         hs.head = Vec::new();
         hs.request = Some(req);
         self.flow[Side::Backend.idx()]
@@ -619,6 +641,8 @@ impl Conn {
             Some((i, lease)) => {
                 hs.tried.push(i);
                 let addr = lease.backend().addr;
+                self.backend = Some(addr);
+
                 let timeout = upstream.connect_timeout;
                 self.lease = Some(lease);
                 self.set_stage(Stage::Connecting { attempt });
@@ -705,6 +729,11 @@ impl Conn {
     fn abort_backend(&mut self, out: &mut Vec<Action>) {
         self.connected = false;
         out.push(Action::AbortBackend);
+    }
+
+    /// Shutdown: end the session now, whatever its stage.
+    pub fn drain_close(&mut self, out: &mut Vec<Action>) {
+        self.close(Closer::Drain, out);
     }
 
     fn close(&mut self, closer: Closer, out: &mut Vec<Action>) {

@@ -1,0 +1,326 @@
+//! The admin listener: `GET /metrics` (Prometheus text format 0.0.4),
+//! `GET /status` (JSON), `POST /backends/{upstream}/{addr}/drain|undrain`.
+//!
+//! One plain thread with blocking sockets: the admin API is queried a few
+//! times a minute, so it stays off the shards entirely. Every request gets
+//! one response and `Connection: close`.
+
+use std::fmt::Write as _;
+use std::io::{Read, Write};
+use std::net::{SocketAddr, TcpListener, TcpStream};
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+use std::time::Duration;
+
+use crate::server::Control;
+use crate::stats::{BUCKETS, RESULTS};
+
+pub fn spawn(addr: SocketAddr, control: Arc<Control>) -> std::io::Result<SocketAddr> {
+    let listener = TcpListener::bind(addr)?;
+    let local = listener.local_addr()?;
+    std::thread::Builder::new()
+        .name("ringlb-admin".into())
+        .spawn(move || {
+            for stream in listener.incoming() {
+                match stream {
+                    Ok(s) => {
+                        if let Err(e) = serve(s, &control) {
+                            log::debug!("admin request failed: {e}");
+                        }
+                    }
+                    Err(e) => {
+                        log::warn!("admin accept failed: {e}");
+                        std::thread::sleep(Duration::from_millis(100));
+                    }
+                }
+            }
+        })?;
+    Ok(local)
+}
+
+fn serve(mut s: TcpStream, control: &Control) -> std::io::Result<()> {
+    s.set_read_timeout(Some(Duration::from_secs(2)))?;
+    s.set_write_timeout(Some(Duration::from_secs(2)))?;
+    let mut buf = Vec::with_capacity(1024);
+    let mut chunk = [0u8; 1024];
+    let (method, path) = loop {
+        let n = s.read(&mut chunk)?;
+        if n == 0 {
+            return Ok(());
+        }
+        buf.extend_from_slice(&chunk[..n]);
+        let mut headers = [httparse::EMPTY_HEADER; 32];
+        let mut req = httparse::Request::new(&mut headers);
+        match req.parse(&buf) {
+            Ok(httparse::Status::Complete(_)) => {
+                break (
+                    req.method.unwrap_or("").to_string(),
+                    req.path.unwrap_or("").to_string(),
+                );
+            }
+            Ok(httparse::Status::Partial) if buf.len() < 8192 => continue,
+            _ => return respond(&mut s, 400, "text/plain", "bad request\n"),
+        }
+    };
+    let (status, ctype, body) = handle(&method, &path, control);
+    respond(&mut s, status, ctype, &body)
+}
+
+/// Routes one admin request; pure apart from the drain flag it may set.
+pub fn handle(method: &str, path: &str, control: &Control) -> (u16, &'static str, String) {
+    let path = path.split('?').next().unwrap_or("");
+    match (method, path) {
+        ("GET", "/metrics") => (200, "text/plain; version=0.0.4", metrics(control)),
+        ("GET", "/status") => (200, "application/json", status(control)),
+        ("POST", p) if p.starts_with("/backends/") => backend_action(p, control),
+        (_, "/metrics" | "/status") => (405, "text/plain", "method not allowed\n".into()),
+        _ => (404, "text/plain", "not found\n".into()),
+    }
+}
+
+fn backend_action(path: &str, control: &Control) -> (u16, &'static str, String) {
+    let parts: Vec<&str> = path.trim_start_matches("/backends/").split('/').collect();
+    let [upstream, addr, action] = parts[..] else {
+        return (
+            404,
+            "text/plain",
+            "use POST /backends/{upstream}/{addr}/drain or /undrain\n".into(),
+        );
+    };
+    let drain = match action {
+        "drain" => true,
+        "undrain" => false,
+        _ => {
+            return (
+                404,
+                "text/plain",
+                "action must be drain or undrain\n".into(),
+            )
+        }
+    };
+    let snap = control.snapshot();
+    let Some(u) = snap.upstreams.iter().find(|u| u.name == upstream) else {
+        return (404, "text/plain", format!("no upstream {upstream}\n"));
+    };
+    let Some(b) = u.backends.iter().find(|b| b.addr.to_string() == addr) else {
+        return (
+            404,
+            "text/plain",
+            format!("no backend {addr} in upstream {upstream}\n"),
+        );
+    };
+    b.state.draining.store(drain, Ordering::Relaxed);
+    log::info!(
+        "backend {addr} of upstream {upstream} {}",
+        if drain { "draining" } else { "undrained" }
+    );
+    (
+        200,
+        "application/json",
+        format!("{{\"upstream\":\"{upstream}\",\"backend\":\"{addr}\",\"draining\":{drain}}}\n"),
+    )
+}
+
+fn respond(s: &mut TcpStream, status: u16, ctype: &str, body: &str) -> std::io::Result<()> {
+    let reason = match status {
+        200 => "OK",
+        400 => "Bad Request",
+        404 => "Not Found",
+        _ => "Method Not Allowed",
+    };
+    let head = format!(
+        "HTTP/1.1 {status} {reason}\r\nContent-Type: {ctype}\r\nContent-Length: {}\r\nConnection: close\r\n\r\n",
+        body.len()
+    );
+    s.write_all(head.as_bytes())?;
+    s.write_all(body.as_bytes())
+}
+
+/// Escapes a Prometheus label value.
+fn label(v: &str) -> String {
+    v.replace('\\', "\\\\")
+        .replace('"', "\\\"")
+        .replace('\n', "\\n")
+}
+
+pub fn metrics(control: &Control) -> String {
+    let snap = control.snapshot();
+    let mut out = String::with_capacity(4096);
+    let mut family = |name: &str, kind: &str, help: &str| {
+        let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} {kind}");
+        name.to_string()
+    };
+    let _ = family(
+        "ringlb_backend_active_connections",
+        "gauge",
+        "Live connections per backend, including those mid-handshake.",
+    );
+    let mut body = String::new();
+    for u in &snap.upstreams {
+        for b in &u.backends {
+            let _ = writeln!(
+                body,
+                "ringlb_backend_active_connections{{upstream=\"{}\",backend=\"{}\"}} {}",
+                label(&u.name),
+                b.addr,
+                b.active()
+            );
+        }
+    }
+    out.push_str(&body);
+    type Get = fn(&crate::upstream::Backend) -> u64;
+    let per_backend: [(&str, &str, &str, Get); 3] = [
+        (
+            "ringlb_backend_connections_total",
+            "counter",
+            "Connections given to each backend.",
+            |b| b.state.connections_total.load(Ordering::Relaxed),
+        ),
+        (
+            "ringlb_backend_connect_failures_total",
+            "counter",
+            "Failed connects to each backend.",
+            |b| b.state.connect_failures.load(Ordering::Relaxed),
+        ),
+        (
+            "ringlb_backend_up",
+            "gauge",
+            "1 if the backend takes new connections (up and not draining).",
+            |b| u64::from(b.is_up() && !b.is_draining()),
+        ),
+    ];
+    for (name, kind, help, get) in per_backend {
+        let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} {kind}");
+        for u in &snap.upstreams {
+            for b in &u.backends {
+                let _ = writeln!(
+                    out,
+                    "{name}{{upstream=\"{}\",backend=\"{}\"}} {}",
+                    label(&u.name),
+                    b.addr,
+                    get(b)
+                );
+            }
+        }
+    }
+
+    let sum = |f: &dyn Fn(&crate::stats::ShardStats) -> u64| {
+        control.shards.iter().map(|s| f(s)).sum::<u64>()
+    };
+    let _ = writeln!(out, "# HELP ringlb_handshakes_total Handshakes by result: the HTTP status answered, \"closed\" when the client left first.\n# TYPE ringlb_handshakes_total counter");
+    for (i, r) in RESULTS.iter().enumerate() {
+        let _ = writeln!(
+            out,
+            "ringlb_handshakes_total{{result=\"{r}\"}} {}",
+            sum(&|s| s.handshakes[i].get())
+        );
+    }
+    let _ = writeln!(
+        out,
+        "# HELP ringlb_bytes_total Bytes relayed.\n# TYPE ringlb_bytes_total counter"
+    );
+    let _ = writeln!(
+        out,
+        "ringlb_bytes_total{{direction=\"client_to_backend\"}} {}",
+        sum(&|s| s.bytes_to_backend.get())
+    );
+    let _ = writeln!(
+        out,
+        "ringlb_bytes_total{{direction=\"backend_to_client\"}} {}",
+        sum(&|s| s.bytes_to_client.get())
+    );
+
+    let _ = writeln!(out, "# HELP ringlb_handshake_duration_seconds From accept to the answer (ringlb's or the backend's).\n# TYPE ringlb_handshake_duration_seconds histogram");
+    let mut cumulative = 0;
+    for (i, b) in BUCKETS.iter().enumerate() {
+        cumulative += sum(&|s| s.latency[i].get());
+        let _ = writeln!(
+            out,
+            "ringlb_handshake_duration_seconds_bucket{{le=\"{b}\"}} {cumulative}"
+        );
+    }
+    cumulative += sum(&|s| s.latency[BUCKETS.len()].get());
+    let _ = writeln!(
+        out,
+        "ringlb_handshake_duration_seconds_bucket{{le=\"+Inf\"}} {cumulative}"
+    );
+    let _ = writeln!(
+        out,
+        "ringlb_handshake_duration_seconds_sum {}",
+        sum(&|s| s.latency_sum_us.get()) as f64 / 1e6
+    );
+    let _ = writeln!(out, "ringlb_handshake_duration_seconds_count {cumulative}");
+
+    let _ = writeln!(out, "# HELP ringlb_connections_active Client connections open, per shard.\n# TYPE ringlb_connections_active gauge");
+    for (i, s) in control.shards.iter().enumerate() {
+        let _ = writeln!(
+            out,
+            "ringlb_connections_active{{shard=\"{i}\"}} {}",
+            s.active.get()
+        );
+    }
+    let _ = writeln!(out, "# HELP ringlb_config_reloads_total Configuration reloads by result.\n# TYPE ringlb_config_reloads_total counter");
+    let _ = writeln!(
+        out,
+        "ringlb_config_reloads_total{{result=\"ok\"}} {}",
+        control.reloads_ok.load(Ordering::Relaxed)
+    );
+    let _ = writeln!(
+        out,
+        "ringlb_config_reloads_total{{result=\"error\"}} {}",
+        control.reloads_failed.load(Ordering::Relaxed)
+    );
+    out
+}
+
+pub fn status(control: &Control) -> String {
+    let snap = control.snapshot();
+    let upstreams: Vec<serde_json::Value> = snap
+        .upstreams
+        .iter()
+        .map(|u| {
+            let backends: Vec<serde_json::Value> = u
+                .backends
+                .iter()
+                .map(|b| {
+                    let state = if b.is_draining() {
+                        "draining"
+                    } else if b.is_up() {
+                        "up"
+                    } else {
+                        "down"
+                    };
+                    serde_json::json!({
+                        "addr": b.addr.to_string(),
+                        "weight": b.weight,
+                        "max_connections": b.max_connections,
+                        "active": b.active(),
+                        "state": state,
+                        "connections_total": b.state.connections_total.load(Ordering::Relaxed),
+                        "connect_failures": b.state.connect_failures.load(Ordering::Relaxed),
+                    })
+                })
+                .collect();
+            serde_json::json!({ "name": u.name, "backends": backends })
+        })
+        .collect();
+    let shards: Vec<serde_json::Value> = control
+        .shards
+        .iter()
+        .enumerate()
+        .map(|(i, s)| serde_json::json!({ "id": i, "active": s.active.get(), "accepted": s.accepted.get() }))
+        .collect();
+    let loaded = *control.loaded_at.lock().unwrap_or_else(|e| e.into_inner());
+    let v = serde_json::json!({
+        "version": env!("CARGO_PKG_VERSION"),
+        "uptime_seconds": control.started.elapsed().as_secs_f64(),
+        "config_file": snap.config.source.as_ref().map(|p| p.display().to_string()),
+        "config_loaded_at": humantime::format_rfc3339_seconds(loaded).to_string(),
+        "connections": control.shared.clients.load(Ordering::Relaxed),
+        "upstreams": upstreams,
+        "shards": shards,
+    });
+    let mut text = serde_json::to_string_pretty(&v).unwrap_or_default();
+    text.push('\n');
+    text
+}

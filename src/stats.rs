@@ -1,0 +1,94 @@
+//! Counters each shard keeps for the admin thread.
+//!
+//! Every counter has exactly one writer, its shard, which updates it with a
+//! plain load and store (no read-modify-write, so no locked instruction and no
+//! cache line shared between shards on the per-message path). The admin
+//! thread reads them with relaxed loads and sums over shards.
+
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::Duration;
+
+/// A single-writer counter.
+#[derive(Debug, Default)]
+pub struct Counter(AtomicU64);
+
+impl Counter {
+    /// Only the owning shard may call this.
+    pub fn add(&self, n: u64) {
+        self.0.store(
+            self.0.load(Ordering::Relaxed).wrapping_add(n),
+            Ordering::Relaxed,
+        );
+    }
+
+    pub fn set(&self, v: u64) {
+        self.0.store(v, Ordering::Relaxed);
+    }
+
+    pub fn get(&self) -> u64 {
+        self.0.load(Ordering::Relaxed)
+    }
+}
+
+/// Handshake results with their own counter; anything else counts as "other".
+pub const RESULTS: [&str; 15] = [
+    "101", "200", "400", "403", "404", "408", "426", "431", "500", "502", "503", "504", "other",
+    "closed", "error",
+];
+
+/// Index into [`RESULTS`] for an HTTP status.
+pub fn result_index(status: u16) -> usize {
+    let s = status.to_string();
+    RESULTS.iter().position(|r| *r == s).unwrap_or(12)
+}
+
+/// A client that went away before any answer.
+pub const RESULT_CLOSED: usize = 13;
+
+/// Upper bounds (seconds) of the handshake latency histogram.
+pub const BUCKETS: [f64; 14] = [
+    0.000_25, 0.000_5, 0.001, 0.002_5, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 10.0,
+];
+
+#[derive(Debug, Default)]
+pub struct ShardStats {
+    pub accepted: Counter,
+    pub active: Counter,
+    pub bytes_to_backend: Counter,
+    pub bytes_to_client: Counter,
+    pub handshakes: [Counter; RESULTS.len()],
+    /// Cumulative per bucket is computed on read; here each bucket counts
+    /// only its own range, plus one overflow bucket.
+    pub latency: [Counter; BUCKETS.len() + 1],
+    pub latency_sum_us: Counter,
+}
+
+impl ShardStats {
+    pub fn record_handshake(&self, result: usize, took: Duration) {
+        self.handshakes[result].add(1);
+        let secs = took.as_secs_f64();
+        let i = BUCKETS
+            .iter()
+            .position(|b| secs <= *b)
+            .unwrap_or(BUCKETS.len());
+        self.latency[i].add(1);
+        self.latency_sum_us.add(took.as_micros() as u64);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn results_and_buckets() {
+        assert_eq!(RESULTS[result_index(101)], "101");
+        assert_eq!(RESULTS[result_index(418)], "other");
+        let s = ShardStats::default();
+        s.record_handshake(0, Duration::from_micros(300));
+        s.record_handshake(0, Duration::from_secs(60));
+        assert_eq!(s.latency[1].get(), 1);
+        assert_eq!(s.latency[BUCKETS.len()].get(), 1);
+        assert_eq!(s.handshakes[0].get(), 2);
+    }
+}
