@@ -375,19 +375,26 @@ async fn process_and_write(
     filled: usize,
     stats: &EchoStats,
 ) -> io::Result<bool> {
-    let (out, outcome) = echo.process(&mut buf[..filled], stats);
-    if out > 0 {
-        stream.write_all(&buf[..out]).await?;
-    }
-    if !echo.ctrl_out.is_empty() {
-        stream.write_all(&echo.ctrl_out).await?;
-        echo.ctrl_out.clear();
-        echo.ctrl_out.shrink_to(256);
-    }
-    if outcome == Outcome::Close {
-        // The server closes the TCP connection first (RFC 6455 7.1.1).
-        let _ = stream.shutdown().await;
-        return Ok(true);
+    let mut from = 0;
+    // Each pass ends at the end of the input or right after a control frame
+    // that needs a reply, so replies go out at a frame boundary. Bounded by
+    // the number of frames in the buffer.
+    while from < filled {
+        let (out, used, outcome) = echo.process(&mut buf[from..filled], stats);
+        if out > 0 {
+            stream.write_all(&buf[from..from + out]).await?;
+        }
+        if !echo.ctrl_out.is_empty() {
+            stream.write_all(&echo.ctrl_out).await?;
+            echo.ctrl_out.clear();
+            echo.ctrl_out.shrink_to(256);
+        }
+        if outcome == Outcome::Close {
+            // The server closes the TCP connection first (RFC 6455 7.1.1).
+            let _ = stream.shutdown().await;
+            return Ok(true);
+        }
+        from += used;
     }
     Ok(false)
 }
@@ -458,11 +465,11 @@ impl Echo {
         Outcome::Close
     }
 
-    /// Echoes every complete piece of `buf` in place. Server headers are 4 bytes
-    /// shorter than masked client headers, so output never overtakes input.
-    /// Control replies go to `ctrl_out` and are sent after the in-place output,
-    /// which is at a frame boundary whenever a control frame completes.
-    fn process(&mut self, buf: &mut [u8], stats: &EchoStats) -> (usize, Outcome) {
+    /// Echoes `buf` in place and returns (output length, input consumed, outcome).
+    /// Server headers are 4 bytes shorter than masked client headers, so output
+    /// never overtakes input. A control frame needing a reply ends the pass so
+    /// the caller can send `ctrl_out` before any later data frame's output.
+    fn process(&mut self, buf: &mut [u8], stats: &EchoStats) -> (usize, usize, Outcome) {
         let n = buf.len();
         let mut i = 0;
         let mut o = 0;
@@ -479,20 +486,20 @@ impl Echo {
                             self.carry_len = n - i;
                             break;
                         }
-                        Err(_) => return (o, self.fail(1002, stats)),
+                        Err(_) => return (o, i, self.fail(1002, stats)),
                     };
                     // Clients must mask (RFC 6455 5.1) and we negotiate no extensions.
                     let Some(mask) = h.mask else {
-                        return (o, self.fail(1002, stats));
+                        return (o, i, self.fail(1002, stats));
                     };
                     if h.rsv != 0 {
-                        return (o, self.fail(1002, stats));
+                        return (o, i, self.fail(1002, stats));
                     }
                     i += h.header_len;
                     match h.opcode {
                         OP_TEXT | OP_BINARY | OP_CONT => {
                             if (h.opcode == OP_CONT) != self.in_message {
-                                return (o, self.fail(1002, stats));
+                                return (o, i, self.fail(1002, stats));
                             }
                             self.in_message = !h.fin;
                             o += codec::write_header(&mut buf[o..], h.fin, h.opcode, None, h.len);
@@ -511,7 +518,7 @@ impl Echo {
                         }
                         OP_CLOSE | OP_PING | OP_PONG => {
                             if !h.fin || h.len > 125 {
-                                return (o, self.fail(1002, stats));
+                                return (o, i, self.fail(1002, stats));
                             }
                             self.state = St::Control {
                                 opcode: h.opcode,
@@ -521,7 +528,7 @@ impl Echo {
                                 got: 0,
                             };
                         }
-                        _ => return (o, self.fail(1002, stats)),
+                        _ => return (o, i, self.fail(1002, stats)),
                     }
                 }
                 St::Data {
@@ -568,13 +575,14 @@ impl Echo {
                     let mut data = *data;
                     codec::apply_mask(&mut data[..len], mask, 0);
                     self.state = St::Header;
-                    if self.control(opcode, &data[..len], stats) == Outcome::Close {
-                        return (o, Outcome::Close);
+                    let outcome = self.control(opcode, &data[..len], stats);
+                    if outcome == Outcome::Close || !self.ctrl_out.is_empty() {
+                        return (o, i, outcome);
                     }
                 }
             }
         }
-        (o, Outcome::Continue)
+        (o, n, Outcome::Continue)
     }
 
     fn control(&mut self, opcode: u8, data: &[u8], stats: &EchoStats) -> Outcome {
@@ -619,11 +627,18 @@ mod tests {
         for piece in input.chunks(chunk) {
             let c = echo.take_carry(&mut buf);
             buf[c..c + piece.len()].copy_from_slice(piece);
-            let (o, oc) = echo.process(&mut buf[..c + piece.len()], &stats);
-            out.extend_from_slice(&buf[..o]);
-            ctrl.append(&mut echo.ctrl_out);
-            if oc == Outcome::Close {
-                return (out, ctrl, oc);
+            let filled = c + piece.len();
+            let mut from = 0;
+            while from < filled {
+                let (o, used, oc) = echo.process(&mut buf[from..filled], &stats);
+                out.extend_from_slice(&buf[from..from + o]);
+                // Control replies are part of the output stream, in order.
+                out.append(&mut echo.ctrl_out.clone());
+                ctrl.append(&mut echo.ctrl_out);
+                if oc == Outcome::Close {
+                    return (out, ctrl, oc);
+                }
+                from += used;
             }
         }
         (out, ctrl, Outcome::Continue)
@@ -640,7 +655,9 @@ mod tests {
             Some([5, 6, 7, 8]),
             &payload[100..],
         ));
+        // The pong must come between the fragments' echoes, not inside one.
         let mut expect = codec::build_frame(false, OP_BINARY, None, &payload[..100]);
+        expect.extend(codec::build_frame(true, OP_PONG, None, b"hi"));
         expect.extend(codec::build_frame(true, OP_CONT, None, &payload[100..]));
         for chunk in [1, 2, 7, 13, 1000, BUF_SIZE - MAX_HEADER] {
             let (out, ctrl, oc) = run(&mut Echo::new(), &input, chunk);
@@ -672,7 +689,7 @@ mod tests {
         p.extend_from_slice(b"bye");
         let f = codec::build_frame(true, OP_CLOSE, Some([3, 1, 4, 1]), &p);
         let (out, ctrl, oc) = run(&mut Echo::new(), &f, 3);
-        assert!(out.is_empty());
+        assert_eq!(out, ctrl);
         assert_eq!(oc, Outcome::Close);
         assert_eq!(ctrl, codec::build_frame(true, OP_CLOSE, None, &p));
     }
