@@ -281,12 +281,15 @@ def meminfo() -> dict:
 
 
 def machine_used_kb(samples: int = 5, interval: float = 0.1) -> int:
-    """Whole-machine memory in use: MemTotal - MemAvailable (kB), the median
-    of a few reads to damp short spikes from other processes."""
+    """Whole-machine memory in use, as free(1) counts "used":
+    MemTotal - MemFree - Buffers - Cached - SReclaimable (kB).  Unlike
+    MemTotal - MemAvailable this does not move with page cache (e.g. a
+    compiler writing files).  Median of a few reads to damp short spikes."""
     vals = []
     for i in range(samples):
         m = meminfo()
-        vals.append(m["MemTotal"] - m["MemAvailable"])
+        vals.append(m["MemTotal"] - m["MemFree"] - m.get("Buffers", 0) - m.get("Cached", 0)
+                    - m.get("SReclaimable", 0))
         if i + 1 < samples:
             time.sleep(interval)
     vals.sort()

@@ -478,7 +478,7 @@ def summary_md(out: str, meta: dict, recs: list[dict], img_prefix: str = "") -> 
              "Handshake CPU/connection = whole-run CPU delta ÷ completed handshakes.")
     L.append("- Proxy RSS: sum of VmRSS over the proxy tree. Idle RSS/connection = (RSS with all "
              "connections held − RSS before the load) ÷ connections; whole-machine memory/connection = "
-             "Δ(MemTotal − MemAvailable) over the same interval ÷ connections (includes the load tool, "
+             "Δ(MemTotal − MemFree − Buffers − Cached − SReclaimable, i.e. free(1) \"used\") over the same interval ÷ connections (includes the load tool, "
              "backends and kernel socket memory; direct shows that baseline).")
     L.append("- direct = load tool straight to one echo backend (no proxy): the ceiling of the load tool.")
     L.append("")

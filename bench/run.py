@@ -160,7 +160,7 @@ def load_cmd(ctx: Ctx, scenario: str, p: dict, url: str, json_path: str, hist_pa
                 "--duration", f"{p['duration']}s"]
         if p.get("warmup") and supports(lb, mode, "--warmup"):
             cmd += ["--warmup", f"{p['warmup']}s"]
-        if mode == "pingpong" and supports(lb, mode, "--binary"):
+        if supports(lb, mode, "--binary"):
             cmd += ["--binary"]
         if mode == "rate":
             cmd += ["--rate", str(p["rate"])]
