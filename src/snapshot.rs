@@ -1,17 +1,22 @@
 //! What a shard needs from the configuration, built once per load and shared
 //! read-only by every shard behind an `Arc`.
 
+use std::net::SocketAddr;
 use std::sync::Arc;
 
 use crate::config::Config;
 use crate::route::Router;
-use crate::upstream::Upstream;
+use crate::upstream::{BackendState, Upstream};
 
 #[derive(Debug)]
 pub struct Snapshot {
     pub config: Config,
     pub router: Router,
     pub upstreams: Vec<Upstream>,
+    /// Backends a reload removed that still have live sessions, by upstream
+    /// name and address. If a later reload brings one back, it gets its old
+    /// state, so its live count still includes those sessions.
+    retired: Vec<(String, SocketAddr, Arc<BackendState>)>,
 }
 
 impl Snapshot {
@@ -19,21 +24,45 @@ impl Snapshot {
         Snapshot::reload(config, None)
     }
 
-    /// A snapshot for `config` in which backends that `previous` had (same
-    /// upstream name and address) keep their live counts and health.
+    /// A snapshot for `config` in which every backend ringlb already knows
+    /// (same upstream name and address, current or retired) keeps its live
+    /// count, totals and health.
     pub fn reload(config: Config, previous: Option<&Snapshot>) -> Arc<Snapshot> {
-        let upstreams = config
+        let mut known: Vec<(String, SocketAddr, Arc<BackendState>)> = Vec::new();
+        if let Some(p) = previous {
+            for u in &p.upstreams {
+                for b in &u.backends {
+                    known.push((u.name.clone(), b.addr, b.state.clone()));
+                }
+            }
+            known.extend(p.retired.iter().cloned());
+        }
+        let upstreams: Vec<Upstream> = config
             .upstreams
             .iter()
             .map(|u| {
-                let old = previous.and_then(|p| p.upstreams.iter().find(|o| o.name == u.name));
-                Upstream::new(u, old)
+                Upstream::new(u, &|addr| {
+                    known
+                        .iter()
+                        .find(|(n, a, _)| *n == u.name && *a == addr)
+                        .map(|(_, _, s)| s.clone())
+                })
             })
+            .collect();
+        let in_use = |name: &str, addr: SocketAddr| {
+            upstreams
+                .iter()
+                .any(|u| u.name == name && u.backends.iter().any(|b| b.addr == addr))
+        };
+        let retired = known
+            .into_iter()
+            .filter(|(n, a, s)| !in_use(n, *a) && s.active() > 0)
             .collect();
         Arc::new(Snapshot {
             router: Router::new(&config.routes),
             upstreams,
             config,
+            retired,
         })
     }
 }

@@ -49,7 +49,7 @@ impl Backend {
     }
 
     pub fn active(&self) -> usize {
-        self.state.active.load(Ordering::Relaxed)
+        self.state.active()
     }
 
     pub fn is_up(&self) -> bool {
@@ -76,6 +76,10 @@ pub struct HealthPolicy {
 }
 
 impl BackendState {
+    pub fn active(&self) -> usize {
+        self.active.load(Ordering::Relaxed)
+    }
+
     /// Records a failed connect; returns true if this marked the backend down.
     pub fn record_failure(&self, policy: HealthPolicy) -> bool {
         self.connect_failures.fetch_add(1, Ordering::Relaxed);
@@ -127,10 +131,13 @@ pub struct Upstream {
 }
 
 impl Upstream {
-    /// Builds an upstream; backends that `previous` already had (same
-    /// upstream name, same address) keep their state, so live counts and
-    /// health survive a reload.
-    pub fn new(cfg: &UpstreamConfig, previous: Option<&Upstream>) -> Upstream {
+    /// Builds an upstream; `known` returns the state of a backend ringlb
+    /// already tracks (by address), so live counts and health survive a
+    /// reload.
+    pub fn new(
+        cfg: &UpstreamConfig,
+        known: &dyn Fn(SocketAddr) -> Option<Arc<BackendState>>,
+    ) -> Upstream {
         Upstream {
             name: cfg.name.clone(),
             backends: cfg
@@ -139,9 +146,8 @@ impl Upstream {
                 .map(|s| {
                     let max = s.max_connections.map(|m| m.get());
                     let mut b = Backend::new(s.addr, s.weight.get(), max);
-                    let old = previous.and_then(|p| p.backends.iter().find(|o| o.addr == s.addr));
-                    if let Some(old) = old {
-                        b.state = old.state.clone();
+                    if let Some(state) = known(s.addr) {
+                        b.state = state;
                     }
                     Arc::new(b)
                 })

@@ -22,8 +22,10 @@ pub const KEY: &str = "dGhlIHNhbXBsZSBub25jZQ==";
 pub struct Proxy {
     child: Child,
     pub addrs: Vec<SocketAddr>,
+    pub admin: Option<SocketAddr>,
     pub log: Arc<Mutex<Vec<String>>>,
-    _dir: tempfile::TempDir,
+    pub config_path: std::path::PathBuf,
+    pub dir: tempfile::TempDir,
 }
 
 impl Proxy {
@@ -51,9 +53,12 @@ impl Proxy {
         std::thread::spawn(move || {
             for line in BufReader::new(stderr).lines() {
                 let Ok(line) = line else { break };
-                if let Some(rest) = line.split("listening on ").nth(1) {
+                if let Some(rest) = line.split("admin listening on ").nth(1) {
                     let addr: SocketAddr = rest.split_whitespace().next().unwrap().parse().unwrap();
-                    let _ = tx.send(Ok(addr));
+                    let _ = tx.send(Ok((true, addr)));
+                } else if let Some(rest) = line.split("listening on ").nth(1) {
+                    let addr: SocketAddr = rest.split_whitespace().next().unwrap().parse().unwrap();
+                    let _ = tx.send(Ok((false, addr)));
                 }
                 if line.starts_with("ringlb: ") {
                     let _ = tx.send(Err(line.clone()));
@@ -61,10 +66,13 @@ impl Proxy {
                 log2.lock().unwrap().push(line);
             }
         });
+        let want_admin = toml.contains("[admin]");
         let mut addrs = Vec::new();
-        while addrs.len() < n_listen {
+        let mut admin = None;
+        while addrs.len() < n_listen || (want_admin && admin.is_none()) {
             match rx.recv_timeout(Duration::from_secs(20)) {
-                Ok(Ok(a)) => addrs.push(a),
+                Ok(Ok((true, a))) => admin = Some(a),
+                Ok(Ok((false, a))) => addrs.push(a),
                 Ok(Err(e)) => panic!("ringlb failed to start: {e}"),
                 Err(_) => panic!(
                     "ringlb did not report listening; log: {:?}",
@@ -75,8 +83,10 @@ impl Proxy {
         Proxy {
             child,
             addrs,
+            admin,
             log,
-            _dir: dir,
+            config_path: path,
+            dir,
         }
     }
 
@@ -90,6 +100,67 @@ impl Proxy {
 
     pub fn pid(&self) -> u32 {
         self.child.id()
+    }
+
+    /// Sends a signal by name ("HUP", "TERM") to ringlb's PID.
+    pub fn signal(&self, name: &str) {
+        let ok = Command::new("kill")
+            .arg(format!("-{name}"))
+            .arg(self.pid().to_string())
+            .status()
+            .unwrap()
+            .success();
+        assert!(ok, "kill -{name} failed");
+    }
+
+    /// Waits (bounded) for ringlb to exit; `None` if it is still running.
+    pub fn wait_exit(&mut self, within: Duration) -> Option<std::process::ExitStatus> {
+        let deadline = std::time::Instant::now() + within;
+        loop {
+            if let Some(st) = self.child.try_wait().unwrap() {
+                return Some(st);
+            }
+            if std::time::Instant::now() >= deadline {
+                return None;
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    /// Waits (bounded) for a log line containing `text`.
+    pub fn wait_log(&self, text: &str, within: Duration) -> String {
+        let deadline = std::time::Instant::now() + within;
+        loop {
+            if let Some(l) = self.log.lock().unwrap().iter().find(|l| l.contains(text)) {
+                return l.clone();
+            }
+            assert!(
+                std::time::Instant::now() < deadline,
+                "no log line with {text:?}; log: {:?}",
+                self.log.lock().unwrap()
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    /// GET or POST on the admin listener; returns (status, body).
+    pub fn admin(&self, method: &str, path: &str) -> (u16, String) {
+        use std::io::{Read, Write};
+        let mut s = std::net::TcpStream::connect(self.admin.expect("no admin listener")).unwrap();
+        s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+        write!(
+            s,
+            "{method} {path} HTTP/1.1\r\nHost: admin\r\nContent-Length: 0\r\n\r\n"
+        )
+        .unwrap();
+        let mut out = String::new();
+        s.read_to_string(&mut out).unwrap();
+        let status = out.split_whitespace().nth(1).unwrap().parse().unwrap();
+        let body = out
+            .split_once("\r\n\r\n")
+            .map(|(_, b)| b.to_string())
+            .unwrap_or_default();
+        (status, body)
     }
 
     /// A field of /proc/PID/status, in its own unit (kB for memory).
@@ -117,27 +188,45 @@ pub struct Backend {
     pub addr: SocketAddr,
     pub active: Arc<AtomicUsize>,
     pub requests: Arc<Mutex<Vec<SeenRequest>>>,
+    /// Flipped to true by `kill`: the listener and every session end.
+    killed: tokio::sync::watch::Sender<bool>,
 }
 
 impl Backend {
     pub async fn start() -> Backend {
-        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        Backend::start_on("127.0.0.1:0".parse().unwrap()).await
+    }
+
+    /// Starts on a given address (to bring a killed backend back).
+    pub async fn start_on(addr: SocketAddr) -> Backend {
+        let listener = TcpListener::bind(addr).await.unwrap();
+        let (killed, _) = tokio::sync::watch::channel(false);
         let b = Backend {
             addr: listener.local_addr().unwrap(),
             active: Arc::new(AtomicUsize::new(0)),
             requests: Arc::new(Mutex::new(Vec::new())),
+            killed,
         };
         let b2 = b.clone();
+        let mut stop = b.killed.subscribe();
         tokio::spawn(async move {
             loop {
-                let Ok((stream, _)) = listener.accept().await else {
-                    return;
-                };
-                let b = b2.clone();
-                tokio::spawn(async move { b.serve(stream).await });
+                tokio::select! {
+                    r = listener.accept() => {
+                        let Ok((stream, _)) = r else { return };
+                        let b = b2.clone();
+                        tokio::spawn(async move { b.serve(stream).await });
+                    }
+                    _ = stop.changed() => return,
+                }
             }
         });
         b
+    }
+
+    /// Closes the listener and every session, like a crashed process.
+    pub fn kill(&self) {
+        self.killed.send_replace(true);
     }
 
     async fn serve(&self, stream: TcpStream) {
@@ -164,7 +253,15 @@ impl Backend {
             return;
         };
         self.active.fetch_add(1, Ordering::SeqCst);
-        while let Some(Ok(msg)) = ws.next().await {
+        let mut stop = self.killed.subscribe();
+        loop {
+            let msg = tokio::select! {
+                m = ws.next() => match m {
+                    Some(Ok(m)) => m,
+                    _ => break,
+                },
+                _ = stop.changed() => break,
+            };
             match msg {
                 Message::Text(t) if t == "server-close" => {
                     let _ = ws
