@@ -296,6 +296,44 @@ def machine_used_kb(samples: int = 5, interval: float = 0.1) -> int:
     return vals[len(vals) // 2]
 
 
+def others_anon_kb(exclude: set[int]) -> int:
+    """Sum of RssAnon over every process not in `exclude` (kB): lets the
+    whole-machine memory delta be corrected for unrelated processes that
+    grew or shrank meanwhile (a compiler, another test)."""
+    total = 0
+    for name in os.listdir("/proc"):
+        if not name.isdigit() or int(name) in exclude:
+            continue
+        try:
+            with open(f"/proc/{name}/status") as f:
+                for line in f:
+                    if line.startswith("RssAnon:"):
+                        total += int(line.split()[1])
+                        break
+        except OSError:
+            continue
+    return total
+
+
+BUSY_COMMS = {"cargo", "rustc", "clippy-driver", "rustdoc", "cc1", "cc1plus", "ld", "collect2"}
+
+
+def busy_processes() -> list[str]:
+    """Builds running on the machine (they would distort every figure)."""
+    out = []
+    for name in os.listdir("/proc"):
+        if not name.isdigit():
+            continue
+        try:
+            with open(f"/proc/{name}/comm") as f:
+                comm = f.read().strip()
+        except OSError:
+            continue
+        if comm in BUSY_COMMS:
+            out.append(f"{comm}[{name}]")
+    return out
+
+
 def established_on_port(port: int) -> int:
     """Established TCP connections whose local port is `port` (server side)."""
     try:

@@ -50,6 +50,7 @@ METRICS = {
     "alive": ("alive at end", "", False),
     "proxy_rss_per_conn_b": ("proxy RSS/conn", "B", True),
     "machine_per_conn_b": ("machine mem/conn", "B", True),
+    "machine_raw_per_conn_b": ("machine mem/conn uncorrected", "B", True),
     "proxy_rss_idle_mb": ("proxy RSS before", "MB", True),
     "proxy_rss_held_mb": ("proxy RSS held", "MB", True),
     "threads_before": ("threads before", "", True),
@@ -68,7 +69,7 @@ TABLES = {
                   "proxy_cpu_cores", "backend_cpu_cores", "load_cpu_cores"],
     "bulk": ["mb_per_s", "proxy_cpu_s_per_gb", "proxy_cpu_cores", "proxy_rss_mb",
              "backend_cpu_cores", "load_cpu_cores"],
-    "idle": ["held", "alive", "proxy_rss_per_conn_b", "machine_per_conn_b", "proxy_rss_idle_mb",
+    "idle": ["held", "alive", "proxy_rss_per_conn_b", "machine_per_conn_b", "machine_raw_per_conn_b", "proxy_rss_idle_mb",
              "proxy_rss_held_mb", "threads_before", "threads_held", "proxy_fds_held"],
 }
 RATIO_METRICS = {
@@ -150,7 +151,12 @@ def metrics(rec: dict) -> dict:
             if before and held:
                 m["proxy_rss_per_conn_b"] = (held["rss_kb"] - before["rss_kb"]) * 1024 / n
             if i.get("machine_used_kb") and rec.get("machine_used_kb_before"):
-                m["machine_per_conn_b"] = (i["machine_used_kb"] - rec["machine_used_kb_before"]) * 1024 / n
+                d = i["machine_used_kb"] - rec["machine_used_kb_before"]
+                m["machine_raw_per_conn_b"] = d * 1024 / n
+                if i.get("others_anon_kb") is not None and rec.get("others_anon_kb_before") is not None:
+                    # correct for unrelated processes that grew/shrank meanwhile
+                    d -= i["others_anon_kb"] - rec["others_anon_kb_before"]
+                m["machine_per_conn_b"] = d * 1024 / n
         if before:
             m["proxy_rss_idle_mb"] = before["rss_kb"] / 1024
             m["threads_before"] = before["threads"]
@@ -457,6 +463,11 @@ def summary_md(out: str, meta: dict, recs: list[dict], img_prefix: str = "") -> 
                 vals = [ratio(med(agg, s, "ringlb", m), med(agg, s, o, m)) for m in rms]
                 L.append(f"| ringlb/{o} | " + " | ".join(f3(v) for v in vals) + " |")
             L.append("")
+        busy = [f"{r['target']} rep {r['rep']}" for t in targets for r in (agg.get((s, t)) or {}).get("recs", [])
+                if r.get("busy_machine")]
+        if busy:
+            L.append("⚠ measured while a build was running on the machine (distorted): " + ", ".join(busy))
+            L.append("")
         errs = [(t, e) for t in targets for e in (agg.get((s, t)) or {}).get("errors", [])]
         if errs:
             L.append("Problems:")
@@ -478,7 +489,7 @@ def summary_md(out: str, meta: dict, recs: list[dict], img_prefix: str = "") -> 
              "Handshake CPU/connection = whole-run CPU delta ÷ completed handshakes.")
     L.append("- Proxy RSS: sum of VmRSS over the proxy tree. Idle RSS/connection = (RSS with all "
              "connections held − RSS before the load) ÷ connections; whole-machine memory/connection = "
-             "Δ(MemTotal − MemFree − Buffers − Cached − SReclaimable, i.e. free(1) \"used\") over the same interval ÷ connections (includes the load tool, "
+             "Δ(MemTotal − MemFree − Buffers − Cached − SReclaimable, i.e. free(1) \"used\") over the same interval, minus the change in RssAnon of all unrelated processes, ÷ connections (includes the load tool, "
              "backends and kernel socket memory; direct shows that baseline).")
     L.append("- direct = load tool straight to one echo backend (no proxy): the ceiling of the load tool.")
     L.append("")

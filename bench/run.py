@@ -133,6 +133,7 @@ class Ctx:
         for d in (self.raw, self.logs, self.configs):
             os.makedirs(d, exist_ok=True)
         self.work = tempfile.mkdtemp(prefix="ringlb-bench-")
+        self.quiet_budget = float(args.wait_quiet_total)
 
 
 def start_backends(ctx: Ctx, tag: str, cpus: str | None) -> tuple[list[Child], list[int]]:
@@ -183,11 +184,30 @@ def load_timeout(scenario: str, p: dict) -> float:
     return p["duration"] + p.get("warmup", 0) + 60.0
 
 
+def wait_quiet(ctx: Ctx) -> list[str]:
+    """Wait (bounded) while a build runs on the machine. Returns what was still
+    running when we gave up waiting (recorded with the measurement)."""
+    busy = procutil.busy_processes()
+    if not busy:
+        return []
+    deadline = time.monotonic() + min(ctx.args.wait_quiet, max(0.0, ctx.quiet_budget))
+    log(f"waiting for builds to finish before measuring: {' '.join(busy[:6])}")
+    t0 = time.monotonic()
+    while busy and time.monotonic() < deadline:
+        time.sleep(2.0)
+        busy = procutil.busy_processes()
+    ctx.quiet_budget -= time.monotonic() - t0
+    if busy:
+        log(f"still busy, measuring anyway (flagged): {' '.join(busy[:6])}")
+    return busy
+
+
 def measure(ctx: Ctx, scenario: str, target: str, rep: int) -> dict:
     p = dict(ctx.params[scenario])
     tag = f"{scenario}.{target}.r{rep}"
     rec = {"scenario": scenario, "target": target, "rep": rep, "params": p,
            "status": "failed", "error": None, "started": time.time()}
+    rec["busy_machine"] = wait_quiet(ctx)
     pinned = "proxy_cpus" in p
     proxy_cpus = p.get("proxy_cpus") if pinned else None
     other_cpus = p.get("other_cpus") if pinned else None
@@ -195,6 +215,7 @@ def measure(ctx: Ctx, scenario: str, target: str, rep: int) -> dict:
     try:
         backends, bports = start_backends(ctx, tag, other_cpus)
         rec["backend_ports"] = bports
+        rec["backend_pids"] = [b.pid for b in backends]
         running = start_target(target, bports, ctx.work, ctx.logs, tag, ctx.bins,
                                ctx.args.workers, proxy_cpus, ctx.configs)
         if running.child is not None:
@@ -208,6 +229,8 @@ def measure(ctx: Ctx, scenario: str, target: str, rep: int) -> dict:
         before = procutil.sample_tree(proxy_pids, fds=True) if proxy_pids else None
         rec["proxy_before"] = before
         rec["machine_used_kb_before"] = procutil.machine_used_kb()
+        ours = set(proxy_pids) | {q for b in backends for q in procutil.descendants(b.pid)}
+        rec["others_anon_kb_before"] = procutil.others_anon_kb(ours)
 
         json_path = os.path.join(ctx.work, f"{tag}.json")
         hist_path = os.path.join(ctx.raw, "hist", f"{tag}.csv")
@@ -296,6 +319,10 @@ def idle_probe(ctx, p, running, bports, proxy_pids, load, rec) -> dict:
     out = {"established_front": front, "established_back": back, "all_established": front >= n and back >= n}
     time.sleep(1.0)  # settle
     out["machine_used_kb"] = procutil.machine_used_kb()
+    ours = set(procutil.descendants(load.pid)) | set(proxy_pids)
+    for bp in rec.get("backend_pids", []):
+        ours |= set(procutil.descendants(bp))
+    out["others_anon_kb"] = procutil.others_anon_kb(ours)
     if proxy_pids:
         pids = procutil.descendants(running.child.pid)
         out["proxy"] = procutil.sample_tree(pids, fds=True)
@@ -339,6 +366,11 @@ def main(argv=None) -> int:
     ap.add_argument("--bin-dir", default=None, help="dir with ringlb and ringlb-load")
     ap.add_argument("--build", action="store_true",
                     help="run `cargo build --release --workspace` first")
+    ap.add_argument("--wait-quiet", type=float, default=300.0,
+                    help="before each measurement, wait up to this many seconds while a build "
+                         "(cargo/rustc/cc/ld) runs on the machine (default 300)")
+    ap.add_argument("--wait-quiet-total", type=float, default=1800.0,
+                    help="total budget for such waits over the whole run (default 1800)")
     ap.add_argument("--skip-missing", action="store_true",
                     help="drop targets whose program is not installed instead of stopping")
     args = ap.parse_args(argv)
