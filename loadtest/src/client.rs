@@ -4,7 +4,7 @@
 use crate::codec::{self, MAX_HEADER, OP_BINARY, OP_CLOSE, OP_CONT, OP_PING, OP_PONG, OP_TEXT};
 use std::io;
 use std::net::{IpAddr, SocketAddr, ToSocketAddrs};
-use tokio::io::{AsyncRead, AsyncReadExt, AsyncWriteExt};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpSocket, TcpStream};
 
 /// Error kinds, counted separately and reported by name.
@@ -388,7 +388,7 @@ impl Reader {
     }
 
     /// One read from the socket. Cancel-safe: a read either happened or not.
-    pub async fn fill<R: AsyncRead + Unpin>(&mut self, r: &mut R) -> Result<(), ErrKind> {
+    pub async fn fill(&mut self, s: &TcpStream) -> Result<(), ErrKind> {
         if self.buf.is_empty() {
             self.buf = vec![0u8; self.cap];
         }
@@ -400,15 +400,24 @@ impl Reader {
             self.end -= self.start;
             self.start = 0;
         }
-        let n = r
-            .read(&mut self.buf[self.end..])
-            .await
-            .map_err(|e| ErrKind::from_io(&e))?;
-        if n == 0 {
-            return Err(ErrKind::UnexpectedClose);
+        let space = self.buf.len() - self.end;
+        // Bounded: each pass either reads or waits for a readiness event.
+        loop {
+            match s.try_read(&mut self.buf[self.end..]) {
+                Ok(0) => return Err(ErrKind::UnexpectedClose),
+                Ok(n) => {
+                    if n < space {
+                        clear_read_readiness(s);
+                    }
+                    self.end += n;
+                    return Ok(());
+                }
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
+                    s.readable().await.map_err(|e| ErrKind::from_io(&e))?;
+                }
+                Err(e) => return Err(ErrKind::from_io(&e)),
+            }
         }
-        self.end += n;
-        Ok(())
     }
 
     /// Consumes buffered bytes; returns a complete, byte-checked message or a
@@ -508,6 +517,33 @@ impl Reader {
             }
         }
     }
+}
+
+/// A short TCP read means the receive queue was drained, so the next read
+/// would only return EAGAIN. Telling tokio so saves that syscall on every
+/// message; data arriving later raises a fresh edge-triggered event, and tokio
+/// only clears readiness it has not seen change since.
+pub fn clear_read_readiness(s: &TcpStream) {
+    let _ = s.try_io(tokio::io::Interest::READABLE, || {
+        Err::<(), _>(io::ErrorKind::WouldBlock.into())
+    });
+}
+
+/// Writes all of `buf` through a shared reference, so reading and writing can
+/// proceed concurrently on one socket without splitting it.
+pub async fn write_all(s: &TcpStream, mut buf: &[u8]) -> Result<(), ErrKind> {
+    // Bounded: each pass writes at least one byte or waits for writability.
+    while !buf.is_empty() {
+        match s.try_write(buf) {
+            Ok(0) => return Err(ErrKind::UnexpectedClose),
+            Ok(n) => buf = &buf[n..],
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
+                s.writable().await.map_err(|e| ErrKind::from_io(&e))?;
+            }
+            Err(e) => return Err(ErrKind::from_io(&e)),
+        }
+    }
+    Ok(())
 }
 
 /// A close frame with code 1000, masked with a zero key like every client frame.

@@ -344,10 +344,16 @@ async fn echo_loop(stream: &mut TcpStream, stats: &EchoStats, leftover: Vec<u8>)
                 match stream.try_read(&mut buf[carried..]) {
                     Ok(0) => return Ok(true),
                     Ok(n) => {
+                        let short = carried + n < buf.len();
                         if process_and_write(&mut echo, stream, &mut buf, carried + n, stats)
                             .await?
                         {
                             return Ok(true);
+                        }
+                        if short {
+                            // Drained: skip the read that would only say EAGAIN.
+                            crate::client::clear_read_readiness(stream);
+                            return Ok(false);
                         }
                     }
                     Err(e) if e.kind() == io::ErrorKind::WouldBlock => {

@@ -11,7 +11,6 @@ use std::rc::Rc;
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering::Relaxed};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
-use tokio::io::AsyncWriteExt;
 use tokio::net::TcpStream;
 use tokio::sync::{watch, Semaphore};
 
@@ -236,28 +235,33 @@ async fn open_conn(ctx: &Ctx, gidx: u64) -> Option<Conn> {
 /// Sends one frame and reads its echo, concurrently, so that a message larger
 /// than the socket buffers cannot deadlock the two directions.
 async fn exchange(c: &mut Conn, frame: &[u8], exp: &Expect<'_>) -> Result<(), ErrKind> {
-    let (mut rd, mut wr) = c.stream.split();
+    let stream = &c.stream;
     let reader = &mut c.reader;
-    let write = async { wr.write_all(frame).await.map_err(|e| ErrKind::from_io(&e)) };
+    // Fast path: a small frame almost always fits the socket buffer at once,
+    // and then only the read needs waiting for.
+    let rest = match stream.try_write(frame) {
+        Ok(n) => &frame[n..],
+        Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => frame,
+        Err(e) => return Err(ErrKind::from_io(&e)),
+    };
+    let write = client::write_all(stream, rest);
     let read = async {
         loop {
             match reader.next(exp)? {
                 Some(Got::Message) => return Ok(()),
                 Some(Got::Close(_)) => return Err(ErrKind::UnexpectedClose),
-                None => reader.fill(&mut rd).await?,
+                None => reader.fill(stream).await?,
             }
         }
     };
-    tokio::try_join!(read, write)?;
+    // Write first: the echo cannot arrive before the message has left.
+    tokio::try_join!(write, read)?;
     write_pongs(c).await
 }
 
 async fn write_pongs(c: &mut Conn) -> Result<(), ErrKind> {
     if !c.reader.pong_out.is_empty() {
-        c.stream
-            .write_all(&c.reader.pong_out)
-            .await
-            .map_err(|e| ErrKind::from_io(&e))?;
+        client::write_all(&c.stream, &c.reader.pong_out).await?;
         c.reader.pong_out.clear();
     }
     Ok(())
@@ -291,22 +295,19 @@ async fn close_conn(ctx: &Ctx, c: &mut Conn) -> Result<(), ErrKind> {
         text: false,
     };
     tokio::time::timeout(ctx.cfg.timeout, async {
-        c.stream
-            .write_all(&close_frame())
-            .await
-            .map_err(|e| ErrKind::from_io(&e))?;
+        client::write_all(&c.stream, &close_frame()).await?;
         loop {
             match c.reader.next(&exp)? {
                 Some(Got::Close(_)) => break,
                 Some(Got::Message) => return Err(ErrKind::MismatchedEcho),
-                None => c.reader.fill(&mut c.stream).await?,
+                None => c.reader.fill(&c.stream).await?,
             }
         }
         Ok(())
     })
     .await
     .unwrap_or(Err(ErrKind::Timeout))?;
-    let _ = tokio::time::timeout(Duration::from_secs(1), c.reader.fill(&mut c.stream)).await;
+    let _ = tokio::time::timeout(Duration::from_secs(1), c.reader.fill(&c.stream)).await;
     Ok(())
 }
 
@@ -379,8 +380,12 @@ async fn pingpong(
     let cfg = &ctx.cfg;
     let measure_from = start + cfg.warmup;
     let end = measure_from + cfg.duration;
-    let timeout = tokio::time::sleep_until(end.into());
-    tokio::pin!(timeout);
+    // One timer per connection, re-armed lazily: moving a timer on every
+    // message costs more than the rest of the user-space work per message.
+    let slack = cfg.timeout / 8;
+    let mut armed = Instant::now() + cfg.timeout;
+    let timer = tokio::time::sleep_until(armed.into());
+    tokio::pin!(timer);
     // Bounded by `end`: every iteration either finishes a message or fails.
     for seq in 1u64.. {
         out.set_seq(seq);
@@ -390,10 +395,25 @@ async fn pingpong(
             text: cfg.text,
         };
         let t0 = Instant::now();
-        timeout.as_mut().reset((t0 + cfg.timeout).into());
-        tokio::select! {
-            r = exchange(c, &out.frame, &exp) => r?,
-            _ = &mut timeout => return Err(ErrKind::Timeout),
+        let deadline = t0 + cfg.timeout;
+        if deadline > armed + slack {
+            armed = deadline;
+            timer.as_mut().reset(armed.into());
+        }
+        let ex = exchange(c, &out.frame, &exp);
+        tokio::pin!(ex);
+        // Bounded: the timer is re-armed at most once, to the exact deadline.
+        loop {
+            tokio::select! {
+                r = &mut ex => { r?; break; }
+                _ = &mut timer => {
+                    if Instant::now() >= deadline {
+                        return Err(ErrKind::Timeout);
+                    }
+                    armed = deadline;
+                    timer.as_mut().reset(armed.into());
+                }
+            }
         }
         let t1 = Instant::now();
         if t1 >= measure_from && t1 <= end {
@@ -460,16 +480,15 @@ async fn rate(
         }
         tokio::select! {
             biased;
-            r = c.reader.fill(&mut c.stream) => r?,
+            r = c.reader.fill(&c.stream) => r?,
             _ = tokio::time::sleep_until(due(sent).into()), if sending && sent - recvd < MAX_INFLIGHT => {
                 let now = Instant::now();
                 // Catch up on every send that is already due, in one burst.
                 while due(sent) <= now && due(sent) < send_end && sent - recvd < MAX_INFLIGHT {
                     out.set_seq(sent);
-                    tokio::time::timeout(cfg.timeout, c.stream.write_all(&out.frame))
+                    tokio::time::timeout(cfg.timeout, client::write_all(&c.stream, &out.frame))
                         .await
-                        .map_err(|_| ErrKind::Timeout)?
-                        .map_err(|e| ErrKind::from_io(&e))?;
+                        .map_err(|_| ErrKind::Timeout)??;
                     sent += 1;
                 }
             }
