@@ -475,12 +475,17 @@ fn run_children(procs: u64) -> anyhow::Result<Results> {
 
 fn spawn_progress(p: Option<Arc<Progress>>, done: Arc<AtomicBool>) -> std::thread::JoinHandle<()> {
     std::thread::spawn(move || {
+        // indicatif draws nothing when stderr is not a terminal, so --progress
+        // there falls back to one plain line per second (e.g. for CI logs).
+        let tty = std::io::stderr().is_terminal();
         let pb = indicatif::ProgressBar::new_spinner();
         pb.set_draw_target(indicatif::ProgressDrawTarget::stderr());
+        let tick = Duration::from_millis(if tty { 250 } else { 1000 });
         let start = Instant::now();
         let mut last = (Instant::now(), 0u64);
+        // Bounded by the run: `done` is set when the run returns.
         while !done.load(Relaxed) {
-            std::thread::sleep(Duration::from_millis(250));
+            std::thread::sleep(tick);
             let msg = match &p {
                 Some(p) => {
                     let m = p.messages.load(Relaxed);
@@ -503,8 +508,12 @@ fn spawn_progress(p: Option<Arc<Progress>>, done: Arc<AtomicBool>) -> std::threa
                     start.elapsed().as_secs_f64()
                 ),
             };
-            pb.set_message(msg);
-            pb.tick();
+            if tty {
+                pb.set_message(msg);
+                pb.tick();
+            } else {
+                eprintln!("{msg}");
+            }
         }
         pb.finish_and_clear();
     })

@@ -239,3 +239,26 @@ fn echo_reports_multiple_listeners() {
         assert_clean(code, &v.expect("json"), &stderr);
     }
 }
+
+#[test]
+fn progress_lines_when_asked_without_a_terminal() {
+    let echo = EchoProc::start(&[]);
+    let url = echo.url();
+    let (code, v, stderr) = run_tool(&[
+        "pingpong",
+        "--url",
+        &url,
+        "--connections",
+        "2",
+        "--duration",
+        "1500ms",
+        "--progress",
+    ]);
+    assert_clean(code, &v.expect("json"), &stderr);
+    assert!(
+        stderr
+            .lines()
+            .any(|l| l.contains("msgs ") && l.contains("errors 0")),
+        "{stderr}"
+    );
+}
