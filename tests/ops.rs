@@ -290,21 +290,29 @@ async fn drain_timeout_closes_what_is_left() {
     echo(&mut live, "before").await;
     let t = Instant::now();
     proxy.signal("TERM");
-    let end = tokio::time::timeout(Duration::from_secs(10), async {
+    // Idle between frames: both sides get a Close 1001 "going away".
+    let got = tokio::time::timeout(Duration::from_secs(10), async {
         loop {
             match live.next().await {
-                Some(Ok(m)) if !m.is_close() => continue,
-                _ => return,
+                Some(Ok(Message::Close(f))) => return f.map(|f| u16::from(f.code)),
+                Some(Ok(_)) => continue,
+                other => panic!("session ended without a Close frame: {other:?}"),
             }
         }
     })
-    .await;
-    assert!(end.is_ok(), "session not closed after drain_timeout");
+    .await
+    .expect("session not closed after drain_timeout");
+    assert_eq!(got, Some(1001));
     assert!(
         t.elapsed() >= Duration::from_millis(250),
         "{:?}",
         t.elapsed()
     );
+    drop(live);
+    wait_until("backend got the Close", || {
+        a.closes.lock().unwrap().contains(&1001)
+    })
+    .await;
     let st = proxy
         .wait_exit(Duration::from_secs(10))
         .expect("did not exit");

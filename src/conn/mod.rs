@@ -42,7 +42,9 @@ use crate::route;
 use crate::snapshot::Snapshot;
 use crate::upstream::{Lease, Rng};
 
+mod frames;
 mod queue;
+use frames::FrameTracker;
 use queue::Queue;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -179,6 +181,8 @@ pub enum Closer {
 #[derive(Debug, Default)]
 struct Flow {
     queue: Queue,
+    /// Frame boundaries of what flows this way (meaningful once upgraded).
+    frames: FrameTracker,
     sending: bool,
     /// The source side reached EOF; shut our write half once drained.
     src_eof: bool,
@@ -215,6 +219,10 @@ pub struct Conn {
     /// The end-of-response rule for non-101 answers.
     finish_with_response: bool,
     pub closer: Option<Closer>,
+    /// Close 1001 was injected; whatever arrives now is dropped.
+    going_away: bool,
+    /// EOF seen from each side.
+    peer_eof: [bool; 2],
     /// The route prefix matched, for the access log.
     pub route: Option<Arc<str>>,
     /// The backend tried last, for the access log.
@@ -254,6 +262,8 @@ impl Conn {
             status: None,
             finish_with_response: false,
             closer: None,
+            going_away: false,
+            peer_eof: [false, false],
             route: None,
             backend: None,
 
@@ -328,7 +338,9 @@ impl Conn {
                 hs.resp.extend_from_slice(data);
                 self.try_response(out);
             }
+            (Stage::Relaying, _) if self.going_away => out.push(Action::Release(bid)),
             (Stage::Connecting { .. } | Stage::AwaitingResponse | Stage::Relaying, _) => {
+                self.flow[side.other().idx()].frames.feed(data);
                 self.relay(side, bid, data.len(), out);
             }
             // Responding discards what the client still sends; Closing only
@@ -436,6 +448,7 @@ impl Conn {
         match self.stage {
             Stage::Closing => false,
             Stage::Responding => src == Side::Client,
+            Stage::Relaying if self.going_away => !self.peer_eof[src.idx()],
             _ => !flow.src_eof && flow.queue.len() < self.max_queue,
         }
     }
@@ -478,6 +491,7 @@ impl Conn {
     }
 
     fn on_eof(&mut self, side: Side, out: &mut Vec<Action>) {
+        self.peer_eof[side.idx()] = true;
         match (self.stage, side) {
             (Stage::ReadingHead, _) | (Stage::Responding, Side::Client) => {
                 self.close(Closer::Client, out)
@@ -514,6 +528,15 @@ impl Conn {
     /// Ends the session once every direction that is going to finish has.
     fn maybe_finish(&mut self, out: &mut Vec<Action>) {
         if self.stage != Stage::Relaying {
+            return;
+        }
+        if self.going_away {
+            // Closing before the peers answer our Close would make their
+            // reply meet a closed socket, and the reset could destroy our
+            // Close frame unread; wait for both EOFs (or the linger timer).
+            if self.peer_eof == [true, true] {
+                self.close_now(out);
+            }
             return;
         }
         let to_client = &self.flow[Side::Client.idx()];
@@ -594,6 +617,7 @@ impl Conn {
                 self.respond(Reject::GatewayTimeout, out);
             }
             (TimerKind::Linger, Stage::Responding) => self.close_now(out),
+            (TimerKind::Linger, Stage::Relaying) if self.going_away => self.close_now(out),
             _ => {}
         }
     }
@@ -617,6 +641,9 @@ impl Conn {
         let target = route::rewrite_target(route, &req.target);
         let ip = self.client_addr.ip();
         let forwarded = http::forward_head(&req, &target, ip, &hs.head[req.head_len..]);
+        self.flow[Side::Backend.idx()]
+            .frames
+            .feed(&hs.head[req.head_len..]);
         hs.upstream = route.upstream;
         self.route = Some(route.path.clone());
 
@@ -683,7 +710,7 @@ impl Conn {
         self.set_stage(Stage::Relaying);
         let to_client = &mut self.flow[Side::Client.idx()];
         match resp.body {
-            Body::Upgraded => {}
+            Body::Upgraded => to_client.frames.feed(&data[resp.head_len..]),
             Body::UntilClose => self.finish_with_response = true,
             Body::None | Body::Length(_) => {
                 let want = if let Body::Length(n) = resp.body {
@@ -731,9 +758,41 @@ impl Conn {
         out.push(Action::AbortBackend);
     }
 
-    /// Shutdown: end the session now, whatever its stage.
+    /// Shutdown: end the session now. An upgraded session that sits between
+    /// frames both ways gets a Close 1001 on each side (after what is already
+    /// queued), then its write halves are shut and it ends when both peers
+    /// close or `linger_timeout` passes; anything else is closed at once.
     pub fn drain_close(&mut self, out: &mut Vec<Action>) {
-        self.close(Closer::Drain, out);
+        let clean = self.stage == Stage::Relaying
+            && self.status == Some(101)
+            && !self.going_away
+            && self
+                .flow
+                .iter()
+                .all(|f| f.frames.at_boundary() && !f.shut && !f.src_eof);
+        if !clean {
+            return self.close(Closer::Drain, out);
+        }
+        self.going_away = true;
+        self.closer = Some(Closer::Drain);
+        for (dst, frame) in [
+            (Side::Client, frames::close_going_away_to_client()),
+            (Side::Backend, frames::close_going_away_to_backend()),
+        ] {
+            let flow = &mut self.flow[dst.idx()];
+            flow.queue.push_back(Payload::Owned {
+                data: frame,
+                start: 0,
+            });
+            flow.src_eof = true;
+            self.kick(dst, out);
+        }
+        for side in [Side::Client, Side::Backend] {
+            if self.recv[side.idx()] == RecvState::Off {
+                self.ensure_recv(side, out);
+            }
+        }
+        out.push(Action::Timer(TimerKind::Linger, self.linger));
     }
 
     fn close(&mut self, closer: Closer, out: &mut Vec<Action>) {

@@ -362,3 +362,63 @@ fn close_returns_every_held_buffer() {
     held.sort();
     assert_eq!(held, vec![30, 31]);
 }
+
+#[test]
+fn drain_between_frames_sends_close_1001_both_ways() {
+    let s = snap(&["127.0.0.1:9001"], "");
+    let mut c = relaying(&s);
+    let mut out = Vec::new();
+    // A whole masked frame from the client: still at a boundary.
+    c.on_recv(
+        Side::Client,
+        40,
+        &[0x81, 0x82, 1, 2, 3, 4, b'h' ^ 1, b'i' ^ 2],
+        &mut out,
+    );
+    c.on_send(Side::Backend, Ok(8), &mut out);
+    out.clear();
+    c.drain_close(&mut out);
+    assert_eq!(out[0], Action::Send(Side::Client));
+    assert_eq!(out[1], Action::Send(Side::Backend));
+    let Some(Payload::Owned { data, .. }) = c.front(Side::Client) else {
+        panic!()
+    };
+    assert_eq!(&data[..4], &[0x88, 22, 0x03, 0xe9]);
+    let Some(Payload::Owned { data, .. }) = c.front(Side::Backend) else {
+        panic!()
+    };
+    assert_eq!(data[1] & 0x80, 0x80, "frames to the backend are masked");
+    // Both written, both write halves shut, then wait for the peers.
+    out.clear();
+    let (n1, n2) = (
+        c.front(Side::Client).unwrap().remaining(),
+        c.front(Side::Backend).unwrap().remaining(),
+    );
+    c.on_send(Side::Client, Ok(n1), &mut out);
+    c.on_send(Side::Backend, Ok(n2), &mut out);
+    assert!(out.contains(&Action::ShutdownWrite(Side::Client)));
+    assert!(out.contains(&Action::ShutdownWrite(Side::Backend)));
+    assert!(!out.contains(&Action::Close));
+    out.clear();
+    c.on_recv(Side::Backend, 41, &[0x88, 0x00], &mut out);
+    assert_eq!(
+        out,
+        vec![Action::Release(41)],
+        "nothing is relayed after our Close"
+    );
+    c.on_recv_end(Side::Backend, RecvEnd::Eof, &mut out);
+    c.on_recv_end(Side::Client, RecvEnd::Eof, &mut out);
+    assert!(out.ends_with(&[Action::Close]));
+    assert_eq!(c.closer, Some(Closer::Drain));
+}
+
+#[test]
+fn drain_mid_frame_closes_the_connection() {
+    let s = snap(&["127.0.0.1:9001"], "");
+    let mut c = relaying(&s);
+    let mut out = Vec::new();
+    c.on_recv(Side::Client, 40, &[0x82, 0x85, 1, 2, 3, 4, 0], &mut out);
+    out.clear();
+    c.drain_close(&mut out);
+    assert_eq!(out, vec![Action::Close]);
+}

@@ -188,6 +188,8 @@ pub struct Backend {
     pub addr: SocketAddr,
     pub active: Arc<AtomicUsize>,
     pub requests: Arc<Mutex<Vec<SeenRequest>>>,
+    /// Close codes received from clients (through ringlb).
+    pub closes: Arc<Mutex<Vec<u16>>>,
     /// Flipped to true by `kill`: the listener and every session end.
     killed: tokio::sync::watch::Sender<bool>,
 }
@@ -205,6 +207,7 @@ impl Backend {
             addr: listener.local_addr().unwrap(),
             active: Arc::new(AtomicUsize::new(0)),
             requests: Arc::new(Mutex::new(Vec::new())),
+            closes: Arc::new(Mutex::new(Vec::new())),
             killed,
         };
         let b2 = b.clone();
@@ -262,6 +265,9 @@ impl Backend {
                 },
                 _ = stop.changed() => break,
             };
+            if let Message::Close(Some(f)) = &msg {
+                self.closes.lock().unwrap().push(u16::from(f.code));
+            }
             match msg {
                 Message::Text(t) if t == "server-close" => {
                     let _ = ws
