@@ -202,7 +202,10 @@ impl Shard {
             listeners: init
                 .listeners
                 .into_iter()
-                .map(|l| Some(listener(l)))
+                .map(|l| {
+                    configure(&SockRef::from(&l), &init.snap);
+                    Some(listener(l))
+                })
                 .collect(),
             snap: init.snap,
             shared: init.shared,
@@ -386,7 +389,8 @@ impl Shard {
         let Ok(peer) = sock.peer_addr() else { return };
         let Some(peer) = peer.as_socket() else { return };
         self.stats.accepted.add(1);
-        configure(&sock, &self.snap);
+        // TCP_NODELAY and keepalive come from the listener: accepted sockets
+        // inherit them, which saves five setsockopt calls per connection.
         let over = self.shared.clients.fetch_add(1, Ordering::Relaxed)
             >= self.snap.config.server.max_connections.get();
 
@@ -665,9 +669,15 @@ impl Shard {
         while let Ok(cmd) = self.commands.try_recv() {
             match cmd {
                 Command::Stop => self.stopping = true,
-                Command::Reload(snap) => self.snap = snap,
+                Command::Reload(snap) => {
+                    self.snap = snap;
+                    for l in self.listeners.iter().flatten() {
+                        configure(&SockRef::from(&l.sock), &self.snap);
+                    }
+                }
                 Command::AddListeners(socks) => {
                     for sock in socks {
+                        configure(&SockRef::from(&sock), &self.snap);
                         self.listeners.push(Some(listener(sock)));
                         self.arm_accept(self.listeners.len() - 1);
                     }
@@ -723,7 +733,9 @@ fn listener(sock: TcpListener) -> Listener {
     }
 }
 
-fn configure(sock: &SockRef<'_>, snap: &Snapshot) {
+/// Socket options for both legs; set on listeners (inherited by accepted
+/// sockets) and on each backend socket.
+pub fn configure(sock: &SockRef<'_>, snap: &Snapshot) {
     // Relayed WebSocket frames are latency-sensitive and already batched by
     // the sender; Nagle would only delay them.
     let _ = sock.set_nodelay(true);
