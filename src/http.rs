@@ -620,4 +620,67 @@ mod tests {
             .unwrap()
             .contains("Sec-WebSocket-Version: 13\r\n"));
     }
+
+    mod properties {
+        use super::super::*;
+        use proptest::prelude::{any, prop_assert, prop_oneof, proptest, Just, Strategy};
+
+        fn header_name() -> impl Strategy<Value = String> {
+            prop_oneof![
+                Just("Connection".to_string()),
+                Just("Keep-Alive".to_string()),
+                Just("TE".to_string()),
+                Just("Trailer".to_string()),
+                Just("Upgrade".to_string()),
+                Just("Proxy-Connection".to_string()),
+                Just("Proxy-Authorization".to_string()),
+                Just("X-Forwarded-For".to_string()),
+                Just("X-Real-IP".to_string()),
+                "[A-Za-z][A-Za-z0-9-]{0,12}",
+            ]
+        }
+
+        proptest! {
+            #[test]
+            fn any_bytes_never_panic(bytes in proptest::collection::vec(any::<u8>(), 0..600)) {
+                let _ = parse_request(&bytes, 512, 16);
+                let _ = parse_response(&bytes, 512, Some("dGhlIHNhbXBsZSBub25jZQ=="), false);
+            }
+
+            #[test]
+            fn forwarded_head_has_no_hop_by_hop_header(
+                headers in proptest::collection::vec((header_name(), "[a-zA-Z0-9 ,=-]{0,20}"), 0..12),
+                upgrade in any::<bool>(),
+            ) {
+                let mut req = String::from("GET /p HTTP/1.1\r\nHost: h\r\n");
+                if upgrade {
+                    req.push_str("Upgrade: websocket\r\nConnection: Upgrade\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n");
+                }
+                let mut named = Vec::new();
+                for (n, v) in &headers {
+                    req.push_str(&format!("{n}: {v}\r\n"));
+                    if n.eq_ignore_ascii_case("connection") {
+                        named.extend(v.split(',').map(|t| t.trim().to_ascii_lowercase()).filter(|t| !t.is_empty()));
+                    }
+                }
+                req.push_str("\r\n");
+                let Ok(Some(parsed)) = parse_request(req.as_bytes(), 16384, 100) else { return Ok(()) };
+                let out = String::from_utf8(forward_head(&parsed, "/p", "10.0.0.1".parse().unwrap(), b"")).unwrap();
+                let names: Vec<String> = out.lines().skip(1).filter_map(|l| l.split_once(':')).map(|(n, _)| n.to_ascii_lowercase()).collect();
+                for hop in ["keep-alive", "te", "trailer", "proxy-connection", "proxy-authorization"] {
+                    prop_assert!(!names.iter().any(|n| n == hop), "{hop} forwarded:\n{out}");
+                }
+                for n in &named {
+                    // Host is never dropped; the rest are ringlb's own headers.
+                    let ours = ["host", "connection", "upgrade", "x-forwarded-for", "x-real-ip", "x-forwarded-proto"];
+                    if !ours.contains(&n.as_str()) {
+                        prop_assert!(!names.iter().any(|x| x == n), "{n} was named in Connection but forwarded:\n{out}");
+                    }
+                }
+                prop_assert!(names.iter().filter(|n| *n == "connection").count() == 1);
+                prop_assert!(names.iter().filter(|n| *n == "x-real-ip").count() == 1);
+                prop_assert!(names.iter().filter(|n| *n == "host").count() == 1);
+            }
+        }
+    }
 }
