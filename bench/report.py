@@ -287,8 +287,11 @@ def goals(agg, targets) -> list[dict]:
         f"ringlb {f3(r)} B/conn")
     r = med(agg, "idle", "ringlb", "machine_per_conn_b")
     h = med(agg, "idle", "haproxy", "machine_per_conn_b")
-    add("idle: whole-machine memory per connection ≤ 0.7× HAProxy", ratio(r, h), "<=", 0.7,
-        f"ringlb {f3(r)} B vs haproxy {f3(h)} B per conn")
+    # A non-positive delta means other activity on the machine swamped the signal.
+    pos = r is not None and h is not None and r > 0 and h > 0
+    add("idle: whole-machine memory per connection ≤ 0.7× HAProxy", ratio(r, h) if pos else None, "<=", 0.7,
+        f"ringlb {f3(r)} B vs haproxy {f3(h)} B per conn" + ("" if pos or r is None or h is None
+                                                               else " (non-positive: swamped by noise)"))
     tb = med(agg, "idle", "ringlb", "threads_before")
     th = med(agg, "idle", "ringlb", "threads_held")
     extra = (th - tb) if tb is not None and th is not None else None
