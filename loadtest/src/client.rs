@@ -387,8 +387,7 @@ impl Reader {
         }
     }
 
-    /// One read from the socket. Cancel-safe: a read either happened or not.
-    pub async fn fill(&mut self, s: &TcpStream) -> Result<(), ErrKind> {
+    fn make_room(&mut self) -> usize {
         if self.buf.is_empty() {
             self.buf = vec![0u8; self.cap];
         }
@@ -400,7 +399,28 @@ impl Reader {
             self.end -= self.start;
             self.start = 0;
         }
-        let space = self.buf.len() - self.end;
+        self.buf.len() - self.end
+    }
+
+    /// One non-blocking read for readiness-driven loops. Returns `Ok(None)` on
+    /// WouldBlock, otherwise whether the read was short (queue drained).
+    pub fn fill_sync<R: std::io::Read>(&mut self, r: &mut R) -> Result<Option<bool>, ErrKind> {
+        let space = self.make_room();
+        match r.read(&mut self.buf[self.end..]) {
+            Ok(0) => Err(ErrKind::UnexpectedClose),
+            Ok(n) => {
+                self.end += n;
+                Ok(Some(n < space))
+            }
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => Ok(None),
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => Ok(Some(false)),
+            Err(e) => Err(ErrKind::from_io(&e)),
+        }
+    }
+
+    /// One read from the socket. Cancel-safe: a read either happened or not.
+    pub async fn fill(&mut self, s: &TcpStream) -> Result<(), ErrKind> {
+        let space = self.make_room();
         // Bounded: each pass either reads or waits for a readiness event.
         loop {
             match s.try_read(&mut self.buf[self.end..]) {

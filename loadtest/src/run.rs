@@ -14,6 +14,8 @@ use std::time::{Duration, Instant};
 use tokio::net::TcpStream;
 use tokio::sync::{watch, Semaphore};
 
+mod fast;
+
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Mode {
     PingPong,
@@ -185,6 +187,27 @@ fn thread_main(
             for _ in 0..workers {
                 tasks.push(tokio::task::spawn_local(hs_worker(ctx.clone())));
             }
+        } else if matches!(ctx.cfg.mode, Mode::PingPong | Mode::Bulk) {
+            // Connections are set up with tokio, then driven by the mio loop.
+            let opened = Rc::new(RefCell::new(Vec::new()));
+            for i in conns {
+                let ctx = ctx.clone();
+                let opened = opened.clone();
+                tasks.push(tokio::task::spawn_local(async move {
+                    let gidx = (ctx.cfg.conn_offset + i) as u64;
+                    let c = open_conn(&ctx, gidx).await;
+                    announce_opened(&ctx);
+                    if let Some(c) = c {
+                        opened.borrow_mut().push((gidx, c));
+                    }
+                }));
+            }
+            for t in tasks.drain(..) {
+                let _ = t.await;
+            }
+            let start = wait_start(&ctx).await;
+            let conns = opened.take();
+            fast::run(&ctx, conns, start);
         } else {
             for i in conns {
                 tasks.push(tokio::task::spawn_local(conn_task(ctx.clone(), i)));
@@ -325,6 +348,16 @@ fn announce_opened(ctx: &Ctx) {
     }
 }
 
+/// Waits until every connection of the process has been attempted.
+async fn wait_start(ctx: &Ctx) -> Instant {
+    let mut rx = ctx.start_rx.clone();
+    let start = match rx.wait_for(Option::is_some).await {
+        Ok(v) => v.unwrap_or_else(Instant::now),
+        Err(_) => Instant::now(),
+    };
+    start
+}
+
 async fn conn_task(ctx: Rc<Ctx>, i: usize) {
     let cfg = ctx.cfg.clone();
     let gidx = (cfg.conn_offset + i) as u64;
@@ -347,17 +380,13 @@ async fn conn_task(ctx: Rc<Ctx>, i: usize) {
         }
     }
     announce_opened(&ctx);
-    let mut rx = ctx.start_rx.clone();
-    let start = match rx.wait_for(Option::is_some).await {
-        Ok(v) => v.unwrap_or_else(Instant::now),
-        Err(_) => Instant::now(),
-    };
+    let start = wait_start(&ctx).await;
     let Some(mut c) = conn else { return };
     let r = match cfg.mode {
-        Mode::PingPong | Mode::Bulk => pingpong(&ctx, &mut c, &mut out, start).await,
         Mode::Rate => rate(&ctx, &mut c, &mut out, start, gidx).await,
         Mode::Idle => idle(&ctx, &mut c, &mut out, start).await,
-        Mode::Handshake => Ok(()),
+        // pingpong and bulk run in `fast`, handshake in `hs_worker`.
+        Mode::PingPong | Mode::Bulk | Mode::Handshake => Ok(()),
     };
     match r {
         Ok(()) => {
@@ -369,62 +398,6 @@ async fn conn_task(ctx: Rc<Ctx>, i: usize) {
         Err(k) => ctx.err(k),
     }
     ctx.shared.progress.open.fetch_sub(1, Relaxed);
-}
-
-async fn pingpong(
-    ctx: &Ctx,
-    c: &mut Conn,
-    out: &mut OutFrame,
-    start: Instant,
-) -> Result<(), ErrKind> {
-    let cfg = &ctx.cfg;
-    let measure_from = start + cfg.warmup;
-    let end = measure_from + cfg.duration;
-    // One timer per connection, re-armed lazily: moving a timer on every
-    // message costs more than the rest of the user-space work per message.
-    let slack = cfg.timeout / 8;
-    let mut armed = Instant::now() + cfg.timeout;
-    let timer = tokio::time::sleep_until(armed.into());
-    tokio::pin!(timer);
-    // Bounded by `end`: every iteration either finishes a message or fails.
-    for seq in 1u64.. {
-        out.set_seq(seq);
-        let exp = Expect {
-            payload: out.payload(),
-            seq,
-            text: cfg.text,
-        };
-        let t0 = Instant::now();
-        let deadline = t0 + cfg.timeout;
-        if deadline > armed + slack {
-            armed = deadline;
-            timer.as_mut().reset(armed.into());
-        }
-        let ex = exchange(c, &out.frame, &exp);
-        tokio::pin!(ex);
-        // Bounded: the timer is re-armed at most once, to the exact deadline.
-        loop {
-            tokio::select! {
-                r = &mut ex => { r?; break; }
-                _ = &mut timer => {
-                    if Instant::now() >= deadline {
-                        return Err(ErrKind::Timeout);
-                    }
-                    armed = deadline;
-                    timer.as_mut().reset(armed.into());
-                }
-            }
-        }
-        let t1 = Instant::now();
-        if t1 >= measure_from && t1 <= end {
-            count_message(ctx, t1 - t0);
-        }
-        ctx.shared.progress.messages.fetch_add(1, Relaxed);
-        if t1 >= end {
-            break;
-        }
-    }
-    Ok(())
 }
 
 /// Open loop: message k of this connection is due at `base + k * interval`
