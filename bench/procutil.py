@@ -353,6 +353,7 @@ class Sampler:
         self.interval = interval
         self.samples: dict[str, list[dict]] = {k: [] for k in roots}
         self._stop = threading.Event()
+        self.busy_seen: set[str] = set()  # builds seen on the machine while sampling
         self._pids = {k: self._expand(v) for k, v in roots.items()}
         self._thread = threading.Thread(target=self._run, daemon=True)
 
@@ -382,6 +383,8 @@ class Sampler:
             if n % 8 == 0:  # pick up late-forked workers, at most every ~2 s
                 self._pids = {k: self._expand(v) for k, v in self.roots.items()}
             self._take()
+            if n % 4 == 0:
+                self.busy_seen.update(busy_processes())
 
     def stop(self):
         self._stop.set()

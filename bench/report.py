@@ -467,7 +467,7 @@ def summary_md(out: str, meta: dict, recs: list[dict], img_prefix: str = "") -> 
                 L.append(f"| ringlb/{o} | " + " | ".join(f3(v) for v in vals) + " |")
             L.append("")
         busy = [f"{r['target']} rep {r['rep']}" for t in targets for r in (agg.get((s, t)) or {}).get("recs", [])
-                if r.get("busy_machine")]
+                if r.get("busy_machine") or r.get("busy_during")]
         if busy:
             L.append("⚠ measured while a build was running on the machine (distorted): " + ", ".join(busy))
             L.append("")
@@ -571,8 +571,8 @@ def write_setup(out: str, meta: dict) -> None:
         "nginx": _cmd([bins["nginx"], "-v"]) if bins.get("nginx") else "not installed",
         "haproxy": _cmd([bins["haproxy"], "-v"]).splitlines()[0] if bins.get("haproxy") else "not installed",
         "ringlb_rev": rev + (" (+ uncommitted changes in src/loadtest)" if dirty.strip() else ""),
-        "ringlb_bin": str(bins.get("ringlb")),
-        "load_bin": str(bins.get("ringlb-load")),
+        "ringlb_bin": _bin_desc(bins.get("ringlb")),
+        "load_bin": _bin_desc(bins.get("ringlb-load")),
         "rustc": _cmd(["rustc", "-V"]),
         "python": sys.version.split()[0],
         "argv": " ".join(meta.get("argv", [])),
@@ -589,6 +589,17 @@ def write_setup(out: str, meta: dict) -> None:
     text = re.sub(r"\{\{(\w+)\}\}", lambda m: vals.get(m.group(1), m.group(0)), tmpl)
     with open(os.path.join(out, "SETUP.md"), "w") as f:
         f.write(text)
+
+
+def _bin_desc(path) -> str:
+    if not path:
+        return "not found"
+    try:
+        import datetime
+        t = datetime.datetime.fromtimestamp(os.path.getmtime(path)).isoformat(timespec="seconds")
+        return f"{path} (built {t})"
+    except OSError:
+        return str(path)
 
 
 def _read(path):

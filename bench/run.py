@@ -250,6 +250,7 @@ def measure(ctx: Ctx, scenario: str, target: str, rep: int) -> dict:
         rc = load.wait(load_timeout(scenario, p))
         t_exit = time.monotonic()
         sampler.stop()
+        rec["busy_during"] = sorted(sampler.busy_seen)
         if rc is None:
             load.stop()
             raise StartError(f"load tool did not finish within {load_timeout(scenario, p):.0f}s")
@@ -370,7 +371,10 @@ def main(argv=None) -> int:
                     help="before each measurement, wait up to this many seconds while a build "
                          "(cargo/rustc/cc/ld) runs on the machine (default 300)")
     ap.add_argument("--wait-quiet-total", type=float, default=1800.0,
-                    help="total budget for such waits over the whole run (default 1800)")
+                    help="total budget in seconds for such waits and for re-measurements over "
+                         "the whole run (default 1800)")
+    ap.add_argument("--retry-busy", type=int, default=2,
+                    help="measure again (up to N times) when a build ran during a measurement")
     ap.add_argument("--skip-missing", action="store_true",
                     help="drop targets whose program is not installed instead of stopping")
     args = ap.parse_args(argv)
@@ -465,7 +469,22 @@ def main(argv=None) -> int:
             for rep in range(reps):
                 for target in names:
                     t0 = time.monotonic()
-                    rec = measure(ctx, scenario, target, rep)
+                    discarded = []
+                    for attempt in range(1 + max(0, args.retry_busy)):
+                        rec = measure(ctx, scenario, target, rep)
+                        busy = rec.get("busy_machine") or rec.get("busy_during")
+                        if (not busy or attempt == args.retry_busy or rec["status"] == "failed"
+                                or ctx.quiet_budget <= 0):
+                            break
+                        # a discarded attempt is paid from the same budget as waiting for builds
+                        ctx.quiet_budget -= rec["finished"] - rec["started"]
+                        discarded.append({"busy": busy, "brief": brief(rec)})
+                        log(f"{scenario} rep {rep} {target}: a build ran during the measurement "
+                            f"({' '.join(busy[:4])}); measuring again")
+                    if discarded:
+                        rec["discarded_attempts"] = discarded
+                        with open(os.path.join(ctx.raw, f"{scenario}.{target}.r{rep}.json"), "w") as f:
+                            json.dump(rec, f, indent=1)
                     records.append(rec)
                     log(f"{scenario:12s} rep {rep} {target:12s} {rec['status']:7s} "
                         f"{brief(rec)} ({time.monotonic() - t0:.1f}s)"
