@@ -349,10 +349,25 @@ impl BufRing {
             entries,
         };
         for bid in 0..entries {
+            br.prefault(bid);
             br.release(bid);
         }
         br.commit();
         Ok(br)
+    }
+
+    /// Touches the first page of a buffer before the kernel gets it. Small
+    /// messages never reach past it, so small-message traffic takes no page
+    /// faults on the data path, and the pool's resident memory is paid once
+    /// at start instead of showing up, page by page, as the first few
+    /// thousand connections arrive (which made idle connections look ~1 KB
+    /// dearer than they are).
+    fn prefault(&mut self, bid: u16) {
+        // SAFETY: the buffer lies inside our mapping and has not been given
+        // to the kernel yet (this runs before its first `release`).
+        unsafe {
+            self.buf_ptr(bid).write_volatile(0);
+        }
     }
 
     pub fn buf_size(&self) -> u32 {
