@@ -149,6 +149,8 @@ struct Listener {
     addr: SocketAddr,
     /// Its accept is being cancelled; dropped when the accept CQE ends.
     closing: bool,
+    /// A multishot accept is in flight (not while backing off after an error).
+    armed: bool,
 }
 
 pub struct Shard {
@@ -276,10 +278,11 @@ impl Shard {
     }
 
     fn arm_accept(&mut self, i: usize) {
-        if let Some(l) = &self.listeners[i] {
-            if !l.closing {
-                self.uring
-                    .accept_multi(l.sock.as_raw_fd(), ud(OP_ACCEPT, Side::Client, i));
+        if let Some(l) = &mut self.listeners[i] {
+            if !l.closing && !l.armed {
+                l.armed = true;
+                let fd = l.sock.as_raw_fd();
+                self.uring.accept_multi(fd, ud(OP_ACCEPT, Side::Client, i));
             }
         }
     }
@@ -287,7 +290,10 @@ impl Shard {
     /// Cancels a listener's accept; the socket closes when the accept ends.
     fn close_listener(&mut self, i: usize) {
         if let Some(l) = &mut self.listeners[i] {
-            if !l.closing {
+            if !l.armed {
+                // Backing off after an error: nothing in flight, close now.
+                self.listeners[i] = None;
+            } else if !l.closing {
                 l.closing = true;
                 let fd = l.sock.as_raw_fd();
                 self.uring.cancel_fd(fd, ud(OP_CANCEL, Side::Client, i));
@@ -364,9 +370,14 @@ impl Shard {
                 );
             }
         }
-        if !cqe.more() && self.listeners[listener].as_ref().is_some_and(|l| l.closing) {
-            self.listeners[listener] = None;
-            return;
+        if !cqe.more() {
+            if let Some(l) = &mut self.listeners[listener] {
+                l.armed = false;
+                if l.closing {
+                    self.listeners[listener] = None;
+                    return;
+                }
+            }
         }
         if !cqe.more() && !self.stopping {
             if cqe.result >= 0 {
@@ -730,6 +741,7 @@ fn listener(sock: TcpListener) -> Listener {
         sock,
         addr,
         closing: false,
+        armed: false,
     }
 }
 
