@@ -175,6 +175,7 @@ pub struct Shard {
     stopping: bool,
     draining: bool,
     accept_errors_logged: Option<Instant>,
+    socket_errors_logged: Option<Instant>,
     access_log: Option<Box<dyn Write + Send>>,
     log_dirty: bool,
 }
@@ -223,6 +224,7 @@ impl Shard {
             stopping: false,
             draining: false,
             accept_errors_logged: None,
+            socket_errors_logged: None,
             access_log: init.access_log,
             log_dirty: false,
         })
@@ -359,10 +361,10 @@ impl Shard {
         } else if cqe.result != -libc::ECANCELED {
             let now = Instant::now();
             if self
-                .accept_errors_logged
+                .socket_errors_logged
                 .is_none_or(|t| now.duration_since(t) > Duration::from_secs(5))
             {
-                self.accept_errors_logged = Some(now);
+                self.socket_errors_logged = Some(now);
                 log::warn!(
                     "shard {}: accept failed: {} (backing off 50ms; logged at most every 5s)",
                     self.id,
@@ -515,11 +517,17 @@ impl Shard {
                     e.inflight[Side::Backend.idx()] += 1;
                 }
                 Err(err) => {
-                    log::warn!("shard {}: cannot open a socket to {addr}: {err}", self.id);
-                    e.conn.on_connect(
-                        Err(err.raw_os_error().unwrap_or(libc::EIO)),
-                        &mut self.actions,
-                    );
+                    // Our own limit (EMFILE, ENOBUFS), not the backend's fault:
+                    // the client gets 503 and the backend's health is untouched.
+                    let now = Instant::now();
+                    if self
+                        .accept_errors_logged
+                        .is_none_or(|t| now.duration_since(t) > Duration::from_secs(5))
+                    {
+                        self.accept_errors_logged = Some(now);
+                        log::warn!("shard {}: cannot open a socket to {addr}: {err} (answering 503; logged at most every 5s)", self.id);
+                    }
+                    e.conn.on_local_error(&mut self.actions);
                 }
             },
             Action::CancelConnect => {

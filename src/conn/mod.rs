@@ -597,6 +597,14 @@ impl Conn {
         }
     }
 
+    /// ringlb could not even open a socket for the backend (its own fd or
+    /// memory limit): answer 503 without blaming the backend.
+    pub fn on_local_error(&mut self, out: &mut Vec<Action>) {
+        if matches!(self.stage, Stage::Connecting { .. }) {
+            self.respond(Reject::ServiceUnavailable, out);
+        }
+    }
+
     pub fn on_timer(&mut self, kind: TimerKind, out: &mut Vec<Action>) {
         match (kind, self.stage) {
             (TimerKind::Handshake, Stage::ReadingHead) => {

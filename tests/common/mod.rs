@@ -31,6 +31,12 @@ pub struct Proxy {
 impl Proxy {
     /// Starts `ringlb run --config` with this TOML; `listen` entries may use port 0.
     pub fn start(toml: &str) -> Proxy {
+        Proxy::start_under(toml, &[])
+    }
+
+    /// Starts ringlb as the last argument of a wrapper command (e.g.
+    /// `prlimit --nofile=N:N --`), which must exec it in place.
+    pub fn start_under(toml: &str, wrapper: &[&str]) -> Proxy {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("ringlb.toml");
         std::fs::write(&path, toml).unwrap();
@@ -38,7 +44,16 @@ impl Proxy {
             .lines()
             .find(|l| l.trim_start().starts_with("listen") && l.contains('['))
             .map_or(1, |l| l.matches(':').count());
-        let mut child = Command::new(env!("CARGO_BIN_EXE_ringlb"))
+        let ringlb = env!("CARGO_BIN_EXE_ringlb");
+        let mut cmd = match wrapper.split_first() {
+            Some((prog, args)) => {
+                let mut c = Command::new(prog);
+                c.args(args).arg(ringlb);
+                c
+            }
+            None => Command::new(ringlb),
+        };
+        let mut child = cmd
             .args(["run", "--config"])
             .arg(&path)
             .env("RUST_LOG", "info")
