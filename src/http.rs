@@ -85,6 +85,9 @@ pub struct Request {
     pub method: String,
     /// Origin-form target: path and query.
     pub target: String,
+    /// HTTP/1.x minor version; forwarded as sent, so an HTTP/1.0 request
+    /// without Host never becomes an invalid HTTP/1.1 one.
+    pub minor: u8,
     /// `Some(key)` for a valid WebSocket upgrade.
     pub ws_key: Option<String>,
     /// The end-to-end headers to forward, in order, original name case.
@@ -259,6 +262,7 @@ pub fn parse_request(
         head_len,
         method: method.to_string(),
         target: target.to_string(),
+        minor: minor as u8,
         ws_key,
         headers,
         forwarded_for: if forwarded_for.is_empty() {
@@ -305,7 +309,11 @@ pub fn forward_head(req: &Request, target: &str, client: IpAddr, extra: &[u8]) -
     out.extend_from_slice(req.method.as_bytes());
     out.push(b' ');
     out.extend_from_slice(target.as_bytes());
-    out.extend_from_slice(b" HTTP/1.1\r\n");
+    out.extend_from_slice(if req.minor == 0 {
+        b" HTTP/1.0\r\n"
+    } else {
+        b" HTTP/1.1\r\n"
+    });
     for (n, v) in &req.headers {
         out.extend_from_slice(n.as_bytes());
         out.extend_from_slice(b": ");
@@ -554,6 +562,16 @@ mod tests {
             "{out}"
         );
         assert_eq!(out.matches("Connection:").count(), 1);
+    }
+
+    #[test]
+    fn http10_stays_http10() {
+        let r = parse("POST /api HTTP/1.0\r\nContent-Length: 2\r\n\r\nhi")
+            .unwrap()
+            .unwrap();
+        let out = forward_head(&r, "/", "127.0.0.1".parse().unwrap(), b"hi");
+        assert!(out.starts_with(b"POST / HTTP/1.0\r\n"));
+        assert!(out.ends_with(b"\r\n\r\nhi"));
     }
 
     #[test]
