@@ -499,8 +499,8 @@ impl Shard {
                     crate::conn::Payload::Ring { bid, start, len } => {
                         (self.bufs.ptr(*bid, *start), *len as usize)
                     }
-                    crate::conn::Payload::Owned { data, start } => {
-                        (data[*start..].as_ptr(), data.len() - start)
+                    crate::conn::Payload::Owned(o) => {
+                        (o.data[o.start..].as_ptr(), o.data.len() - o.start)
                     }
                 };
                 e.inflight[side.idx()] += 1;

@@ -73,15 +73,28 @@ pub enum Payload {
     /// connection until sent.
     Ring { bid: u16, start: u32, len: u32 },
     /// Bytes ringlb wrote itself: a forwarded head, a relayed response head,
-    /// an error answer. `start` is how much was already sent.
-    Owned { data: Vec<u8>, start: usize },
+    /// an error answer. Boxed so a queue slot stays 16 bytes.
+    Owned(Box<Owned>),
+}
+
+#[derive(Debug)]
+pub struct Owned {
+    pub data: Vec<u8>,
+    /// How much was already sent.
+    pub start: usize,
+}
+
+impl Payload {
+    pub fn owned(data: Vec<u8>) -> Payload {
+        Payload::Owned(Box::new(Owned { data, start: 0 }))
+    }
 }
 
 impl Payload {
     pub fn remaining(&self) -> usize {
         match self {
             Payload::Ring { len, .. } => *len as usize,
-            Payload::Owned { data, start } => data.len() - start,
+            Payload::Owned(o) => o.data.len() - o.start,
         }
     }
 
@@ -91,14 +104,14 @@ impl Payload {
                 *start += n as u32;
                 *len -= n as u32;
             }
-            Payload::Owned { start, .. } => *start += n,
+            Payload::Owned(o) => o.start += n,
         }
     }
 
     fn truncate(&mut self, keep: usize) {
         match self {
             Payload::Ring { len, .. } => *len = (*len).min(keep as u32),
-            Payload::Owned { data, start } => data.truncate(*start + keep),
+            Payload::Owned(o) => o.data.truncate(o.start + keep),
         }
     }
 }
@@ -659,10 +672,7 @@ impl Conn {
         hs.request = Some(req);
         self.flow[Side::Backend.idx()]
             .queue
-            .push_back(Payload::Owned {
-                data: forwarded,
-                start: 0,
-            });
+            .push_back(Payload::owned(forwarded));
         self.connect_next(0, out);
     }
 
@@ -730,7 +740,7 @@ impl Conn {
                 to_client.limit = Some(want.saturating_sub(extra));
             }
         }
-        let mut payload = Payload::Owned { data, start: 0 };
+        let mut payload = Payload::owned(data);
         if let Body::Length(n) = resp.body {
             payload.truncate(resp.head_len + n.min(extra) as usize);
         } else if resp.body == Body::None {
@@ -753,10 +763,7 @@ impl Conn {
         }
         self.flow[Side::Client.idx()]
             .queue
-            .push_back(Payload::Owned {
-                data: reject.response(),
-                start: 0,
-            });
+            .push_back(Payload::owned(reject.response()));
         self.kick(Side::Client, out);
         out.push(Action::Timer(TimerKind::Linger, linger));
     }
@@ -788,10 +795,7 @@ impl Conn {
             (Side::Backend, frames::close_going_away_to_backend()),
         ] {
             let flow = &mut self.flow[dst.idx()];
-            flow.queue.push_back(Payload::Owned {
-                data: frame,
-                start: 0,
-            });
+            flow.queue.push_back(Payload::owned(frame));
             flow.src_eof = true;
             self.kick(dst, out);
         }
@@ -826,7 +830,7 @@ impl Conn {
             .flat_map(|f| f.queue.into_iter())
             .filter_map(|p| match p {
                 Payload::Ring { bid, .. } => Some(bid),
-                Payload::Owned { .. } => None,
+                Payload::Owned(_) => None,
             })
     }
 }
