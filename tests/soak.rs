@@ -75,15 +75,26 @@ async fn soak() {
                 seed % n
             };
             while !stop.load(Ordering::Relaxed) {
-                let Ok(Ok((mut ws, _))) = tokio::time::timeout(
+                let attempt = tokio::time::timeout(
                     Duration::from_secs(10),
                     tokio_tungstenite::connect_async(&url),
                 )
-                .await
-                else {
-                    tally.connect_failures.fetch_add(1, Ordering::Relaxed);
-                    tokio::time::sleep(Duration::from_millis(200)).await;
-                    continue;
+                .await;
+                let mut ws = match attempt {
+                    Ok(Ok((ws, _))) => ws,
+                    failed => {
+                        let n = tally.connect_failures.fetch_add(1, Ordering::Relaxed);
+                        if n < 5 {
+                            let why = match failed {
+                                Err(_) => "no answer within 10 s".to_string(),
+                                Ok(Err(e)) => e.to_string(),
+                                Ok(Ok(_)) => unreachable!(),
+                            };
+                            eprintln!("connect failure {n}: {why}");
+                        }
+                        tokio::time::sleep(Duration::from_millis(200)).await;
+                        continue;
+                    }
                 };
                 let life = Duration::from_millis(5_000 + rand(60_000));
                 let born = Instant::now();
