@@ -546,3 +546,22 @@ async fn reload_under_load_loses_nothing() {
         echo(&mut ws, "after").await;
     }
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn second_sigterm_stops_at_once() {
+    let a = Backend::start().await;
+    let mut proxy = Proxy::start(&config(&[a.addr], "", ""));
+    let mut live = connect(&proxy.url("/")).await;
+    echo(&mut live, "before").await;
+    proxy.signal("TERM");
+    proxy.wait_log("draining", Duration::from_secs(10));
+    assert!(
+        proxy.wait_exit(Duration::from_millis(300)).is_none(),
+        "a draining ringlb waits for its session"
+    );
+    proxy.signal("TERM");
+    let st = proxy
+        .wait_exit(Duration::from_secs(5))
+        .expect("second SIGTERM did not stop ringlb");
+    assert!(st.success(), "{st:?}");
+}
