@@ -251,6 +251,12 @@ pub fn metrics(control: &Control) -> String {
     );
     let _ = writeln!(out, "ringlb_handshake_duration_seconds_count {cumulative}");
 
+    let _ = writeln!(out, "# HELP ringlb_recv_buffer_exhausted_total Receives that found the shard's provided-buffer ring empty (the connection waits for buffers).\n# TYPE ringlb_recv_buffer_exhausted_total counter");
+    let _ = writeln!(
+        out,
+        "ringlb_recv_buffer_exhausted_total {}",
+        sum(&|s| s.recv_starved.get())
+    );
     let _ = writeln!(out, "# HELP ringlb_connections_active Client connections open, per shard.\n# TYPE ringlb_connections_active gauge");
     for (i, s) in control.shards.iter().enumerate() {
         let _ = writeln!(

@@ -583,7 +583,10 @@ impl Shard {
                     kind,
                 }));
             }
-            Action::Starved(side) => self.starved.push_back((key, e.gen, side)),
+            Action::Starved(side) => {
+                self.stats.recv_starved.add(1);
+                self.starved.push_back((key, e.gen, side));
+            }
             Action::Close => {
                 e.closing = true;
                 for side in [Side::Client, Side::Backend] {

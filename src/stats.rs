@@ -56,6 +56,8 @@ pub struct ShardStats {
     pub active: Counter,
     pub bytes_to_backend: Counter,
     pub bytes_to_client: Counter,
+    /// Multishot recvs that ended because the buffer ring was empty.
+    pub recv_starved: Counter,
     pub handshakes: [Counter; RESULTS.len()],
     /// Cumulative per bucket is computed on read; here each bucket counts
     /// only its own range, plus one overflow bucket.

@@ -1,0 +1,262 @@
+//! Byte-exact relaying. The backend here is a raw TCP echo after its 101, so
+//! every byte the client sends must come back unchanged, whatever it is:
+//! frames of every size class, fragments with control frames between them,
+//! protocol violations (ringlb does not police frames), one byte per write,
+//! multi-MiB bursts, half-closes.
+
+mod common;
+
+use std::net::SocketAddr;
+use std::time::Duration;
+
+use common::*;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::{TcpListener, TcpStream};
+
+/// Completes the upgrade, optionally sends `first` in the same write as the
+/// 101, then echoes raw bytes until EOF, then shuts its write half.
+async fn raw_echo_backend(first: Vec<u8>) -> SocketAddr {
+    let l = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = l.local_addr().unwrap();
+    tokio::spawn(async move {
+        while let Ok((mut s, _)) = l.accept().await {
+            let first = first.clone();
+            tokio::spawn(async move {
+                let _ = read_head(&mut s).await;
+                let mut resp = format!(
+                    "HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\nConnection: Upgrade\r\nSec-WebSocket-Accept: {}\r\n\r\n",
+                    ringlb::http::accept_key(KEY)
+                )
+                .into_bytes();
+                resp.extend_from_slice(&first);
+                s.write_all(&resp).await.unwrap();
+                let mut buf = vec![0u8; 256 * 1024];
+                loop {
+                    match s.read(&mut buf).await {
+                        Ok(0) | Err(_) => break,
+                        Ok(n) => {
+                            if s.write_all(&buf[..n]).await.is_err() {
+                                return;
+                            }
+                        }
+                    }
+                }
+                let _ = s.shutdown().await;
+            });
+        }
+    });
+    addr
+}
+
+async fn upgraded(proxy: &Proxy) -> TcpStream {
+    let mut s = TcpStream::connect(proxy.addr()).await.unwrap();
+    s.write_all(upgrade_request("/", "").as_bytes())
+        .await
+        .unwrap();
+    let head = read_head(&mut s).await;
+    assert_eq!(status_of(&head), 101);
+    s
+}
+
+fn frame(opcode: u8, fin: bool, len: usize) -> Vec<u8> {
+    let mut f = client_frame(opcode, &vec![0xa5; len]);
+    if !fin {
+        f[0] &= 0x7f;
+    }
+    f
+}
+
+async fn expect_echo(s: &mut TcpStream, sent: &[u8]) {
+    let mut got = vec![0u8; sent.len()];
+    tokio::time::timeout(Duration::from_secs(20), s.read_exact(&mut got))
+        .await
+        .expect("echo timed out")
+        .unwrap();
+    assert!(
+        got == sent,
+        "echo differs from what was sent ({} bytes)",
+        sent.len()
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn every_frame_size_boundary_round_trips() {
+    let proxy = Proxy::start(&config(&[raw_echo_backend(Vec::new()).await], "", ""));
+    let mut s = upgraded(&proxy).await;
+    for len in [
+        0,
+        1,
+        125,
+        126,
+        127,
+        65535,
+        65536,
+        65537,
+        3 * 1024 * 1024 + 7,
+    ] {
+        let f = frame(0x2, true, len);
+        s.write_all(&f).await.unwrap();
+        expect_echo(&mut s, &f).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn fragments_control_frames_and_violations_pass_untouched() {
+    let proxy = Proxy::start(&config(&[raw_echo_backend(Vec::new()).await], "", ""));
+    let mut s = upgraded(&proxy).await;
+    let mut bytes = frame(0x1, false, 10);
+    bytes.extend(client_frame(0x9, b"ping between fragments"));
+    bytes.extend(frame(0x0, false, 70000));
+    bytes.extend(client_frame(0xA, b"pong too"));
+    bytes.extend(frame(0x0, true, 3));
+    // Violations: reserved opcode, RSV bits set, an unmasked client frame,
+    // a control frame over 125 bytes. ringlb relays; the endpoints judge.
+    bytes.extend([0x83, 0x80, 1, 2, 3, 4]);
+    bytes.extend([0xf2, 0x80, 1, 2, 3, 4]);
+    bytes.extend([0x82, 0x03, b'a', b'b', b'c']);
+    bytes.extend(frame(0x9, true, 200));
+    s.write_all(&bytes).await.unwrap();
+    expect_echo(&mut s, &bytes).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn one_byte_writes_and_big_bursts() {
+    let proxy = Proxy::start(&config(&[raw_echo_backend(Vec::new()).await], "", ""));
+    let mut s = upgraded(&proxy).await;
+    let f = frame(0x1, true, 300);
+    for b in &f {
+        s.write_all(&[*b]).await.unwrap();
+    }
+    expect_echo(&mut s, &f).await;
+    let mut burst = Vec::new();
+    for i in 0..64 {
+        burst.extend(frame(0x2, true, 100_000 + i));
+    }
+    let (mut r, mut w) = s.into_split();
+    let sent = burst.clone();
+    let writer = tokio::spawn(async move {
+        w.write_all(&sent).await.unwrap();
+        w
+    });
+    let mut got = vec![0u8; burst.len()];
+    tokio::time::timeout(Duration::from_secs(30), r.read_exact(&mut got))
+        .await
+        .unwrap()
+        .unwrap();
+    assert!(got == burst, "burst of {} bytes differs", burst.len());
+    writer.await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn first_frame_in_the_same_write_as_the_101() {
+    let first = vec![0x81, 0x05, b'h', b'e', b'l', b'l', b'o'];
+    let proxy = Proxy::start(&config(&[raw_echo_backend(first.clone()).await], "", ""));
+    let mut s = TcpStream::connect(proxy.addr()).await.unwrap();
+    s.write_all(upgrade_request("/", "").as_bytes())
+        .await
+        .unwrap();
+    let head = read_head(&mut s).await;
+    assert_eq!(status_of(&head), 101);
+    let mut got = vec![0u8; first.len()];
+    s.read_exact(&mut got).await.unwrap();
+    assert_eq!(got, first);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn half_close_from_the_client_still_delivers_the_backends_bytes() {
+    let proxy = Proxy::start(&config(&[raw_echo_backend(Vec::new()).await], "", ""));
+    let s = upgraded(&proxy).await;
+    let (mut r, mut w) = s.into_split();
+    let f = frame(0x2, true, 200_000);
+    w.write_all(&f).await.unwrap();
+    // Client is done sending; its echo must still arrive whole, then EOF.
+    w.shutdown().await.unwrap();
+    let mut got = Vec::new();
+    tokio::time::timeout(Duration::from_secs(20), r.read_to_end(&mut got))
+        .await
+        .unwrap()
+        .unwrap();
+    assert!(got == f, "got {} of {} bytes", got.len(), f.len());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn half_close_from_the_backend_still_delivers_the_clients_bytes() {
+    // This backend shuts its write half right after the 101, then reads
+    // everything the client sends and reports how much arrived.
+    let l = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = l.local_addr().unwrap();
+    let (tx, rx) = tokio::sync::oneshot::channel();
+    tokio::spawn(async move {
+        let (mut s, _) = l.accept().await.unwrap();
+        let _ = read_head(&mut s).await;
+        let resp = format!(
+            "HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\nConnection: Upgrade\r\nSec-WebSocket-Accept: {}\r\n\r\n",
+            ringlb::http::accept_key(KEY)
+        );
+        s.write_all(resp.as_bytes()).await.unwrap();
+        s.shutdown().await.unwrap();
+        let mut all = Vec::new();
+        s.read_to_end(&mut all).await.unwrap();
+        let _ = tx.send(all);
+    });
+    let proxy = Proxy::start(&config(&[addr], "", ""));
+    let mut s = upgraded(&proxy).await;
+    let mut eof = [0u8; 1];
+    assert_eq!(
+        s.read(&mut eof).await.unwrap(),
+        0,
+        "the backend's FIN reaches the client"
+    );
+    let f = frame(0x2, true, 300_000);
+    s.write_all(&f).await.unwrap();
+    s.shutdown().await.unwrap();
+    let got = tokio::time::timeout(Duration::from_secs(20), rx)
+        .await
+        .unwrap()
+        .unwrap();
+    assert!(got == f, "backend got {} of {} bytes", got.len(), f.len());
+}
+
+/// A tiny buffer ring shared by many busy sessions runs out (ENOBUFS) over
+/// and over; recvs are re-armed as buffers return and every byte arrives.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn exhausted_buffer_ring_recovers_without_stalls() {
+    let toml = config(
+        &[raw_echo_backend(Vec::new()).await],
+        "shards = 1\nbuffers_per_shard = 16\nbuffer_size = 4096\nmax_buffers_per_direction = 4",
+        "",
+    )
+    .replace("shards = 2\n", "");
+    let proxy = Proxy::start(&format!("{toml}\n[admin]\nlisten = \"127.0.0.1:0\"\n"));
+    let mut tasks = Vec::new();
+    for i in 0..12 {
+        let s = upgraded(&proxy).await;
+        tasks.push(tokio::spawn(async move {
+            let (mut r, mut w) = s.into_split();
+            let f = frame(0x2, true, 512 * 1024 + i);
+            let sent = f.clone();
+            let writer = tokio::spawn(async move { w.write_all(&sent).await.unwrap() });
+            let mut got = vec![0u8; f.len()];
+            tokio::time::timeout(Duration::from_secs(60), r.read_exact(&mut got))
+                .await
+                .expect("stalled")
+                .unwrap();
+            assert!(got == f);
+            writer.await.unwrap();
+        }));
+    }
+    for t in tasks {
+        t.await.unwrap();
+    }
+    let (_, metrics) = proxy.admin("GET", "/metrics");
+    let starved: u64 = metrics
+        .lines()
+        .find_map(|l| l.strip_prefix("ringlb_recv_buffer_exhausted_total "))
+        .unwrap()
+        .parse()
+        .unwrap();
+    assert!(
+        starved > 0,
+        "the ring never ran out: the test did not test ENOBUFS"
+    );
+}
