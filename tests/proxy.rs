@@ -378,11 +378,19 @@ async fn partial_head_is_closed_after_handshake_timeout() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn over_max_connections_gets_503() {
     let b = Backend::start().await;
-    let proxy = Proxy::start(&config(&[b.addr], "max_connections = 2", ""));
+    let proxy = Proxy::start(&format!(
+        "{}\n[admin]\nlisten = \"127.0.0.1:0\"\n",
+        config(&[b.addr], "max_connections = 2", "")
+    ));
     let mut w1 = connect(&proxy.url("/")).await;
     let mut w2 = connect(&proxy.url("/")).await;
     let r = raw_exchange(proxy.addr(), upgrade_request("/", "").as_bytes()).await;
     assert_eq!(status_of(&r), 503);
+    let (_, metrics) = proxy.admin("GET", "/metrics");
+    assert!(
+        metrics.contains("ringlb_handshakes_total{result=\"503\"} 1\n"),
+        "{metrics}"
+    );
     // The held ones are unaffected.
     for ws in [&mut w1, &mut w2] {
         ws.send(Message::Text("still".into())).await.unwrap();

@@ -260,3 +260,19 @@ async fn exhausted_buffer_ring_recovers_without_stalls() {
         "the ring never ran out: the test did not test ENOBUFS"
     );
 }
+
+/// A second request pipelined behind the upgrade is not ringlb's to parse:
+/// after the head everything is the session's bytes, and they reach the
+/// backend verbatim and in order (the backend then judges them).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn pipelined_request_after_the_upgrade_is_relayed_not_routed() {
+    let proxy = Proxy::start(&config(&[raw_echo_backend(Vec::new()).await], "", ""));
+    let pipelined = b"GET /admin HTTP/1.1\r\nHost: other\r\n\r\n".to_vec();
+    let mut bytes = upgrade_request("/", "").into_bytes();
+    bytes.extend_from_slice(&pipelined);
+    let mut s = TcpStream::connect(proxy.addr()).await.unwrap();
+    s.write_all(&bytes).await.unwrap();
+    let head = read_head(&mut s).await;
+    assert_eq!(status_of(&head), 101);
+    expect_echo(&mut s, &pipelined).await;
+}
