@@ -271,6 +271,23 @@ def sample_tree(pids: list[int], fds: bool = False) -> dict:
     return out
 
 
+def machine_cpu_s() -> float:
+    """CPU seconds spent by the whole machine (all CPUs, not idle/iowait)."""
+    with open("/proc/stat") as f:
+        v = [int(x) for x in f.readline().split()[1:]]
+    # user nice system idle iowait irq softirq steal guest guest_nice
+    busy = v[0] + v[1] + v[2] + v[5] + v[6] + (v[7] if len(v) > 7 else 0)
+    return busy / CLK_TCK
+
+
+def foreign_cpu_cores(seconds: float = 1.0) -> float:
+    """CPU cores used by the rest of the machine over `seconds`, while the
+    harness itself sleeps (call between measurements)."""
+    a = machine_cpu_s()
+    time.sleep(seconds)
+    return (machine_cpu_s() - a) / seconds
+
+
 def meminfo() -> dict:
     out = {}
     with open("/proc/meminfo") as f:
@@ -315,7 +332,7 @@ def others_anon_kb(exclude: set[int]) -> int:
     return total
 
 
-BUSY_COMMS = {"cargo", "rustc", "clippy-driver", "rustdoc", "cc1", "cc1plus", "ld", "collect2"}
+BUSY_COMMS = {"rustc", "clippy-driver", "rustdoc", "cc1", "cc1plus", "ld", "collect2"}
 
 
 def busy_processes() -> list[str]:
@@ -354,6 +371,7 @@ class Sampler:
         self.samples: dict[str, list[dict]] = {k: [] for k in roots}
         self._stop = threading.Event()
         self.busy_seen: set[str] = set()  # builds seen on the machine while sampling
+        self.machine: list[tuple[float, float]] = []  # (t, whole-machine CPU s)
         self._pids = {k: self._expand(v) for k, v in roots.items()}
         self._thread = threading.Thread(target=self._run, daemon=True)
 
@@ -375,6 +393,7 @@ class Sampler:
     def _take(self):
         for k, pids in self._pids.items():
             self.samples[k].append(sample_tree(pids))
+        self.machine.append((time.monotonic(), machine_cpu_s()))
 
     def _run(self):
         n = 0
@@ -390,6 +409,19 @@ class Sampler:
         self._stop.set()
         self._thread.join(timeout=5)
         self._take()
+
+    def foreign_cores(self, t0: float, t1: float) -> float | None:
+        """Cores used by processes outside the sampled trees during t0..t1."""
+        m = [x for x in self.machine if t0 <= x[0] <= t1]
+        if len(m) < 2 or m[-1][0] <= m[0][0]:
+            return None
+        dt = m[-1][0] - m[0][0]
+        ours = 0.0
+        for k in self.samples:
+            w = self.window(k, m[0][0], m[-1][0])
+            if w:
+                ours += w["cpu_s"]
+        return max(0.0, (m[-1][1] - m[0][1] - ours) / dt)
 
     def window(self, name: str, t0: float, t1: float) -> dict | None:
         """CPU rate (cores) and peak RSS between monotonic times t0..t1,

@@ -53,6 +53,7 @@ METRICS = {
     "machine_raw_per_conn_b": ("machine mem/conn uncorrected", "B", True),
     "proxy_rss_idle_mb": ("proxy RSS before", "MB", True),
     "proxy_rss_held_mb": ("proxy RSS held", "MB", True),
+    "foreign_cpu_cores": ("other procs CPU", "cores", True),
     "threads_before": ("threads before", "", True),
     "threads_held": ("threads held", "", True),
     "proxy_fds_held": ("proxy fds held", "", True),
@@ -60,15 +61,15 @@ METRICS = {
 
 TABLES = {
     "pingpong": ["msgs_per_s", "p50_us", "p99_us", "proxy_cpu_us_per_msg", "proxy_cpu_cores",
-                 "proxy_rss_mb", "backend_cpu_cores", "load_cpu_cores"],
+                 "proxy_rss_mb", "backend_cpu_cores", "load_cpu_cores", "foreign_cpu_cores"],
     "pingpong_pin": ["msgs_per_s", "p50_us", "p99_us", "proxy_cpu_us_per_msg", "proxy_cpu_cores",
-                     "backend_cpu_cores", "load_cpu_cores"],
+                     "backend_cpu_cores", "load_cpu_cores", "foreign_cpu_cores"],
     "rate": ["msgs_per_s", "p50_us", "p90_us", "p99_us", "p999_us", "max_us",
-             "proxy_cpu_us_per_msg", "proxy_cpu_cores"],
+             "proxy_cpu_us_per_msg", "proxy_cpu_cores", "foreign_cpu_cores"],
     "handshake": ["conns_per_s", "hs_p50_us", "hs_p99_us", "proxy_cpu_us_per_conn",
-                  "proxy_cpu_cores", "backend_cpu_cores", "load_cpu_cores"],
+                  "proxy_cpu_cores", "backend_cpu_cores", "load_cpu_cores", "foreign_cpu_cores"],
     "bulk": ["mb_per_s", "proxy_cpu_s_per_gb", "proxy_cpu_cores", "proxy_rss_mb",
-             "backend_cpu_cores", "load_cpu_cores"],
+             "backend_cpu_cores", "load_cpu_cores", "foreign_cpu_cores"],
     "idle": ["held", "alive", "proxy_rss_per_conn_b", "machine_per_conn_b", "machine_raw_per_conn_b", "proxy_rss_idle_mb",
              "proxy_rss_held_mb", "threads_before", "threads_held", "proxy_fds_held"],
 }
@@ -113,6 +114,8 @@ def metrics(rec: dict) -> dict:
         m["backend_cpu_cores"] = cpu["backends"]["cpu_cores"]
     if cpu.get("load"):
         m["load_cpu_cores"] = cpu["load"]["cpu_cores"]
+    if rec.get("foreign_cpu_cores") is not None:
+        m["foreign_cpu_cores"] = rec["foreign_cpu_cores"]
     if px:
         m["proxy_cpu_cores"] = px["cpu_cores"]
         m["proxy_rss_mb"] = px["rss_kb_max"] / 1024

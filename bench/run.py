@@ -187,15 +187,22 @@ def load_timeout(scenario: str, p: dict) -> float:
 def wait_quiet(ctx: Ctx) -> list[str]:
     """Wait (bounded) while a build runs on the machine. Returns what was still
     running when we gave up waiting (recorded with the measurement)."""
-    busy = procutil.busy_processes()
+    def check():
+        b = procutil.busy_processes()
+        f = procutil.foreign_cpu_cores(0.5)
+        if f > ctx.args.foreign_cpu:
+            b.append(f"other-processes={f:.2f}cores")
+        return b
+
+    busy = check()
     if not busy:
         return []
     deadline = time.monotonic() + min(ctx.args.wait_quiet, max(0.0, ctx.quiet_budget))
-    log(f"waiting for builds to finish before measuring: {' '.join(busy[:6])}")
+    log(f"waiting for a quiet machine before measuring: {' '.join(busy[:6])}")
     t0 = time.monotonic()
     while busy and time.monotonic() < deadline:
-        time.sleep(2.0)
-        busy = procutil.busy_processes()
+        time.sleep(1.5)
+        busy = check()
     ctx.quiet_budget -= time.monotonic() - t0
     if busy:
         log(f"still busy, measuring anyway (flagged): {' '.join(busy[:6])}")
@@ -277,6 +284,9 @@ def measure(ctx: Ctx, scenario: str, target: str, rep: int) -> dict:
                 t0, t1 = t_spawn, t_exit
         rec["window"] = {"t0_rel": t0 - t_spawn, "t1_rel": t1 - t_spawn}
         rec["cpu"] = {k: sampler.window(k, t0, t1) for k in roots}
+        rec["foreign_cpu_cores"] = sampler.foreign_cores(t0, t1)
+        if (rec["foreign_cpu_cores"] or 0) > ctx.args.foreign_cpu:
+            rec["busy_during"].append(f"other-processes={rec['foreign_cpu_cores']:.2f}cores")
         rec["samples"] = {k: [{"t": round(s["t"] - t_spawn, 3), "cpu_s": s["cpu_s"],
                                "rss_kb": s["rss_kb"], "threads": s["threads"]} for s in v]
                           for k, v in sampler.samples.items()}
@@ -373,6 +383,9 @@ def main(argv=None) -> int:
     ap.add_argument("--wait-quiet-total", type=float, default=1800.0,
                     help="total budget in seconds for such waits and for re-measurements over "
                          "the whole run (default 1800)")
+    ap.add_argument("--foreign-cpu", type=float, default=0.25,
+                    help="CPU cores used by processes outside the benchmark above which the "
+                         "machine counts as busy (default 0.25)")
     ap.add_argument("--retry-busy", type=int, default=2,
                     help="measure again (up to N times) when a build ran during a measurement")
     ap.add_argument("--skip-missing", action="store_true",
