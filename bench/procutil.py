@@ -412,6 +412,12 @@ class Sampler:
 
     def foreign_cores(self, t0: float, t1: float) -> float | None:
         """Cores used by processes outside the sampled trees during t0..t1."""
+        # only while every sampled tree is alive (a tree's CPU after its last
+        # live sample would otherwise be counted as foreign)
+        for v in self.samples.values():
+            alive = [x["t"] for x in v if x["procs"] > 0]
+            if alive:
+                t1 = min(t1, alive[-1])
         m = [x for x in self.machine if t0 <= x[0] <= t1]
         if len(m) < 2 or m[-1][0] <= m[0][0]:
             return None

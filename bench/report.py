@@ -415,6 +415,10 @@ def summary_md(out: str, meta: dict, recs: list[dict], img_prefix: str = "") -> 
              f"({meta.get('started')} → {meta.get('finished')}).")
     L.append("Cells are median (min..max) over reps. Noise on this shared 2-core machine is large: "
              "compare only within this run. Load generator, backends and proxy share the same 2 cores.")
+    if meta.get("note"):
+        L.append("")
+        L.append(f"> **Note:** {meta['note']}")
+        L.append("")
     if meta.get("rate_calibration"):
         rc = meta["rate_calibration"]
         L.append(f"Open-loop rate: {rc['rate']} msg/s ({rc['why']}).")
@@ -502,8 +506,12 @@ def summary_md(out: str, meta: dict, recs: list[dict], img_prefix: str = "") -> 
     return "\n".join(L)
 
 
-def generate(out: str, docs: str | None = None) -> str:
+def generate(out: str, docs: str | None = None, note: str | None = None) -> str:
     meta, recs = load_run(out)
+    if note is not None:
+        meta["note"] = note
+        with open(os.path.join(out, "run.json"), "w") as f:
+            json.dump(meta, f, indent=1)
     text = summary_md(out, meta, recs)
     with open(os.path.join(out, "summary.md"), "w") as f:
         f.write(text)
@@ -617,12 +625,13 @@ def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("results_dir")
     ap.add_argument("--docs", help="also write this markdown file (docs/BENCHMARKS.md)")
+    ap.add_argument("--note", help="a remark about the run, stored in run.json and shown in summary.md")
     ap.add_argument("--setup", action="store_true", help="regenerate SETUP.md too (uses this machine's info)")
     a = ap.parse_args()
     if a.setup:
         meta, _ = load_run(a.results_dir)
         write_setup(a.results_dir, meta)
-    generate(a.results_dir, a.docs)
+    generate(a.results_dir, a.docs, a.note)
     print(os.path.join(a.results_dir, "summary.md"))
 
 

@@ -374,6 +374,10 @@ def main(argv=None) -> int:
     ap.add_argument("--workers", type=int, default=2, help="nginx workers = HAProxy threads = ringlb shards")
     ap.add_argument("--rate", type=int, default=None, help="open-loop msg/s (default: calibrated)")
     ap.add_argument("--idle-connections", type=int, default=None)
+    ap.add_argument("--duration", type=float, default=None,
+                    help="seconds per ping-pong/rate/bulk run (overrides the mode's default)")
+    ap.add_argument("--hold", type=float, default=None, help="seconds the idle scenario holds")
+    ap.add_argument("--handshakes", type=int, default=None, help="handshakes per handshake run")
     ap.add_argument("--bin-dir", default=None, help="dir with ringlb and ringlb-load")
     ap.add_argument("--build", action="store_true",
                     help="run `cargo build --release --workspace` first")
@@ -441,6 +445,13 @@ def main(argv=None) -> int:
     params = {s: dict((QUICK if args.quick else FULL)[s]) for s in scenarios}
     if args.idle_connections and "idle" in params:
         params["idle"]["connections"] = args.idle_connections
+    for sc, pp in params.items():
+        if args.duration and "duration" in pp:
+            pp["duration"] = args.duration if args.duration != int(args.duration) else int(args.duration)
+        if args.hold and "hold" in pp:
+            pp["hold"] = int(args.hold)
+        if args.handshakes and "total" in pp:
+            pp["total"] = args.handshakes
 
     host = socket.gethostname()
     stamp = datetime.datetime.now().strftime("%Y-%m-%d-%H%M")
