@@ -56,8 +56,6 @@ pub enum Mode {
 pub struct Uring {
     ring: IoUring,
     pub mode: Mode,
-    /// Completion batching: (completions wanted, microseconds to wait for them).
-    batch: Option<(u32, u32)>,
 }
 
 /// What ringlb needs from the kernel; checked once at startup.
@@ -136,13 +134,7 @@ impl Uring {
             b.setup_cqsize(cq).setup_submit_all();
             f(&mut b);
             match b.build(entries) {
-                Ok(ring) => {
-                    return Ok(Uring {
-                        ring,
-                        mode,
-                        batch: None,
-                    })
-                }
+                Ok(ring) => return Ok(Uring { ring, mode }),
                 Err(e) => last = Some(e),
             }
         }
@@ -231,28 +223,15 @@ impl Uring {
 
     /// Submits pending SQEs and waits for at least one completion or `timeout`.
     pub fn submit_and_wait(&mut self, timeout: Option<Duration>) -> io::Result<()> {
-        let res = match (timeout, self.batch) {
-            (t, Some((want, min_usec))) => {
-                // Wait up to `min_usec` for `want` completions, then return
-                // as soon as there is one: fewer wake-ups under load for at
-                // most `min_usec` of added latency.
-                let t = t.unwrap_or(Duration::from_secs(3600));
-                let ts = types::Timespec::new()
-                    .sec(t.as_secs())
-                    .nsec(t.subsec_nanos());
-                let args = types::SubmitArgs::new()
-                    .timespec(&ts)
-                    .min_wait_usec(min_usec);
-                self.ring.submitter().submit_with_args(want as usize, &args)
-            }
-            (Some(t), None) => {
+        let res = match timeout {
+            Some(t) => {
                 let ts = types::Timespec::new()
                     .sec(t.as_secs())
                     .nsec(t.subsec_nanos());
                 let args = types::SubmitArgs::new().timespec(&ts);
                 self.ring.submitter().submit_with_args(1, &args)
             }
-            (None, None) => self.ring.submit_and_wait(1),
+            None => self.ring.submit_and_wait(1),
         };
         match res {
             Ok(_) => Ok(()),
@@ -279,15 +258,6 @@ impl Uring {
                 flags: c.flags(),
             });
         }
-    }
-
-    /// Turns completion batching on, where the kernel supports a minimum
-    /// wait (6.12+); returns whether it is on.
-    pub fn set_batch(&mut self, want: u32, min_usec: u32) -> bool {
-        if want > 1 && min_usec > 0 && self.ring.params().is_feature_min_timeout() {
-            self.batch = Some((want, min_usec));
-        }
-        self.batch.is_some()
     }
 
     pub fn buf_ring(&self, bgid: u16, entries: u16, buf_size: u32) -> io::Result<BufRing> {

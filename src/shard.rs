@@ -195,20 +195,7 @@ impl Shard {
     /// Builds the shard on the calling thread (the ring is single-issuer).
     pub fn new(init: ShardInit) -> std::io::Result<Shard> {
         let server = &init.snap.config.server;
-        let mut uring = Uring::new(1024)?;
-        if let Ok(v) = std::env::var("RINGLB_EXPERIMENT_BATCH") {
-            // Measurement knob for the completion-batching experiment
-            // ("WANT,MICROSECONDS"); see docs/BENCHMARKS.md.
-            let mut it = v.split(',').filter_map(|x| x.parse::<u32>().ok());
-            if let (Some(w), Some(us)) = (it.next(), it.next()) {
-                let on = uring.set_batch(w, us);
-                log::info!(
-                    "shard {}: completion batching {w} within {us} us: {}",
-                    init.id,
-                    if on { "on" } else { "unsupported" }
-                );
-            }
-        }
+        let uring = Uring::new(1024)?;
         let bufs = uring.buf_ring(0, server.buffers_per_shard, server.buffer_size.get())?;
         Ok(Shard {
             uring,
