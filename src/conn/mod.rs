@@ -414,6 +414,10 @@ impl Conn {
                     self.flow[dst.idx()].sending = false;
                     return;
                 }
+                if self.stage == Stage::AwaitingResponse && dst == Side::Backend {
+                    self.flow[dst.idx()].sending = false;
+                    return self.backend_failed(out);
+                }
                 self.close(Closer::Error, out);
                 return;
             }
@@ -486,12 +490,11 @@ impl Conn {
                 }
             }
             RecvEnd::NoBuffers => out.push(Action::Starved(side)),
-            RecvEnd::Error(_) => {
-                if self.stage == Stage::Responding && side == Side::Backend {
-                    return;
-                }
-                self.close(Closer::Error, out)
-            }
+            RecvEnd::Error(_) => match (self.stage, side) {
+                (Stage::Responding, Side::Backend) => {}
+                (Stage::AwaitingResponse, Side::Backend) => self.backend_failed(out),
+                _ => self.close(Closer::Error, out),
+            },
             RecvEnd::Eof => self.on_eof(side, out),
         }
     }
@@ -766,6 +769,13 @@ impl Conn {
             .push_back(Payload::owned(reject.response()));
         self.kick(Side::Client, out);
         out.push(Action::Timer(TimerKind::Linger, linger));
+    }
+
+    /// The backend reset or failed before answering; nothing has reached
+    /// the client yet, so it gets a proper 502 rather than a dropped socket.
+    fn backend_failed(&mut self, out: &mut Vec<Action>) {
+        self.abort_backend(out);
+        self.respond(Reject::BadGateway("backend failed before answering"), out);
     }
 
     fn abort_backend(&mut self, out: &mut Vec<Action>) {

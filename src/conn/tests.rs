@@ -426,3 +426,18 @@ fn drain_mid_frame_closes_the_connection() {
     c.drain_close(&mut out);
     assert_eq!(out, vec![Action::Close]);
 }
+
+#[test]
+fn backend_reset_before_answering_is_a_502_not_a_dropped_client() {
+    let s = snap(&["127.0.0.1:9001"], "");
+    let mut out = Vec::new();
+    let mut c = Conn::accept(s.clone(), client(), &mut out);
+    c.on_recv(Side::Client, 1, request().as_bytes(), &mut out);
+    c.on_connect(Ok(()), &mut out);
+    out.clear();
+    c.on_recv_end(Side::Backend, RecvEnd::Error(libc::ECONNRESET), &mut out);
+    assert_eq!(c.status, Some(502));
+    assert!(out.contains(&Action::AbortBackend));
+    assert!(out.contains(&Action::Send(Side::Client)) || c.front(Side::Client).is_some());
+    assert!(!out.contains(&Action::Close));
+}
