@@ -95,8 +95,14 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                 None => anyhow::bail!("give --config FILE, or --listen ADDR with --upstream ADDR"),
             };
             init_log(&cfg.log.level);
+            // Handlers first: a signal that arrives while the shards start
+            // must not kill the process with the default action, and once
+            // "listening on" is logged the process is fully set up.
+            use signal_hook::consts::{SIGHUP, SIGINT, SIGTERM};
+            let signals = signal_hook::iterator::Signals::new([SIGINT, SIGTERM, SIGHUP])
+                .context("installing signal handlers")?;
             let server = Server::start(cfg)?;
-            supervise(server, config.as_deref())
+            supervise(server, signals, config.as_deref())
         }
         Cmd::Demo { listen } => {
             init_log("warn");
@@ -107,10 +113,12 @@ fn run(cli: Cli) -> anyhow::Result<()> {
 
 /// The main thread's life after start: SIGHUP reloads, the first
 /// SIGTERM/SIGINT drains, the drain deadline or a second signal ends it.
-fn supervise(mut server: Server, config: Option<&std::path::Path>) -> anyhow::Result<()> {
-    use signal_hook::consts::{SIGHUP, SIGINT, SIGTERM};
-    let mut signals = signal_hook::iterator::Signals::new([SIGINT, SIGTERM, SIGHUP])
-        .context("installing signal handlers")?;
+fn supervise(
+    mut server: Server,
+    mut signals: signal_hook::iterator::Signals,
+    config: Option<&std::path::Path>,
+) -> anyhow::Result<()> {
+    use signal_hook::consts::SIGHUP;
     let mut drain_started: Option<Instant> = None;
     let mut closing = false;
     loop {

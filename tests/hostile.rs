@@ -11,8 +11,6 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 use tokio_tungstenite::tungstenite::Message;
 
-type Ws = tokio_tungstenite::WebSocketStream<tokio_tungstenite::MaybeTlsStream<TcpStream>>;
-
 async fn healthy(proxy: &Proxy) -> Ws {
     let (mut ws, _) = tokio_tungstenite::connect_async(proxy.url("/"))
         .await
@@ -209,10 +207,7 @@ async fn misbehaving_backends() {
     drop(proxy);
 
     // 101 and then an immediate close: the client gets the 101, then EOF.
-    let resp = format!(
-        "HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\nConnection: Upgrade\r\nSec-WebSocket-Accept: {}\r\n\r\n",
-        ringlb::http::accept_key(KEY)
-    );
+    let resp = switching_protocols();
     let l = TcpListener::bind("127.0.0.1:0").await.unwrap();
     let quitter = l.local_addr().unwrap();
     tokio::spawn(async move {
@@ -236,10 +231,7 @@ async fn misbehaving_backends() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_reader_that_stops_costs_bounded_memory() {
     // The backend floods 64 KiB frames as long as it can write.
-    let resp = format!(
-        "HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\nConnection: Upgrade\r\nSec-WebSocket-Accept: {}\r\n\r\n",
-        ringlb::http::accept_key(KEY)
-    );
+    let resp = switching_protocols();
     let l = TcpListener::bind("127.0.0.1:0").await.unwrap();
     let flooder = l.local_addr().unwrap();
     let (sent_tx, sent_rx) = tokio::sync::watch::channel(0u64);

@@ -69,9 +69,19 @@ async fn at_the_fd_limit_ringlb_backs_off_and_recovers() {
     };
 
     // One session takes two descriptors: one is left.
-    let (mut live, _) = tokio_tungstenite::connect_async(proxy.url("/"))
-        .await
-        .unwrap();
+    let (mut live, _) = match tokio_tungstenite::connect_async(proxy.url("/")).await {
+        Ok(ok) => ok,
+        Err(e) => {
+            let now: Vec<String> = std::fs::read_dir(format!("/proc/{pid}/fd"))
+                .unwrap()
+                .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+                .collect();
+            panic!(
+                "first session failed: {e}; limit {max}; at rest {used:?}; now {now:?}; log {:?}",
+                proxy.log.lock().unwrap()
+            );
+        }
+    };
     live.send(Message::Text("before".into())).await.unwrap();
     assert!(live.next().await.unwrap().unwrap().is_text());
     let with_live = fds();

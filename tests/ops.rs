@@ -9,45 +9,9 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use common::*;
-use futures_util::{SinkExt, StreamExt};
+use futures_util::StreamExt;
 use tokio::net::TcpStream;
 use tokio_tungstenite::tungstenite::Message;
-
-type Ws = tokio_tungstenite::WebSocketStream<tokio_tungstenite::MaybeTlsStream<TcpStream>>;
-
-async fn connect(url: &str) -> Ws {
-    let (ws, _) = tokio::time::timeout(
-        Duration::from_secs(10),
-        tokio_tungstenite::connect_async(url),
-    )
-    .await
-    .expect("connect timed out")
-    .expect("connect failed");
-    ws
-}
-
-async fn echo(ws: &mut Ws, text: &str) {
-    ws.send(Message::Text(text.into())).await.unwrap();
-    loop {
-        let m = tokio::time::timeout(Duration::from_secs(10), ws.next())
-            .await
-            .expect("no echo within 10 s")
-            .expect("stream ended")
-            .expect("websocket error");
-        if m.is_text() {
-            assert_eq!(m, Message::Text(text.into()));
-            return;
-        }
-    }
-}
-
-async fn wait_until(what: &str, mut f: impl FnMut() -> bool) {
-    let deadline = Instant::now() + Duration::from_secs(10);
-    while !f() {
-        assert!(Instant::now() < deadline, "not reached within 10 s: {what}");
-        tokio::time::sleep(Duration::from_millis(10)).await;
-    }
-}
 
 fn with_admin(
     backends: &[std::net::SocketAddr],

@@ -15,20 +15,6 @@ use tokio_tungstenite::tungstenite::protocol::frame::Frame;
 use tokio_tungstenite::tungstenite::protocol::CloseFrame;
 use tokio_tungstenite::tungstenite::Message;
 
-type Ws = tokio_tungstenite::WebSocketStream<tokio_tungstenite::MaybeTlsStream<TcpStream>>;
-
-async fn connect(url: &str) -> Ws {
-    let (ws, resp) = tokio::time::timeout(
-        Duration::from_secs(10),
-        tokio_tungstenite::connect_async(url),
-    )
-    .await
-    .expect("connect timed out")
-    .expect("connect failed");
-    assert_eq!(resp.status(), 101);
-    ws
-}
-
 async fn next_data(ws: &mut Ws) -> Message {
     loop {
         let m = tokio::time::timeout(Duration::from_secs(10), ws.next())
@@ -139,7 +125,7 @@ async fn least_connections_even_weighted_and_refill() {
         let _ = ws.close(None).await;
         while let Some(Ok(_)) = ws.next().await {}
     }
-    wait_until(|| a.active() + b.active() == 0).await;
+    wait_until("condition", || a.active() + b.active() == 0).await;
 
     // Weighted 2:1.
     let proxy_w = Proxy::start(&format!(
@@ -159,7 +145,7 @@ async fn least_connections_even_weighted_and_refill() {
         "weights 2:1 gave {x}:{y}"
     );
     drop(held);
-    wait_until(|| a.active() + b.active() == 0).await;
+    wait_until("condition", || a.active() + b.active() == 0).await;
 }
 
 /// After one backend loses its connections, new connections go there first.
@@ -186,7 +172,7 @@ async fn least_connections_refills_the_emptied_backend() {
         let _ = ws.close(None).await;
         while let Some(Ok(_)) = ws.next().await {}
     }
-    wait_until(|| a.active() == 0).await;
+    wait_until("condition", || a.active() == 0).await;
     for i in 0..5 {
         let mut ws = connect(&proxy.url("/")).await;
         ws.send(Message::Text(format!("{i}"))).await.unwrap();
@@ -198,17 +184,6 @@ async fn least_connections_refills_the_emptied_backend() {
             "new connection {i} did not go to the emptied backend"
         );
         assert_eq!(b.active(), 5);
-    }
-}
-
-async fn wait_until(mut f: impl FnMut() -> bool) {
-    let deadline = Instant::now() + Duration::from_secs(10);
-    while !f() {
-        assert!(
-            Instant::now() < deadline,
-            "condition not reached within 10 s"
-        );
-        tokio::time::sleep(Duration::from_millis(10)).await;
     }
 }
 
@@ -443,10 +418,7 @@ async fn first_frames_in_the_request_write_arrive_in_order() {
         let head = read_head(&mut s).await;
         let mut got = vec![0u8; want.len()];
         s.read_exact(&mut got).await.unwrap();
-        let resp = format!(
-            "HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\nConnection: Upgrade\r\nSec-WebSocket-Accept: {}\r\n\r\n",
-            ringlb::http::accept_key(KEY)
-        );
+        let resp = switching_protocols();
         s.write_all(resp.as_bytes()).await.unwrap();
         s.write_all(&got).await.unwrap();
         let mut rest = Vec::new();

@@ -23,11 +23,7 @@ async fn raw_echo_backend(first: Vec<u8>) -> SocketAddr {
             let first = first.clone();
             tokio::spawn(async move {
                 let _ = read_head(&mut s).await;
-                let mut resp = format!(
-                    "HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\nConnection: Upgrade\r\nSec-WebSocket-Accept: {}\r\n\r\n",
-                    ringlb::http::accept_key(KEY)
-                )
-                .into_bytes();
+                let mut resp = switching_protocols().into_bytes();
                 resp.extend_from_slice(&first);
                 s.write_all(&resp).await.unwrap();
                 let mut buf = vec![0u8; 256 * 1024];
@@ -189,10 +185,7 @@ async fn half_close_from_the_backend_still_delivers_the_clients_bytes() {
     tokio::spawn(async move {
         let (mut s, _) = l.accept().await.unwrap();
         let _ = read_head(&mut s).await;
-        let resp = format!(
-            "HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\nConnection: Upgrade\r\nSec-WebSocket-Accept: {}\r\n\r\n",
-            ringlb::http::accept_key(KEY)
-        );
+        let resp = switching_protocols();
         s.write_all(resp.as_bytes()).await.unwrap();
         s.shutdown().await.unwrap();
         let mut all = Vec::new();

@@ -434,3 +434,54 @@ pub fn closed_port() -> SocketAddr {
     let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
     l.local_addr().unwrap()
 }
+
+/// The 101 a correct backend sends for [`upgrade_request`]'s key.
+pub fn switching_protocols() -> String {
+    format!(
+        "HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\nConnection: Upgrade\r\nSec-WebSocket-Accept: {}\r\n\r\n",
+        ringlb::http::accept_key(KEY)
+    )
+}
+
+pub type Ws = tokio_tungstenite::WebSocketStream<tokio_tungstenite::MaybeTlsStream<TcpStream>>;
+
+/// A WebSocket client through ringlb (bounded: 10 s).
+pub async fn connect(url: &str) -> Ws {
+    let (ws, resp) = tokio::time::timeout(
+        Duration::from_secs(10),
+        tokio_tungstenite::connect_async(url),
+    )
+    .await
+    .expect("connect timed out")
+    .expect("connect failed");
+    assert_eq!(resp.status(), 101);
+    ws
+}
+
+/// Sends a text message and waits (bounded) for the same text back.
+pub async fn echo(ws: &mut Ws, text: &str) {
+    ws.send(Message::Text(text.into())).await.unwrap();
+    loop {
+        let m = tokio::time::timeout(Duration::from_secs(10), ws.next())
+            .await
+            .expect("no echo within 10 s")
+            .expect("stream ended")
+            .expect("websocket error");
+        if m.is_text() {
+            assert_eq!(m, Message::Text(text.into()));
+            return;
+        }
+    }
+}
+
+/// Polls a condition every 10 ms for at most 10 s.
+pub async fn wait_until(what: &str, mut f: impl FnMut() -> bool) {
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    while !f() {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "not reached within 10 s: {what}"
+        );
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+}
