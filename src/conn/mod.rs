@@ -200,6 +200,8 @@ struct Flow {
     /// The source side reached EOF; shut our write half once drained.
     src_eof: bool,
     shut: bool,
+    /// The destination reset its connection: nothing can be sent to it.
+    dead: bool,
     bytes: u64,
     /// Body bytes still expected before the session ends (non-101 responses).
     limit: Option<u64>,
@@ -370,6 +372,10 @@ impl Conn {
             len: len as u32,
         };
         let flow = &mut self.flow[dst.idx()];
+        if flow.dead {
+            out.push(Action::Release(bid));
+            return;
+        }
         if let Some(limit) = &mut flow.limit {
             // A non-101 response ends with its body; anything after is not ours to relay.
             let keep = (*limit).min(len as u64);
@@ -417,6 +423,14 @@ impl Conn {
                 if self.stage == Stage::AwaitingResponse && dst == Side::Backend {
                     self.flow[dst.idx()].sending = false;
                     return self.backend_failed(out);
+                }
+                if self.stage == Stage::Relaying && !self.going_away {
+                    self.flow[dst.idx()].sending = false;
+                    if !self.flow[dst.idx()].dead {
+                        self.peer_reset(dst, out);
+                    }
+                    self.maybe_finish(out);
+                    return;
                 }
                 self.close(Closer::Error, out);
                 return;
@@ -493,6 +507,7 @@ impl Conn {
             RecvEnd::Error(_) => match (self.stage, side) {
                 (Stage::Responding, Side::Backend) => {}
                 (Stage::AwaitingResponse, Side::Backend) => self.backend_failed(out),
+                (Stage::Relaying, _) if !self.going_away => self.peer_reset(side, out),
                 _ => self.close(Closer::Error, out),
             },
             RecvEnd::Eof => self.on_eof(side, out),
@@ -769,6 +784,19 @@ impl Conn {
             .push_back(Payload::owned(reject.response()));
         self.kick(Side::Client, out);
         out.push(Action::Timer(TimerKind::Linger, linger));
+    }
+
+    /// `side` reset its connection while relaying. What it sent before the
+    /// reset still goes to the other side (a Close frame, say), then the
+    /// session ends; nothing more can reach `side`.
+    fn peer_reset(&mut self, side: Side, out: &mut Vec<Action>) {
+        self.closer.get_or_insert(Closer::Error);
+        let to_dead = &mut self.flow[side.idx()];
+        to_dead.dead = true;
+        release_unsent(to_dead, out);
+        to_dead.shut = true;
+        self.on_eof(side, out);
+        self.maybe_finish(out);
     }
 
     /// The backend reset or failed before answering; nothing has reached

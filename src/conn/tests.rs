@@ -352,17 +352,28 @@ fn starved_recv_waits_for_buffers() {
 }
 
 #[test]
-fn close_returns_every_held_buffer() {
+fn a_reset_still_flushes_the_other_way_and_returns_every_buffer() {
     let s = snap(&["127.0.0.1:9001"], "");
     let mut c = relaying(&s);
     let mut out = Vec::new();
     c.on_recv(Side::Client, 30, b"x", &mut out);
     c.on_recv(Side::Backend, 31, b"y", &mut out);
+    out.clear();
     c.on_recv_end(Side::Client, RecvEnd::Error(libc::ECONNRESET), &mut out);
-    assert!(out.ends_with(&[Action::Close]));
-    let mut held: Vec<u16> = c.into_buffers().collect();
-    held.sort();
-    assert_eq!(held, vec![30, 31]);
+    assert!(!out.contains(&Action::Close), "{out:?}");
+    // What the client sent before its reset still reaches the backend.
+    c.on_send(Side::Backend, Ok(1), &mut out);
+    assert!(
+        out.ends_with(&[
+            Action::Release(30),
+            Action::ShutdownWrite(Side::Backend),
+            Action::Close
+        ]),
+        "{out:?}"
+    );
+    // The send to the dead client still holds its buffer until freed.
+    let held: Vec<u16> = c.into_buffers().collect();
+    assert_eq!(held, vec![31]);
 }
 
 #[test]
@@ -440,4 +451,35 @@ fn backend_reset_before_answering_is_a_502_not_a_dropped_client() {
     assert!(out.contains(&Action::AbortBackend));
     assert!(out.contains(&Action::Send(Side::Client)) || c.front(Side::Client).is_some());
     assert!(!out.contains(&Action::Close));
+}
+
+#[test]
+fn bytes_before_a_reset_are_still_delivered() {
+    // The backend sends a Close frame and resets right after (it closed
+    // with unread data): the client must still get the frame.
+    let s = snap(&["127.0.0.1:9001"], "");
+    let mut c = relaying(&s);
+    let mut out = Vec::new();
+    c.on_recv(Side::Backend, 50, &[0x88, 0x02, 0x03, 0xea], &mut out);
+    assert_eq!(out, vec![Action::Send(Side::Client)]);
+    out.clear();
+    c.on_recv_end(Side::Backend, RecvEnd::Error(libc::ECONNRESET), &mut out);
+    assert!(
+        !out.contains(&Action::Close),
+        "closed before the Close frame went out: {out:?}"
+    );
+    // The client keeps talking meanwhile: dropped, nowhere to go.
+    c.on_recv(Side::Client, 51, b"late", &mut out);
+    assert!(out.contains(&Action::Release(51)));
+    out.clear();
+    c.on_send(Side::Client, Ok(4), &mut out);
+    assert_eq!(
+        out,
+        vec![
+            Action::Release(50),
+            Action::ShutdownWrite(Side::Client),
+            Action::Close
+        ]
+    );
+    assert_eq!(c.closer, Some(Closer::Error));
 }
