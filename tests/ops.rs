@@ -178,8 +178,7 @@ async fn sighup_reload_switches_backends_listeners_and_rejects_bad_files() {
         "new connections follow the new backend set"
     );
     echo(&mut old, "the old session is untouched").await;
-    let second = proxy.wait_log("listening on", Duration::from_secs(5));
-    let _ = second;
+    proxy.wait_log("listening on", Duration::from_secs(5));
     let added: Vec<String> = proxy
         .log
         .lock()
@@ -190,7 +189,7 @@ async fn sighup_reload_switches_backends_listeners_and_rejects_bad_files() {
                 .nth(1)
                 .map(|r| r.split_whitespace().next().unwrap().to_string())
         })
-        .filter(|a| *a != proxy.addr().to_string() && !l_is_admin(a, &proxy))
+        .filter(|a| *a != proxy.addr().to_string() && !is_admin_addr(a, &proxy))
         .collect();
     assert_eq!(added.len(), 1, "{added:?}");
     let mut via_new_listener = connect(&format!("ws://{}/", added[0])).await;
@@ -212,7 +211,7 @@ async fn sighup_reload_switches_backends_listeners_and_rejects_bad_files() {
     assert_eq!(b.active(), 3);
 }
 
-fn l_is_admin(addr: &str, proxy: &Proxy) -> bool {
+fn is_admin_addr(addr: &str, proxy: &Proxy) -> bool {
     proxy.admin.is_some_and(|a| a.to_string() == addr)
 }
 
