@@ -23,10 +23,14 @@ pub enum ErrKind {
     Timeout,
     Protocol,
     Io,
+    /// `http` mode: a response with a status other than `--expect-status`.
+    HttpStatus,
+    /// `http` mode: a body whose length differs from `--expect-length`.
+    BodyLength,
 }
 
 impl ErrKind {
-    pub const ALL: [ErrKind; 11] = [
+    pub const ALL: [ErrKind; 13] = [
         ErrKind::ConnectRefused,
         ErrKind::ConnectNoPorts,
         ErrKind::FdLimit,
@@ -38,6 +42,8 @@ impl ErrKind {
         ErrKind::Timeout,
         ErrKind::Protocol,
         ErrKind::Io,
+        ErrKind::HttpStatus,
+        ErrKind::BodyLength,
     ];
 
     pub fn name(self) -> &'static str {
@@ -53,6 +59,8 @@ impl ErrKind {
             ErrKind::Timeout => "timeout",
             ErrKind::Protocol => "protocol",
             ErrKind::Io => "io",
+            ErrKind::HttpStatus => "http_status",
+            ErrKind::BodyLength => "body_length",
         }
     }
 
@@ -64,7 +72,8 @@ impl ErrKind {
         self as usize
     }
 
-    fn from_connect(e: &io::Error) -> ErrKind {
+    /// Classifies a failed connect (or socket setup for one).
+    pub fn from_connect(e: &io::Error) -> ErrKind {
         if matches!(e.raw_os_error(), Some(libc_emfile) if libc_emfile == 24 || libc_emfile == 23) {
             return ErrKind::FdLimit;
         }

@@ -1,4 +1,5 @@
-//! ringlb-load: WebSocket load generator and echo backend.
+//! ringlb-load: WebSocket load generator and echo backend, plus an HTTP/1.1
+//! keep-alive GET load mode for static files.
 //!
 //! The echo backend can be embedded: `ringlb_load::echo::spawn(&addrs)` starts it
 //! on its own threads and returns a handle with the bound addresses and counters.
@@ -7,6 +8,7 @@ pub mod args;
 pub mod client;
 pub mod codec;
 pub mod echo;
+pub mod http;
 pub mod limits;
 pub mod run;
 pub mod stats;

@@ -2,8 +2,9 @@ use clap::{Args, Parser, Subcommand};
 use ringlb_load::args::{HDuration, Size};
 use ringlb_load::client;
 use ringlb_load::echo;
+use ringlb_load::http;
 use ringlb_load::limits;
-use ringlb_load::run::{self, Mode, Progress, RunConfig};
+use ringlb_load::run::{self, HttpConfig, Mode, Progress, RunConfig};
 use ringlb_load::stats::{cpu_times, Results};
 use serde::Serialize;
 use std::io::{BufRead, BufReader, IsTerminal, Write};
@@ -17,7 +18,7 @@ use std::time::{Duration, Instant};
 #[command(
     name = "ringlb-load",
     version,
-    about = "WebSocket load generator and echo backend"
+    about = "WebSocket load generator and echo backend; HTTP/1.1 keep-alive GET load"
 )]
 struct Cli {
     #[command(subcommand)]
@@ -38,6 +39,8 @@ enum Cmd {
     Idle(IdleArgs),
     /// Large binary messages echoed; MB/s and latency.
     Bulk(BulkArgs),
+    /// HTTP/1.1 GETs, closed loop over keep-alive connections; req/s, MB/s, latency.
+    Http(HttpArgs),
 }
 
 #[derive(Args)]
@@ -70,7 +73,7 @@ struct Common {
     /// Child processes, each with its own fd limit; results are merged.
     #[arg(long, default_value = "1")]
     procs: usize,
-    /// Limit for connect+upgrade and for each echo.
+    /// Limit for connect+upgrade and for each echo (http: each connect and each request).
     #[arg(long, default_value = "10s")]
     timeout: HDuration,
     /// Write one JSON object with every figure to PATH, or `-` for stdout.
@@ -185,6 +188,33 @@ struct BulkArgs {
     warmup: HDuration,
 }
 
+#[derive(Args, Serialize, Clone)]
+struct HttpArgs {
+    #[command(flatten)]
+    #[serde(flatten)]
+    common: Common,
+    #[arg(long, default_value = "50")]
+    connections: u64,
+    /// Measure this long (after --warmup).
+    #[arg(long, default_value = "10s")]
+    duration: HDuration,
+    /// Run this long before measuring.
+    #[arg(long, default_value = "0s")]
+    warmup: HDuration,
+    /// Make exactly this many requests in total instead of running for --duration.
+    #[arg(long, conflicts_with_all = ["duration", "warmup"])]
+    requests: Option<u64>,
+    /// Extra request header, `Name: value` (repeatable), e.g. 'Accept-Encoding: gzip'.
+    #[arg(long = "header", short = 'H', value_name = "HEADER")]
+    headers: Vec<String>,
+    /// Count responses with any other status as `http_status` errors (0: accept any).
+    #[arg(long, default_value = "200")]
+    expect_status: u16,
+    /// Count bodies of any other length (after chunked decoding) as `body_length` errors.
+    #[arg(long)]
+    expect_length: Option<Size>,
+}
+
 fn main() -> ExitCode {
     let cli = Cli::parse();
     let r = match cli.cmd {
@@ -201,6 +231,7 @@ fn main() -> ExitCode {
                 total: 0,
                 concurrency: 0,
                 hold: Duration::ZERO,
+                http: None,
             };
             run_load(plan, &a.common, serde_json::to_value(&a))
         }
@@ -216,6 +247,7 @@ fn main() -> ExitCode {
                 total: 0,
                 concurrency: 0,
                 hold: Duration::ZERO,
+                http: None,
             };
             run_load(plan, &a.common, serde_json::to_value(&a))
         }
@@ -231,6 +263,7 @@ fn main() -> ExitCode {
                 total: a.total,
                 concurrency: a.concurrency,
                 hold: Duration::ZERO,
+                http: None,
             };
             run_load(plan, &a.common, serde_json::to_value(&a))
         }
@@ -246,6 +279,7 @@ fn main() -> ExitCode {
                 total: 0,
                 concurrency: 0,
                 hold: a.hold.0,
+                http: None,
             };
             run_load(plan, &a.common, serde_json::to_value(&a))
         }
@@ -261,6 +295,28 @@ fn main() -> ExitCode {
                 total: 0,
                 concurrency: 0,
                 hold: Duration::ZERO,
+                http: None,
+            };
+            run_load(plan, &a.common, serde_json::to_value(&a))
+        }
+        Cmd::Http(a) => {
+            let plan = Plan {
+                mode: Mode::Http,
+                connections: a.connections,
+                size: 0,
+                text: false,
+                duration: a.duration.0,
+                warmup: a.warmup.0,
+                rate: 0.0,
+                total: 0,
+                concurrency: 0,
+                hold: Duration::ZERO,
+                http: Some(HttpPlan {
+                    headers: a.headers.clone(),
+                    requests: a.requests,
+                    expect_status: (a.expect_status != 0).then_some(a.expect_status),
+                    expect_length: a.expect_length.map(|s| s.0),
+                }),
             };
             run_load(plan, &a.common, serde_json::to_value(&a))
         }
@@ -286,6 +342,15 @@ struct Plan {
     total: u64,
     concurrency: u64,
     hold: Duration,
+    http: Option<HttpPlan>,
+}
+
+/// The `http` mode's own parameters.
+struct HttpPlan {
+    headers: Vec<String>,
+    requests: Option<u64>,
+    expect_status: Option<u16>,
+    expect_length: Option<u64>,
 }
 
 fn share(n: u64, parts: u64, i: u64) -> (u64, u64) {
@@ -312,7 +377,24 @@ fn run_load(
     if plan.size > usize::MAX as u64 / 2 {
         anyhow::bail!("--size too large");
     }
-    let target = client::parse_url(&c.url)?;
+    let target = if mode == Mode::Http {
+        http::parse_url(&c.url)?
+    } else {
+        client::parse_url(&c.url)?
+    };
+    if let Some(h) = &plan.http {
+        if h.requests == Some(0) {
+            anyhow::bail!("--requests must be at least 1");
+        }
+        if plan.connections == 0 {
+            anyhow::bail!("--connections must be at least 1");
+        }
+    }
+    // Built (and the headers checked) before any child process starts.
+    let request = match &plan.http {
+        Some(h) => http::build_request(&target, &h.headers)?,
+        None => Vec::new(),
+    };
     let (index, procs) = match &c.child {
         Some(s) => {
             let (i, k) = s
@@ -376,6 +458,13 @@ fn run_load(
             timeout: c.timeout.0,
             source_ips,
             connect_concurrency: c.connect_concurrency,
+            http: plan.http.as_ref().map(|h| HttpConfig {
+                request: request.clone(),
+                request_close: http::request_asks_close(&h.headers),
+                expect_status: h.expect_status,
+                expect_length: h.expect_length,
+                requests: h.requests.map(|r| share(r, procs, index).0),
+            }),
         };
         let progress = Arc::new(Progress::default());
         let done = Arc::new(AtomicBool::new(false));

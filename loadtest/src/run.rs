@@ -15,6 +15,9 @@ use tokio::net::TcpStream;
 use tokio::sync::{watch, Semaphore};
 
 mod fast;
+mod http;
+
+pub use http::HttpConfig;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Mode {
@@ -23,6 +26,7 @@ pub enum Mode {
     Handshake,
     Idle,
     Bulk,
+    Http,
 }
 
 impl Mode {
@@ -33,6 +37,7 @@ impl Mode {
             Mode::Handshake => "handshake",
             Mode::Idle => "idle",
             Mode::Bulk => "bulk",
+            Mode::Http => "http",
         }
     }
 }
@@ -65,6 +70,8 @@ pub struct RunConfig {
     pub source_ips: Vec<IpAddr>,
     /// Connects + upgrades in flight at once, per thread (avoids SYN backlog overflow).
     pub connect_concurrency: usize,
+    /// What the `http` mode sends and checks (`None` for the WebSocket modes).
+    pub http: Option<HttpConfig>,
 }
 
 /// Live counters for the progress line.
@@ -120,6 +127,9 @@ fn split(n: u64, parts: usize, i: usize) -> u64 {
 
 /// Runs this process's share of a run and returns merged results.
 pub fn run(cfg: Arc<RunConfig>, progress: Arc<Progress>) -> Results {
+    if cfg.mode == Mode::Http {
+        return http::run(cfg, progress);
+    }
     let threads = cfg.threads.max(1);
     let (start_tx, _) = watch::channel(None);
     let shared = Arc::new(Shared {
@@ -157,7 +167,7 @@ pub fn run(cfg: Arc<RunConfig>, progress: Arc<Progress>) -> Results {
     }
     total.elapsed = match cfg.mode {
         Mode::PingPong | Mode::Rate | Mode::Bulk => cfg.duration,
-        Mode::Handshake | Mode::Idle => t0.elapsed(),
+        Mode::Handshake | Mode::Idle | Mode::Http => t0.elapsed(),
     };
     total
 }
@@ -386,7 +396,7 @@ async fn conn_task(ctx: Rc<Ctx>, i: usize) {
         Mode::Rate => rate(&ctx, &mut c, &mut out, start, gidx).await,
         Mode::Idle => idle(&ctx, &mut c, &mut out, start).await,
         // pingpong and bulk run in `fast`, handshake in `hs_worker`.
-        Mode::PingPong | Mode::Bulk | Mode::Handshake => Ok(()),
+        Mode::PingPong | Mode::Bulk | Mode::Handshake | Mode::Http => Ok(()),
     };
     match r {
         Ok(()) => {

@@ -3,6 +3,7 @@
 use crate::client::ErrKind;
 use hdrhistogram::Histogram;
 use serde_json::{json, Value};
+use std::collections::BTreeMap;
 use std::fmt::Write as _;
 use std::time::Duration;
 
@@ -29,6 +30,16 @@ pub struct Results {
     pub alive: u64,
     pub errors: [u64; ErrKind::ALL.len()],
     pub elapsed: Duration,
+    /// `http` mode only (below): responses by status code.
+    pub status: BTreeMap<u16, u64>,
+    /// New connections made because the server closed one.
+    pub reconnects: u64,
+    /// Server closes announced with `Connection: close` (or HTTP/1.0, or a
+    /// body delimited by the close).
+    pub closes_announced: u64,
+    /// Server closes of a kept-alive connection without notice (EOF or reset
+    /// before any byte of the next response); the request was sent again.
+    pub closes_unannounced: u64,
 }
 
 impl Default for Results {
@@ -45,6 +56,10 @@ impl Default for Results {
             alive: 0,
             errors: [0; ErrKind::ALL.len()],
             elapsed: Duration::ZERO,
+            status: BTreeMap::new(),
+            reconnects: 0,
+            closes_announced: 0,
+            closes_unannounced: 0,
         }
     }
 }
@@ -64,6 +79,12 @@ impl Results {
             *a += b;
         }
         self.elapsed = self.elapsed.max(o.elapsed);
+        for (code, n) in &o.status {
+            *self.status.entry(*code).or_insert(0) += n;
+        }
+        self.reconnects += o.reconnects;
+        self.closes_announced += o.closes_announced;
+        self.closes_unannounced += o.closes_unannounced;
     }
 
     pub fn error_total(&self) -> u64 {
@@ -109,6 +130,16 @@ impl Results {
                 errors[kind.index()] += n.as_u64().unwrap_or(0);
             }
         }
+        let mut status = BTreeMap::new();
+        if let Some(map) = v["status_codes"].as_object() {
+            for (k, n) in map {
+                let code: u16 = k
+                    .parse()
+                    .map_err(|_| anyhow::anyhow!("bad status code {k}"))?;
+                status.insert(code, n.as_u64().unwrap_or(0));
+            }
+        }
+        let closes = &v["server_closes"];
         Ok(Results {
             latency: Self::hist_from_raw(&v["latency_hist_raw"])?,
             hs_latency: Self::hist_from_raw(&v["handshake_hist_raw"])?,
@@ -121,6 +152,10 @@ impl Results {
             alive: c["alive"].as_u64().unwrap_or(0),
             errors,
             elapsed: Duration::from_secs_f64(v["elapsed_s"].as_f64().unwrap_or(0.0)),
+            status,
+            reconnects: u("reconnects"),
+            closes_announced: closes["announced"].as_u64().unwrap_or(0),
+            closes_unannounced: closes["unannounced"].as_u64().unwrap_or(0),
         })
     }
 
@@ -155,6 +190,21 @@ impl Results {
             "error_total": self.error_total(),
             "cpu_s": { "user": cpu.0, "sys": cpu.1 },
         });
+        if mode == "http" {
+            let codes: serde_json::Map<String, Value> = self
+                .status
+                .iter()
+                .map(|(c, n)| (c.to_string(), json!(n)))
+                .collect();
+            v["requests"] = json!(self.messages);
+            v["requests_per_s"] = json!(per_s(self.messages));
+            v["status_codes"] = Value::Object(codes);
+            v["reconnects"] = json!(self.reconnects);
+            v["server_closes"] = json!({
+                "announced": self.closes_announced,
+                "unannounced": self.closes_unannounced,
+            });
+        }
         if raw {
             v["latency_hist_raw"] = Self::hist_raw(&self.latency);
             v["handshake_hist_raw"] = Self::hist_raw(&self.hs_latency);
@@ -175,7 +225,30 @@ impl Results {
             "  connections  requested {}  opened {}  failed {}  alive {}",
             self.requested, self.opened, self.failed, self.alive
         );
-        if self.messages > 0 || mode != "handshake" {
+        if mode == "http" {
+            let codes: Vec<String> = self
+                .status
+                .iter()
+                .map(|(c, n)| format!("{c}={n}"))
+                .collect();
+            let _ = writeln!(
+                s,
+                "  requests     {}  ({:.0} req/s)   body bytes {}  ({:.2} MB/s)",
+                self.messages,
+                self.messages as f64 / secs,
+                self.bytes,
+                self.bytes as f64 / secs / 1e6
+            );
+            let _ =
+                writeln!(
+                s,
+                "  status       {}   reconnects {}  (server closes: announced {}, unannounced {})",
+                if codes.is_empty() { "-".to_string() } else { codes.join(" ") },
+                self.reconnects,
+                self.closes_announced,
+                self.closes_unannounced
+            );
+        } else if self.messages > 0 || mode != "handshake" {
             let _ = writeln!(
                 s,
                 "  messages     {}  ({:.0} msg/s)   payload bytes {}  ({:.2} MB/s)",
@@ -187,7 +260,12 @@ impl Results {
         }
         let _ = writeln!(
             s,
-            "  handshakes   {}  ({:.0} /s)",
+            "  {}   {}  ({:.0} /s)",
+            if mode == "http" {
+                "connects  "
+            } else {
+                "handshakes"
+            },
             self.handshakes,
             self.handshakes as f64 / secs
         );
@@ -196,10 +274,12 @@ impl Results {
             "  {:<12} {:>9} {:>9} {:>9} {:>9} {:>9} {:>9} {:>9}",
             "latency us", "count", "mean", "p50", "p90", "p99", "p99.9", "max"
         );
-        for (name, h) in [
-            ("round trip", &self.latency),
-            ("handshake", &self.hs_latency),
-        ] {
+        let names = if mode == "http" {
+            ["request", "connect"]
+        } else {
+            ["round trip", "handshake"]
+        };
+        for (name, h) in [(names[0], &self.latency), (names[1], &self.hs_latency)] {
             if h.is_empty() {
                 continue;
             }
