@@ -1,0 +1,293 @@
+//! Packaging: the Docker seccomp profile, the Dockerfile (and that CI runs
+//! its build command), the systemd unit. These files are not exercised by
+//! anything else on a machine without Docker or systemd, so their claims are
+//! checked here.
+
+use std::collections::BTreeSet;
+use std::path::{Path, PathBuf};
+
+fn repo() -> &'static Path {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+}
+
+fn read(rel: &str) -> String {
+    std::fs::read_to_string(repo().join(rel)).unwrap_or_else(|e| panic!("{rel}: {e}"))
+}
+
+// ---- config/docker-seccomp.json ----
+
+/// Syscalls an `SCMP_ACT_ALLOW` entry allows whatever the arguments,
+/// architecture or capabilities (no `args`, `includes` or `excludes`).
+fn unconditionally_allowed(profile: &serde_json::Value) -> BTreeSet<String> {
+    let mut out = BTreeSet::new();
+    for e in profile["syscalls"].as_array().expect("syscalls is a list") {
+        let empty = |k: &str| match &e[k] {
+            serde_json::Value::Null => true,
+            serde_json::Value::Array(a) => a.is_empty(),
+            serde_json::Value::Object(o) => o.values().all(|v| v.is_null()),
+            _ => false,
+        };
+        if e["action"] == "SCMP_ACT_ALLOW"
+            && empty("args")
+            && empty("includes")
+            && empty("excludes")
+        {
+            for n in e["names"].as_array().expect("names is a list") {
+                out.insert(n.as_str().unwrap().to_string());
+            }
+        }
+    }
+    out
+}
+
+#[test]
+fn seccomp_profile_allows_io_uring_and_denies_by_default() {
+    let text = read("config/docker-seccomp.json");
+    let profile: serde_json::Value = serde_json::from_str(&text).expect("valid JSON");
+    assert_eq!(profile["defaultAction"], "SCMP_ACT_ERRNO");
+    let allowed = unconditionally_allowed(&profile);
+    for s in [
+        "io_uring_setup",
+        "io_uring_enter",
+        "io_uring_register",
+        "read",
+        "write",
+        "openat",
+        "epoll_wait",
+        "accept4",
+        "mmap",
+        "munmap",
+        "eventfd2",
+        "setsockopt",
+        "futex",
+    ] {
+        assert!(allowed.contains(s), "{s} is not allowed unconditionally");
+    }
+    let arches: Vec<&str> = profile["archMap"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|a| a["architecture"].as_str().unwrap())
+        .collect();
+    assert!(arches.contains(&"SCMP_ARCH_X86_64") && arches.contains(&"SCMP_ARCH_AARCH64"));
+}
+
+/// The start-up error for a refused io_uring_setup names this file.
+#[test]
+fn seccomp_profile_is_where_the_error_message_says() {
+    let ring = read("src/ring.rs");
+    assert!(ring.contains("--security-opt seccomp=config/docker-seccomp.json"));
+    assert!(repo().join("config/docker-seccomp.json").is_file());
+    assert!(read("README.md").contains("--security-opt seccomp=config/docker-seccomp.json"));
+}
+
+// ---- Dockerfile ----
+
+/// Dockerfile instructions with continuation lines joined and comments
+/// dropped: (INSTRUCTION, arguments).
+fn dockerfile() -> Vec<(String, String)> {
+    let mut out = Vec::new();
+    let mut cur = String::new();
+    for line in read("Dockerfile").lines() {
+        let t = line.trim();
+        if t.starts_with('#') || (t.is_empty() && cur.is_empty()) {
+            continue;
+        }
+        if let Some(head) = t.strip_suffix('\\') {
+            cur.push_str(head);
+            cur.push(' ');
+            continue;
+        }
+        cur.push_str(t);
+        let (ins, args) = cur.split_once(char::is_whitespace).unwrap_or((&cur, ""));
+        out.push((ins.to_ascii_uppercase(), args.trim().to_string()));
+        cur.clear();
+    }
+    out
+}
+
+/// The Dockerfile builds with the command CI runs: one `RUN cargo build`,
+/// and `.ci/run` has the same command on a line of its own.
+#[test]
+fn dockerfile_build_command_is_the_one_ci_runs() {
+    let builds: Vec<String> = dockerfile()
+        .into_iter()
+        .filter(|(i, a)| i == "RUN" && a.starts_with("cargo build"))
+        .map(|(_, a)| a)
+        .collect();
+    assert_eq!(builds.len(), 1, "one RUN cargo build: {builds:?}");
+    let cmd = &builds[0];
+    assert!(
+        cmd.contains("--release") && cmd.contains("--locked") && cmd.contains("-p ringlb"),
+        "{cmd}"
+    );
+    let ci = read(".ci/run");
+    let found = ci
+        .lines()
+        .map(|l| l.split(" #").next().unwrap().trim())
+        .any(|l| l == cmd);
+    assert!(found, ".ci/run does not run the Dockerfile's {cmd:?}");
+}
+
+/// What the Dockerfile copies exists and is not excluded by .dockerignore;
+/// the runtime is not root; the health check asks the admin listener the
+/// image's configuration sets; the static root it configures is where the
+/// files are copied.
+#[test]
+fn dockerfile_is_consistent_with_its_inputs() {
+    let ins = dockerfile();
+    let ignore: Vec<String> = read(".dockerignore")
+        .lines()
+        .map(str::trim)
+        .filter(|l| !l.is_empty() && !l.starts_with('#'))
+        .map(|l| l.trim_end_matches('/').to_string())
+        .collect();
+    let mut copies = Vec::new();
+    for (i, a) in &ins {
+        if i != "COPY" || a.starts_with("--from") {
+            continue;
+        }
+        let parts: Vec<&str> = a.split_whitespace().collect();
+        let (dest, srcs) = parts.split_last().unwrap();
+        for src in srcs {
+            let src = src.trim_end_matches('/');
+            assert!(repo().join(src).exists(), "COPY {src}: missing");
+            let top = src.split('/').next().unwrap();
+            for pat in &ignore {
+                assert!(
+                    pat != src && pat != top,
+                    "COPY {src} but .dockerignore has {pat}"
+                );
+            }
+            copies.push((src.to_string(), dest.trim_end_matches('/').to_string()));
+        }
+    }
+    for big in ["target-*", "fuzz", ".git"] {
+        assert!(ignore.iter().any(|p| p == big), ".dockerignore lacks {big}");
+    }
+    assert!(ignore.iter().any(|p| p == "target" || p == "**/target"));
+
+    let config_src = copies
+        .iter()
+        .find(|(_, d)| d == "/etc/ringlb/ringlb.toml")
+        .map(|(s, _)| s.clone())
+        .expect("a COPY to /etc/ringlb/ringlb.toml");
+    let config = read(&config_src);
+    let cfg: toml::Value = toml::from_str(&config).unwrap();
+    let admin = cfg["admin"]["listen"]
+        .as_str()
+        .expect("an [admin] listener");
+    let (host, port) = admin.rsplit_once(':').unwrap();
+    assert_eq!(host, "127.0.0.1", "admin stays inside the container");
+
+    let health = ins
+        .iter()
+        .find(|(i, _)| i == "HEALTHCHECK")
+        .map(|(_, a)| a.clone())
+        .expect("a HEALTHCHECK");
+    assert!(
+        health.contains(&format!("/dev/tcp/127.0.0.1/{port}")) && health.contains("/status"),
+        "{health}"
+    );
+
+    let static_roots: BTreeSet<&str> = cfg["route"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter_map(|r| r.get("static").and_then(|s| s["root"].as_str()))
+        .collect();
+    assert!(!static_roots.is_empty());
+    for root in static_roots {
+        assert!(
+            copies.iter().any(|(_, d)| d == root),
+            "static root {root} is not a COPY destination"
+        );
+    }
+
+    let user = ins
+        .iter()
+        .rev()
+        .find(|(i, _)| i == "USER")
+        .map(|(_, a)| a.as_str());
+    assert!(
+        matches!(user, Some(u) if u != "root" && u != "0"),
+        "runs as {user:?}"
+    );
+    let listen = cfg["server"]["listen"][0].as_str().unwrap();
+    let port = listen.rsplit_once(':').unwrap().1;
+    assert!(
+        ins.iter()
+            .any(|(i, a)| i == "EXPOSE" && a.split_whitespace().any(|p| p == port)),
+        "EXPOSE {port}"
+    );
+}
+
+// ---- packaging/ringlb.service ----
+
+fn unit_settings() -> Vec<(String, String)> {
+    read("packaging/ringlb.service")
+        .lines()
+        .map(str::trim)
+        .filter(|l| !l.starts_with('#') && !l.starts_with('['))
+        .filter_map(|l| l.split_once('='))
+        .map(|(k, v)| (k.to_string(), v.to_string()))
+        .collect()
+}
+
+#[test]
+fn systemd_unit_has_the_required_settings() {
+    let s = unit_settings();
+    let has = |k: &str, v: &str| s.iter().any(|(a, b)| a == k && b == v);
+    let get = |k: &str| {
+        s.iter()
+            .find(|(a, _)| a == k)
+            .map(|(_, b)| b.as_str())
+            .unwrap_or_else(|| panic!("no {k}="))
+    };
+    assert!(get("ExecStart").ends_with("ringlb run --config /etc/ringlb/ringlb.toml"));
+    assert!(has("ExecReload", "/bin/kill -HUP $MAINPID"));
+    assert!(has("KillSignal", "SIGTERM"));
+    let nofile: u64 = get("LimitNOFILE").parse().unwrap();
+    assert!(
+        nofile >= 2 * 100_000,
+        "LimitNOFILE below 2 x default max_connections"
+    );
+    assert!(has("LimitMEMLOCK", "infinity"));
+    assert!(has("AmbientCapabilities", "CAP_NET_BIND_SERVICE"));
+    assert!(has("CapabilityBoundingSet", "CAP_NET_BIND_SERVICE"));
+    assert!(has("DynamicUser", "yes"));
+    assert!(has("NoNewPrivileges", "yes"));
+    assert!(has("LogsDirectory", "ringlb"));
+    // A syscall filter must keep io_uring: systemd puts it in @aio, which
+    // @system-service includes.
+    if let Some((_, f)) = s.iter().find(|(k, _)| k == "SystemCallFilter") {
+        assert_eq!(f, "@system-service");
+    }
+}
+
+/// `systemd-analyze verify` on the unit, with the test's ringlb binary
+/// standing in for /usr/local/bin/ringlb. Skipped (with a note) where
+/// systemd-analyze is not installed.
+#[test]
+fn systemd_unit_verifies() {
+    let Ok(found) = std::process::Command::new("systemd-analyze")
+        .arg("--version")
+        .output()
+    else {
+        eprintln!("systemd-analyze not installed: unit not verified");
+        return;
+    };
+    assert!(found.status.success());
+    let dir = tempfile::tempdir().unwrap();
+    let unit: PathBuf = dir.path().join("ringlb.service");
+    let text = read("packaging/ringlb.service")
+        .replace("/usr/local/bin/ringlb", env!("CARGO_BIN_EXE_ringlb"));
+    std::fs::write(&unit, text).unwrap();
+    let out = std::process::Command::new("systemd-analyze")
+        .arg("verify")
+        .arg(&unit)
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success() && err.trim().is_empty(), "{err}");
+}
