@@ -57,7 +57,10 @@ fn handshake_in_two_pieces_then_relay() {
         out,
         vec![
             Action::ArmRecv(Side::Client),
-            Action::Timer(TimerKind::Handshake, s.config.server.handshake_timeout)
+            Action::Timer(
+                TimerKind::Handshake { req: 0 },
+                s.config.server.handshake_timeout
+            )
         ]
     );
     out.clear();
@@ -269,11 +272,11 @@ fn handshake_timer_closes_only_while_reading_head() {
     let mut out = Vec::new();
     let mut c = Conn::accept(s.clone(), client(), &mut out);
     out.clear();
-    c.on_timer(TimerKind::Handshake, &mut out);
+    c.on_timer(TimerKind::Handshake { req: 0 }, &mut out);
     assert_eq!(out, vec![Action::Close]);
     let mut c = relaying(&s);
     out.clear();
-    c.on_timer(TimerKind::Handshake, &mut out);
+    c.on_timer(TimerKind::Handshake { req: 0 }, &mut out);
     c.on_timer(TimerKind::Response, &mut out);
     assert!(
         out.is_empty(),
