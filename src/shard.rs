@@ -112,6 +112,8 @@ struct Entry {
     opened: Option<File>,
     /// What an `openat2` in flight reads.
     open_req: Option<Box<(files::OpenReq, ring::OpenHow)>>,
+    /// The backend socket is to close once no op uses it (a retry).
+    release_backend: bool,
     closing: bool,
     /// When the current request began (later requests of a kept-alive
     /// connection begin with their first byte).
@@ -455,6 +457,7 @@ impl Shard {
             file: None,
             opened: None,
             open_req: None,
+            release_backend: false,
             closing: false,
             started: Instant::now(),
             handshake: None,
@@ -496,12 +499,25 @@ impl Shard {
     /// is closed and idle.
     fn exec(&mut self, key: usize) {
         let mut batch = std::mem::take(&mut self.actions);
-        while !batch.is_empty() {
+        loop {
             for action in batch.drain(..) {
                 self.do_action(key, action);
             }
+            if let Some(e) = self.conns.get_mut(key) {
+                // A backend socket being released for a retry closes once
+                // the kernel has returned every op on it; only then may a
+                // new backend socket take its place in this slot.
+                if e.release_backend && e.inflight[Side::Backend.idx()] == 0 {
+                    e.release_backend = false;
+                    e.backend = None;
+                    e.conn.on_backend_released(&mut self.actions);
+                }
+            }
             // Actions may have produced actions (a connect that failed at once).
             std::mem::swap(&mut batch, &mut self.actions);
+            if batch.is_empty() {
+                break;
+            }
         }
         self.actions = batch;
         if let Some(e) = self.conns.get_mut(key) {
@@ -579,6 +595,16 @@ impl Shard {
             Action::DropBackend => {
                 debug_assert_eq!(e.inflight[Side::Backend.idx()], 0);
                 e.backend = None;
+            }
+            Action::ReleaseBackend => {
+                if let Some(fd) = &e.backend {
+                    let _ = SockRef::from(fd).shutdown(std::net::Shutdown::Both);
+                    if e.inflight[Side::Backend.idx()] > 0 {
+                        self.uring
+                            .cancel_fd(fd.as_raw_fd(), ud(OP_CANCEL, Side::Backend, key));
+                    }
+                }
+                e.release_backend = true;
             }
             Action::AbortBackend => {
                 if let Some(fd) = &e.backend {

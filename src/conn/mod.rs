@@ -155,6 +155,9 @@ pub enum Action {
     DropBackend,
     /// Shut down the backend socket and cancel its ops; closed with the rest.
     AbortBackend,
+    /// Shut down the backend socket, cancel its ops, and close it once none
+    /// is left; then call [`Conn::on_backend_released`].
+    ReleaseBackend,
     ShutdownWrite(Side),
     /// Give a provided buffer back to the ring.
     Release(u16),
@@ -195,6 +198,11 @@ pub enum Stage {
         attempt: u32,
     },
     AwaitingResponse,
+    /// The backend failed before answering; its socket is being released
+    /// so the request can be sent again to the next backend.
+    Retrying {
+        attempt: u32,
+    },
     Relaying,
     /// Answering from a static route.
     Serving,
@@ -259,7 +267,16 @@ struct Handshake {
     resp: Vec<u8>,
     /// For the request being proxied: how long the backend may take to answer.
     response_timeout: Duration,
+    /// Every byte sent to the backend so far, while the request may still
+    /// be sent again to another backend: idempotent, and short. `None`: it
+    /// may not.
+    replay: Option<Vec<u8>>,
+    /// The connect attempt in progress.
+    attempt: u32,
 }
+
+/// Bytes of a request ringlb keeps to resend it after a backend failure.
+const MAX_REPLAY: usize = 64 * 1024;
 
 #[derive(Debug)]
 pub struct Conn {
@@ -324,6 +341,8 @@ impl Conn {
                 last_timed_out: false,
                 resp: Vec::new(),
                 response_timeout: Duration::ZERO,
+                replay: None,
+                attempt: 0,
             })),
             lease: None,
             status: None,
@@ -413,6 +432,8 @@ impl Conn {
                 (Stage::ReadingHead, Stage::Connecting { .. })
                     | (Stage::Connecting { .. }, Stage::Connecting { .. })
                     | (Stage::Connecting { .. }, Stage::AwaitingResponse)
+                    | (Stage::AwaitingResponse, Stage::Retrying { .. })
+                    | (Stage::Retrying { .. }, Stage::Connecting { .. })
                     | (Stage::AwaitingResponse, Stage::Relaying)
                     | (Stage::ReadingHead, Stage::Serving)
                     | (Stage::Serving, Stage::ReadingHead)
@@ -420,6 +441,7 @@ impl Conn {
                         Stage::ReadingHead
                             | Stage::Connecting { .. }
                             | Stage::AwaitingResponse
+                            | Stage::Retrying { .. }
                             | Stage::Serving,
                         Stage::Responding
                     )
@@ -466,7 +488,21 @@ impl Conn {
                 self.try_response(out);
             }
             (Stage::Relaying, _) if self.going_away => out.push(Action::Release(bid)),
-            (Stage::Connecting { .. } | Stage::AwaitingResponse | Stage::Relaying, _) => {
+            (Stage::Retrying { .. }, Side::Backend) => out.push(Action::Release(bid)),
+            (Stage::Retrying { .. }, Side::Client) => {
+                // Held with the request until the next backend is connected.
+                out.push(Action::Release(bid));
+                self.flow[Side::Backend.idx()].frames.feed(data);
+                if !self.keep_for_replay(data) {
+                    self.respond(Reject::BadGateway("backend failed before answering"), out);
+                }
+            }
+            (Stage::Connecting { .. } | Stage::AwaitingResponse, Side::Client) => {
+                self.keep_for_replay(data);
+                self.flow[Side::Backend.idx()].frames.feed(data);
+                self.relay(side, bid, data.len(), out);
+            }
+            (Stage::Connecting { .. } | Stage::Relaying, _) => {
                 self.flow[side.other().idx()].frames.feed(data);
                 self.relay(side, bid, data.len(), out);
             }
@@ -524,6 +560,16 @@ impl Conn {
         if self.stage == Stage::Closing {
             return;
         }
+        if matches!(self.stage, Stage::Retrying { .. }) {
+            // The failed backend's last send: what it carried is resent
+            // from the replay copy.
+            let flow = &mut self.flow[dst.idx()];
+            flow.sending = false;
+            if let Some(Payload::Ring { bid, .. }) = flow.queue.pop_front() {
+                out.push(Action::Release(bid));
+            }
+            return;
+        }
         let n = match res {
             Ok(n) => n,
             Err(_) => {
@@ -534,7 +580,7 @@ impl Conn {
                 }
                 if self.stage == Stage::AwaitingResponse && dst == Side::Backend {
                     self.flow[dst.idx()].sending = false;
-                    return self.backend_failed(out);
+                    return self.backend_failed("backend failed before answering", out);
                 }
                 if self.stage == Stage::Relaying && !self.going_away {
                     self.flow[dst.idx()].sending = false;
@@ -620,6 +666,17 @@ impl Conn {
         if self.stage == Stage::Closing {
             return;
         }
+        if matches!(self.stage, Stage::Retrying { .. }) {
+            if side == Side::Client && why == RecvEnd::Eof {
+                self.peer_eof[0] = true;
+                self.flow[Side::Backend.idx()].src_eof = true;
+            } else if side == Side::Client && why == RecvEnd::NoBuffers {
+                out.push(Action::Starved(side));
+            } else if side == Side::Client && why == RecvEnd::Stopped {
+                self.ensure_recv(side, out);
+            }
+            return;
+        }
         match why {
             RecvEnd::Stopped => {
                 if self.wants_recv(side) {
@@ -630,7 +687,9 @@ impl Conn {
             RecvEnd::Error(_) => match (self.stage, side) {
                 (Stage::Responding, Side::Backend) => {}
                 (Stage::Serving, _) => self.close(Closer::Error, out),
-                (Stage::AwaitingResponse, Side::Backend) => self.backend_failed(out),
+                (Stage::AwaitingResponse, Side::Backend) => {
+                    self.backend_failed("backend failed before answering", out)
+                }
                 (Stage::Relaying, _) if !self.going_away => self.peer_reset(side, out),
                 _ => self.close(Closer::Error, out),
             },
@@ -655,8 +714,7 @@ impl Conn {
             (Stage::Serving, _) => {}
             (Stage::Responding, Side::Backend) => {}
             (Stage::AwaitingResponse, Side::Backend) => {
-                self.abort_backend(out);
-                self.respond(Reject::BadGateway("backend closed before answering"), out);
+                self.backend_failed("backend closed before answering", out);
             }
             _ => {
                 let dst = side.other();
@@ -734,23 +792,73 @@ impl Conn {
                 }
             }
             Err(errno) => {
-                if let Some(lease) = self.lease.take() {
-                    let hs = self.hs.as_ref().expect("handshake state");
-                    let upstream = &hs.snap.upstreams[hs.upstream];
-                    if lease.backend().state.record_failure(upstream.health) {
-                        log::warn!(
-                            "backend {} of upstream {} marked down for {:?} after a failed connect ({})",
-                            lease.backend().addr,
-                            upstream.name,
-                            upstream.health.fail_timeout,
-                            std::io::Error::from_raw_os_error(errno)
-                        );
-                    }
-                }
+                self.blame_backend(&format!(
+                    "a failed connect ({})",
+                    std::io::Error::from_raw_os_error(errno)
+                ));
                 out.push(Action::DropBackend);
                 self.connect_next(attempt + 1, out);
             }
         }
+    }
+
+    /// Counts a failure against the current backend (passive health) and
+    /// gives up its lease.
+    fn blame_backend(&mut self, what: &str) {
+        if let Some(lease) = self.lease.take() {
+            let hs = self.hs.as_ref().expect("handshake state");
+            let upstream = &hs.snap.upstreams[hs.upstream];
+            if lease.backend().state.record_failure(upstream.health) {
+                log::warn!(
+                    "backend {} of upstream {} marked down for {:?} after {what}",
+                    lease.backend().addr,
+                    upstream.name,
+                    upstream.health.fail_timeout,
+                );
+            }
+        }
+    }
+
+    /// Keeps client bytes that went (or will go) to the backend, so the
+    /// request can be resent; false once that is no longer possible.
+    fn keep_for_replay(&mut self, data: &[u8]) -> bool {
+        let Some(hs) = self.hs.as_mut() else {
+            return false;
+        };
+        match &mut hs.replay {
+            Some(r) if r.len() + data.len() <= MAX_REPLAY => {
+                r.extend_from_slice(data);
+                true
+            }
+            _ => {
+                hs.replay = None;
+                false
+            }
+        }
+    }
+
+    /// The old backend's socket has no op left: send the request again,
+    /// to a backend not tried yet.
+    pub fn on_backend_released(&mut self, out: &mut Vec<Action>) {
+        let Stage::Retrying { attempt } = self.stage else {
+            return;
+        };
+        let hs = self.hs.as_mut().expect("handshake state");
+        hs.resp.clear();
+        let replay = hs.replay.clone().expect("retrying without a replay copy");
+        let flow = &mut self.flow[Side::Backend.idx()];
+        debug_assert!(!flow.sending);
+        release_unsent(flow, out);
+        let src_eof = flow.src_eof;
+        let frames = std::mem::take(&mut flow.frames);
+        *flow = Flow {
+            frames,
+            src_eof,
+            ..Flow::default()
+        };
+        flow.queue.push_back(Payload::owned(replay));
+        self.recv[Side::Backend.idx()] = RecvState::Off;
+        self.connect_next(attempt + 1, out);
     }
 
     /// ringlb could not even open a socket for the backend (its own fd or
@@ -831,6 +939,10 @@ impl Conn {
         self.route = Some(route.path.clone());
 
         hs.head = Vec::new();
+        // POST and PATCH are not idempotent: never sent twice (RFC 9110 §9.2.2).
+        if !matches!(req.method.as_str(), "POST" | "PATCH" | "LOCK") {
+            hs.replay = Some(forwarded.clone());
+        }
         hs.request = Some(req);
         self.flow[Side::Backend.idx()]
             .queue
@@ -847,6 +959,7 @@ impl Conn {
         match picked {
             Some((i, lease)) => {
                 hs.tried.push(i);
+                hs.attempt = attempt;
                 let addr = lease.backend().addr;
                 self.backend = Some(addr);
 
@@ -1086,9 +1199,33 @@ impl Conn {
 
     /// The backend reset or failed before answering; nothing has reached
     /// the client yet, so it gets a proper 502 rather than a dropped socket.
-    fn backend_failed(&mut self, out: &mut Vec<Action>) {
-        self.abort_backend(out);
-        self.respond(Reject::BadGateway("backend failed before answering"), out);
+    ///
+    /// An idempotent request none of whose answer has arrived is sent again
+    /// to the next backend (like nginx's `proxy_next_upstream error`), once
+    /// the failed backend's socket has no op left.
+    fn backend_failed(&mut self, why: &'static str, out: &mut Vec<Action>) {
+        let hs = self.hs.as_ref().expect("handshake state");
+        let untried = hs.tried.len() < hs.snap.upstreams[hs.upstream].backends.len();
+        if hs.replay.is_none() || !hs.resp.is_empty() || !untried {
+            log::debug!(
+                "{}: {why}; not retried (replayable: {}, answer bytes: {}, backends left: {untried})",
+                self.backend.map_or_else(String::new, |b| b.to_string()),
+                hs.replay.is_some(),
+                hs.resp.len()
+            );
+            self.abort_backend(out);
+            return self.respond(Reject::BadGateway(why), out);
+        }
+        let attempt = hs.attempt;
+        log::debug!(
+            "{}: {why}; sending the request again to another backend",
+            self.backend.map_or_else(String::new, |b| b.to_string())
+        );
+        self.blame_backend(why);
+        self.connected = false;
+        release_unsent(&mut self.flow[Side::Backend.idx()], out);
+        self.set_stage(Stage::Retrying { attempt });
+        out.push(Action::ReleaseBackend);
     }
 
     fn abort_backend(&mut self, out: &mut Vec<Action>) {
