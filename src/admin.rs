@@ -207,7 +207,7 @@ pub fn metrics(control: &Control) -> String {
     let sum = |f: &dyn Fn(&crate::stats::ShardStats) -> u64| {
         control.shards.iter().map(|s| f(s)).sum::<u64>()
     };
-    let _ = writeln!(out, "# HELP ringlb_handshakes_total Handshakes by result: the HTTP status answered, \"closed\" when the client left first.\n# TYPE ringlb_handshakes_total counter");
+    let _ = writeln!(out, "# HELP ringlb_handshakes_total Requests answered (WebSocket handshakes, proxied and static HTTP) by result: the HTTP status, \"closed\" when the client left first.\n# TYPE ringlb_handshakes_total counter");
     for (i, r) in RESULTS.iter().enumerate() {
         let _ = writeln!(
             out,

@@ -87,6 +87,9 @@ struct FileServer {
     linger_timeout: Option<Spanned<String>>,
     drain_timeout: Option<Spanned<String>>,
     backlog: Option<Spanned<i64>>,
+    keepalive_timeout: Option<Spanned<String>>,
+    keepalive_requests: Option<Spanned<i64>>,
+    gzip_cache_size: Option<Spanned<i64>>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -106,11 +109,29 @@ struct FileLog {
 #[serde(deny_unknown_fields)]
 struct FileRoute {
     path: Spanned<String>,
-    upstream: Spanned<String>,
+    upstream: Option<Spanned<String>>,
+    #[serde(rename = "static")]
+    static_files: Option<Spanned<FileStatic>>,
     #[serde(default)]
     strip_prefix: bool,
     #[serde(default)]
     websocket_only: bool,
+    response_timeout: Option<Spanned<String>>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct FileStatic {
+    root: Spanned<String>,
+    index: Option<Spanned<String>>,
+    fallback: Option<Spanned<String>>,
+    precompressed: Option<bool>,
+    gzip: Option<bool>,
+    gzip_min_length: Option<Spanned<i64>>,
+    gzip_max_length: Option<Spanned<i64>>,
+    gzip_types: Option<Vec<Spanned<String>>>,
+    cache_control: Option<Spanned<String>>,
+    follow_symlinks: Option<bool>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -173,6 +194,13 @@ pub struct ServerConfig {
     /// closes them. `None`: until they end by themselves.
     pub drain_timeout: Option<Duration>,
     pub backlog: i32,
+    /// Idle time allowed between HTTP requests on a kept-alive connection.
+    /// Never applies to WebSocket sessions, which have no idle timeout.
+    pub keepalive_timeout: Duration,
+    /// Requests served on one connection before ringlb closes it.
+    pub keepalive_requests: NonZeroU32,
+    /// Bytes of gzip output kept per shard for on-the-fly compression.
+    pub gzip_cache_size: usize,
 }
 
 /// Where the access log goes: one JSON line per session, at its end.
@@ -207,10 +235,64 @@ pub struct AdminConfig {
 #[derive(Debug, Clone)]
 pub struct RouteConfig {
     pub path: std::sync::Arc<str>,
-    pub upstream: usize,
+    pub target: RouteTarget,
     pub strip_prefix: bool,
     pub websocket_only: bool,
+    /// Plain HTTP requests only: how long the backend may take to answer;
+    /// `None`: the upstream's `response_timeout`.
+    pub response_timeout: Option<Duration>,
 }
+
+#[derive(Debug, Clone)]
+pub enum RouteTarget {
+    /// Index into `Config::upstreams`.
+    Upstream(usize),
+    Static(std::sync::Arc<StaticConfig>),
+}
+
+impl RouteConfig {
+    pub fn upstream(&self) -> Option<usize> {
+        match self.target {
+            RouteTarget::Upstream(u) => Some(u),
+            RouteTarget::Static(_) => None,
+        }
+    }
+}
+
+/// A directory served as files (`static = { root = ... }`).
+#[derive(Debug)]
+pub struct StaticConfig {
+    pub root: PathBuf,
+    /// The root, opened once per configuration load; every file is opened
+    /// relative to it so a path can be checked to stay beneath it.
+    pub root_fd: std::os::fd::OwnedFd,
+    /// File served for a directory; `None`: directories are not served.
+    pub index: Option<String>,
+    /// URL path (under root) served with 200 when nothing else matches,
+    /// like nginx `try_files $uri $uri/ /index.html`.
+    pub fallback: Option<String>,
+    /// Serve `file.br` / `file.gz` when present and accepted.
+    pub precompressed: bool,
+    pub gzip: bool,
+    pub gzip_min_length: u64,
+    pub gzip_max_length: u64,
+    /// MIME types compressed on the fly; an entry ending in `/*` matches
+    /// the whole type.
+    pub gzip_types: Vec<String>,
+    pub cache_control: Option<String>,
+    /// Let symlinks lead outside root (they may always point inside it).
+    pub follow_symlinks: bool,
+}
+
+pub const DEFAULT_GZIP_TYPES: &[&str] = &[
+    "text/*",
+    "application/javascript",
+    "application/json",
+    "application/manifest+json",
+    "application/xml",
+    "application/wasm",
+    "image/svg+xml",
+];
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Balance {
@@ -255,26 +337,37 @@ pub const DEFAULT_LINGER: Duration = Duration::from_secs(2);
 pub const DEFAULT_BACKLOG: i32 = 4096;
 pub const DEFAULT_MAX_FAILS: u32 = 1;
 pub const DEFAULT_FAIL_TIMEOUT: Duration = Duration::from_secs(10);
+pub const DEFAULT_KEEPALIVE_TIMEOUT: Duration = Duration::from_secs(75);
+pub const DEFAULT_KEEPALIVE_REQUESTS: u32 = 1000;
+pub const DEFAULT_GZIP_CACHE_SIZE: usize = 16 << 20;
+pub const DEFAULT_GZIP_MIN_LENGTH: u64 = 256;
+pub const DEFAULT_GZIP_MAX_LENGTH: u64 = 1 << 20;
 
 impl Config {
     /// Reads and validates a file.
     pub fn load(path: &Path) -> Result<Config, ConfigError> {
         let text = std::fs::read_to_string(path)
             .map_err(|e| ConfigError(format!("{}: cannot read: {e}", path.display())))?;
-        let mut cfg = Config::parse(&text, &path.display().to_string())?;
+        let base = path.parent().unwrap_or(Path::new("."));
+        let mut cfg = Config::parse_in(&text, &path.display().to_string(), base)?;
         cfg.source = Some(path.to_path_buf());
         Ok(cfg)
     }
 
     /// Parses and validates TOML text; `name` is used in error messages.
     pub fn parse(text: &str, name: &str) -> Result<Config, ConfigError> {
+        Config::parse_in(text, name, Path::new("."))
+    }
+
+    /// Like [`Config::parse`]; relative static roots are taken from `base`.
+    pub fn parse_in(text: &str, name: &str, base: &Path) -> Result<Config, ConfigError> {
         let src = Source {
             name: name.to_string(),
             text,
         };
         let file: FileConfig = toml::from_str(text)
             .map_err(|e| ConfigError(format!("{name}: {}", e.to_string().trim_end())))?;
-        validate(file, &src)
+        validate(file, &src, base)
     }
 
     /// The configuration of `ringlb run --listen A --upstream B ...`: one
@@ -294,9 +387,10 @@ impl Config {
             log: LogConfig::default(),
             routes: vec![RouteConfig {
                 path: "/".into(),
-                upstream: 0,
+                target: RouteTarget::Upstream(0),
                 strip_prefix: false,
                 websocket_only: false,
+                response_timeout: None,
             }],
             upstreams: vec![UpstreamConfig {
                 name: "default".into(),
@@ -337,6 +431,9 @@ impl ServerConfig {
             linger_timeout: DEFAULT_LINGER,
             drain_timeout: None,
             backlog: DEFAULT_BACKLOG,
+            keepalive_timeout: DEFAULT_KEEPALIVE_TIMEOUT,
+            keepalive_requests: NonZeroU32::new(DEFAULT_KEEPALIVE_REQUESTS).unwrap(),
+            gzip_cache_size: DEFAULT_GZIP_CACHE_SIZE,
         }
     }
 }
@@ -345,7 +442,7 @@ pub fn default_shards() -> NonZeroUsize {
     std::thread::available_parallelism().unwrap_or(NonZeroUsize::MIN)
 }
 
-fn validate(file: FileConfig, src: &Source<'_>) -> Result<Config, ConfigError> {
+fn validate(file: FileConfig, src: &Source<'_>, base: &Path) -> Result<Config, ConfigError> {
     let s = file.server;
     let mut server = ServerConfig::defaults();
 
@@ -434,6 +531,17 @@ fn validate(file: FileConfig, src: &Source<'_>) -> Result<Config, ConfigError> {
     }
     if let Some(v) = &s.backlog {
         server.backlog = int_in(src, v, "server.backlog", 1, 1 << 20)? as i32;
+    }
+    if let Some(v) = &s.keepalive_timeout {
+        server.keepalive_timeout = duration(src, v, "server.keepalive_timeout")?;
+    }
+    if let Some(v) = &s.keepalive_requests {
+        server.keepalive_requests =
+            NonZeroU32::new(int_in(src, v, "server.keepalive_requests", 1, 1 << 30)? as u32)
+                .unwrap();
+    }
+    if let Some(v) = &s.gzip_cache_size {
+        server.gzip_cache_size = int_in(src, v, "server.gzip_cache_size", 0, 1 << 40)? as usize;
     }
     if server.max_buffers_per_direction.get() * 2 > server.buffers_per_shard as usize {
         let span = s
@@ -623,19 +731,57 @@ fn validate(file: FileConfig, src: &Source<'_>) -> Result<Config, ConfigError> {
                 format!("{path:?} is routed twice"),
             ));
         }
-        let Some(upstream) = names.iter().position(|n| *n == r.upstream.get_ref()) else {
-            return Err(ConfigError::at(
-                src,
-                r.upstream.span(),
-                "route.upstream",
-                format!("no [upstream.{}] is defined", r.upstream.get_ref()),
-            ));
+        let target = match (&r.upstream, &r.static_files) {
+            (Some(u), None) => {
+                let Some(i) = names.iter().position(|n| *n == u.get_ref()) else {
+                    return Err(ConfigError::at(
+                        src,
+                        u.span(),
+                        "route.upstream",
+                        format!("no [upstream.{}] is defined", u.get_ref()),
+                    ));
+                };
+                RouteTarget::Upstream(i)
+            }
+            (None, Some(st)) => {
+                let bad = if r.websocket_only {
+                    Some("websocket_only")
+                } else if r.response_timeout.is_some() {
+                    Some("response_timeout")
+                } else {
+                    None
+                };
+                if let Some(key) = bad {
+                    return Err(ConfigError::at(
+                        src,
+                        r.path.span(),
+                        &format!("route.{key}"),
+                        format!(
+                            "route {path:?} serves files; {key} only applies to upstream routes"
+                        ),
+                    ));
+                }
+                RouteTarget::Static(std::sync::Arc::new(static_config(src, st, base)?))
+            }
+            _ => {
+                return Err(ConfigError::at(
+                    src,
+                    r.path.span(),
+                    "route",
+                    format!("route {path:?} needs exactly one of `upstream` or `static`"),
+                ))
+            }
+        };
+        let response_timeout = match &r.response_timeout {
+            Some(v) => Some(duration(src, v, "route.response_timeout")?),
+            None => None,
         };
         routes.push(RouteConfig {
             path: path.as_str().into(),
-            upstream,
+            target,
             strip_prefix: r.strip_prefix,
             websocket_only: r.websocket_only,
+            response_timeout,
         });
     }
 
@@ -646,6 +792,118 @@ fn validate(file: FileConfig, src: &Source<'_>) -> Result<Config, ConfigError> {
         routes,
         upstreams,
         source: None,
+    })
+}
+
+fn static_config(
+    src: &Source<'_>,
+    st: &Spanned<FileStatic>,
+    base: &Path,
+) -> Result<StaticConfig, ConfigError> {
+    use std::os::unix::fs::OpenOptionsExt;
+    let f = st.get_ref();
+    let root_text = f.root.get_ref();
+    let root = base.join(root_text);
+    let root_fd = std::fs::OpenOptions::new()
+        .read(true)
+        .custom_flags(libc::O_DIRECTORY | libc::O_PATH)
+        .open(&root)
+        .map_err(|e| {
+            ConfigError::at(
+                src,
+                f.root.span(),
+                "route.static.root",
+                format!("{}: {e}", root.display()),
+            )
+        })?;
+    let url_path = |v: &Spanned<String>, key: &str| -> Result<String, ConfigError> {
+        let p = v.get_ref();
+        if !p.starts_with('/') || p.split('/').any(|seg| seg == "..") || p.contains('\0') {
+            return Err(ConfigError::at(
+                src,
+                v.span(),
+                key,
+                format!("{p:?} must be a path under root starting with '/', without '..'"),
+            ));
+        }
+        Ok(p.clone())
+    };
+    let index = match &f.index {
+        None => Some("index.html".to_string()),
+        Some(v) if v.get_ref().is_empty() => None,
+        Some(v) => {
+            if v.get_ref().contains('/') || v.get_ref() == ".." {
+                return Err(ConfigError::at(
+                    src,
+                    v.span(),
+                    "route.static.index",
+                    "must be a file name (no '/'), or \"\" to serve no index",
+                ));
+            }
+            Some(v.get_ref().clone())
+        }
+    };
+    let fallback = match &f.fallback {
+        Some(v) => Some(url_path(v, "route.static.fallback")?),
+        None => None,
+    };
+    let gzip_min_length = match &f.gzip_min_length {
+        Some(v) => int_in(src, v, "route.static.gzip_min_length", 0, 1 << 40)? as u64,
+        None => DEFAULT_GZIP_MIN_LENGTH,
+    };
+    let gzip_max_length = match &f.gzip_max_length {
+        Some(v) => int_in(src, v, "route.static.gzip_max_length", 0, 1 << 30)? as u64,
+        None => DEFAULT_GZIP_MAX_LENGTH,
+    };
+    let gzip_types = match &f.gzip_types {
+        None => DEFAULT_GZIP_TYPES.iter().map(|s| s.to_string()).collect(),
+        Some(list) => {
+            let mut out = Vec::new();
+            for t in list {
+                let v = t.get_ref().trim().to_ascii_lowercase();
+                if v.split('/').count() != 2 || v.contains(char::is_whitespace) {
+                    return Err(ConfigError::at(
+                        src,
+                        t.span(),
+                        "route.static.gzip_types",
+                        format!(
+                            "{:?} is not a MIME type like \"text/css\" or \"text/*\"",
+                            t.get_ref()
+                        ),
+                    ));
+                }
+                out.push(v);
+            }
+            out
+        }
+    };
+    let cache_control = match &f.cache_control {
+        Some(v) => {
+            let text = v.get_ref();
+            if text.is_empty() || text.bytes().any(|b| b.is_ascii_control()) {
+                return Err(ConfigError::at(
+                    src,
+                    v.span(),
+                    "route.static.cache_control",
+                    "must be a non-empty header value without control characters",
+                ));
+            }
+            Some(text.clone())
+        }
+        None => None,
+    };
+    Ok(StaticConfig {
+        root,
+        root_fd: root_fd.into(),
+        index,
+        fallback,
+        precompressed: f.precompressed.unwrap_or(true),
+        gzip: f.gzip.unwrap_or(true),
+        gzip_min_length,
+        gzip_max_length,
+        gzip_types,
+        cache_control,
+        follow_symlinks: f.follow_symlinks.unwrap_or(false),
     })
 }
 
@@ -748,7 +1006,7 @@ servers = [{ addr = "127.0.0.1:9001" }]
         let c = Config::parse(MIN, "t.toml").unwrap();
         assert_eq!(c.server.handshake_timeout, DEFAULT_HANDSHAKE_TIMEOUT);
         assert_eq!(c.upstreams[0].servers[0].weight.get(), 1);
-        assert_eq!(c.routes[0].upstream, 0);
+        assert_eq!(c.routes[0].upstream(), Some(0));
     }
 
     #[test]

@@ -94,11 +94,23 @@ pub struct Request {
     headers: Vec<(String, Vec<u8>)>,
     /// Values of X-Forwarded-For the client sent, joined.
     forwarded_for: Option<String>,
+    /// The connection may carry another request (RFC 9112 §9.3).
+    persistent: bool,
+    /// A body follows the head (Content-Length > 0 or chunked).
+    body: bool,
 }
 
 impl Request {
     pub fn is_upgrade(&self) -> bool {
         self.ws_key.is_some()
+    }
+
+    pub fn keep_alive(&self) -> bool {
+        self.persistent
+    }
+
+    pub fn has_body(&self) -> bool {
+        self.body
     }
 
     pub fn path(&self) -> &str {
@@ -148,6 +160,8 @@ pub fn parse_request(
     let mut host_count = 0;
     let mut upgrade_ws = false;
     let mut conn_upgrade = false;
+    let mut conn_close = false;
+    let mut conn_keep_alive = false;
     let mut conn_named: Vec<String> = Vec::new();
     let mut ws_version: Option<&[u8]> = None;
     let mut ws_key: Option<&[u8]> = None;
@@ -164,6 +178,8 @@ pub fn parse_request(
             upgrade_ws |= has_token(value, "websocket");
         } else if name.eq_ignore_ascii_case("connection") {
             conn_upgrade |= has_token(value, "upgrade");
+            conn_close |= has_token(value, "close");
+            conn_keep_alive |= has_token(value, "keep-alive");
             for t in tokens(value) {
                 conn_named.push(t.to_ascii_lowercase());
             }
@@ -270,6 +286,8 @@ pub fn parse_request(
         } else {
             Some(forwarded_for.join(", "))
         },
+        persistent: !conn_close && (minor >= 1 || conn_keep_alive),
+        body: chunked || content_length.is_some_and(|c| c > 0),
     }))
 }
 

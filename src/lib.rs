@@ -10,6 +10,7 @@ pub mod admin;
 pub mod config;
 pub mod conn;
 pub mod demo;
+pub mod files;
 pub mod http;
 pub mod ring;
 pub mod route;

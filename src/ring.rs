@@ -11,6 +11,9 @@
 //!   data does not move when the slab grows. The shard frees a slot only
 //!   when every op it submitted for that slot has completed (it counts them),
 //!   and cancels and waits rather than freeing early.
+//! - A file read writes into the static answer's buffer (`files::Serve::buf`),
+//!   owned by the same slot and never resized while a read is in flight; an
+//!   `openat2` reads a path and an `OpenHow` boxed in the slot until its CQE.
 //! - Sockets are `OwnedFd`s in the same slot, closed under the same rule; a
 //!   `close()` with an op pending would not even send a FIN, which is why
 //!   the shard cancels first.
@@ -20,12 +23,16 @@
 
 #![allow(unsafe_code)]
 
+use std::ffi::CStr;
 use std::io;
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
 use std::sync::atomic::{AtomicU16, Ordering};
 use std::time::Duration;
 
 use io_uring::{cqueue, opcode, squeue, types, IoUring};
+
+/// The `open_how` of an `openat2`, kept by the caller until its CQE.
+pub type OpenHow = types::OpenHow;
 
 /// A completion, copied out of the CQ ring.
 #[derive(Debug, Clone, Copy)]
@@ -66,6 +73,7 @@ pub const REQUIRED_OPS: &[(u8, &str)] = &[
     (opcode::Connect::CODE, "CONNECT"),
     (opcode::AsyncCancel2::CODE, "ASYNC_CANCEL"),
     (opcode::Read::CODE, "READ"),
+    (opcode::OpenAt2::CODE, "OPENAT2"),
 ];
 
 /// Checks that io_uring works here and has what ringlb needs. The error says
@@ -197,6 +205,25 @@ impl Uring {
     }
 
     /// Cancels every op on `fd`.
+    /// `openat2` relative to `dir`. `path` and `how` must stay where they
+    /// are until the CQE (the shard boxes them in the connection's slot).
+    pub fn openat2(&mut self, dir: RawFd, path: &CStr, how: &types::OpenHow, ud: u64) {
+        let e = opcode::OpenAt2::new(types::Fd(dir), path.as_ptr(), how)
+            .build()
+            .user_data(ud);
+        self.push(e);
+    }
+
+    /// Reads a regular file at `offset` into `ptr..ptr+len`, which must stay
+    /// allocated and untouched until the CQE.
+    pub fn read(&mut self, fd: RawFd, ptr: *mut u8, len: usize, offset: u64, ud: u64) {
+        let e = opcode::Read::new(types::Fd(fd), ptr, len as u32)
+            .offset(offset)
+            .build()
+            .user_data(ud);
+        self.push(e);
+    }
+
     pub fn cancel_fd(&mut self, fd: RawFd, ud: u64) {
         let e = opcode::AsyncCancel2::new(types::CancelBuilder::fd(types::Fd(fd)).all())
             .build()

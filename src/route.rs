@@ -55,9 +55,10 @@ mod tests {
     fn r(path: &str, upstream: usize, strip: bool) -> RouteConfig {
         RouteConfig {
             path: path.into(),
-            upstream,
+            target: crate::config::RouteTarget::Upstream(upstream),
             strip_prefix: strip,
             websocket_only: false,
+            response_timeout: None,
         }
     }
 
@@ -68,12 +69,15 @@ mod tests {
             r("/capture", 1, false),
             r("/capture/live", 2, false),
         ]);
-        assert_eq!(router.find("/").unwrap().upstream, 0);
-        assert_eq!(router.find("/other").unwrap().upstream, 0);
-        assert_eq!(router.find("/capture").unwrap().upstream, 1);
-        assert_eq!(router.find("/capture/x").unwrap().upstream, 1);
-        assert_eq!(router.find("/captures").unwrap().upstream, 0);
-        assert_eq!(router.find("/capture/live/1").unwrap().upstream, 2);
+        assert_eq!(router.find("/").unwrap().upstream().unwrap(), 0);
+        assert_eq!(router.find("/other").unwrap().upstream().unwrap(), 0);
+        assert_eq!(router.find("/capture").unwrap().upstream().unwrap(), 1);
+        assert_eq!(router.find("/capture/x").unwrap().upstream().unwrap(), 1);
+        assert_eq!(router.find("/captures").unwrap().upstream().unwrap(), 0);
+        assert_eq!(
+            router.find("/capture/live/1").unwrap().upstream().unwrap(),
+            2
+        );
     }
 
     #[test]

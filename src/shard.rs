@@ -11,7 +11,8 @@
 //! `user_data` layout (64 bits):
 //!
 //! ```text
-//!  63..56  op     1 accept, 2 recv, 3 send, 4 connect, 5 cancel, 6 wake
+//!  63..56  op     1 accept, 2 recv, 3 send, 4 connect, 5 cancel, 6 wake,
+//!                 7 open (static file), 8 read (static file)
 //!  55..48  side   0 client, 1 backend (recv/send/connect)
 //!  31..0   key    slab key of the connection, or the listener index (accept)
 //! ```
@@ -33,7 +34,10 @@ use std::time::{Duration, Instant};
 use slab::Slab;
 use socket2::{Domain, SockAddr, SockRef, Socket, TcpKeepalive, Type};
 
+use std::fs::File;
+
 use crate::conn::{Action, Conn, RecvEnd, Side, Stage, TimerKind};
+use crate::files;
 use crate::ring::{self, BufRing, Cqe, Uring};
 use crate::snapshot::Snapshot;
 use crate::stats::{self, ShardStats};
@@ -44,6 +48,8 @@ const OP_SEND: u64 = 3;
 const OP_CONNECT: u64 = 4;
 const OP_CANCEL: u64 = 5;
 const OP_WAKE: u64 = 6;
+const OP_OPEN: u64 = 7;
+const OP_READ: u64 = 8;
 
 fn ud(op: u64, side: Side, key: usize) -> u64 {
     op << 56 | (side as u64) << 48 | key as u64
@@ -98,8 +104,20 @@ struct Entry {
     connect_addr: Option<Box<SockAddr>>,
     /// Ops submitted and not yet completed, per side.
     inflight: [u32; 2],
+    /// File ops (open, read) not yet completed; they end by themselves.
+    inflight_file: u32,
+    /// The file a static answer reads from, and one just opened that the
+    /// connection has not adopted yet.
+    file: Option<File>,
+    opened: Option<File>,
+    /// What an `openat2` in flight reads.
+    open_req: Option<Box<(files::OpenReq, ring::OpenHow)>>,
+    /// The backend socket is to close once no op uses it (a retry).
+    release_backend: bool,
     closing: bool,
-    accepted_at: Instant,
+    /// When the current request began (later requests of a kept-alive
+    /// connection begin with their first byte).
+    started: Instant,
     /// Accept to the answer (ours or the backend's); `None` until known.
     handshake: Option<Duration>,
 }
@@ -344,6 +362,20 @@ impl Shard {
                 self.exec(key);
             }
             OP_WAKE => self.on_wake(),
+            OP_OPEN => self.on_open(key, cqe),
+            OP_READ => {
+                let Some(e) = self.conns.get_mut(key) else {
+                    return;
+                };
+                e.inflight_file -= 1;
+                let res = if cqe.result >= 0 {
+                    Ok(cqe.result as usize)
+                } else {
+                    Err(-cqe.result)
+                };
+                e.conn.on_file_read(res, &mut self.actions);
+                self.exec(key);
+            }
             // Cancel results carry nothing we need: the cancelled op reports itself.
             _ => {}
         }
@@ -391,7 +423,7 @@ impl Shard {
                     target: TimerTarget::Accept {
                         listener: listener as u32,
                     },
-                    kind: TimerKind::Handshake,
+                    kind: TimerKind::Linger,
                 }));
             }
         }
@@ -421,8 +453,13 @@ impl Shard {
             backend: None,
             connect_addr: None,
             inflight: [0, 0],
+            inflight_file: 0,
+            file: None,
+            opened: None,
+            open_req: None,
+            release_backend: false,
             closing: false,
-            accepted_at: Instant::now(),
+            started: Instant::now(),
             handshake: None,
         });
         assert!(key <= u32::MAX as usize);
@@ -437,6 +474,9 @@ impl Shard {
             e.inflight[side.idx()] -= 1;
         }
         if cqe.result > 0 {
+            if e.conn.requests() > 0 && e.conn.between_requests() {
+                e.started = Instant::now();
+            }
             let bid = cqe.buffer().expect("recv data without a buffer");
             self.bufs.taken(bid);
             let data = self.bufs.data(bid, cqe.result as usize);
@@ -459,18 +499,31 @@ impl Shard {
     /// is closed and idle.
     fn exec(&mut self, key: usize) {
         let mut batch = std::mem::take(&mut self.actions);
-        while !batch.is_empty() {
+        loop {
             for action in batch.drain(..) {
                 self.do_action(key, action);
             }
+            if let Some(e) = self.conns.get_mut(key) {
+                // A backend socket being released for a retry closes once
+                // the kernel has returned every op on it; only then may a
+                // new backend socket take its place in this slot.
+                if e.release_backend && e.inflight[Side::Backend.idx()] == 0 {
+                    e.release_backend = false;
+                    e.backend = None;
+                    e.conn.on_backend_released(&mut self.actions);
+                }
+            }
             // Actions may have produced actions (a connect that failed at once).
             std::mem::swap(&mut batch, &mut self.actions);
+            if batch.is_empty() {
+                break;
+            }
         }
         self.actions = batch;
         if let Some(e) = self.conns.get_mut(key) {
             if e.handshake.is_none() {
                 if let Some(status) = e.conn.status {
-                    let took = e.accepted_at.elapsed();
+                    let took = e.started.elapsed();
                     e.handshake = Some(took);
                     self.stats
                         .record_handshake(stats::result_index(status), took);
@@ -501,6 +554,9 @@ impl Shard {
                     }
                     crate::conn::Payload::Owned(o) => {
                         (o.data[o.start..].as_ptr(), o.data.len() - o.start)
+                    }
+                    crate::conn::Payload::File { start, len } => {
+                        (e.conn.file_ptr(*start), *len as usize)
                     }
                 };
                 e.inflight[side.idx()] += 1;
@@ -540,6 +596,16 @@ impl Shard {
                 debug_assert_eq!(e.inflight[Side::Backend.idx()], 0);
                 e.backend = None;
             }
+            Action::ReleaseBackend => {
+                if let Some(fd) = &e.backend {
+                    let _ = SockRef::from(fd).shutdown(std::net::Shutdown::Both);
+                    if e.inflight[Side::Backend.idx()] > 0 {
+                        self.uring
+                            .cancel_fd(fd.as_raw_fd(), ud(OP_CANCEL, Side::Backend, key));
+                    }
+                }
+                e.release_backend = true;
+            }
             Action::AbortBackend => {
                 if let Some(fd) = &e.backend {
                     let _ = SockRef::from(fd).shutdown(std::net::Shutdown::Both);
@@ -574,6 +640,45 @@ impl Shard {
                 self.stats.recv_starved.add(1);
                 self.starved.push_back((key, e.gen, side));
             }
+            Action::OpenFile(req) => {
+                let how = ring::OpenHow::new()
+                    // O_NONBLOCK only so a FIFO under root cannot hang the
+                    // open; it is cleared before any read (on_open).
+                    .flags(
+                        (libc::O_RDONLY | libc::O_CLOEXEC | libc::O_NOCTTY | libc::O_NONBLOCK)
+                            as u64,
+                    )
+                    .resolve(req.0.resolve);
+                let boxed = Box::new((req.0, how));
+                let dir = boxed.0.site.root_fd.as_raw_fd();
+                self.uring.openat2(
+                    dir,
+                    &boxed.0.path,
+                    &boxed.1,
+                    ud(OP_OPEN, Side::Backend, key),
+                );
+                e.open_req = Some(boxed);
+                e.inflight_file += 1;
+            }
+            Action::AdoptFile => e.file = e.opened.take(),
+            Action::ReadFile { at, len, offset } => {
+                let fd = e.file.as_ref().expect("read without a file").as_raw_fd();
+                let ptr = e.conn.read_ptr(at, len);
+                e.inflight_file += 1;
+                self.uring
+                    .read(fd, ptr, len, offset, ud(OP_READ, Side::Backend, key));
+            }
+            Action::RequestDone(done) => {
+                self.stats
+                    .record_handshake(stats::result_index(done.status), e.started.elapsed());
+                // exec() must not count this request again.
+                e.handshake = None;
+                e.file = None;
+                e.conn.set_snapshot(self.snap.clone());
+                if self.access_log.is_some() {
+                    self.log_request(key, &done);
+                }
+            }
             Action::Close => {
                 e.closing = true;
                 for side in [Side::Client, Side::Backend] {
@@ -597,16 +702,19 @@ impl Shard {
 
     fn maybe_free(&mut self, key: usize) {
         let Some(e) = self.conns.get(key) else { return };
-        if !e.closing || e.inflight != [0, 0] {
+        if !e.closing || e.inflight != [0, 0] || e.inflight_file != 0 {
             return;
         }
         let e = self.conns.remove(key);
         debug_assert_eq!(e.conn.stage(), Stage::Closing);
-        if e.handshake.is_none() {
+        // A kept-alive connection closed between requests has nothing left
+        // to count or log: each request was, when answered.
+        let idle_end = e.conn.requests() > 0 && e.conn.status.is_none();
+        if e.handshake.is_none() && !idle_end {
             self.stats
-                .record_handshake(stats::RESULT_CLOSED, e.accepted_at.elapsed());
+                .record_handshake(stats::RESULT_CLOSED, e.started.elapsed());
         }
-        if self.access_log.is_some() {
+        if self.access_log.is_some() && !idle_end {
             self.log_session(&e);
         }
         for bid in e.conn.into_buffers() {
@@ -614,6 +722,54 @@ impl Shard {
         }
         self.shared.clients.fetch_sub(1, Ordering::Relaxed);
         // The sockets close here, with nothing left in flight on them.
+    }
+
+    fn on_open(&mut self, key: usize, cqe: Cqe) {
+        let file = (cqe.result >= 0).then(|| File::from(ring::adopt_fd(cqe.result)));
+        let Some(e) = self.conns.get_mut(key) else {
+            return;
+        };
+        e.inflight_file -= 1;
+        e.open_req = None;
+        let res = match file {
+            None => Err(-cqe.result),
+            Some(f) => {
+                // Reads must wait for the disk (in io-wq), not fail with
+                // EAGAIN, so the open's O_NONBLOCK goes now.
+                let _ = SockRef::from(&f).set_nonblocking(false);
+                match f.metadata() {
+                    Ok(m) => {
+                        e.opened = Some(f);
+                        Ok(meta(&m))
+                    }
+                    Err(err) => Err(err.raw_os_error().unwrap_or(libc::EIO)),
+                }
+            }
+        };
+        e.conn.on_file_open(res, &mut self.actions);
+        self.exec(key);
+        if let Some(e) = self.conns.get_mut(key) {
+            // Not adopted: not wanted.
+            e.opened = None;
+        }
+    }
+
+    fn log_request(&mut self, key: usize, done: &crate::conn::Done) {
+        let e = &self.conns[key];
+        let ms = |d: Duration| (d.as_secs_f64() * 1e6).round() / 1e3;
+        let line = serde_json::json!({
+            "time": humantime::format_rfc3339_millis(std::time::SystemTime::now()).to_string(),
+            "client": e.conn.client_addr.to_string(),
+            "route": done.route.as_deref(),
+            "backend": null,
+            "status": done.status,
+            "handshake_ms": null,
+            "duration_ms": ms(e.started.elapsed()),
+            "bytes_from_client": done.bytes_from_client,
+            "bytes_from_backend": done.bytes_to_client,
+            "closed_by": null,
+        });
+        self.write_log(line);
     }
 
     fn log_session(&mut self, e: &Entry) {
@@ -626,7 +782,7 @@ impl Shard {
             "backend": c.backend.map(|b| b.to_string()),
             "status": c.status,
             "handshake_ms": e.handshake.map(ms),
-            "duration_ms": ms(e.accepted_at.elapsed()),
+            "duration_ms": ms(e.started.elapsed()),
             "bytes_from_client": c.bytes_to(Side::Backend),
             "bytes_from_backend": c.bytes_to(Side::Client),
             "closed_by": match c.closer {
@@ -637,6 +793,10 @@ impl Shard {
                 Some(crate::conn::Closer::Error) | None => "error",
             },
         });
+        self.write_log(line);
+    }
+
+    fn write_log(&mut self, line: serde_json::Value) {
         if let Some(w) = &mut self.access_log {
             let mut text = line.to_string();
             text.push('\n');
@@ -719,6 +879,13 @@ impl Shard {
                     for i in 0..self.listeners.len() {
                         self.close_listener(i);
                     }
+                    let keys: Vec<usize> = self.conns.iter().map(|(k, _)| k).collect();
+                    for key in keys {
+                        if let Some(e) = self.conns.get_mut(key) {
+                            e.conn.drain_idle(&mut self.actions);
+                            self.exec(key);
+                        }
+                    }
                 }
                 Command::CloseAll => {
                     self.draining = true;
@@ -779,4 +946,22 @@ fn backend_socket(addr: SocketAddr, snap: &Snapshot) -> std::io::Result<Socket> 
     )?;
     configure(&SockRef::from(&sock), snap);
     Ok(sock)
+}
+
+fn meta(m: &std::fs::Metadata) -> files::Meta {
+    use std::os::unix::fs::MetadataExt;
+    let ft = m.file_type();
+    files::Meta {
+        kind: if ft.is_file() {
+            files::Kind::File
+        } else if ft.is_dir() {
+            files::Kind::Dir
+        } else {
+            files::Kind::Other
+        },
+        size: m.len(),
+        mtime: m.modified().unwrap_or(std::time::UNIX_EPOCH),
+        dev: m.dev(),
+        ino: m.ino(),
+    }
 }

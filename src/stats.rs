@@ -31,19 +31,21 @@ impl Counter {
 }
 
 /// Handshake results with their own counter; anything else counts as "other".
-pub const RESULTS: [&str; 15] = [
-    "101", "200", "400", "403", "404", "408", "426", "431", "500", "502", "503", "504", "other",
-    "closed", "error",
+pub const RESULTS: [&str; 19] = [
+    "101", "200", "206", "304", "400", "403", "404", "405", "408", "416", "426", "431", "500",
+    "502", "503", "504", "other", "closed", "error",
 ];
+
+const RESULT_OTHER: usize = 16;
 
 /// Index into [`RESULTS`] for an HTTP status.
 pub fn result_index(status: u16) -> usize {
     let s = status.to_string();
-    RESULTS.iter().position(|r| *r == s).unwrap_or(12)
+    RESULTS.iter().position(|r| *r == s).unwrap_or(RESULT_OTHER)
 }
 
 /// A client that went away before any answer.
-pub const RESULT_CLOSED: usize = 13;
+pub const RESULT_CLOSED: usize = 17;
 
 /// Upper bounds (seconds) of the handshake latency histogram.
 pub const BUCKETS: [f64; 14] = [
@@ -86,6 +88,7 @@ mod tests {
     fn results_and_buckets() {
         assert_eq!(RESULTS[result_index(101)], "101");
         assert_eq!(RESULTS[result_index(418)], "other");
+        assert_eq!(RESULTS[RESULT_CLOSED], "closed");
         let s = ShardStats::default();
         s.record_handshake(0, Duration::from_micros(300));
         s.record_handshake(0, Duration::from_secs(60));

@@ -4,6 +4,9 @@
 
 mod common;
 
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use common::*;
@@ -198,7 +201,16 @@ async fn backend_sees_forwarding_headers_and_no_hop_by_hop() {
     let mut s = TcpStream::connect(proxy.addr()).await.unwrap();
     s.write_all(req.as_bytes()).await.unwrap();
     let head = read_head(&mut s).await;
-    assert_eq!(status_of(&head), 101, "{}", String::from_utf8_lossy(&head));
+    if status_of(&head) != 101 {
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    }
+    assert_eq!(
+        status_of(&head),
+        101,
+        "{} {:#?}",
+        String::from_utf8_lossy(&head),
+        proxy.log.lock().unwrap()
+    );
 
     let (uri, headers) = b.last_request();
     assert_eq!(uri, "/chat?room=1");
@@ -431,7 +443,16 @@ async fn first_frames_in_the_request_write_arrive_in_order() {
     let mut s = TcpStream::connect(proxy.addr()).await.unwrap();
     s.write_all(&bytes).await.unwrap();
     let head = read_head(&mut s).await;
-    assert_eq!(status_of(&head), 101, "{}", String::from_utf8_lossy(&head));
+    if status_of(&head) != 101 {
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    }
+    assert_eq!(
+        status_of(&head),
+        101,
+        "{} {:#?}",
+        String::from_utf8_lossy(&head),
+        proxy.log.lock().unwrap()
+    );
     let mut echoed = vec![0u8; frames.len()];
     tokio::time::timeout(Duration::from_secs(10), s.read_exact(&mut echoed))
         .await
@@ -556,4 +577,119 @@ async fn plain_post_body_reaches_backend() {
     let (head, body) = server.await.unwrap();
     assert!(String::from_utf8_lossy(&head).contains("Content-Length: 11\r\n"));
     assert_eq!(body, b"hello world");
+}
+
+/// A backend that reads each request head and then hangs up without
+/// answering: with a FIN on even connections, a reset on odd ones.
+async fn hang_up_backend() -> (SocketAddr, Arc<AtomicUsize>) {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let seen = Arc::new(AtomicUsize::new(0));
+    let seen2 = seen.clone();
+    tokio::spawn(async move {
+        while let Ok((mut s, _)) = listener.accept().await {
+            let n = seen2.fetch_add(1, Ordering::SeqCst);
+            tokio::spawn(async move {
+                let _ = read_head(&mut s).await;
+                if n % 2 == 1 {
+                    let _ = socket2::SockRef::from(&s).set_linger(Some(Duration::ZERO));
+                }
+                drop(s);
+            });
+        }
+    });
+    (addr, seen)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn backend_that_hangs_up_before_answering_is_retried_on_the_next() {
+    let (bad, bad_seen) = hang_up_backend().await;
+    let good = Backend::start().await;
+    // max_fails = 0: the bad backend stays in rotation, so every other
+    // pick lands on it and must be retried.
+    let proxy = Proxy::start(&config(&[bad, good.addr], "", "max_fails = 0"));
+    let mut sessions = Vec::new();
+    for i in 0..10 {
+        let mut ws = connect(&proxy.url("/")).await;
+        echo(&mut ws, &format!("retried {i}")).await;
+        sessions.push(ws);
+    }
+    assert!(
+        bad_seen.load(Ordering::SeqCst) >= 5,
+        "the bad backend was not tried"
+    );
+
+    drop(proxy);
+
+    // A first frame sent with the upgrade request is resent too, in order.
+    // (tungstenite refuses bytes after a handshake, so a raw backend here.)
+    let raw = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let raw_addr = raw.local_addr().unwrap();
+    tokio::spawn(async move {
+        while let Ok((mut s, _)) = raw.accept().await {
+            tokio::spawn(async move {
+                let _ = read_head(&mut s).await;
+                let _ = s.write_all(switching_protocols().as_bytes()).await;
+                let mut frame = [0u8; 11];
+                if s.read_exact(&mut frame).await.is_ok() {
+                    let mask = &frame[2..6];
+                    let text: Vec<u8> = frame[6..]
+                        .iter()
+                        .enumerate()
+                        .map(|(i, b)| b ^ mask[i % 4])
+                        .collect();
+                    let mut out = vec![0x81, text.len() as u8];
+                    out.extend(text);
+                    let _ = s.write_all(&out).await;
+                }
+                let mut sink = [0u8; 64];
+                while matches!(s.read(&mut sink).await, Ok(n) if n > 0) {}
+            });
+        }
+    });
+    let proxy = Proxy::start(&config(&[bad, raw_addr], "", "max_fails = 0"));
+    let before = bad_seen.load(Ordering::SeqCst);
+    let mut open = Vec::new();
+    for _ in 0..4 {
+        let mut s = TcpStream::connect(proxy.addr()).await.unwrap();
+        let mut bytes = upgrade_request("/", "").into_bytes();
+        bytes.extend(client_frame(0x1, b"eager"));
+        s.write_all(&bytes).await.unwrap();
+        let head = read_head(&mut s).await;
+        assert_eq!(status_of(&head), 101);
+        let mut frame = [0u8; 7];
+        s.read_exact(&mut frame).await.unwrap();
+        assert_eq!(&frame, b"\x81\x05eager");
+        // Kept open, so the raw backend is busier and the bad one is
+        // picked first from the second connection on.
+        open.push(s);
+    }
+    let tried = bad_seen.load(Ordering::SeqCst) - before;
+    assert!(tried >= 3, "the bad backend was tried {tried} times");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn post_is_never_sent_twice() {
+    let (bad, bad_seen) = hang_up_backend().await;
+    let (good, _heads) =
+        scripted_backend(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok".to_vec()).await;
+    let proxy = Proxy::start(&config(&[bad, good], "", "max_fails = 0"));
+    let mut answers = Vec::new();
+    for _ in 0..6 {
+        let r = raw_exchange(
+            proxy.addr(),
+            b"POST /form HTTP/1.1\r\nHost: a\r\nContent-Length: 2\r\n\r\nhi",
+        )
+        .await;
+        answers.push(status_of(&r));
+    }
+    // Each POST reached exactly one backend: the bad one's were 502s, the
+    // good one's 200s.
+    let bad_hits = bad_seen.load(Ordering::SeqCst);
+    assert!(bad_hits >= 1, "{answers:?}");
+    assert_eq!(
+        answers.iter().filter(|&&s| s == 502).count(),
+        bad_hits,
+        "{answers:?}"
+    );
 }

@@ -37,6 +37,8 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
+use crate::config::RouteTarget;
+use crate::files;
 use crate::http::{self, Body, Reject, Request};
 use crate::route;
 use crate::snapshot::Snapshot;
@@ -75,6 +77,9 @@ pub enum Payload {
     /// Bytes ringlb wrote itself: a forwarded head, a relayed response head,
     /// an error answer. Boxed so a queue slot stays 16 bytes.
     Owned(Box<Owned>),
+    /// Part of the static answer's buffer ([`files::Serve::buf`]), which
+    /// does not change while this is queued.
+    File { start: u32, len: u32 },
 }
 
 #[derive(Debug)]
@@ -93,14 +98,14 @@ impl Payload {
 impl Payload {
     pub fn remaining(&self) -> usize {
         match self {
-            Payload::Ring { len, .. } => *len as usize,
+            Payload::Ring { len, .. } | Payload::File { len, .. } => *len as usize,
             Payload::Owned(o) => o.data.len() - o.start,
         }
     }
 
     fn advance(&mut self, n: usize) {
         match self {
-            Payload::Ring { start, len, .. } => {
+            Payload::Ring { start, len, .. } | Payload::File { start, len } => {
                 *start += n as u32;
                 *len -= n as u32;
             }
@@ -110,7 +115,7 @@ impl Payload {
 
     fn truncate(&mut self, keep: usize) {
         match self {
-            Payload::Ring { len, .. } => *len = (*len).min(keep as u32),
+            Payload::Ring { len, .. } | Payload::File { len, .. } => *len = (*len).min(keep as u32),
             Payload::Owned(o) => o.data.truncate(o.start + keep),
         }
     }
@@ -118,8 +123,17 @@ impl Payload {
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum TimerKind {
-    Handshake,
-    Connect { attempt: u32 },
+    /// The head of request number `req` on this connection must be complete.
+    Handshake {
+        req: u32,
+    },
+    /// A kept-alive connection waits for request number `req`.
+    KeepAlive {
+        req: u32,
+    },
+    Connect {
+        attempt: u32,
+    },
     Response,
     Linger,
 }
@@ -141,6 +155,9 @@ pub enum Action {
     DropBackend,
     /// Shut down the backend socket and cancel its ops; closed with the rest.
     AbortBackend,
+    /// Shut down the backend socket, cancel its ops, and close it once none
+    /// is left; then call [`Conn::on_backend_released`].
+    ReleaseBackend,
     ShutdownWrite(Side),
     /// Give a provided buffer back to the ring.
     Release(u16),
@@ -148,16 +165,47 @@ pub enum Action {
     /// The recv on this side ran out of provided buffers; call
     /// [`Conn::on_buffers_available`] when there are some again.
     Starved(Side),
+    /// Open a file for a static answer; report with [`Conn::on_file_open`].
+    OpenFile(Box<files::OpenReqEq>),
+    /// The file just opened is the one to read from (replacing any other).
+    AdoptFile,
+    /// Read from the adopted file into the static answer's buffer
+    /// ([`Conn::read_ptr`]); report with [`Conn::on_file_read`].
+    ReadFile {
+        at: usize,
+        len: usize,
+        offset: u64,
+    },
+    /// A request on a kept-alive connection is answered: log it.
+    RequestDone(Box<Done>),
     /// Tear the connection down.
     Close,
+}
+
+/// One answered request, for the access log and metrics.
+#[derive(Debug, PartialEq, Eq)]
+pub struct Done {
+    pub status: u16,
+    pub route: Option<Arc<str>>,
+    pub bytes_from_client: u64,
+    pub bytes_to_client: u64,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Stage {
     ReadingHead,
-    Connecting { attempt: u32 },
+    Connecting {
+        attempt: u32,
+    },
     AwaitingResponse,
+    /// The backend failed before answering; its socket is being released
+    /// so the request can be sent again to the next backend.
+    Retrying {
+        attempt: u32,
+    },
     Relaying,
+    /// Answering from a static route.
+    Serving,
     Responding,
     Closing,
 }
@@ -217,7 +265,18 @@ struct Handshake {
     tried: Vec<usize>,
     last_timed_out: bool,
     resp: Vec<u8>,
+    /// For the request being proxied: how long the backend may take to answer.
+    response_timeout: Duration,
+    /// Every byte sent to the backend so far, while the request may still
+    /// be sent again to another backend: idempotent, and short. `None`: it
+    /// may not.
+    replay: Option<Vec<u8>>,
+    /// The connect attempt in progress.
+    attempt: u32,
 }
+
+/// Bytes of a request ringlb keeps to resend it after a backend failure.
+const MAX_REPLAY: usize = 64 * 1024;
 
 #[derive(Debug)]
 pub struct Conn {
@@ -245,6 +304,15 @@ pub struct Conn {
 
     max_queue: usize,
     linger: Duration,
+
+    /// The static answer in progress.
+    serve: Option<Box<files::Serve>>,
+    /// Requests answered on this connection (keep-alive).
+    requests: u32,
+    /// Draining: the current answer is the last.
+    no_keepalive: bool,
+    /// Byte counts when the current request started.
+    bytes_base: [u64; 2],
 }
 
 impl Conn {
@@ -253,7 +321,7 @@ impl Conn {
         let server = &snap.config.server;
         out.push(Action::ArmRecv(Side::Client));
         out.push(Action::Timer(
-            TimerKind::Handshake,
+            TimerKind::Handshake { req: 0 },
             server.handshake_timeout,
         ));
         let max_queue = server.max_buffers_per_direction.get();
@@ -272,6 +340,9 @@ impl Conn {
                 tried: Vec::new(),
                 last_timed_out: false,
                 resp: Vec::new(),
+                response_timeout: Duration::ZERO,
+                replay: None,
+                attempt: 0,
             })),
             lease: None,
             status: None,
@@ -284,6 +355,11 @@ impl Conn {
 
             max_queue,
             linger,
+
+            serve: None,
+            requests: 0,
+            no_keepalive: false,
+            bytes_base: [0, 0],
         }
     }
 
@@ -307,9 +383,41 @@ impl Conn {
         self.lease.as_ref().map(|l| l.backend().addr)
     }
 
-    /// Bytes sent towards `side`.
+    /// Bytes sent towards `side` for the current request.
     pub fn bytes_to(&self, side: Side) -> u64 {
-        self.flow[side.idx()].bytes
+        self.flow[side.idx()].bytes - self.bytes_base[side.idx()]
+    }
+
+    /// Requests answered before the current one.
+    pub fn requests(&self) -> u32 {
+        self.requests
+    }
+
+    /// Waiting for a request and nothing of it has arrived yet.
+    pub fn between_requests(&self) -> bool {
+        self.stage == Stage::ReadingHead && self.hs.as_ref().is_some_and(|h| h.head.is_empty())
+    }
+
+    /// Where `Payload::File { start, .. }` bytes live.
+    pub fn file_ptr(&self, start: u32) -> *const u8 {
+        let serve = self.serve.as_ref().expect("file payload without an answer");
+        serve.buf[start as usize..].as_ptr()
+    }
+
+    /// Where a `ReadFile { at, len, .. }` puts its bytes. The buffer is not
+    /// resized until the read completes.
+    pub fn read_ptr(&mut self, at: usize, len: usize) -> *mut u8 {
+        let serve = self.serve.as_mut().expect("file read without an answer");
+        serve.buf[at..at + len].as_mut_ptr()
+    }
+
+    /// A new configuration, for the next request of a kept-alive connection.
+    pub fn set_snapshot(&mut self, snap: Arc<Snapshot>) {
+        if let Some(hs) = &mut self.hs {
+            if self.stage == Stage::ReadingHead {
+                hs.snap = snap;
+            }
+        }
     }
 
     /// The payload the next send to `side` must carry.
@@ -324,9 +432,17 @@ impl Conn {
                 (Stage::ReadingHead, Stage::Connecting { .. })
                     | (Stage::Connecting { .. }, Stage::Connecting { .. })
                     | (Stage::Connecting { .. }, Stage::AwaitingResponse)
+                    | (Stage::AwaitingResponse, Stage::Retrying { .. })
+                    | (Stage::Retrying { .. }, Stage::Connecting { .. })
                     | (Stage::AwaitingResponse, Stage::Relaying)
+                    | (Stage::ReadingHead, Stage::Serving)
+                    | (Stage::Serving, Stage::ReadingHead)
                     | (
-                        Stage::ReadingHead | Stage::Connecting { .. } | Stage::AwaitingResponse,
+                        Stage::ReadingHead
+                            | Stage::Connecting { .. }
+                            | Stage::AwaitingResponse
+                            | Stage::Retrying { .. }
+                            | Stage::Serving,
                         Stage::Responding
                     )
                     | (_, Stage::Closing)
@@ -344,8 +460,26 @@ impl Conn {
             (Stage::ReadingHead, Side::Client) => {
                 out.push(Action::Release(bid));
                 let hs = self.hs.as_mut().expect("handshake state");
+                if self.requests > 0 && hs.head.is_empty() {
+                    // A kept-alive connection's next request has begun.
+                    out.push(Action::Timer(
+                        TimerKind::Handshake { req: self.requests },
+                        hs.snap.config.server.handshake_timeout,
+                    ));
+                }
                 hs.head.extend_from_slice(data);
                 self.try_head(out);
+            }
+            (Stage::Serving, Side::Client) => {
+                // The next request, pipelined: kept for later, read no
+                // further than one head's worth.
+                out.push(Action::Release(bid));
+                let hs = self.hs.as_mut().expect("handshake state");
+                hs.head.extend_from_slice(data);
+                if !self.wants_recv(Side::Client) && self.recv[0] == RecvState::Armed {
+                    self.recv[0] = RecvState::Cancelling;
+                    out.push(Action::CancelRecv(Side::Client));
+                }
             }
             (Stage::AwaitingResponse, Side::Backend) => {
                 out.push(Action::Release(bid));
@@ -354,7 +488,21 @@ impl Conn {
                 self.try_response(out);
             }
             (Stage::Relaying, _) if self.going_away => out.push(Action::Release(bid)),
-            (Stage::Connecting { .. } | Stage::AwaitingResponse | Stage::Relaying, _) => {
+            (Stage::Retrying { .. }, Side::Backend) => out.push(Action::Release(bid)),
+            (Stage::Retrying { .. }, Side::Client) => {
+                // Held with the request until the next backend is connected.
+                out.push(Action::Release(bid));
+                self.flow[Side::Backend.idx()].frames.feed(data);
+                if !self.keep_for_replay(data) {
+                    self.respond(Reject::BadGateway("backend failed before answering"), out);
+                }
+            }
+            (Stage::Connecting { .. } | Stage::AwaitingResponse, Side::Client) => {
+                self.keep_for_replay(data);
+                self.flow[Side::Backend.idx()].frames.feed(data);
+                self.relay(side, bid, data.len(), out);
+            }
+            (Stage::Connecting { .. } | Stage::Relaying, _) => {
                 self.flow[side.other().idx()].frames.feed(data);
                 self.relay(side, bid, data.len(), out);
             }
@@ -412,6 +560,16 @@ impl Conn {
         if self.stage == Stage::Closing {
             return;
         }
+        if matches!(self.stage, Stage::Retrying { .. }) {
+            // The failed backend's last send: what it carried is resent
+            // from the replay copy.
+            let flow = &mut self.flow[dst.idx()];
+            flow.sending = false;
+            if let Some(Payload::Ring { bid, .. }) = flow.queue.pop_front() {
+                out.push(Action::Release(bid));
+            }
+            return;
+        }
         let n = match res {
             Ok(n) => n,
             Err(_) => {
@@ -422,7 +580,7 @@ impl Conn {
                 }
                 if self.stage == Stage::AwaitingResponse && dst == Side::Backend {
                     self.flow[dst.idx()].sending = false;
-                    return self.backend_failed(out);
+                    return self.backend_failed("backend failed before answering", out);
                 }
                 if self.stage == Stage::Relaying && !self.going_away {
                     self.flow[dst.idx()].sending = false;
@@ -450,6 +608,14 @@ impl Conn {
             }
         }
         self.kick(dst, out);
+        if self.stage == Stage::Serving {
+            let flow = &self.flow[dst.idx()];
+            if flow.queue.is_empty() && !flow.sending {
+                let next = self.serve.as_mut().expect("serving").on_sent();
+                self.follow(next, out);
+            }
+            return;
+        }
         let src = dst.other();
         let flow = &self.flow[dst.idx()];
         if flow.queue.is_empty() && !flow.sending {
@@ -479,6 +645,9 @@ impl Conn {
         match self.stage {
             Stage::Closing => false,
             Stage::Responding => src == Side::Client,
+            Stage::Serving => self.hs.as_ref().is_some_and(|hs| {
+                !self.peer_eof[0] && hs.head.len() < hs.snap.config.server.max_request_head.get()
+            }),
             Stage::Relaying if self.going_away => !self.peer_eof[src.idx()],
             _ => !flow.src_eof && flow.queue.len() < self.max_queue,
         }
@@ -497,6 +666,17 @@ impl Conn {
         if self.stage == Stage::Closing {
             return;
         }
+        if matches!(self.stage, Stage::Retrying { .. }) {
+            if side == Side::Client && why == RecvEnd::Eof {
+                self.peer_eof[0] = true;
+                self.flow[Side::Backend.idx()].src_eof = true;
+            } else if side == Side::Client && why == RecvEnd::NoBuffers {
+                out.push(Action::Starved(side));
+            } else if side == Side::Client && why == RecvEnd::Stopped {
+                self.ensure_recv(side, out);
+            }
+            return;
+        }
         match why {
             RecvEnd::Stopped => {
                 if self.wants_recv(side) {
@@ -506,7 +686,10 @@ impl Conn {
             RecvEnd::NoBuffers => out.push(Action::Starved(side)),
             RecvEnd::Error(_) => match (self.stage, side) {
                 (Stage::Responding, Side::Backend) => {}
-                (Stage::AwaitingResponse, Side::Backend) => self.backend_failed(out),
+                (Stage::Serving, _) => self.close(Closer::Error, out),
+                (Stage::AwaitingResponse, Side::Backend) => {
+                    self.backend_failed("backend failed before answering", out)
+                }
                 (Stage::Relaying, _) if !self.going_away => self.peer_reset(side, out),
                 _ => self.close(Closer::Error, out),
             },
@@ -527,10 +710,11 @@ impl Conn {
             (Stage::ReadingHead, _) | (Stage::Responding, Side::Client) => {
                 self.close(Closer::Client, out)
             }
+            // The client half-closed after its request: answer it, then close.
+            (Stage::Serving, _) => {}
             (Stage::Responding, Side::Backend) => {}
             (Stage::AwaitingResponse, Side::Backend) => {
-                self.abort_backend(out);
-                self.respond(Reject::BadGateway("backend closed before answering"), out);
+                self.backend_failed("backend closed before answering", out);
             }
             _ => {
                 let dst = side.other();
@@ -595,8 +779,7 @@ impl Conn {
                 if let Some(lease) = &self.lease {
                     lease.backend().state.record_success();
                 }
-                let hs = self.hs.as_ref().expect("handshake state");
-                let timeout = hs.snap.upstreams[hs.upstream].response_timeout;
+                let timeout = self.hs.as_ref().expect("handshake state").response_timeout;
                 self.set_stage(Stage::AwaitingResponse);
                 self.recv[Side::Backend.idx()] = RecvState::Armed;
                 out.push(Action::ArmRecv(Side::Backend));
@@ -609,23 +792,73 @@ impl Conn {
                 }
             }
             Err(errno) => {
-                if let Some(lease) = self.lease.take() {
-                    let hs = self.hs.as_ref().expect("handshake state");
-                    let upstream = &hs.snap.upstreams[hs.upstream];
-                    if lease.backend().state.record_failure(upstream.health) {
-                        log::warn!(
-                            "backend {} of upstream {} marked down for {:?} after a failed connect ({})",
-                            lease.backend().addr,
-                            upstream.name,
-                            upstream.health.fail_timeout,
-                            std::io::Error::from_raw_os_error(errno)
-                        );
-                    }
-                }
+                self.blame_backend(&format!(
+                    "a failed connect ({})",
+                    std::io::Error::from_raw_os_error(errno)
+                ));
                 out.push(Action::DropBackend);
                 self.connect_next(attempt + 1, out);
             }
         }
+    }
+
+    /// Counts a failure against the current backend (passive health) and
+    /// gives up its lease.
+    fn blame_backend(&mut self, what: &str) {
+        if let Some(lease) = self.lease.take() {
+            let hs = self.hs.as_ref().expect("handshake state");
+            let upstream = &hs.snap.upstreams[hs.upstream];
+            if lease.backend().state.record_failure(upstream.health) {
+                log::warn!(
+                    "backend {} of upstream {} marked down for {:?} after {what}",
+                    lease.backend().addr,
+                    upstream.name,
+                    upstream.health.fail_timeout,
+                );
+            }
+        }
+    }
+
+    /// Keeps client bytes that went (or will go) to the backend, so the
+    /// request can be resent; false once that is no longer possible.
+    fn keep_for_replay(&mut self, data: &[u8]) -> bool {
+        let Some(hs) = self.hs.as_mut() else {
+            return false;
+        };
+        match &mut hs.replay {
+            Some(r) if r.len() + data.len() <= MAX_REPLAY => {
+                r.extend_from_slice(data);
+                true
+            }
+            _ => {
+                hs.replay = None;
+                false
+            }
+        }
+    }
+
+    /// The old backend's socket has no op left: send the request again,
+    /// to a backend not tried yet.
+    pub fn on_backend_released(&mut self, out: &mut Vec<Action>) {
+        let Stage::Retrying { attempt } = self.stage else {
+            return;
+        };
+        let hs = self.hs.as_mut().expect("handshake state");
+        hs.resp.clear();
+        let replay = hs.replay.clone().expect("retrying without a replay copy");
+        let flow = &mut self.flow[Side::Backend.idx()];
+        debug_assert!(!flow.sending);
+        release_unsent(flow, out);
+        let src_eof = flow.src_eof;
+        let frames = std::mem::take(&mut flow.frames);
+        *flow = Flow {
+            frames,
+            src_eof,
+            ..Flow::default()
+        };
+        flow.queue.push_back(Payload::owned(replay));
+        self.recv[Side::Backend.idx()] = RecvState::Off;
+        self.connect_next(attempt + 1, out);
     }
 
     /// ringlb could not even open a socket for the backend (its own fd or
@@ -638,9 +871,15 @@ impl Conn {
 
     pub fn on_timer(&mut self, kind: TimerKind, out: &mut Vec<Action>) {
         match (kind, self.stage) {
-            (TimerKind::Handshake, Stage::ReadingHead) => {
+            (TimerKind::Handshake { req }, Stage::ReadingHead) if req == self.requests => {
                 self.closer = Some(Closer::Proxy);
                 self.status = Some(408);
+                self.close_now(out);
+            }
+            (TimerKind::KeepAlive { req }, Stage::ReadingHead)
+                if req == self.requests && self.between_requests() =>
+            {
+                self.closer = Some(Closer::Proxy);
                 self.close_now(out);
             }
             (TimerKind::Connect { attempt }, Stage::Connecting { attempt: now })
@@ -671,22 +910,39 @@ impl Conn {
             Ok(Some(req)) => req,
             Err(reject) => return self.respond(reject, out),
         };
-        let Some(route) = hs.snap.router.find(req.path()) else {
+        let Some(route) = hs.snap.router.find(req.path()).cloned() else {
             return self.respond(Reject::NotFound, out);
         };
         if route.websocket_only && !req.is_upgrade() {
             return self.respond(Reject::UpgradeRequired, out);
         }
-        let target = route::rewrite_target(route, &req.target);
+        let upstream = match &route.target {
+            RouteTarget::Upstream(u) => *u,
+            RouteTarget::Static(site) => {
+                let site = site.clone();
+                return self.serve_static(req, route, site, out);
+            }
+        };
+        let target = route::rewrite_target(&route, &req.target);
         let ip = self.client_addr.ip();
         let forwarded = http::forward_head(&req, &target, ip, &hs.head[req.head_len..]);
         self.flow[Side::Backend.idx()]
             .frames
             .feed(&hs.head[req.head_len..]);
-        hs.upstream = route.upstream;
+        hs.upstream = upstream;
+        let up = &hs.snap.upstreams[upstream];
+        hs.response_timeout = match route.response_timeout {
+            // The route's timeout is for plain HTTP; an upgrade answers at once.
+            Some(t) if !req.is_upgrade() => t,
+            _ => up.response_timeout,
+        };
         self.route = Some(route.path.clone());
 
         hs.head = Vec::new();
+        // POST and PATCH are not idempotent: never sent twice (RFC 9110 §9.2.2).
+        if !matches!(req.method.as_str(), "POST" | "PATCH" | "LOCK") {
+            hs.replay = Some(forwarded.clone());
+        }
         hs.request = Some(req);
         self.flow[Side::Backend.idx()]
             .queue
@@ -703,6 +959,7 @@ impl Conn {
         match picked {
             Some((i, lease)) => {
                 hs.tried.push(i);
+                hs.attempt = attempt;
                 let addr = lease.backend().addr;
                 self.backend = Some(addr);
 
@@ -768,12 +1025,153 @@ impl Conn {
         self.kick(Side::Client, out);
     }
 
+    /// Starts answering `req` from a static route.
+    fn serve_static(
+        &mut self,
+        req: Request,
+        route: crate::config::RouteConfig,
+        site: Arc<crate::config::StaticConfig>,
+        out: &mut Vec<Action>,
+    ) {
+        let hs = self.hs.as_mut().expect("handshake state");
+        let server = &hs.snap.config.server;
+        let path = if route.strip_prefix {
+            route::rewrite_target(&route, req.path())
+        } else {
+            req.path().to_string()
+        };
+        let keep_alive = req.keep_alive()
+            && !req.has_body()
+            && !self.no_keepalive
+            && !self.peer_eof[Side::Client.idx()]
+            && self.requests + 1 < server.keepalive_requests.get();
+        let h = |name: &str| req.header(name).map(<[u8]>::to_vec);
+        let ask = files::Ask {
+            method: req.method.clone(),
+            path,
+            minor: req.minor,
+            keep_alive,
+            accept_encoding: h("accept-encoding"),
+            if_none_match: h("if-none-match"),
+            if_modified_since: h("if-modified-since"),
+            range: h("range"),
+            if_range: h("if-range"),
+        };
+        let gzip_cache = server.gzip_cache_size;
+        // What follows the head is the next request (pipelined), or a body
+        // this answer ignores (then the connection is not kept).
+        hs.head.drain(..req.head_len);
+        self.route = Some(route.path.clone());
+        let (serve, next) = files::Serve::start(site, ask, gzip_cache);
+        self.serve = Some(Box::new(serve));
+        self.set_stage(Stage::Serving);
+        self.follow(next, out);
+    }
+
+    /// Carries out the static answer's next step.
+    fn follow(&mut self, next: files::Next, out: &mut Vec<Action>) {
+        match next {
+            files::Next::Open(req) => out.push(Action::OpenFile(req)),
+            files::Next::Read { at, len, offset } => out.push(Action::ReadFile { at, len, offset }),
+            files::Next::Send { start, len } => {
+                let serve = self.serve.as_ref().expect("serving");
+                self.status = Some(serve.status);
+                self.flow[Side::Client.idx()]
+                    .queue
+                    .push_back(Payload::File {
+                        start: start as u32,
+                        len: len as u32,
+                    });
+                self.kick(Side::Client, out);
+            }
+            files::Next::Done => self.request_done(out),
+            files::Next::Abort => self.close(Closer::Error, out),
+        }
+    }
+
+    /// The file opened for the static answer (its `fstat`), or an errno.
+    pub fn on_file_open(&mut self, res: Result<files::Meta, i32>, out: &mut Vec<Action>) {
+        if self.stage != Stage::Serving {
+            return;
+        }
+        let (adopt, next) = self.serve.as_mut().expect("serving").on_open(res);
+        if adopt {
+            out.push(Action::AdoptFile);
+        }
+        self.follow(next, out);
+    }
+
+    pub fn on_file_read(&mut self, res: Result<usize, i32>, out: &mut Vec<Action>) {
+        if self.stage != Stage::Serving {
+            return;
+        }
+        let next = self.serve.as_mut().expect("serving").on_read(res);
+        self.follow(next, out);
+    }
+
+    /// A static answer is sent: wait for the next request, or close.
+    fn request_done(&mut self, out: &mut Vec<Action>) {
+        let serve = self.serve.take().expect("serving");
+        let keep = serve.keep_alive() && !self.no_keepalive && !self.peer_eof[0];
+        out.push(Action::RequestDone(Box::new(Done {
+            status: serve.status,
+            route: self.route.take(),
+            bytes_from_client: self.bytes_to(Side::Backend),
+            bytes_to_client: self.bytes_to(Side::Client),
+        })));
+        drop(serve);
+        self.requests += 1;
+        self.status = None;
+        self.bytes_base = [self.flow[0].bytes, self.flow[1].bytes];
+        if !keep {
+            self.closer = Some(Closer::Proxy);
+            self.set_stage(Stage::Responding);
+            self.flow[Side::Client.idx()].shut = true;
+            out.push(Action::ShutdownWrite(Side::Client));
+            self.ensure_recv(Side::Client, out);
+            out.push(Action::Timer(TimerKind::Linger, self.linger));
+            return;
+        }
+        self.set_stage(Stage::ReadingHead);
+        let req = self.requests;
+        let hs = self.hs.as_mut().expect("handshake state");
+        hs.request = None;
+        let server = &hs.snap.config.server;
+        if hs.head.is_empty() {
+            out.push(Action::Timer(
+                TimerKind::KeepAlive { req },
+                server.keepalive_timeout,
+            ));
+        } else {
+            out.push(Action::Timer(
+                TimerKind::Handshake { req },
+                server.handshake_timeout,
+            ));
+        }
+        if self.recv[Side::Client.idx()] == RecvState::Off {
+            self.ensure_recv(Side::Client, out);
+        }
+        if !self.hs.as_ref().expect("handshake state").head.is_empty() {
+            self.try_head(out);
+        }
+    }
+
+    /// Draining: a kept-alive connection between requests closes now; one
+    /// mid-request closes after its answer.
+    pub fn drain_idle(&mut self, out: &mut Vec<Action>) {
+        self.no_keepalive = true;
+        if self.requests > 0 && self.between_requests() {
+            self.close(Closer::Drain, out);
+        }
+    }
+
     /// Answers the client with ringlb's own response, then closes.
     fn respond(&mut self, reject: Reject, out: &mut Vec<Action>) {
         self.status = Some(reject.status());
         self.closer = Some(Closer::Proxy);
         self.lease = None;
         self.hs = None;
+        self.serve = None;
         let linger = self.linger;
         self.set_stage(Stage::Responding);
         for flow in &mut self.flow {
@@ -801,9 +1199,33 @@ impl Conn {
 
     /// The backend reset or failed before answering; nothing has reached
     /// the client yet, so it gets a proper 502 rather than a dropped socket.
-    fn backend_failed(&mut self, out: &mut Vec<Action>) {
-        self.abort_backend(out);
-        self.respond(Reject::BadGateway("backend failed before answering"), out);
+    ///
+    /// An idempotent request none of whose answer has arrived is sent again
+    /// to the next backend (like nginx's `proxy_next_upstream error`), once
+    /// the failed backend's socket has no op left.
+    fn backend_failed(&mut self, why: &'static str, out: &mut Vec<Action>) {
+        let hs = self.hs.as_ref().expect("handshake state");
+        let untried = hs.tried.len() < hs.snap.upstreams[hs.upstream].backends.len();
+        if hs.replay.is_none() || !hs.resp.is_empty() || !untried {
+            log::debug!(
+                "{}: {why}; not retried (replayable: {}, answer bytes: {}, backends left: {untried})",
+                self.backend.map_or_else(String::new, |b| b.to_string()),
+                hs.replay.is_some(),
+                hs.resp.len()
+            );
+            self.abort_backend(out);
+            return self.respond(Reject::BadGateway(why), out);
+        }
+        let attempt = hs.attempt;
+        log::debug!(
+            "{}: {why}; sending the request again to another backend",
+            self.backend.map_or_else(String::new, |b| b.to_string())
+        );
+        self.blame_backend(why);
+        self.connected = false;
+        release_unsent(&mut self.flow[Side::Backend.idx()], out);
+        self.set_stage(Stage::Retrying { attempt });
+        out.push(Action::ReleaseBackend);
     }
 
     fn abort_backend(&mut self, out: &mut Vec<Action>) {
@@ -868,7 +1290,7 @@ impl Conn {
             .flat_map(|f| f.queue.into_iter())
             .filter_map(|p| match p {
                 Payload::Ring { bid, .. } => Some(bid),
-                Payload::Owned(_) => None,
+                Payload::Owned(_) | Payload::File { .. } => None,
             })
     }
 }

@@ -57,7 +57,10 @@ fn handshake_in_two_pieces_then_relay() {
         out,
         vec![
             Action::ArmRecv(Side::Client),
-            Action::Timer(TimerKind::Handshake, s.config.server.handshake_timeout)
+            Action::Timer(
+                TimerKind::Handshake { req: 0 },
+                s.config.server.handshake_timeout
+            )
         ]
     );
     out.clear();
@@ -269,11 +272,11 @@ fn handshake_timer_closes_only_while_reading_head() {
     let mut out = Vec::new();
     let mut c = Conn::accept(s.clone(), client(), &mut out);
     out.clear();
-    c.on_timer(TimerKind::Handshake, &mut out);
+    c.on_timer(TimerKind::Handshake { req: 0 }, &mut out);
     assert_eq!(out, vec![Action::Close]);
     let mut c = relaying(&s);
     out.clear();
-    c.on_timer(TimerKind::Handshake, &mut out);
+    c.on_timer(TimerKind::Handshake { req: 0 }, &mut out);
     c.on_timer(TimerKind::Response, &mut out);
     assert!(
         out.is_empty(),
@@ -482,4 +485,80 @@ fn bytes_before_a_reset_are_still_delivered() {
         ]
     );
     assert_eq!(c.closer, Some(Closer::Error));
+}
+
+#[test]
+fn backend_reset_before_answer_resends_the_request_to_the_next_backend() {
+    let s = snap(&["127.0.0.1:9001", "127.0.0.1:9002"], "");
+    let mut out = Vec::new();
+    let mut c = Conn::accept(s.clone(), client(), &mut out);
+    let mut bytes = request().into_bytes();
+    bytes.extend_from_slice(b"\x81\x80abcd"); // an empty masked text frame, sent eagerly
+    c.on_recv(Side::Client, 1, &bytes, &mut out);
+    c.on_connect(Ok(()), &mut out);
+    let sent = match c.front(Side::Backend) {
+        Some(Payload::Owned(o)) => o.data.clone(),
+        other => panic!("{other:?}"),
+    };
+    assert!(sent.ends_with(b"\x81\x80abcd"));
+    c.on_send(Side::Backend, Ok(sent.len()), &mut out);
+    // More of the client's bytes go out before the backend fails.
+    c.on_recv(Side::Client, 2, b"\x81\x80efgh", &mut out);
+    out.clear();
+
+    c.on_recv_end(Side::Backend, RecvEnd::Error(libc::ECONNRESET), &mut out);
+    assert_eq!(c.stage(), Stage::Retrying { attempt: 0 });
+    assert!(out.contains(&Action::ReleaseBackend), "{out:?}");
+    assert!(!out.iter().any(|a| matches!(a, Action::Send(Side::Client))));
+    // The send of the second frame ends (cancelled) after the failure.
+    out.clear();
+    c.on_send(Side::Backend, Err(libc::ECANCELED), &mut out);
+    assert_eq!(out, vec![Action::Release(2)]);
+    out.clear();
+
+    c.on_backend_released(&mut out);
+    assert!(matches!(out[0], Action::Connect(_)), "{out:?}");
+    assert_eq!(c.stage(), Stage::Connecting { attempt: 1 });
+    let again = match c.front(Side::Backend) {
+        Some(Payload::Owned(o)) => o.data.clone(),
+        other => panic!("{other:?}"),
+    };
+    let mut want = sent.clone();
+    want.extend_from_slice(b"\x81\x80efgh");
+    assert_eq!(again, want, "everything the first backend got, in order");
+    out.clear();
+
+    // The second backend answers: the session relays as usual.
+    c.on_connect(Ok(()), &mut out);
+    c.on_send(Side::Backend, Ok(want.len()), &mut out);
+    c.on_recv(Side::Backend, 3, response().as_bytes(), &mut out);
+    assert_eq!(c.stage(), Stage::Relaying);
+    assert_eq!(c.status, Some(101));
+}
+
+#[test]
+fn post_or_a_partly_answered_request_is_not_resent() {
+    let s = snap(&["127.0.0.1:9001", "127.0.0.1:9002"], "");
+    let mut out = Vec::new();
+    let mut c = Conn::accept(s.clone(), client(), &mut out);
+    c.on_recv(
+        Side::Client,
+        1,
+        b"POST /x HTTP/1.1\r\nHost: h\r\nContent-Length: 1\r\n\r\nz",
+        &mut out,
+    );
+    c.on_connect(Ok(()), &mut out);
+    out.clear();
+    c.on_recv_end(Side::Backend, RecvEnd::Eof, &mut out);
+    assert_eq!(c.stage(), Stage::Responding);
+    assert_eq!(c.status, Some(502));
+
+    let mut c = Conn::accept(s.clone(), client(), &mut out);
+    c.on_recv(Side::Client, 1, request().as_bytes(), &mut out);
+    c.on_connect(Ok(()), &mut out);
+    c.on_recv(Side::Backend, 2, b"HTTP/1.1 101 Swi", &mut out);
+    out.clear();
+    c.on_recv_end(Side::Backend, RecvEnd::Error(libc::ECONNRESET), &mut out);
+    assert_eq!(c.stage(), Stage::Responding, "part of an answer arrived");
+    assert_eq!(c.status, Some(502));
 }
