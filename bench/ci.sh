@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
-# CI entry for the benchmark harness: quick mode end to end, then a
-# completeness check (every scenario x target row present). Asserts that the
-# run completed, never any speed.
+# CI entry for the benchmark harness: quick mode end to end (including the
+# static-file scenarios, --static), then a completeness check (every
+# applicable scenario x target row present). Asserts that the run completed,
+# never any speed.
 #
 #   bash bench/ci.sh [extra run.py args]
 #
@@ -20,5 +21,5 @@ fi
 cargo build --release --workspace
 TARGETS="${BENCH_TARGETS:-direct,ringlb,nginx,nginx-tuned,haproxy}"
 OUT="${BENCH_OUT:-$(mktemp -d /tmp/ringlb-bench-ci.XXXXXX)/quick}"
-python3 bench/run.py --quick --targets "$TARGETS" --out "$OUT" "$@"
+python3 bench/run.py --quick --static --targets "$TARGETS" --out "$OUT" "$@"
 python3 bench/check_quick.py "$OUT" --targets "$TARGETS"

@@ -22,6 +22,7 @@ import sys
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, HERE)
 import svgplot  # noqa: E402
+from targets import STATIC_SCENARIOS, applies  # noqa: E402
 
 REPO = os.path.dirname(HERE)
 ANCHORS = ["nginx", "nginx-tuned", "haproxy"]
@@ -57,6 +58,10 @@ METRICS = {
     "threads_before": ("threads before", "", True),
     "threads_held": ("threads held", "", True),
     "proxy_fds_held": ("proxy fds held", "", True),
+    "requests_per_s": ("req/s", "req/s", False),
+    "proxy_cpu_us_per_req": ("server CPU/request", "µs", True),
+    "reconnects": ("reconnects", "", True),
+    "closes_unannounced": ("silent closes", "", True),
 }
 
 TABLES = {
@@ -70,6 +75,12 @@ TABLES = {
                   "proxy_cpu_cores", "backend_cpu_cores", "load_cpu_cores", "foreign_cpu_cores"],
     "bulk": ["mb_per_s", "proxy_cpu_s_per_gb", "proxy_cpu_cores", "proxy_rss_mb",
              "backend_cpu_cores", "load_cpu_cores", "foreign_cpu_cores"],
+    "static_small": ["requests_per_s", "p50_us", "p99_us", "proxy_cpu_us_per_req", "proxy_cpu_cores",
+                     "proxy_rss_mb", "load_cpu_cores", "reconnects", "closes_unannounced",
+                     "foreign_cpu_cores"],
+    "static_large": ["mb_per_s", "requests_per_s", "p50_us", "p99_us", "proxy_cpu_s_per_gb",
+                     "proxy_cpu_cores", "proxy_rss_mb", "load_cpu_cores", "reconnects",
+                     "foreign_cpu_cores"],
     "idle": ["held", "alive", "proxy_rss_per_conn_b", "machine_per_conn_b", "machine_raw_per_conn_b", "proxy_rss_idle_mb",
              "proxy_rss_held_mb", "threads_before", "threads_held", "proxy_fds_held"],
 }
@@ -80,6 +91,8 @@ RATIO_METRICS = {
     "handshake": ["conns_per_s", "proxy_cpu_us_per_conn"],
     "bulk": ["mb_per_s", "proxy_cpu_s_per_gb"],
     "idle": ["proxy_rss_per_conn_b", "machine_per_conn_b"],
+    "static_small": ["requests_per_s", "p99_us", "proxy_cpu_us_per_req"],
+    "static_large": ["mb_per_s", "proxy_cpu_s_per_gb"],
 }
 SCENARIO_TITLES = {
     "pingpong": "Ping-pong (closed loop)",
@@ -88,6 +101,8 @@ SCENARIO_TITLES = {
     "handshake": "Handshake rate (connect, upgrade, close)",
     "bulk": "Bulk 1 MiB messages",
     "idle": "Idle connections (memory per connection)",
+    "static_small": "Static file, 2 KB (keep-alive GETs)",
+    "static_large": "Static file, 10 MiB (keep-alive GETs)",
 }
 
 
@@ -140,6 +155,21 @@ def metrics(rec: dict) -> dict:
         el = L.get("elapsed_s")
         mbps = L.get("bytes") / el / 1e6 if L.get("bytes") and el else L.get("mb_per_s")
         m["mb_per_s"] = mbps
+        if px and mbps:
+            m["proxy_cpu_s_per_gb"] = px["cpu_cores"] / (mbps / 1000.0)
+    elif s in STATIC_SCENARIOS:
+        el = L.get("elapsed_s")
+        rps = L.get("requests_per_s", L.get("msgs_per_s"))
+        mbps = L.get("bytes") / el / 1e6 if L.get("bytes") and el else L.get("mb_per_s")
+        m["requests_per_s"] = rps
+        m["mb_per_s"] = mbps
+        lat = L.get("latency_us") or {}
+        for k in ("p50", "p90", "p99", "p999", "max"):
+            m[f"{k}_us"] = lat.get(k)
+        m["reconnects"] = L.get("reconnects")
+        m["closes_unannounced"] = (L.get("server_closes") or {}).get("unannounced")
+        if px and rps:
+            m["proxy_cpu_us_per_req"] = px["cpu_cores"] / rps * 1e6
         if px and mbps:
             m["proxy_cpu_s_per_gb"] = px["cpu_cores"] / (mbps / 1000.0)
     elif s == "idle":
@@ -368,7 +398,7 @@ def plots(out: str, agg, targets, scenarios) -> list[tuple[str, str]]:
             f.write(svg)
         made.append((name, caption))
 
-    for s in ("rate", "pingpong", "pingpong_pin"):
+    for s in ("rate", "pingpong", "pingpong_pin", "static_small"):
         if s not in scenarios:
             continue
         curves = {t: c for t in targets if (c := curve_for(out, agg, s, t))}
@@ -394,6 +424,17 @@ def plots(out: str, agg, targets, scenarios) -> list[tuple[str, str]]:
              "bulk", ["proxy_cpu_s_per_gb"], "Proxy CPU per GB")
         bars("bulk_throughput.svg", "Bulk throughput (1 MiB messages)", "MB / s",
              "bulk", ["mb_per_s"], "Bulk MB/s", tgts=targets)
+    st = [t for t in targets if applies("static_small", t)]
+    if "static_small" in scenarios:
+        bars("static_small_rps.svg", "Static 2 KB file: requests per second", "requests / s",
+             "static_small", ["requests_per_s"], "Static 2 KB req/s", tgts=st)
+        bars("static_cpu_per_req.svg", "Server CPU per request (static 2 KB file)", "µs CPU / request",
+             "static_small", ["proxy_cpu_us_per_req"], "Server CPU per request, 2 KB", tgts=st)
+    if "static_large" in scenarios:
+        bars("static_large_mbps.svg", "Static 10 MiB file: throughput", "MB / s",
+             "static_large", ["mb_per_s"], "Static 10 MiB MB/s", tgts=st)
+        bars("static_cpu_per_gb.svg", "Server CPU per GB (static 10 MiB file)", "s CPU / GB",
+             "static_large", ["proxy_cpu_s_per_gb"], "Server CPU per GB, 10 MiB", tgts=st)
     if "idle" in scenarios:
         bars("mem_per_conn.svg", "Memory per idle connection", "bytes / connection",
              "idle", ["proxy_rss_per_conn_b", "machine_per_conn_b"], "Memory per connection",
@@ -402,6 +443,55 @@ def plots(out: str, agg, targets, scenarios) -> list[tuple[str, str]]:
 
 
 # ------------------------------------------------------------------ summary
+
+def static_headline(agg, targets, scenarios) -> list[str]:
+    """The issue's question in one table: ringlb vs nginx serving files."""
+    rows = [("static_small", "requests_per_s", "2 KB file: requests/s"),
+            ("static_small", "proxy_cpu_us_per_req", "2 KB file: server CPU per request (µs)"),
+            ("static_large", "mb_per_s", "10 MiB file: MB/s"),
+            ("static_large", "proxy_cpu_s_per_gb", "10 MiB file: server CPU per GB (s)")]
+    others = [t for t in ("nginx", "nginx-tuned") if t in targets]
+    L = ["## Static files: ringlb vs nginx", "",
+         "Medians over reps; higher req/s and MB/s are better, lower CPU is better.", ""]
+    head = "| | ringlb | " + " | ".join(f"{o} | ringlb/{o}" for o in others) + " |"
+    L.append(head)
+    L.append("|---|---|" + "---|---|" * len(others))
+    for s, metric, label in rows:
+        if s not in scenarios:
+            continue
+        r = med(agg, s, "ringlb", metric)
+        cells = []
+        for o in others:
+            v = med(agg, s, o, metric)
+            cells += [f3(v), f3(ratio(r, v))]
+        L.append(f"| {label} | {f3(r)} | " + " | ".join(cells) + " |")
+    L.append("")
+    return L
+
+
+PROBE_HEADERS = ("content-type", "content-length", "connection", "keep-alive", "etag",
+                 "last-modified", "accept-ranges", "cache-control", "server")
+
+
+def probe_table(agg, scenario, targets) -> list[str]:
+    """What a plain GET got from each server before the load (rep 0)."""
+    rows = []
+    for t in targets:
+        recs = [r for r in (agg.get((scenario, t)) or {}).get("recs", []) if r.get("probe")]
+        if not recs:
+            continue
+        pr = sorted(recs, key=lambda r: r["rep"])[0]["probe"]
+        h = pr.get("headers") or {}
+        shown = "; ".join(f"{k}: {h[k]}" for k in PROBE_HEADERS if k in h)
+        ka = "yes" if pr.get("keep_alive") else f"no (closed after {pr.get('closed_after')})"
+        body = "ok" if pr.get("body_ok") else "WRONG"
+        rows.append(f"| {t} | {pr.get('status')} | {body} | {ka} | {shown} |")
+    if not rows:
+        return []
+    return (["Probe before the load (first GET of rep 0):", "",
+             "| target | status | body | 2nd GET on the same connection | response headers |",
+             "|---|---|---|---|---|"] + rows + [""])
+
 
 def summary_md(out: str, meta: dict, recs: list[dict], img_prefix: str = "") -> str:
     targets = meta["targets"]
@@ -443,12 +533,19 @@ def summary_md(out: str, meta: dict, recs: list[dict], img_prefix: str = "") -> 
         row = []
         for t in targets:
             a = agg.get((s, t))
+            if not applies(s, t):
+                row.append("n/a")
+                continue
             row.append("missing" if not a else f"{a['n_ok']}/{a['n']} ok")
         L.append(f"| {s} | " + " | ".join(row) + " |")
     L.append("")
 
+    if any(s in scenarios for s in STATIC_SCENARIOS) and "ringlb" in targets:
+        L += static_headline(agg, targets, scenarios)
+
     for s in scenarios:
         cols = TABLES.get(s.replace("_pin", "") if s not in TABLES else s, [])
+        tg = [t for t in targets if applies(s, t)]
         L.append(f"## {SCENARIO_TITLES.get(s, s)}")
         L.append("")
         p = meta["params"].get(s, {})
@@ -457,14 +554,20 @@ def summary_md(out: str, meta: dict, recs: list[dict], img_prefix: str = "") -> 
         L.append("| target | status | " + " | ".join(
             f"{METRICS[c][0]}" + (f" ({METRICS[c][1]})" if METRICS[c][1] and METRICS[c][1] != METRICS[c][0] else "") for c in cols) + " |")
         L.append("|---|---|" + "---|" * len(cols))
-        for t in targets:
+        for t in tg:
             a = agg.get((s, t))
             st = "missing" if not a else f"{a['n_ok']}/{a['n']} ok"
             L.append(f"| {t} | {st} | " + " | ".join(cell(mmm(agg, s, t, c)) for c in cols) + " |")
         L.append("")
+        na = [t for t in targets if t not in tg]
+        if na:
+            L.append(f"n/a here (not a file server): {', '.join(na)}.")
+            L.append("")
+        if s in STATIC_SCENARIOS:
+            L += probe_table(agg, s, tg)
         rms = RATIO_METRICS.get(s, [])
         if "ringlb" in targets and rms:
-            others = [t for t in ("nginx", "nginx-tuned", "haproxy", "direct") if t in targets]
+            others = [t for t in ("nginx", "nginx-tuned", "haproxy", "direct") if t in tg]
             L.append(f"Ratios (medians), ringlb / other — for {', '.join(METRICS[m][0] for m in rms)}:")
             L.append("")
             L.append("| ratio | " + " | ".join(METRICS[m][0] for m in rms) + " |")
@@ -473,12 +576,12 @@ def summary_md(out: str, meta: dict, recs: list[dict], img_prefix: str = "") -> 
                 vals = [ratio(med(agg, s, "ringlb", m), med(agg, s, o, m)) for m in rms]
                 L.append(f"| ringlb/{o} | " + " | ".join(f3(v) for v in vals) + " |")
             L.append("")
-        busy = [f"{r['target']} rep {r['rep']}" for t in targets for r in (agg.get((s, t)) or {}).get("recs", [])
+        busy = [f"{r['target']} rep {r['rep']}" for t in tg for r in (agg.get((s, t)) or {}).get("recs", [])
                 if r.get("busy_machine") or r.get("busy_during")]
         if busy:
             L.append("⚠ measured while a build was running on the machine (distorted): " + ", ".join(busy))
             L.append("")
-        errs = [(t, e) for t in targets for e in (agg.get((s, t)) or {}).get("errors", [])]
+        errs = [(t, e) for t in tg for e in (agg.get((s, t)) or {}).get("errors", [])]
         if errs:
             L.append("Problems:")
             L.append("")
@@ -502,6 +605,14 @@ def summary_md(out: str, meta: dict, recs: list[dict], img_prefix: str = "") -> 
              "Δ(MemTotal − MemFree − Buffers − Cached − SReclaimable, i.e. free(1) \"used\") over the same interval, minus the change in RssAnon of all unrelated processes, ÷ connections (includes the load tool, "
              "backends and kernel socket memory; direct shows that baseline).")
     L.append("- direct = load tool straight to one echo backend (no proxy): the ceiling of the load tool.")
+    if any(s in scenarios for s in STATIC_SCENARIOS):
+        L.append("- Static files: ringlb and nginx serve the same directory (pseudo-random `small.bin`, "
+                 "2048 B, and `large.bin`, 10 MiB; see SETUP.md for their configs) with the same number of "
+                 "workers/shards; `ringlb-load http` sends keep-alive GETs, closed loop. Server CPU/request = "
+                 "steady-state server CPU cores ÷ req/s; CPU/GB = cores ÷ (body MB/s ÷ 1000). Before each "
+                 "run one plain GET checks the served file byte for byte; its response headers are listed. "
+                 "Reconnects: new connections because the server closed one (e.g. after "
+                 "`keepalive_requests`); silent closes: closed without `Connection: close`.")
     L.append("")
     return "\n".join(L)
 
@@ -595,11 +706,33 @@ def write_setup(out: str, meta: dict) -> None:
                             for s, p in meta.get("params", {}).items()),
         "rate": str(meta.get("rate_calibration", "n/a")),
         "configs": "\n".join(configs) or "(no proxy configs rendered)",
+        "static": _static_desc(meta),
     }
     import re
     text = re.sub(r"\{\{(\w+)\}\}", lambda m: vals.get(m.group(1), m.group(0)), tmpl)
     with open(os.path.join(out, "SETUP.md"), "w") as f:
         f.write(text)
+
+
+def _static_desc(meta: dict) -> str:
+    st = meta.get("static")
+    if not st:
+        return "(no static-file scenarios in this run)"
+    files = "\n".join(f"- `{n}`: {f['bytes']} bytes, sha256 `{f['sha256']}`" for n, f in st["files"].items())
+    na = meta.get("not_applicable") or {}
+    skipped = sorted({t for s, ts in na.items() if s in STATIC_SCENARIOS for t in ts})
+    return (f"Both servers serve `{st['root']}` (created once per run by the harness, pseudo-random "
+            f"contents from a fixed seed):\n\n{files}\n\n"
+            "nginx (`configs/nginx-static.conf`): `sendfile on; tcp_nopush on; tcp_nodelay on; "
+            "keepalive_timeout 65; keepalive_requests 1000; access_log off; open_file_cache off; gzip off`, "
+            "`default_type application/octet-stream`, `worker_processes` = the workers above, "
+            "`reuseport`. nginx-tuned (`configs/nginx-tuned-static.conf`) adds "
+            "`open_file_cache max=1000 inactive=60s; open_file_cache_valid 60s`.\n"
+            "ringlb (`configs/ringlb-static.toml`): one route `path = \"/\"` with "
+            "`static = { root = ..., gzip = false }`, `shards` = the workers above, "
+            "`keepalive_timeout = \"65s\"`, `keepalive_requests = 1000`.\n"
+            "Load: `ringlb-load http` (keep-alive GETs, closed loop, `--expect-length` = the file size)."
+            + (f"\nNot applicable there (not file servers, skipped): {', '.join(skipped)}." if skipped else ""))
 
 
 def _bin_desc(path) -> str:

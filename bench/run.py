@@ -2,12 +2,14 @@
 """ringlb benchmark harness.
 
     python3 bench/run.py --targets direct,ringlb,nginx,nginx-tuned,haproxy [--quick]
-                         [--reps 3] [--out DIR] [--pin]
+                         [--reps 3] [--out DIR] [--pin] [--static]
 
 For every scenario, rep and target (targets interleaved rep by rep) it starts
 two `ringlb-load echo` backends, the target proxy in front of them, runs the
 load, samples the proxy's CPU time / RSS / threads from /proc and stops
-everything it started by process group.  Raw JSON goes to
+everything it started by process group.  The static-file scenarios
+(`--static`) start no backends: ringlb and nginx serve the same directory of
+test files and `ringlb-load http` requests one of them.  Raw JSON goes to
 bench/results/<date>-<host>/raw/, then report.py writes summary.md, SETUP.md
 and SVG plots from that raw data.
 
@@ -36,11 +38,16 @@ sys.path.insert(0, HERE)
 import procutil  # noqa: E402
 from procutil import Child, Sampler, StartError  # noqa: E402
 import targets as targets_mod  # noqa: E402
-from targets import TARGETS, TOOL_FOR_KIND, find_program, start_target  # noqa: E402
+from targets import TARGETS, TOOL_FOR_KIND, applies, find_program, start_target  # noqa: E402
 
 REPO = os.path.dirname(HERE)
 ALL_SCENARIOS = ["pingpong", "rate", "handshake", "bulk", "idle"]
 PIN_SCENARIO = "pingpong_pin"
+# Static-file serving (ringlb's `static` routes vs nginx); added by --static.
+STATIC_SCENARIOS = list(targets_mod.STATIC_SCENARIOS)
+# The directory both servers serve: name -> size in bytes. Contents are
+# pseudo-random (fixed seed), so gzip could not shrink them even if it were on.
+STATIC_FILES = {"small.bin": 2048, "large.bin": 10 * 1024 * 1024}
 
 # Scenario parameters. Durations in seconds.
 FULL = {
@@ -51,6 +58,8 @@ FULL = {
     "idle": {"connections": 9000, "hold": 25, "procs": 2},
     PIN_SCENARIO: {"connections": 200, "size": 64, "duration": 10, "warmup": 2,
                    "proxy_cpus": "0", "other_cpus": "1"},
+    "static_small": {"file": "small.bin", "connections": 50, "duration": 10, "warmup": 2},
+    "static_large": {"file": "large.bin", "connections": 4, "duration": 10, "warmup": 2},
 }
 QUICK = {
     "pingpong": {"connections": 50, "size": 64, "duration": 3, "warmup": 1},
@@ -60,6 +69,9 @@ QUICK = {
     "idle": {"connections": 300, "hold": 8, "procs": 1},
     PIN_SCENARIO: {"connections": 50, "size": 64, "duration": 3, "warmup": 1,
                    "proxy_cpus": "0", "other_cpus": "1"},
+    # no warm-up: the CPU window still starts 0.75 s in (CI: ~20 s for all static rows)
+    "static_small": {"file": "small.bin", "connections": 20, "duration": 2, "warmup": 0},
+    "static_large": {"file": "large.bin", "connections": 2, "duration": 2, "warmup": 0},
 }
 DEFAULT_RATE = {"full": 20000, "quick": 2000}
 
@@ -134,6 +146,60 @@ class Ctx:
             os.makedirs(d, exist_ok=True)
         self.work = tempfile.mkdtemp(prefix="ringlb-bench-")
         self.quiet_budget = float(args.wait_quiet_total)
+        self.static_root = None  # made by make_static_root() when a static scenario runs
+        self.static_files: dict = {}
+
+
+def make_static_root(ctx: Ctx) -> dict:
+    """Create the directory both servers serve, once per run. Returns its
+    description for run.json / SETUP.md."""
+    import hashlib
+    import random
+    root = os.path.join(ctx.work, "static-root")
+    os.makedirs(root, exist_ok=True)
+    rnd = random.Random(20261126)
+    files = {}
+    for name, size in STATIC_FILES.items():
+        data = rnd.randbytes(size)
+        with open(os.path.join(root, name), "wb") as f:
+            f.write(data)
+        files[name] = {"bytes": size, "sha256": hashlib.sha256(data).hexdigest()}
+    os.chmod(ctx.work, 0o755)  # nginx workers must be able to reach the files
+    ctx.static_root = root
+    ctx.static_files = files
+    return {"root": root, "files": files}
+
+
+def probe_static(port: int, path: str, expect: bytes) -> dict:
+    """Two GETs on one connection before the load: the body must be the file,
+    byte for byte, and the headers are recorded (keep-alive behaviour)."""
+    import http.client
+    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=10)
+    out: dict = {"path": path}
+    try:
+        for i in range(2):
+            conn.request("GET", path)
+            resp = conn.getresponse()
+            body = resp.read()
+            hdrs = {k.lower(): v for k, v in resp.getheaders()}
+            if i == 0:
+                out["status"] = resp.status
+                out["version"] = resp.version
+                out["headers"] = {k: hdrs[k] for k in sorted(hdrs) if k not in ("date",)}
+                out["body_ok"] = body == expect
+                out["body_bytes"] = len(body)
+            else:
+                out["second_status"] = resp.status
+                out["second_body_ok"] = body == expect
+            if resp.will_close:
+                out["closed_after"] = i + 1
+                break
+        # http.client reconnects silently; a second request on the same socket
+        # means the server kept the connection alive.
+        out["keep_alive"] = out.get("closed_after") is None
+    finally:
+        conn.close()
+    return out
 
 
 def start_backends(ctx: Ctx, tag: str, cpus: str | None) -> tuple[list[Child], list[int]]:
@@ -153,6 +219,11 @@ def start_backends(ctx: Ctx, tag: str, cpus: str | None) -> tuple[list[Child], l
 
 def load_cmd(ctx: Ctx, scenario: str, p: dict, url: str, json_path: str, hist_path: str) -> list[str]:
     lb = ctx.bins["ringlb-load"]
+    if scenario in STATIC_SCENARIOS:
+        return [lb, "http", "--url", url, "--json", json_path,
+                "--connections", str(p["connections"]), "--duration", f"{p['duration']}s",
+                "--warmup", f"{p['warmup']}s",
+                "--expect-length", str(STATIC_FILES[p["file"]]), "--hist", hist_path]
     mode = {"pingpong": "pingpong", PIN_SCENARIO: "pingpong", "rate": "rate",
             "handshake": "handshake", "bulk": "bulk", "idle": "idle"}[scenario]
     cmd = [lb, mode, "--url", url, "--json", json_path]
@@ -218,16 +289,33 @@ def measure(ctx: Ctx, scenario: str, target: str, rep: int) -> dict:
     pinned = "proxy_cpus" in p
     proxy_cpus = p.get("proxy_cpus") if pinned else None
     other_cpus = p.get("other_cpus") if pinned else None
+    static = scenario in STATIC_SCENARIOS
     backends, running, load = [], None, None
     try:
-        backends, bports = start_backends(ctx, tag, other_cpus)
-        rec["backend_ports"] = bports
-        rec["backend_pids"] = [b.pid for b in backends]
-        running = start_target(target, bports, ctx.work, ctx.logs, tag, ctx.bins,
-                               ctx.args.workers, proxy_cpus, ctx.configs)
+        if static:
+            bports = []
+            running = start_target(target, bports, ctx.work, ctx.logs, tag, ctx.bins,
+                                   ctx.args.workers, proxy_cpus, ctx.configs,
+                                   static_root=ctx.static_root)
+            path = "/" + p["file"]
+            with open(os.path.join(ctx.static_root, p["file"]), "rb") as f:
+                expect = f.read()
+            rec["probe"] = probe_static(running.port, path, expect)
+            if rec["probe"].get("status") != 200 or not rec["probe"].get("body_ok"):
+                pr = rec["probe"]
+                raise StartError(f"{target} did not serve {path} correctly before the load: "
+                                 f"status {pr.get('status')}, {pr.get('body_bytes')} bytes, "
+                                 f"content {'ok' if pr.get('body_ok') else 'WRONG'}")
+            url = f"http://127.0.0.1:{running.port}{path}"
+        else:
+            backends, bports = start_backends(ctx, tag, other_cpus)
+            rec["backend_ports"] = bports
+            rec["backend_pids"] = [b.pid for b in backends]
+            running = start_target(target, bports, ctx.work, ctx.logs, tag, ctx.bins,
+                                   ctx.args.workers, proxy_cpus, ctx.configs)
+            url = f"ws://127.0.0.1:{running.port}/"
         if running.child is not None:
             rec["proxy_cmd"] = running.child.cmd
-        url = f"ws://127.0.0.1:{running.port}/"
         proxy_roots = [running.child.pid] if running.child else []
         time.sleep(0.3)  # let workers settle after start
         proxy_pids = []
@@ -246,7 +334,9 @@ def measure(ctx: Ctx, scenario: str, target: str, rep: int) -> dict:
         rec["load_cmd"] = cmd
         t_spawn = time.monotonic()
         load = Child("load", cmd, os.path.join(ctx.logs, f"{tag}-load.log"), cpus=other_cpus)
-        roots = {"load": [load.pid], "backends": [b.pid for b in backends]}
+        roots = {"load": [load.pid]}
+        if backends:
+            roots["backends"] = [b.pid for b in backends]
         if proxy_roots:
             roots["proxy"] = proxy_roots
         sampler = Sampler(roots, interval=0.25).start()
@@ -365,12 +455,15 @@ def main(argv=None) -> int:
     ap.add_argument("--targets", default="direct,ringlb,nginx,nginx-tuned,haproxy",
                     help="comma list of: " + ",".join(TARGETS))
     ap.add_argument("--scenarios", default=",".join(ALL_SCENARIOS),
-                    help="comma list of: " + ",".join(ALL_SCENARIOS + [PIN_SCENARIO]))
+                    help="comma list of: " + ",".join(ALL_SCENARIOS + [PIN_SCENARIO] + STATIC_SCENARIOS))
     ap.add_argument("--quick", action="store_true", help="1 rep, short runs, small idle count (CI)")
     ap.add_argument("--reps", type=int, default=None, help="repetitions (default 3, quick 1)")
     ap.add_argument("--out", default=None, help="results dir (default bench/results/<date>-<host>)")
     ap.add_argument("--pin", action="store_true",
                     help=f"add scenario {PIN_SCENARIO}: proxy on CPU 0, load+backends on CPU 1")
+    ap.add_argument("--static", action="store_true",
+                    help="add scenarios " + ",".join(STATIC_SCENARIOS) + ": ringlb and nginx serving "
+                         "the same files (targets that do not serve files are skipped there)")
     ap.add_argument("--workers", type=int, default=2, help="nginx workers = HAProxy threads = ringlb shards")
     ap.add_argument("--rate", type=int, default=None, help="open-loop msg/s (default: calibrated)")
     ap.add_argument("--idle-connections", type=int, default=None)
@@ -407,6 +500,8 @@ def main(argv=None) -> int:
     scenarios = [s.strip() for s in args.scenarios.split(",") if s.strip()]
     if args.pin and PIN_SCENARIO not in scenarios:
         scenarios.append(PIN_SCENARIO)
+    if args.static:
+        scenarios += [s for s in STATIC_SCENARIOS if s not in scenarios]
     for s in scenarios:
         if s not in FULL:
             ap.error(f"unknown scenario {s!r}")
@@ -464,6 +559,12 @@ def main(argv=None) -> int:
             "mode": mode, "reps": reps, "targets": names, "scenarios": scenarios,
             "workers": args.workers, "argv": sys.argv, "bins": bins, "params": params,
             "status": "running"}
+    skipped = {s: [t for t in names if not applies(s, t)] for s in scenarios}
+    skipped = {s: v for s, v in skipped.items() if v}
+    if skipped:
+        meta["not_applicable"] = skipped
+    if any(s in STATIC_SCENARIOS for s in scenarios):
+        meta["static"] = make_static_root(ctx)
 
     def write_meta():
         with open(os.path.join(out, "run.json"), "w") as f:
@@ -490,8 +591,12 @@ def main(argv=None) -> int:
                 meta["rate_calibration"] = {"rate": rate, "why": why}
                 write_meta()
                 log(f"open-loop rate: {rate} msg/s ({why})")
+            if skipped.get(scenario):
+                log(f"{scenario}: n/a for {', '.join(skipped[scenario])} (skipped)")
             for rep in range(reps):
                 for target in names:
+                    if not applies(scenario, target):
+                        continue
                     t0 = time.monotonic()
                     discarded = []
                     for attempt in range(1 + max(0, args.retry_busy)):
@@ -519,6 +624,9 @@ def main(argv=None) -> int:
         rc = 130
     finally:
         procutil.REGISTRY.stop_all()
+        if ctx.static_root:
+            import shutil
+            shutil.rmtree(ctx.static_root, ignore_errors=True)  # 10 MiB of test files
         meta["finished"] = datetime.datetime.now().isoformat(timespec="seconds")
         write_meta()
 
@@ -542,6 +650,10 @@ def brief(rec: dict) -> str:
     if s == "idle":
         i = rec.get("idle") or {}
         return f"held {i.get('established_front')} conns"
+    if s in STATIC_SCENARIOS:
+        lat = L.get("latency_us") or {}
+        return (f"{L.get('requests_per_s', 0):.0f} req/s {L.get('mb_per_s', 0):.1f} MB/s "
+                f"p99 {lat.get('p99', 0):.0f}us reconnects {L.get('reconnects', 0)}")
     return ""
 
 

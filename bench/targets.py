@@ -27,6 +27,26 @@ TARGETS = {
     "haproxy": ("haproxy", "haproxy.cfg.tmpl", {}),
 }
 
+# Static-file scenarios: the targets that serve files, with their templates.
+# direct and HAProxy do not serve files: n/a there. nginx-tuned differs from
+# nginx by caching open file descriptors and stat() results, which matters
+# for small files (nginx's default, and the plain nginx target, has no cache).
+STATIC_SCENARIOS = ("static_small", "static_large")
+STATIC_TARGETS = {
+    "ringlb": ("ringlb", "ringlb-static.toml.tmpl", {}),
+    "nginx": ("nginx", "nginx-static.conf.tmpl", {"open_file_cache": "open_file_cache off;"}),
+    "nginx-tuned": ("nginx", "nginx-static.conf.tmpl", {
+        "open_file_cache": "# nginx-tuned: cache open fds and stat() results.\n"
+                           "    open_file_cache max=1000 inactive=60s;\n"
+                           "    open_file_cache_valid 60s;"}),
+}
+
+
+def applies(scenario: str, target: str) -> bool:
+    """Whether `target` is measured in `scenario` (static scenarios: file servers only)."""
+    return scenario not in STATIC_SCENARIOS or target in STATIC_TARGETS
+
+
 # Program each target kind needs on PATH (ringlb comes from the build).
 TOOL_FOR_KIND = {"nginx": "nginx", "haproxy": "haproxy"}
 
@@ -74,25 +94,37 @@ class Running:
 
 def start_target(name: str, backend_ports: list[int], workdir: str, logdir: str,
                  tag: str, bins: dict, workers: int, cpus: str | None,
-                 configs_out: str, ready_timeout: float = 10.0) -> Running:
-    """Start target `name` in front of the backends; return once it accepts TCP."""
-    kind, template, extra = TARGETS[name]
+                 configs_out: str, ready_timeout: float = 10.0,
+                 static_root: str | None = None) -> Running:
+    """Start target `name` in front of the backends (or, with `static_root`,
+    serving that directory); return once it accepts TCP."""
+    if static_root is not None:
+        if name not in STATIC_TARGETS:
+            raise StartError(f"{name} does not serve static files")
+        kind, template, extra = STATIC_TARGETS[name]
+    else:
+        kind, template, extra = TARGETS[name]
     if kind == "direct":
         return Running(name, backend_ports[0])
 
     port = free_port()
     prefix = os.path.join(workdir, f"{tag}-{name}")
     os.makedirs(prefix, exist_ok=True)
-    values = {"port": port, "backend1": backend_ports[0], "backend2": backend_ports[1],
-              "workers": workers, "prefix": prefix, "haproxy_maxconn": HAPROXY_MAXCONN}
+    values = {"port": port, "workers": workers, "prefix": prefix,
+              "haproxy_maxconn": HAPROXY_MAXCONN}
+    if static_root is not None:
+        values["docroot"] = static_root
+    else:
+        values.update({"backend1": backend_ports[0], "backend2": backend_ports[1]})
     values.update(extra)
     text = render(template, values)
     ext = {"nginx": "conf", "haproxy": "cfg", "ringlb": "toml"}[kind]
-    config_path = os.path.join(prefix, f"{name}.{ext}")
+    stem = f"{name}-static" if static_root is not None else name
+    config_path = os.path.join(prefix, f"{stem}.{ext}")
     with open(config_path, "w") as f:
         f.write(text)
     # Keep one rendered copy per target in the results (ports differ per run).
-    with open(os.path.join(configs_out, f"{name}.{ext}"), "w") as f:
+    with open(os.path.join(configs_out, f"{stem}.{ext}"), "w") as f:
         f.write(text)
 
     env = dict(os.environ)

@@ -216,6 +216,58 @@ async def client_main(a):
                 st.err(type(e).__name__)
         await asyncio.gather(*(one(i) for i in range(a.connections)))
         elapsed = dur
+    elif mode == "http":
+        m = re.match(r"http://([^:/]+):(\d+)(/.*)?", a.url)
+        host, port, path = m.group(1), int(m.group(2)), m.group(3) or "/"
+        req = f"GET {path} HTTP/1.1\r\nHost: {host}:{port}\r\n\r\n".encode()
+        warm = parse_dur(a.warmup)
+        dur = parse_dur(a.duration)
+        t_meas = start + warm
+        t_end = t_meas + dur
+        st.codes, st.reconnects = {}, 0
+
+        async def one(i):
+            first = True
+            while time.perf_counter() < t_end:
+                try:
+                    r, w = await asyncio.open_connection(host, port, limit=1 << 22)
+                except Exception as e:
+                    if first:
+                        st.failed += 1
+                    st.err(type(e).__name__)
+                    return
+                st.hs.append(0.0)
+                if first:
+                    st.opened += 1
+                else:
+                    st.reconnects += 1
+                first = False
+                try:
+                    while time.perf_counter() < t_end:
+                        t0 = time.perf_counter()
+                        w.write(req)
+                        head = await r.readuntil(b"\r\n\r\n")
+                        code = int(head.split(b" ", 2)[1])
+                        ln = int(re.search(rb"(?i)content-length:\s*(\d+)", head).group(1))
+                        body = await r.readexactly(ln)
+                        done = time.perf_counter()
+                        if t_meas <= done <= t_end:
+                            st.messages += 1
+                            st.bytes += len(body)
+                            st.lat.append((done - t0) * 1e6)
+                            st.codes[str(code)] = st.codes.get(str(code), 0) + 1
+                        if a.expect_length is not None and len(body) != int(a.expect_length):
+                            st.err("body_length")
+                        if re.search(rb"(?i)connection:\s*close", head):
+                            break
+                except Exception as e:
+                    st.err(type(e).__name__)
+                    w.close()
+                    return
+                w.close()
+            st.alive = getattr(st, "alive", 0) + 1
+        await asyncio.gather(*(one(i) for i in range(a.connections)))
+        elapsed = dur
     elif mode == "handshake":
         todo = list(range(a.total))
 
@@ -270,6 +322,10 @@ async def client_main(a):
         "errors": st.errors, "error_total": errs,
         "cpu_s": {"user": ru.ru_utime, "sys": ru.ru_stime},
     }
+    if mode == "http":
+        res.update({"requests": st.messages, "requests_per_s": res["msgs_per_s"],
+                    "status_codes": st.codes, "reconnects": st.reconnects,
+                    "server_closes": {"announced": st.reconnects, "unannounced": 0}})
     with open(a.json, "w") as f:
         json.dump(res, f)
     if getattr(a, "hist", None) and st.lat:
@@ -302,6 +358,14 @@ def main():
     h.add_argument("--total", type=int, default=1000)
     h.add_argument("--concurrency", type=int, default=10)
     h.add_argument("--json", required=True)
+    h = sub.add_parser("http")
+    h.add_argument("--url", required=True)
+    h.add_argument("--connections", type=int, default=10)
+    h.add_argument("--duration", default="10s")
+    h.add_argument("--warmup", default="0s")
+    h.add_argument("--expect-length")
+    h.add_argument("--json", required=True)
+    h.add_argument("--hist")
     i = sub.add_parser("idle")
     i.add_argument("--url", required=True)
     i.add_argument("--connections", type=int, default=100)
