@@ -21,7 +21,10 @@ NGINX_TUNED_EXTRA = """\
 TARGETS = {
     # name: (kind, template file or None, extra template vars)
     "direct": ("direct", None, {}),
-    "ringlb": ("ringlb", "ringlb.toml.tmpl", {}),
+    "ringlb": ("ringlb", "ringlb.toml.tmpl", {"ringlb_extra": ""}),
+    # ringlb with splice off: every byte through provided buffers (A/B of
+    # the zero-copy path for big frames).
+    "ringlb-buffers": ("ringlb", "ringlb.toml.tmpl", {"ringlb_extra": "splice_min = 0"}),
     "nginx": ("nginx", "nginx.conf.tmpl", {"nginx_extra": ""}),
     "nginx-tuned": ("nginx", "nginx.conf.tmpl", {"nginx_extra": NGINX_TUNED_EXTRA}),
     "haproxy": ("haproxy", "haproxy.cfg.tmpl", {}),

@@ -229,6 +229,11 @@ pub fn metrics(control: &Control) -> String {
         "ringlb_bytes_total{{direction=\"backend_to_client\"}} {}",
         sum(&|s| s.bytes_to_client.get())
     );
+    let _ = writeln!(
+        out,
+        "# HELP ringlb_bytes_spliced_total Relayed bytes (both directions) moved by splice(2), not through buffers.\n# TYPE ringlb_bytes_spliced_total counter\nringlb_bytes_spliced_total {}",
+        sum(&|s| s.bytes_spliced.get())
+    );
 
     let _ = writeln!(out, "# HELP ringlb_handshake_duration_seconds From accept to the answer (ringlb's or the backend's).\n# TYPE ringlb_handshake_duration_seconds histogram");
     let mut cumulative = 0;

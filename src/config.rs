@@ -90,6 +90,7 @@ struct FileServer {
     keepalive_timeout: Option<Spanned<String>>,
     keepalive_requests: Option<Spanned<i64>>,
     gzip_cache_size: Option<Spanned<i64>>,
+    splice_min: Option<Spanned<i64>>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -201,6 +202,9 @@ pub struct ServerConfig {
     pub keepalive_requests: NonZeroU32,
     /// Bytes of gzip output kept per shard for on-the-fly compression.
     pub gzip_cache_size: usize,
+    /// A relayed WebSocket frame with at least this many payload bytes still
+    /// to come moves by splice(2) instead of through buffers; 0: never.
+    pub splice_min: u64,
 }
 
 /// Where the access log goes: one JSON line per session, at its end.
@@ -340,6 +344,7 @@ pub const DEFAULT_FAIL_TIMEOUT: Duration = Duration::from_secs(10);
 pub const DEFAULT_KEEPALIVE_TIMEOUT: Duration = Duration::from_secs(75);
 pub const DEFAULT_KEEPALIVE_REQUESTS: u32 = 1000;
 pub const DEFAULT_GZIP_CACHE_SIZE: usize = 16 << 20;
+pub const DEFAULT_SPLICE_MIN: u64 = 64 * 1024;
 pub const DEFAULT_GZIP_MIN_LENGTH: u64 = 256;
 pub const DEFAULT_GZIP_MAX_LENGTH: u64 = 1 << 20;
 
@@ -434,6 +439,7 @@ impl ServerConfig {
             keepalive_timeout: DEFAULT_KEEPALIVE_TIMEOUT,
             keepalive_requests: NonZeroU32::new(DEFAULT_KEEPALIVE_REQUESTS).unwrap(),
             gzip_cache_size: DEFAULT_GZIP_CACHE_SIZE,
+            splice_min: DEFAULT_SPLICE_MIN,
         }
     }
 }
@@ -542,6 +548,9 @@ fn validate(file: FileConfig, src: &Source<'_>, base: &Path) -> Result<Config, C
     }
     if let Some(v) = &s.gzip_cache_size {
         server.gzip_cache_size = int_in(src, v, "server.gzip_cache_size", 0, 1 << 40)? as usize;
+    }
+    if let Some(v) = &s.splice_min {
+        server.splice_min = int_in(src, v, "server.splice_min", 0, 1 << 40)? as u64;
     }
     if server.max_buffers_per_direction.get() * 2 > server.buffers_per_shard as usize {
         let span = s

@@ -74,6 +74,7 @@ pub const REQUIRED_OPS: &[(u8, &str)] = &[
     (opcode::AsyncCancel2::CODE, "ASYNC_CANCEL"),
     (opcode::Read::CODE, "READ"),
     (opcode::OpenAt2::CODE, "OPENAT2"),
+    (opcode::PollAdd::CODE, "POLL_ADD"),
 ];
 
 /// Checks that io_uring works here and has what ringlb needs. The error says
@@ -219,6 +220,14 @@ impl Uring {
     pub fn read(&mut self, fd: RawFd, ptr: *mut u8, len: usize, offset: u64, ud: u64) {
         let e = opcode::Read::new(types::Fd(fd), ptr, len as u32)
             .offset(offset)
+            .build()
+            .user_data(ud);
+        self.push(e);
+    }
+
+    /// A one-shot readiness poll (`POLLIN`, `POLLOUT`, ...).
+    pub fn poll(&mut self, fd: RawFd, mask: u32, ud: u64) {
+        let e = opcode::PollAdd::new(types::Fd(fd), mask)
             .build()
             .user_data(ud);
         self.push(e);
@@ -488,5 +497,81 @@ pub fn eventfd_signal(fd: &OwnedFd) {
     // SAFETY: writes 8 bytes from a live stack array to an fd we own.
     unsafe {
         libc::write(fd.as_raw_fd(), one.as_ptr().cast(), 8);
+    }
+}
+
+/// A nonblocking pipe for moving bytes between two sockets by `splice(2)`
+/// without copying them through userspace.
+#[derive(Debug)]
+pub struct Pipe {
+    r: OwnedFd,
+    w: OwnedFd,
+}
+
+impl Pipe {
+    /// A pipe of (at least) `size` bytes, if the kernel grants it.
+    pub fn new(size: usize) -> io::Result<Pipe> {
+        let mut fds = [0 as libc::c_int; 2];
+        // SAFETY: pipe2 writes two descriptors into the live 2-element array.
+        let rc = unsafe { libc::pipe2(fds.as_mut_ptr(), libc::O_NONBLOCK | libc::O_CLOEXEC) };
+        if rc < 0 {
+            return Err(io::Error::last_os_error());
+        }
+        // SAFETY: both descriptors were just created for us and are owned once.
+        let (r, w) = unsafe { (OwnedFd::from_raw_fd(fds[0]), OwnedFd::from_raw_fd(fds[1])) };
+        // A bigger pipe moves more per splice; the default (64 KiB) is kept
+        // if the request is refused (pipe-max-size, pipe-user-pages-soft).
+        // SAFETY: plain fcntl on a descriptor we own; no memory is passed.
+        unsafe { libc::fcntl(w.as_raw_fd(), libc::F_SETPIPE_SZ, size as libc::c_int) };
+        Ok(Pipe { r, w })
+    }
+
+    /// Moves up to `len` bytes from socket `from` into the pipe.
+    pub fn fill(&self, from: RawFd, len: usize) -> Result<usize, i32> {
+        splice(from, self.w.as_raw_fd(), len)
+    }
+
+    /// Writes a few bytes (a frame header) into the pipe, ahead of the
+    /// payload that will follow it.
+    pub fn put(&self, data: &[u8]) -> Result<usize, i32> {
+        // SAFETY: write(2) reads `data.len()` bytes from a live slice into
+        // a pipe we own; nonblocking, so it never sleeps.
+        let n = unsafe { libc::write(self.w.as_raw_fd(), data.as_ptr().cast(), data.len()) };
+        if n < 0 {
+            Err(io::Error::last_os_error()
+                .raw_os_error()
+                .unwrap_or(libc::EIO))
+        } else {
+            Ok(n as usize)
+        }
+    }
+
+    /// Moves up to `len` bytes from the pipe to socket `to`.
+    pub fn drain(&self, to: RawFd, len: usize) -> Result<usize, i32> {
+        splice(self.r.as_raw_fd(), to, len)
+    }
+}
+
+fn splice(from: RawFd, to: RawFd, len: usize) -> Result<usize, i32> {
+    // SAFETY: splice(2) between descriptors the caller owns, with null
+    // offsets (sockets and pipes have none); no user memory is involved.
+    // Nonblocking: the sockets are O_NONBLOCK and SPLICE_F_NONBLOCK covers
+    // the pipe, so this never sleeps on the shard thread.
+    let n = unsafe {
+        libc::splice(
+            from,
+            std::ptr::null_mut(),
+            to,
+            std::ptr::null_mut(),
+            len,
+            libc::SPLICE_F_NONBLOCK | libc::SPLICE_F_MOVE,
+        )
+    };
+    if n < 0 {
+        Err(io::Error::last_os_error()
+            .raw_os_error()
+            .unwrap_or(libc::EIO))
+    } else {
+        Ok(n as usize)
     }
 }

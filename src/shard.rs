@@ -12,7 +12,8 @@
 //!
 //! ```text
 //!  63..56  op     1 accept, 2 recv, 3 send, 4 connect, 5 cancel, 6 wake,
-//!                 7 open (static file), 8 read (static file)
+//!                 7 open (static file), 8 read (static file),
+//!                 9 poll in, 10 poll out (splice)
 //!  55..48  side   0 client, 1 backend (recv/send/connect)
 //!  31..0   key    slab key of the connection, or the listener index (accept)
 //! ```
@@ -23,7 +24,7 @@
 
 use std::cmp::Reverse;
 use std::collections::{BinaryHeap, VecDeque};
-use std::io::Write;
+use std::io::{Read, Write};
 use std::net::{SocketAddr, TcpListener};
 use std::os::fd::{AsRawFd, OwnedFd, RawFd};
 use std::sync::atomic::{AtomicUsize, Ordering};
@@ -50,6 +51,11 @@ const OP_CANCEL: u64 = 5;
 const OP_WAKE: u64 = 6;
 const OP_OPEN: u64 = 7;
 const OP_READ: u64 = 8;
+const OP_POLL_IN: u64 = 9;
+const OP_POLL_OUT: u64 = 10;
+
+/// Empty pipes kept per shard for the next splice.
+const SPARE_PIPES: usize = 64;
 
 fn ud(op: u64, side: Side, key: usize) -> u64 {
     op << 56 | (side as u64) << 48 | key as u64
@@ -114,6 +120,8 @@ struct Entry {
     open_req: Option<Box<(files::OpenReq, ring::OpenHow)>>,
     /// The backend socket is to close once no op uses it (a retry).
     release_backend: bool,
+    /// The pipe of each direction that is splicing, by destination side.
+    pipes: [Option<ring::Pipe>; 2],
     closing: bool,
     /// When the current request began (later requests of a kept-alive
     /// connection begin with their first byte).
@@ -196,6 +204,8 @@ pub struct Shard {
     socket_errors_logged: Option<Instant>,
     access_log: Option<Box<dyn Write + Send>>,
     log_dirty: bool,
+    /// Empty pipes for splicing directions to take.
+    spare_pipes: Vec<ring::Pipe>,
 }
 
 pub struct ShardInit {
@@ -245,6 +255,7 @@ impl Shard {
             socket_errors_logged: None,
             access_log: init.access_log,
             log_dirty: false,
+            spare_pipes: Vec::new(),
         })
     }
 
@@ -363,6 +374,22 @@ impl Shard {
             }
             OP_WAKE => self.on_wake(),
             OP_OPEN => self.on_open(key, cqe),
+            OP_POLL_IN | OP_POLL_OUT => {
+                let side = ud_side(cqe.user_data);
+                let Some(e) = self.conns.get_mut(key) else {
+                    return;
+                };
+                e.inflight[side.idx()] -= 1;
+                if cqe.result != -libc::ECANCELED {
+                    // An error shows as readiness: the splice reports it.
+                    if ud_op(cqe.user_data) == OP_POLL_IN {
+                        e.conn.on_readable(side, &mut self.actions);
+                    } else {
+                        e.conn.on_writable(side, &mut self.actions);
+                    }
+                }
+                self.exec(key);
+            }
             OP_READ => {
                 let Some(e) = self.conns.get_mut(key) else {
                     return;
@@ -458,6 +485,7 @@ impl Shard {
             opened: None,
             open_req: None,
             release_backend: false,
+            pipes: [None, None],
             closing: false,
             started: Instant::now(),
             handshake: None,
@@ -677,6 +705,77 @@ impl Shard {
                 e.conn.set_snapshot(self.snap.clone());
                 if self.access_log.is_some() {
                     self.log_request(key, &done);
+                }
+            }
+            Action::PollIn(side) | Action::PollOut(side) => {
+                let fd = e.fd(side).expect("poll on a side without a socket");
+                let (op, mask) = if matches!(action, Action::PollIn(_)) {
+                    (OP_POLL_IN, (libc::POLLIN | libc::POLLRDHUP) as u32)
+                } else {
+                    (OP_POLL_OUT, libc::POLLOUT as u32)
+                };
+                e.inflight[side.idx()] += 1;
+                self.uring.poll(fd, mask, ud(op, side, key));
+            }
+            Action::ReadHeader { src, want } => {
+                let dst = src.other();
+                if !take_pipe(e, &mut self.spare_pipes, dst) {
+                    e.conn.on_no_pipe(src, &mut self.actions);
+                    return;
+                }
+                let pipe = e.pipes[dst.idx()].as_ref().expect("pipe just taken");
+                let sock = match src {
+                    Side::Client => &e.client,
+                    Side::Backend => e
+                        .backend
+                        .as_ref()
+                        .expect("header from a side without a socket"),
+                };
+                let mut hdr = [0u8; 14];
+                let want = want.min(hdr.len());
+                // The socket is O_NONBLOCK: no data is EAGAIN, never a wait.
+                let res = match (&*SockRef::from(sock)).read(&mut hdr[..want]) {
+                    Ok(n) => match pipe.put(&hdr[..n]) {
+                        // The pipe is empty at a boundary: a header always fits.
+                        Ok(m) if m == n => Ok(&hdr[..n]),
+                        Ok(_) => Err(libc::EIO),
+                        Err(e) => Err(e),
+                    },
+                    Err(err) => Err(err.raw_os_error().unwrap_or(libc::EIO)),
+                };
+                e.conn.on_header(src, res, &mut self.actions);
+            }
+            Action::Splice { src, read, pending } => {
+                let dst = src.other();
+                if !take_pipe(e, &mut self.spare_pipes, dst) {
+                    e.conn.on_no_pipe(src, &mut self.actions);
+                    return;
+                }
+                let pipe = e.pipes[dst.idx()].as_ref().expect("pipe just taken");
+                let from = e.fd(src).expect("splice from a side without a socket");
+                let to = e.fd(dst).expect("splice to a side without a socket");
+                let got = (read > 0).then(|| pipe.fill(from, read));
+                let total = pending + got.and_then(Result::ok).unwrap_or(0);
+                let put = if total > 0 {
+                    pipe.drain(to, total)
+                } else {
+                    Ok(0)
+                };
+                if let Ok(n) = put {
+                    let counter = match dst {
+                        Side::Client => &self.stats.bytes_to_client,
+                        Side::Backend => &self.stats.bytes_to_backend,
+                    };
+                    counter.add(n as u64);
+                    self.stats.bytes_spliced.add(n as u64);
+                }
+                e.conn.on_spliced(src, got, put, &mut self.actions);
+            }
+            Action::LeaveSplice { dst, reusable } => {
+                if let Some(p) = e.pipes[dst.idx()].take() {
+                    if reusable && self.spare_pipes.len() < SPARE_PIPES {
+                        self.spare_pipes.push(p);
+                    }
                 }
             }
             Action::Close => {
@@ -963,5 +1062,27 @@ fn meta(m: &std::fs::Metadata) -> files::Meta {
         mtime: m.modified().unwrap_or(std::time::UNIX_EPOCH),
         dev: m.dev(),
         ino: m.ino(),
+    }
+}
+
+/// Gives the direction towards `dst` a pipe if it has none: a spare one, or
+/// a new one. False if the kernel refuses (descriptors, pipe quota).
+fn take_pipe(e: &mut Entry, spare: &mut Vec<ring::Pipe>, dst: Side) -> bool {
+    if e.pipes[dst.idx()].is_some() {
+        return true;
+    }
+    let pipe = match spare.pop() {
+        Some(p) => Ok(p),
+        None => ring::Pipe::new(crate::conn::SPLICE_CHUNK),
+    };
+    match pipe {
+        Ok(p) => {
+            e.pipes[dst.idx()] = Some(p);
+            true
+        }
+        Err(err) => {
+            log::debug!("no pipe for splice: {err}");
+            false
+        }
     }
 }

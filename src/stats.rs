@@ -58,6 +58,8 @@ pub struct ShardStats {
     pub active: Counter,
     pub bytes_to_backend: Counter,
     pub bytes_to_client: Counter,
+    /// Of those, bytes moved by splice(2) rather than through buffers.
+    pub bytes_spliced: Counter,
     /// Multishot recvs that ended because the buffer ring was empty.
     pub recv_starved: Counter,
     pub handshakes: [Counter; RESULTS.len()],

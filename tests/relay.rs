@@ -269,3 +269,156 @@ async fn pipelined_request_after_the_upgrade_is_relayed_not_routed() {
     assert_eq!(status_of(&head), 101);
     expect_echo(&mut s, &pipelined).await;
 }
+
+/// A masked client frame whose payload is `len` bytes of a pattern that
+/// differs at every position (so a lost, doubled or reordered chunk shows).
+fn patterned_frame(len: usize, seed: u32) -> Vec<u8> {
+    let payload: Vec<u8> = (0..len as u32)
+        .map(|i| (i.wrapping_mul(2_654_435_761).wrapping_add(seed) >> 11) as u8)
+        .collect();
+    client_frame(0x2, &payload)
+}
+
+fn spliced_bytes(proxy: &Proxy) -> u64 {
+    let (status, body) = proxy.admin("GET", "/metrics");
+    assert_eq!(status, 200);
+    body.lines()
+        .find_map(|l| l.strip_prefix("ringlb_bytes_spliced_total "))
+        .expect("ringlb_bytes_spliced_total in /metrics")
+        .parse()
+        .unwrap()
+}
+
+fn admin_config(backend: SocketAddr, server_extra: &str) -> String {
+    format!(
+        "{}\n[admin]\nlisten = \"127.0.0.1:0\"\n",
+        config(&[backend], server_extra, "")
+    )
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn big_frames_move_by_splice_byte_exact_between_small_ones() {
+    for (splice_min, spliced) in [("", true), ("splice_min = 0", false)] {
+        let proxy = Proxy::start(&admin_config(
+            raw_echo_backend(Vec::new()).await,
+            splice_min,
+        ));
+        let mut s = upgraded(&proxy).await;
+        // Small and big frames back to back in one write, so the switch to
+        // splice and back happens at frame boundaries inside a burst.
+        let mut burst = Vec::new();
+        for (i, len) in [10usize, 3 << 20, 70, 65_536, 1, 600_000, 125, (1 << 20) + 7]
+            .into_iter()
+            .enumerate()
+        {
+            burst.extend(patterned_frame(len, i as u32));
+        }
+        let (mut r, mut w) = s.split();
+        let (_, ()) = tokio::join!(
+            async { w.write_all(&burst).await.unwrap() },
+            expect_echo_from(&mut r, &burst)
+        );
+        let n = spliced_bytes(&proxy);
+        if spliced {
+            // Both directions splice nearly all of the big frames; buffers
+            // carry the small ones and what arrives before the first switch.
+            let total = 2 * burst.len() as u64;
+            assert!(n > total * 3 / 4, "only {n} of {total} bytes spliced");
+        } else {
+            assert_eq!(n, 0, "splice_min = 0 turns splicing off");
+        }
+        // The session still relays small frames afterwards.
+        let f = patterned_frame(20, 99);
+        s.write_all(&f).await.unwrap();
+        expect_echo(&mut s, &f).await;
+    }
+}
+
+async fn expect_echo_from(r: &mut tokio::net::tcp::ReadHalf<'_>, sent: &[u8]) {
+    let mut got = vec![0u8; sent.len()];
+    tokio::time::timeout(Duration::from_secs(30), r.read_exact(&mut got))
+        .await
+        .expect("echo timed out")
+        .unwrap();
+    assert!(got == sent, "echo differs ({} bytes)", sent.len());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_slow_reader_holds_a_splice_back_without_loss() {
+    let proxy = Proxy::start(&admin_config(raw_echo_backend(Vec::new()).await, ""));
+    let s = upgraded(&proxy).await;
+    let (mut r, mut w) = s.into_split();
+    let f = patterned_frame(6 << 20, 7);
+    let f2 = f.clone();
+    let writer = tokio::spawn(async move {
+        w.write_all(&f2).await.unwrap();
+        w
+    });
+    // Read in small sips with pauses: the pipe towards the client fills,
+    // ringlb waits for POLLOUT, and nothing is lost or reordered.
+    let mut got = Vec::with_capacity(f.len());
+    let mut sip = vec![0u8; 16 * 1024];
+    let deadline = std::time::Instant::now() + Duration::from_secs(30);
+    while got.len() < f.len() {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "stalled at {}",
+            got.len()
+        );
+        if got.len() < (1 << 20) {
+            tokio::time::sleep(Duration::from_millis(2)).await;
+        }
+        let n = tokio::time::timeout(Duration::from_secs(10), r.read(&mut sip))
+            .await
+            .expect("read stalled")
+            .unwrap();
+        assert!(n > 0, "EOF after {} bytes", got.len());
+        got.extend_from_slice(&sip[..n]);
+    }
+    assert!(got == f, "bytes differ");
+    let _w = writer.await.unwrap();
+    assert!(spliced_bytes(&proxy) > 0);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_backend_reset_in_the_middle_of_a_spliced_frame() {
+    // This backend answers the upgrade, sends the start of a big frame,
+    // reads some of the client's big frame, then resets.
+    let l = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = l.local_addr().unwrap();
+    let sent = patterned_frame(4 << 20, 3);
+    let part = sent[..(1 << 20)].to_vec();
+    tokio::spawn(async move {
+        while let Ok((mut s, _)) = l.accept().await {
+            let part = part.clone();
+            tokio::spawn(async move {
+                let _ = read_head(&mut s).await;
+                let mut resp = switching_protocols().into_bytes();
+                resp.extend_from_slice(&part);
+                s.write_all(&resp).await.unwrap();
+                let mut buf = vec![0u8; 512 * 1024];
+                let _ = s.read_exact(&mut buf).await;
+                let _ = socket2::SockRef::from(&s).set_linger(Some(Duration::ZERO));
+            });
+        }
+    });
+    let proxy = Proxy::start(&admin_config(addr, ""));
+    for _ in 0..3 {
+        let s = upgraded(&proxy).await;
+        let (mut r, mut w) = s.into_split();
+        let big = sent.clone();
+        tokio::spawn(async move {
+            let _ = w.write_all(&big).await;
+        });
+        // What the backend sent before its reset arrives whole, then the
+        // session ends; ringlb stays up for the next one.
+        let mut got = Vec::new();
+        let _ = tokio::time::timeout(Duration::from_secs(10), r.read_to_end(&mut got))
+            .await
+            .expect("session did not end after the backend's reset");
+        assert!(got.len() <= (1 << 20));
+        assert!(got == sent[..got.len()], "bytes differ");
+    }
+    let mut ok = upgraded(&proxy).await;
+    drop(ok.write_all(b"").await);
+}

@@ -21,6 +21,32 @@ impl FrameTracker {
         self.have == 0 && self.left == 0
     }
 
+    /// Payload bytes of the current frame still to come, when its header
+    /// is complete (0 between frames or inside a header).
+    pub fn payload_left(&self) -> u64 {
+        if self.have == 0 {
+            self.left
+        } else {
+            0
+        }
+    }
+
+    /// How many bytes to read to complete the next header without reading
+    /// past it: 2 at a boundary, then what the first two bytes announce.
+    pub fn header_wanted(&self) -> usize {
+        match self.header_len() {
+            None => 2 - self.have as usize,
+            Some(n) => n - self.have as usize,
+        }
+    }
+
+    /// `n` payload bytes went by without being seen (spliced); at most
+    /// [`FrameTracker::payload_left`].
+    pub fn skip(&mut self, n: u64) {
+        debug_assert!(self.have == 0 && n <= self.left, "skip past a frame");
+        self.left -= n.min(self.left);
+    }
+
     pub fn feed(&mut self, mut data: &[u8]) {
         while !data.is_empty() {
             if self.left > 0 {

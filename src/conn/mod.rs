@@ -178,8 +178,55 @@ pub enum Action {
     },
     /// A request on a kept-alive connection is answered: log it.
     RequestDone(Box<Done>),
+    /// Wait until `side` is readable (splice mode); then [`Conn::on_readable`].
+    PollIn(Side),
+    /// Wait until `side` is writable (splice mode); then [`Conn::on_writable`].
+    PollOut(Side),
+    /// Splice: move up to `read` bytes from `src` into the direction's pipe,
+    /// then everything in it (`pending` plus what came) on to the other
+    /// side; report with [`Conn::on_spliced`].
+    Splice {
+        src: Side,
+        read: usize,
+        pending: usize,
+    },
+    /// The direction towards `dst` is done splicing; its pipe is empty if
+    /// `reusable`, else it must be closed.
+    LeaveSplice {
+        dst: Side,
+        reusable: bool,
+    },
+    /// Read at most `want` bytes (a frame header) from `src` into the
+    /// direction's pipe; report with [`Conn::on_header`].
+    ReadHeader {
+        src: Side,
+        want: usize,
+    },
     /// Tear the connection down.
     Close,
+}
+
+/// Bytes one splice step asks for; the shard's pipes are this big.
+pub const SPLICE_CHUNK: usize = 256 * 1024;
+
+/// How bytes move in one direction.
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+enum Splice {
+    /// Provided buffers: multishot recv, then send from the same buffer.
+    #[default]
+    Off,
+    /// Switching to splice: the source's recv is being stopped and what it
+    /// already received goes out first, so bytes stay in order.
+    Pending,
+    /// `splice(2)` through a pipe: payloads spliced, headers read (a few
+    /// bytes) and written into the pipe in order, until the source is idle
+    /// at a frame boundary. `in_pipe` bytes wait for the destination.
+    /// `end`: the source ended (EOF or error), handled once the pipe is
+    /// empty.
+    On {
+        in_pipe: usize,
+        end: Option<RecvEnd>,
+    },
 }
 
 /// One answered request, for the access log and metrics.
@@ -253,6 +300,7 @@ struct Flow {
     bytes: u64,
     /// Body bytes still expected before the session ends (non-101 responses).
     limit: Option<u64>,
+    splice: Splice,
 }
 
 /// State only needed until the session is relaying; dropped after.
@@ -304,6 +352,8 @@ pub struct Conn {
 
     max_queue: usize,
     linger: Duration,
+    /// Frames with at least this much payload left move by splice; 0: never.
+    splice_min: u64,
 
     /// The static answer in progress.
     serve: Option<Box<files::Serve>>,
@@ -326,6 +376,7 @@ impl Conn {
         ));
         let max_queue = server.max_buffers_per_direction.get();
         let linger = server.linger_timeout;
+        let splice_min = server.splice_min;
         Conn {
             stage: Stage::ReadingHead,
             client_addr,
@@ -355,6 +406,7 @@ impl Conn {
 
             max_queue,
             linger,
+            splice_min,
 
             serve: None,
             requests: 0,
@@ -505,6 +557,7 @@ impl Conn {
             (Stage::Connecting { .. } | Stage::Relaying, _) => {
                 self.flow[side.other().idx()].frames.feed(data);
                 self.relay(side, bid, data.len(), out);
+                self.consider_splice(side, out);
             }
             // Responding discards what the client still sends; Closing only
             // gives buffers back.
@@ -608,6 +661,7 @@ impl Conn {
             }
         }
         self.kick(dst, out);
+        self.maybe_start_splice(dst, out);
         if self.stage == Stage::Serving {
             let flow = &self.flow[dst.idx()];
             if flow.queue.is_empty() && !flow.sending {
@@ -642,6 +696,9 @@ impl Conn {
 
     fn wants_recv(&self, src: Side) -> bool {
         let flow = &self.flow[src.other().idx()];
+        if flow.splice != Splice::Off {
+            return false;
+        }
         match self.stage {
             Stage::Closing => false,
             Stage::Responding => src == Side::Client,
@@ -676,6 +733,17 @@ impl Conn {
                 self.ensure_recv(side, out);
             }
             return;
+        }
+        let to = side.other().idx();
+        if self.flow[to].splice == Splice::Pending {
+            match why {
+                // The recv stopped as asked (or ran out of buffers, which a
+                // splice does not need): splice once the queue is sent.
+                RecvEnd::Stopped | RecvEnd::NoBuffers => {
+                    return self.maybe_start_splice(side.other(), out);
+                }
+                RecvEnd::Eof | RecvEnd::Error(_) => self.flow[to].splice = Splice::Off,
+            }
         }
         match why {
             RecvEnd::Stopped => {
@@ -799,6 +867,270 @@ impl Conn {
                 out.push(Action::DropBackend);
                 self.connect_next(attempt + 1, out);
             }
+        }
+    }
+
+    /// After relaying from `src`: if the frame under way still has at least
+    /// `splice_min` payload bytes, stop receiving `src` into buffers and
+    /// move the rest of the frame by splice.
+    fn consider_splice(&mut self, src: Side, out: &mut Vec<Action>) {
+        let dst = src.other();
+        let flow = &self.flow[dst.idx()];
+        if self.splice_min == 0
+            || self.stage != Stage::Relaying
+            || self.status != Some(101)
+            || self.going_away
+            || flow.splice != Splice::Off
+            || flow.dead
+            || flow.src_eof
+            || flow.frames.payload_left() < self.splice_min
+        {
+            return;
+        }
+        self.flow[dst.idx()].splice = Splice::Pending;
+        if self.recv[src.idx()] == RecvState::Armed {
+            self.recv[src.idx()] = RecvState::Cancelling;
+            out.push(Action::CancelRecv(src));
+        }
+        self.maybe_start_splice(dst, out);
+    }
+
+    /// Starts splicing towards `dst` once the switch is safe: no recv on
+    /// the source and nothing queued or in flight towards `dst`.
+    fn maybe_start_splice(&mut self, dst: Side, out: &mut Vec<Action>) {
+        let src = dst.other();
+        let flow = &mut self.flow[dst.idx()];
+        if flow.splice != Splice::Pending
+            || self.recv[src.idx()] != RecvState::Off
+            || !flow.queue.is_empty()
+            || flow.sending
+        {
+            return;
+        }
+        if self.stage != Stage::Relaying || flow.dead || flow.src_eof {
+            flow.splice = Splice::Off;
+            if self.wants_recv(src) {
+                self.ensure_recv(src, out);
+            }
+            return;
+        }
+        flow.splice = Splice::On {
+            in_pipe: 0,
+            end: None,
+        };
+        out.push(Action::PollIn(src));
+    }
+
+    /// A splicing source is readable (or failed: the next step will say).
+    /// Mid-frame the payload is spliced; at a frame boundary the next
+    /// header is read (a few bytes, copied, and put in the pipe ahead of
+    /// its payload), so a direction carrying big frames stays in splice
+    /// mode from one frame to the next.
+    pub fn on_readable(&mut self, src: Side, out: &mut Vec<Action>) {
+        if self.stage == Stage::Closing {
+            return;
+        }
+        let flow = &self.flow[src.other().idx()];
+        let Splice::On { in_pipe, end: None } = flow.splice else {
+            return;
+        };
+        let left = flow.frames.payload_left();
+        if left > 0 {
+            let read = left.min(SPLICE_CHUNK.saturating_sub(in_pipe) as u64) as usize;
+            out.push(Action::Splice {
+                src,
+                read,
+                pending: in_pipe,
+            });
+        } else {
+            out.push(Action::ReadHeader {
+                src,
+                want: flow.frames.header_wanted(),
+            });
+        }
+    }
+
+    /// A splicing destination can take more of the pipe.
+    pub fn on_writable(&mut self, dst: Side, out: &mut Vec<Action>) {
+        if self.stage == Stage::Closing {
+            return;
+        }
+        if let Splice::On { in_pipe, .. } = self.flow[dst.idx()].splice {
+            out.push(Action::Splice {
+                src: dst.other(),
+                read: 0,
+                pending: in_pipe,
+            });
+        }
+    }
+
+    /// The shard has no pipe to give: stay with buffers.
+    pub fn on_no_pipe(&mut self, src: Side, out: &mut Vec<Action>) {
+        let flow = &mut self.flow[src.other().idx()];
+        if let Splice::On { in_pipe: 0, .. } = flow.splice {
+            flow.splice = Splice::Off;
+            out.push(Action::LeaveSplice {
+                dst: src.other(),
+                reusable: true,
+            });
+            if self.wants_recv(src) {
+                self.ensure_recv(src, out);
+            }
+        }
+    }
+
+    /// Header bytes of the next frame were read from `src` and put in the
+    /// pipe (`Ok(bytes)`), or the read found nothing, EOF or an error.
+    pub fn on_header(&mut self, src: Side, res: Result<&[u8], i32>, out: &mut Vec<Action>) {
+        if self.stage == Stage::Closing {
+            return;
+        }
+        let dst = src.other();
+        let flow = &mut self.flow[dst.idx()];
+        let Splice::On { in_pipe, end } = flow.splice else {
+            return;
+        };
+        match res {
+            Ok([]) => {
+                flow.splice = Splice::On {
+                    in_pipe,
+                    end: Some(RecvEnd::Eof),
+                };
+                self.splice_flush(src, out);
+            }
+            Ok(bytes) => {
+                flow.frames.feed(bytes);
+                flow.splice = Splice::On {
+                    in_pipe: in_pipe + bytes.len(),
+                    end,
+                };
+                if flow.frames.payload_left() > 0 || flow.frames.at_boundary() {
+                    // Straight on with the payload (or the next header,
+                    // after an empty frame).
+                    self.on_readable(src, out);
+                } else {
+                    // Part of a header: the rest is not here yet.
+                    self.splice_flush(src, out);
+                }
+            }
+            Err(libc::EAGAIN) => {
+                if flow.frames.at_boundary() && in_pipe == 0 {
+                    // Idle between frames: back to buffers, so an idle
+                    // direction holds no pipe.
+                    self.leave_splice(src, out);
+                } else {
+                    self.splice_flush(src, out);
+                }
+            }
+            Err(e) => {
+                flow.splice = Splice::On {
+                    in_pipe,
+                    end: Some(RecvEnd::Error(e)),
+                };
+                self.splice_flush(src, out);
+            }
+        }
+    }
+
+    /// Sends what the pipe holds, or waits for more from `src`.
+    fn splice_flush(&mut self, src: Side, out: &mut Vec<Action>) {
+        let flow = &self.flow[src.other().idx()];
+        match flow.splice {
+            Splice::On { in_pipe, .. } if in_pipe > 0 => out.push(Action::Splice {
+                src,
+                read: 0,
+                pending: in_pipe,
+            }),
+            Splice::On { end: Some(why), .. } => {
+                self.leave_splice(src, out);
+                self.on_recv_end_spliced(src, why, out);
+            }
+            Splice::On { .. } => out.push(Action::PollIn(src)),
+            _ => {}
+        }
+    }
+
+    fn leave_splice(&mut self, src: Side, out: &mut Vec<Action>) {
+        let dst = src.other();
+        self.flow[dst.idx()].splice = Splice::Off;
+        out.push(Action::LeaveSplice {
+            dst,
+            reusable: true,
+        });
+        if self.wants_recv(src) {
+            self.ensure_recv(src, out);
+        }
+    }
+
+    /// A splice step moved `got` bytes in from `src` (`None`: none asked)
+    /// and `put` bytes out to the other side.
+    pub fn on_spliced(
+        &mut self,
+        src: Side,
+        got: Option<Result<usize, i32>>,
+        put: Result<usize, i32>,
+        out: &mut Vec<Action>,
+    ) {
+        if self.stage == Stage::Closing {
+            return;
+        }
+        let dst = src.other();
+        let flow = &mut self.flow[dst.idx()];
+        let Splice::On {
+            mut in_pipe,
+            mut end,
+        } = flow.splice
+        else {
+            return;
+        };
+        match got {
+            None | Some(Err(libc::EAGAIN)) => {}
+            Some(Ok(0)) => end = Some(RecvEnd::Eof),
+            Some(Ok(n)) => {
+                flow.frames.skip(n as u64);
+                in_pipe += n;
+            }
+            Some(Err(e)) => end = Some(RecvEnd::Error(e)),
+        }
+        match put {
+            Ok(m) => {
+                in_pipe -= m;
+                flow.bytes += m as u64;
+            }
+            Err(libc::EAGAIN) => {}
+            Err(_) => {
+                // The destination is gone; what is in the pipe goes with it.
+                flow.splice = Splice::Off;
+                out.push(Action::LeaveSplice {
+                    dst,
+                    reusable: false,
+                });
+                self.peer_reset(dst, out);
+                if let Some(why) = end {
+                    self.on_recv_end_spliced(src, why, out);
+                } else if self.wants_recv(src) {
+                    self.ensure_recv(src, out);
+                }
+                return;
+            }
+        }
+        flow.splice = Splice::On { in_pipe, end };
+        if in_pipe > 0 {
+            out.push(Action::PollOut(dst));
+        } else if end.is_some() {
+            self.splice_flush(src, out);
+        } else {
+            // Next: more payload, or the next frame's header.
+            out.push(Action::PollIn(src));
+        }
+    }
+
+    /// A source that was being spliced ended, and everything it sent is out.
+    fn on_recv_end_spliced(&mut self, src: Side, why: RecvEnd, out: &mut Vec<Action>) {
+        match why {
+            RecvEnd::Error(_) if !self.going_away => self.peer_reset(src, out),
+            RecvEnd::Error(_) => self.close(Closer::Error, out),
+            _ => self.on_eof(src, out),
         }
     }
 
@@ -1241,10 +1573,9 @@ impl Conn {
         let clean = self.stage == Stage::Relaying
             && self.status == Some(101)
             && !self.going_away
-            && self
-                .flow
-                .iter()
-                .all(|f| f.frames.at_boundary() && !f.shut && !f.src_eof);
+            && self.flow.iter().all(|f| {
+                f.frames.at_boundary() && !f.shut && !f.src_eof && f.splice == Splice::Off
+            });
         if !clean {
             return self.close(Closer::Drain, out);
         }
