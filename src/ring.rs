@@ -537,13 +537,7 @@ impl Pipe {
         // SAFETY: write(2) reads `data.len()` bytes from a live slice into
         // a pipe we own; nonblocking, so it never sleeps.
         let n = unsafe { libc::write(self.w.as_raw_fd(), data.as_ptr().cast(), data.len()) };
-        if n < 0 {
-            Err(io::Error::last_os_error()
-                .raw_os_error()
-                .unwrap_or(libc::EIO))
-        } else {
-            Ok(n as usize)
-        }
+        byte_count(n)
     }
 
     /// Moves up to `len` bytes from the pipe to socket `to`.
@@ -567,6 +561,11 @@ fn splice(from: RawFd, to: RawFd, len: usize) -> Result<usize, i32> {
             libc::SPLICE_F_NONBLOCK | libc::SPLICE_F_MOVE,
         )
     };
+    byte_count(n)
+}
+
+/// A byte count from a syscall, or its errno.
+fn byte_count(n: isize) -> Result<usize, i32> {
     if n < 0 {
         Err(io::Error::last_os_error()
             .raw_os_error()

@@ -158,13 +158,7 @@ pub fn run(cfg: Arc<RunConfig>, progress: Arc<Progress>) -> Results {
                 .expect("spawn worker thread")
         })
         .collect();
-    let mut total = Results::default();
-    for h in handles {
-        match h.join() {
-            Ok(r) => total.merge(&r),
-            Err(_) => eprintln!("ringlb-load: a worker thread panicked; its results are lost"),
-        }
-    }
+    let mut total = join_workers(handles);
     total.elapsed = match cfg.mode {
         Mode::PingPong | Mode::Rate | Mode::Bulk => cfg.duration,
         Mode::Handshake | Mode::Idle | Mode::Http => t0.elapsed(),
@@ -520,4 +514,16 @@ async fn hs_worker(ctx: Rc<Ctx>) {
         }
         ctx.shared.progress.open.fetch_sub(1, Relaxed);
     }
+}
+
+/// Joins worker threads and merges what each measured.
+pub(crate) fn join_workers(handles: Vec<std::thread::JoinHandle<Results>>) -> Results {
+    let mut total = Results::default();
+    for h in handles {
+        match h.join() {
+            Ok(r) => total.merge(&r),
+            Err(_) => eprintln!("ringlb-load: a worker thread panicked; its results are lost"),
+        }
+    }
+    total
 }

@@ -134,13 +134,7 @@ pub fn run(cfg: Arc<RunConfig>, progress: Arc<Progress>) -> Results {
                 .expect("spawn worker thread")
         })
         .collect();
-    let mut total = Results::default();
-    for h in handles {
-        match h.join() {
-            Ok(r) => total.merge(&r),
-            Err(_) => eprintln!("ringlb-load: a worker thread panicked; its results are lost"),
-        }
-    }
+    let mut total = super::join_workers(handles);
     if cfg.http.as_ref().is_some_and(|h| h.requests.is_none()) {
         total.elapsed = cfg.duration;
     }
