@@ -409,7 +409,8 @@ def idle_probe(ctx, p, running, bports, proxy_pids, load, rec) -> dict:
     """While `idle` holds its connections: wait (bounded) until all are
     established at the proxy and at the backends, then sample memory."""
     n = p["connections"]
-    deadline = time.monotonic() + max(5.0, p["hold"] - 3.0)
+    probe_start = time.monotonic()
+    deadline = probe_start + max(5.0, p["hold"] - 3.0)
     front = back = 0
     while time.monotonic() < deadline and load.alive():
         front = procutil.established_on_port(running.port)
@@ -419,6 +420,17 @@ def idle_probe(ctx, p, running, bports, proxy_pids, load, rec) -> dict:
         time.sleep(0.25)
     out = {"established_front": front, "established_back": back, "all_established": front >= n and back >= n}
     time.sleep(1.0)  # settle
+    # Sampled twice: just after the last connection (fresh) and near the end
+    # of the hold (settled: idle for most of it), which is what a fleet of
+    # long-idle sessions costs. ringlb parks sessions silent for
+    # server.park_idle_after (5 s); nginx and HAProxy do not change. The
+    # settled sample is the one reported.
+    out["fresh_machine_used_kb"] = procutil.machine_used_kb()
+    if proxy_pids:
+        out["fresh_proxy"] = procutil.sample_tree(procutil.descendants(running.child.pid), fds=False)
+    settle_until = probe_start + max(0.0, p["hold"] - 4.0)
+    while time.monotonic() < settle_until and load.alive():
+        time.sleep(0.25)
     out["machine_used_kb"] = procutil.machine_used_kb()
     ours = set(procutil.descendants(load.pid)) | set(proxy_pids)
     for bp in rec.get("backend_pids", []):

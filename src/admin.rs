@@ -234,6 +234,11 @@ pub fn metrics(control: &Control) -> String {
         "# HELP ringlb_bytes_spliced_total Relayed bytes (both directions) moved by splice(2), not through buffers.\n# TYPE ringlb_bytes_spliced_total counter\nringlb_bytes_spliced_total {}",
         sum(&|s| s.bytes_spliced.get())
     );
+    let _ = writeln!(
+        out,
+        "# HELP ringlb_sessions_parked_total Relaying sessions parked after server.park_idle_after of silence (armed recvs swapped for readiness polls).\n# TYPE ringlb_sessions_parked_total counter\nringlb_sessions_parked_total {}",
+        sum(&|s| s.parked.get())
+    );
 
     let _ = writeln!(out, "# HELP ringlb_handshake_duration_seconds From accept to the answer (ringlb's or the backend's).\n# TYPE ringlb_handshake_duration_seconds histogram");
     let mut cumulative = 0;

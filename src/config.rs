@@ -91,6 +91,7 @@ struct FileServer {
     keepalive_requests: Option<Spanned<i64>>,
     gzip_cache_size: Option<Spanned<i64>>,
     splice_min: Option<Spanned<i64>>,
+    park_idle_after: Option<Spanned<String>>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -205,6 +206,10 @@ pub struct ServerConfig {
     /// A relayed WebSocket frame with at least this many payload bytes still
     /// to come moves by splice(2) instead of through buffers; 0: never.
     pub splice_min: u64,
+    /// A relaying session silent this long (up to twice this) is parked:
+    /// its recvs are swapped for readiness polls, which hold less kernel
+    /// memory. `None`: never.
+    pub park_idle_after: Option<Duration>,
 }
 
 /// Where the access log goes: one JSON line per session, at its end.
@@ -345,6 +350,7 @@ pub const DEFAULT_KEEPALIVE_TIMEOUT: Duration = Duration::from_secs(75);
 pub const DEFAULT_KEEPALIVE_REQUESTS: u32 = 1000;
 pub const DEFAULT_GZIP_CACHE_SIZE: usize = 16 << 20;
 pub const DEFAULT_SPLICE_MIN: u64 = 64 * 1024;
+pub const DEFAULT_PARK_IDLE_AFTER: Duration = Duration::from_secs(5);
 pub const DEFAULT_GZIP_MIN_LENGTH: u64 = 256;
 pub const DEFAULT_GZIP_MAX_LENGTH: u64 = 1 << 20;
 
@@ -440,6 +446,7 @@ impl ServerConfig {
             keepalive_requests: NonZeroU32::new(DEFAULT_KEEPALIVE_REQUESTS).unwrap(),
             gzip_cache_size: DEFAULT_GZIP_CACHE_SIZE,
             splice_min: DEFAULT_SPLICE_MIN,
+            park_idle_after: Some(DEFAULT_PARK_IDLE_AFTER),
         }
     }
 }
@@ -548,6 +555,13 @@ fn validate(file: FileConfig, src: &Source<'_>, base: &Path) -> Result<Config, C
     }
     if let Some(v) = &s.gzip_cache_size {
         server.gzip_cache_size = int_in(src, v, "server.gzip_cache_size", 0, 1 << 40)? as usize;
+    }
+    if let Some(v) = &s.park_idle_after {
+        server.park_idle_after = if v.get_ref() == "off" {
+            None
+        } else {
+            Some(duration(src, v, "server.park_idle_after")?)
+        };
     }
     if let Some(v) = &s.splice_min {
         server.splice_min = int_in(src, v, "server.splice_min", 0, 1 << 40)? as u64;

@@ -149,6 +149,8 @@ enum TimerTarget {
     Accept {
         listener: u32,
     },
+    /// Park the sessions that were silent since the last sweep.
+    IdleSweep,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -267,6 +269,7 @@ impl Shard {
         for i in 0..self.listeners.len() {
             self.arm_accept(i);
         }
+        self.schedule_sweep();
         let wake_fd = self.wake.as_raw_fd();
         self.uring
             .read_eventfd(wake_fd, &mut self.wake_buf, ud(OP_WAKE, Side::Client, 0));
@@ -306,6 +309,24 @@ impl Shard {
             let _ = w.flush();
         }
         Ok(())
+    }
+
+    /// Sessions silent for between one and two `park_idle_after` intervals
+    /// get parked at the next sweep.
+    /// (The sweep also runs while parking is off, idle, so that a reload
+    /// can turn it on.)
+    fn schedule_sweep(&mut self) {
+        let every = self
+            .snap
+            .config
+            .server
+            .park_idle_after
+            .unwrap_or(Duration::from_secs(10));
+        self.timers.push(Reverse(Timer {
+            at: Instant::now() + every,
+            target: TimerTarget::IdleSweep,
+            kind: TimerKind::Linger,
+        }));
     }
 
     fn arm_accept(&mut self, i: usize) {
@@ -913,6 +934,27 @@ impl Shard {
             self.timers.pop();
             match t.target {
                 TimerTarget::Accept { listener } => self.arm_accept(listener as usize),
+                TimerTarget::IdleSweep if self.snap.config.server.park_idle_after.is_none() => {
+                    self.schedule_sweep();
+                }
+                TimerTarget::IdleSweep => {
+                    let keys: Vec<usize> = self.conns.iter().map(|(k, _)| k).collect();
+                    for key in keys {
+                        let Some(e) = self.conns.get_mut(key) else {
+                            continue;
+                        };
+                        if e.closing {
+                            continue;
+                        }
+                        if e.conn.idle_sweep(&mut self.actions) {
+                            self.stats.parked.add(1);
+                        }
+                        if !self.actions.is_empty() {
+                            self.exec(key);
+                        }
+                    }
+                    self.schedule_sweep();
+                }
                 TimerTarget::Conn { key, gen } => {
                     let key = key as usize;
                     let Some(e) = self.conns.get_mut(key) else {

@@ -60,6 +60,8 @@ pub struct ShardStats {
     pub bytes_to_client: Counter,
     /// Of those, bytes moved by splice(2) rather than through buffers.
     pub bytes_spliced: Counter,
+    /// Sessions parked by the idle sweep (recvs swapped for polls).
+    pub parked: Counter,
     /// Multishot recvs that ended because the buffer ring was empty.
     pub recv_starved: Counter,
     pub handshakes: [Counter; RESULTS.len()],

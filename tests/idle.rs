@@ -98,3 +98,59 @@ async fn wait_for(mut f: impl FnMut() -> bool) {
         tokio::time::sleep(Duration::from_millis(10)).await;
     }
 }
+
+fn metric(proxy: &Proxy, name: &str) -> u64 {
+    let (status, body) = proxy.admin("GET", "/metrics");
+    assert_eq!(status, 200);
+    body.lines()
+        .find_map(|l| l.strip_prefix(name).and_then(|v| v.strip_prefix(' ')))
+        .unwrap_or_else(|| panic!("{name} not in /metrics"))
+        .parse()
+        .unwrap()
+}
+
+/// Silent sessions are parked (recvs swapped for readiness polls) and wake
+/// up for data both ways, for a close, and park again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn silent_sessions_are_parked_and_wake_for_data_and_close() {
+    let backend = Backend::start().await;
+    let proxy = Proxy::start(&format!(
+        "{}\n[admin]\nlisten = \"127.0.0.1:0\"\n",
+        config(&[backend.addr], "park_idle_after = \"150ms\"", "")
+    ));
+    let mut sessions = open(&proxy.url("/"), 20).await;
+    wait_for(|| metric(&proxy, "ringlb_sessions_parked_total") >= 20).await;
+
+    // Data wakes the client side, the echo wakes the backend side.
+    for (i, ws) in sessions.iter_mut().enumerate() {
+        echo(ws, &format!("after parking {i}")).await;
+    }
+    // Silent again: parked again.
+    wait_for(|| metric(&proxy, "ringlb_sessions_parked_total") >= 40).await;
+    echo(&mut sessions[0], "twice parked").await;
+
+    // A close from a parked client reaches the backend.
+    wait_for(|| metric(&proxy, "ringlb_sessions_parked_total") >= 41).await;
+    let mut ws = sessions.pop().unwrap();
+    ws.close(None).await.unwrap();
+    while let Some(Ok(m)) = ws.next().await {
+        if m.is_close() {
+            break;
+        }
+    }
+    wait_for(|| backend.active() == 19).await;
+    // And a backend that goes away wakes its parked sessions, which end.
+    backend.kill();
+    for mut ws in sessions {
+        let ended = tokio::time::timeout(Duration::from_secs(10), async {
+            loop {
+                match ws.next().await {
+                    Some(Ok(m)) if !m.is_close() => continue,
+                    _ => return,
+                }
+            }
+        })
+        .await;
+        assert!(ended.is_ok(), "a parked session outlived its backend");
+    }
+}

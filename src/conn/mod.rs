@@ -262,6 +262,9 @@ enum RecvState {
     Off,
     Armed,
     Cancelling,
+    /// Parked: a one-shot readiness poll instead of a recv; the recv is
+    /// armed again when it fires.
+    Polling,
 }
 
 /// Why a multishot recv ended.
@@ -363,6 +366,10 @@ pub struct Conn {
     no_keepalive: bool,
     /// Byte counts when the current request started.
     bytes_base: [u64; 2],
+    /// Something was received since the last idle sweep.
+    active: bool,
+    /// The recv of each side is being stopped to park the session.
+    parking: [bool; 2],
 }
 
 impl Conn {
@@ -412,6 +419,8 @@ impl Conn {
             requests: 0,
             no_keepalive: false,
             bytes_base: [0, 0],
+            active: true,
+            parking: [false, false],
         }
     }
 
@@ -508,6 +517,8 @@ impl Conn {
 
     /// Data arrived on `side` in provided buffer `bid`.
     pub fn on_recv(&mut self, side: Side, bid: u16, data: &[u8], out: &mut Vec<Action>) {
+        self.active = true;
+        self.parking = [false, false];
         match (self.stage, side) {
             (Stage::ReadingHead, Side::Client) => {
                 out.push(Action::Release(bid));
@@ -723,6 +734,15 @@ impl Conn {
         if self.stage == Stage::Closing {
             return;
         }
+        if std::mem::take(&mut self.parking[side.idx()]) && why == RecvEnd::Stopped {
+            if self.wants_recv(side) {
+                // Parked: wait for readiness with a poll, which holds far
+                // less kernel memory than an armed recv.
+                self.recv[side.idx()] = RecvState::Polling;
+                out.push(Action::PollIn(side));
+            }
+            return;
+        }
         if matches!(self.stage, Stage::Retrying { .. }) {
             if side == Side::Client && why == RecvEnd::Eof {
                 self.peer_eof[0] = true;
@@ -928,6 +948,14 @@ impl Conn {
     /// mode from one frame to the next.
     pub fn on_readable(&mut self, src: Side, out: &mut Vec<Action>) {
         if self.stage == Stage::Closing {
+            return;
+        }
+        if self.recv[src.idx()] == RecvState::Polling {
+            // A parked side has something (data, EOF or an error): the recv
+            // takes it from here.
+            self.recv[src.idx()] = RecvState::Armed;
+            self.active = true;
+            out.push(Action::ArmRecv(src));
             return;
         }
         let flow = &self.flow[src.other().idx()];
@@ -1495,6 +1523,32 @@ impl Conn {
         if self.requests > 0 && self.between_requests() {
             self.close(Closer::Drain, out);
         }
+    }
+
+    /// The shard's idle sweep: a relaying session that received nothing
+    /// since the previous sweep, with nothing queued, is parked (both
+    /// recvs stopped and replaced by readiness polls). Returns whether it
+    /// was parked now.
+    pub fn idle_sweep(&mut self, out: &mut Vec<Action>) -> bool {
+        if std::mem::take(&mut self.active) {
+            return false;
+        }
+        let quiet = self.stage == Stage::Relaying
+            && !self.going_away
+            && self.recv == [RecvState::Armed, RecvState::Armed]
+            && self
+                .flow
+                .iter()
+                .all(|f| f.queue.is_empty() && !f.sending && f.splice == Splice::Off);
+        if !quiet {
+            return false;
+        }
+        for side in [Side::Client, Side::Backend] {
+            self.recv[side.idx()] = RecvState::Cancelling;
+            self.parking[side.idx()] = true;
+            out.push(Action::CancelRecv(side));
+        }
+        true
     }
 
     /// Answers the client with ringlb's own response, then closes.
