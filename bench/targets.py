@@ -25,6 +25,8 @@ TARGETS = {
     # ringlb with splice off: every byte through provided buffers (A/B of
     # the zero-copy path for big frames).
     "ringlb-buffers": ("ringlb", "ringlb.toml.tmpl", {"ringlb_extra": "splice_min = 0"}),
+    # ringlb that never parks silent sessions (A/B of park_idle_after).
+    "ringlb-noparking": ("ringlb", "ringlb.toml.tmpl", {"ringlb_extra": "park_idle_after = \"off\""}),
     "nginx": ("nginx", "nginx.conf.tmpl", {"nginx_extra": ""}),
     "nginx-tuned": ("nginx", "nginx.conf.tmpl", {"nginx_extra": NGINX_TUNED_EXTRA}),
     "haproxy": ("haproxy", "haproxy.cfg.tmpl", {}),
