@@ -3,7 +3,7 @@
 
 use crate::codec::{self, MAX_HEADER, OP_BINARY, OP_CLOSE, OP_CONT, OP_PING, OP_PONG, OP_TEXT};
 use std::io;
-use std::net::{IpAddr, SocketAddr, ToSocketAddrs};
+use std::net::{IpAddr, SocketAddr, ToSocketAddrs as _};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpSocket, TcpStream};
 
@@ -116,15 +116,7 @@ pub fn parse_url(url: &str) -> anyhow::Result<Target> {
     if authority.is_empty() {
         anyhow::bail!("missing host in {url}");
     }
-    let with_port = if authority.ends_with(']') || !authority.contains(':') {
-        format!("{authority}:80")
-    } else {
-        authority.to_string()
-    };
-    let addr = with_port
-        .to_socket_addrs()?
-        .next()
-        .ok_or_else(|| anyhow::anyhow!("cannot resolve {authority}"))?;
+    let addr = resolve(authority)?;
     Ok(Target {
         addr,
         host: authority.to_string(),
@@ -578,6 +570,19 @@ pub async fn write_all(s: &TcpStream, mut buf: &[u8]) -> Result<(), ErrKind> {
 /// A close frame with code 1000, masked with a zero key like every client frame.
 pub fn close_frame() -> Vec<u8> {
     codec::build_frame(true, OP_CLOSE, Some([0; 4]), &1000u16.to_be_bytes())
+}
+
+/// `host[:port]` (port 80 if absent, IPv6 in brackets) to an address.
+pub(crate) fn resolve(authority: &str) -> anyhow::Result<std::net::SocketAddr> {
+    let with_port = if authority.ends_with(']') || !authority.contains(':') {
+        format!("{authority}:80")
+    } else {
+        authority.to_string()
+    };
+    with_port
+        .to_socket_addrs()?
+        .next()
+        .ok_or_else(|| anyhow::anyhow!("cannot resolve {authority}"))
 }
 
 #[cfg(test)]

@@ -4,7 +4,6 @@
 //! without keeping them.
 
 use crate::client::Target;
-use std::net::ToSocketAddrs;
 
 /// Longest response head accepted (status line plus headers).
 pub const MAX_HEAD: usize = 64 * 1024;
@@ -28,15 +27,7 @@ pub fn parse_url(url: &str) -> anyhow::Result<Target> {
     if authority.contains('@') {
         anyhow::bail!("credentials in the URL are not supported: {url}");
     }
-    let with_port = if authority.ends_with(']') || !authority.contains(':') {
-        format!("{authority}:80")
-    } else {
-        authority.to_string()
-    };
-    let addr = with_port
-        .to_socket_addrs()?
-        .next()
-        .ok_or_else(|| anyhow::anyhow!("cannot resolve {authority}"))?;
+    let addr = crate::client::resolve(authority)?;
     if !addr.ip().is_loopback() {
         anyhow::bail!(
             "{url} resolves to {}, which is not a loopback address; the http mode only loads this machine (127.0.0.0/8 or ::1)",
