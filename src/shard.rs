@@ -697,8 +697,8 @@ impl Shard {
                         (libc::O_RDONLY | libc::O_CLOEXEC | libc::O_NOCTTY | libc::O_NONBLOCK)
                             as u64,
                     )
-                    .resolve(req.0.resolve);
-                let boxed = Box::new((req.0, how));
+                    .resolve(req.resolve);
+                let boxed = Box::new((*req, how));
                 let dir = boxed.0.site.root_fd.as_raw_fd();
                 self.uring.openat2(
                     dir,

@@ -166,7 +166,7 @@ pub enum Action {
     /// [`Conn::on_buffers_available`] when there are some again.
     Starved(Side),
     /// Open a file for a static answer; report with [`Conn::on_file_open`].
-    OpenFile(Box<files::OpenReqEq>),
+    OpenFile(Box<files::OpenReq>),
     /// The file just opened is the one to read from (replacing any other).
     AdoptFile,
     /// Read from the adopted file into the static answer's buffer
@@ -994,16 +994,8 @@ impl Conn {
 
     /// The shard has no pipe to give: stay with buffers.
     pub fn on_no_pipe(&mut self, src: Side, out: &mut Vec<Action>) {
-        let flow = &mut self.flow[src.other().idx()];
-        if let Splice::On { in_pipe: 0, .. } = flow.splice {
-            flow.splice = Splice::Off;
-            out.push(Action::LeaveSplice {
-                dst: src.other(),
-                reusable: true,
-            });
-            if self.wants_recv(src) {
-                self.ensure_recv(src, out);
-            }
+        if let Splice::On { in_pipe: 0, .. } = self.flow[src.other().idx()].splice {
+            self.leave_splice(src, None, out);
         }
     }
 
@@ -1045,7 +1037,7 @@ impl Conn {
                 if flow.frames.at_boundary() && in_pipe == 0 {
                     // Idle between frames: back to buffers, so an idle
                     // direction holds no pipe.
-                    self.leave_splice(src, out);
+                    self.leave_splice(src, None, out);
                 } else {
                     self.splice_flush(src, out);
                 }
@@ -1069,24 +1061,25 @@ impl Conn {
                 read: 0,
                 pending: in_pipe,
             }),
-            Splice::On { end: Some(why), .. } => {
-                self.leave_splice(src, out);
-                self.on_recv_end_spliced(src, why, out);
-            }
+            Splice::On { end: Some(why), .. } => self.leave_splice(src, Some(why), out),
             Splice::On { .. } => out.push(Action::PollIn(src)),
             _ => {}
         }
     }
 
-    fn leave_splice(&mut self, src: Side, out: &mut Vec<Action>) {
+    /// Back to buffers with an empty pipe. A source that ended is handled
+    /// now (no recv is armed on it); otherwise its recv is armed again.
+    fn leave_splice(&mut self, src: Side, end: Option<RecvEnd>, out: &mut Vec<Action>) {
         let dst = src.other();
         self.flow[dst.idx()].splice = Splice::Off;
         out.push(Action::LeaveSplice {
             dst,
             reusable: true,
         });
-        if self.wants_recv(src) {
-            self.ensure_recv(src, out);
+        match end {
+            Some(why) => self.on_recv_end_spliced(src, why, out),
+            None if self.wants_recv(src) => self.ensure_recv(src, out),
+            None => {}
         }
     }
 

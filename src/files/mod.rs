@@ -55,6 +55,7 @@ pub struct Meta {
 }
 
 /// An `openat2` for the shard: `path` relative to the route's root.
+/// Compared by path and flags (the site is the route's, by construction).
 #[derive(Debug)]
 pub struct OpenReq {
     pub site: Arc<StaticConfig>,
@@ -67,7 +68,7 @@ pub struct OpenReq {
 #[derive(Debug, PartialEq, Eq)]
 pub enum Next {
     /// Open a file; answer with [`Serve::on_open`].
-    Open(Box<OpenReqEq>),
+    Open(Box<OpenReq>),
     /// Read `len` bytes at file `offset` into the buffer at `at`; answer
     /// with [`Serve::on_read`].
     Read { at: usize, len: usize, offset: u64 },
@@ -81,16 +82,12 @@ pub enum Next {
     Abort,
 }
 
-/// `OpenReq` compared by path, so tests can assert on it.
-#[derive(Debug)]
-pub struct OpenReqEq(pub OpenReq);
-
-impl PartialEq for OpenReqEq {
+impl PartialEq for OpenReq {
     fn eq(&self, other: &Self) -> bool {
-        self.0.path == other.0.path && self.0.resolve == other.0.resolve
+        self.path == other.path && self.resolve == other.resolve
     }
 }
-impl Eq for OpenReqEq {}
+impl Eq for OpenReq {}
 
 /// The request fields a static answer depends on.
 #[derive(Debug, Clone, Default)]
@@ -139,6 +136,8 @@ pub struct Serve {
     found: Option<Meta>,
     /// The precompressed file chosen instead, and its encoding.
     variant: Option<(Meta, &'static str)>,
+    /// `Content-Type` of `rel`, once the file is found.
+    mime: &'static str,
     pub status: u16,
     /// The answer's bytes: head, then body (or a chunk of it).
     pub buf: Vec<u8>,
@@ -168,6 +167,7 @@ impl Serve {
             rel: Vec::new(),
             found: None,
             variant: None,
+            mime: "application/octet-stream",
             status: 0,
             buf: Vec::new(),
             left: 0,
@@ -223,11 +223,11 @@ impl Serve {
         };
         // `clean` removed NUL bytes, so this cannot fail.
         let path = CString::new(p).expect("no NUL in a cleaned path");
-        Next::Open(Box::new(OpenReqEq(OpenReq {
+        Next::Open(Box::new(OpenReq {
             site: self.site.clone(),
             path,
             resolve,
-        })))
+        }))
     }
 
     /// An open finished. Returns whether the shard must keep the file it
@@ -312,6 +312,10 @@ impl Serve {
     }
 
     fn found_file(&mut self) -> Next {
+        let name = String::from_utf8_lossy(&self.rel);
+        self.mime = mime_guess::from_path(name.as_ref())
+            .first_raw()
+            .unwrap_or("application/octet-stream");
         if self.site.precompressed {
             if self.accepts.br {
                 return self.open(Try::Br, b".br");
@@ -323,16 +327,9 @@ impl Serve {
         self.answer()
     }
 
-    fn mime(&self) -> &'static str {
-        let name = String::from_utf8_lossy(&self.rel);
-        mime_guess::from_path(name.as_ref())
-            .first_raw()
-            .unwrap_or("application/octet-stream")
-    }
-
     fn compressible(&self) -> bool {
         (self.site.gzip || self.site.precompressed)
-            && headers::type_listed(&self.site.gzip_types, self.mime())
+            && headers::type_listed(&self.site.gzip_types, self.mime)
     }
 
     /// The file (or its variant) is chosen: answer it.
@@ -348,7 +345,7 @@ impl Serve {
             && self.ask.range.is_none()
             && meta.size >= self.site.gzip_min_length
             && meta.size <= self.site.gzip_max_length
-            && headers::type_listed(&self.site.gzip_types, self.mime());
+            && headers::type_listed(&self.site.gzip_types, self.mime);
         let tag = if zip_now {
             format!("W/{}", headers::etag(meta.mtime, meta.size))
         } else {
@@ -575,7 +572,7 @@ impl Serve {
             h,
             "HTTP/1.1 {status} {reason}\r\nDate: {}\r\nContent-Type: {}\r\nLast-Modified: {}\r\nETag: {tag}\r\n",
             headers::http_date(SystemTime::now()),
-            self.mime(),
+            self.mime,
             headers::http_date(meta.mtime),
         );
         if let Some(len) = len {
