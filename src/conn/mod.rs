@@ -648,10 +648,7 @@ impl Conn {
                 }
                 if self.stage == Stage::Relaying && !self.going_away {
                     self.flow[dst.idx()].sending = false;
-                    if !self.flow[dst.idx()].dead {
-                        self.peer_reset(dst, out);
-                    }
-                    self.maybe_finish(out);
+                    self.write_failed(dst, out);
                     return;
                 }
                 self.close(Closer::Error, out);
@@ -1126,7 +1123,7 @@ impl Conn {
                     dst,
                     reusable: false,
                 });
-                self.peer_reset(dst, out);
+                self.write_failed(dst, out);
                 if let Some(why) = end {
                     self.on_recv_end_spliced(src, why, out);
                 } else if self.wants_recv(src) {
@@ -1568,11 +1565,28 @@ impl Conn {
     /// session ends; nothing more can reach `side`.
     fn peer_reset(&mut self, side: Side, out: &mut Vec<Action>) {
         self.closer.get_or_insert(Closer::Error);
-        let to_dead = &mut self.flow[side.idx()];
+        // EOF first: the read side has ended, so no recv is re-armed.
+        self.on_eof(side, out);
+        self.write_failed(side, out);
+    }
+
+    /// A send to `dst` failed: nothing more can go that way. What `dst`
+    /// sent before it went away may still be unread in our socket (a peer
+    /// that closes with unread data resets, and its last frame, often a
+    /// Close, arrives just ahead of the reset), so the read side carries on
+    /// until it reports its own end; only then does the session finish.
+    fn write_failed(&mut self, dst: Side, out: &mut Vec<Action>) {
+        self.closer.get_or_insert(Closer::Error);
+        let to_dead = &mut self.flow[dst.idx()];
+        if to_dead.dead {
+            return;
+        }
         to_dead.dead = true;
         release_unsent(to_dead, out);
         to_dead.shut = true;
-        self.on_eof(side, out);
+        if self.recv[dst.idx()] == RecvState::Off && self.wants_recv(dst) {
+            self.ensure_recv(dst, out);
+        }
         self.maybe_finish(out);
     }
 

@@ -488,6 +488,69 @@ fn bytes_before_a_reset_are_still_delivered() {
 }
 
 #[test]
+fn a_failed_send_still_delivers_what_the_peer_sent_before_it_went() {
+    // The backend answered a protocol error with a Close frame and closed
+    // with the client's bytes unread, so it reset. Our send to it failed
+    // before its Close frame was read (the completions can come in that
+    // order): the frame must still reach the client (Autobahn 5.14).
+    let s = snap(&["127.0.0.1:9001"], "");
+    let mut c = relaying(&s);
+    let mut out = Vec::new();
+    c.on_recv(Side::Client, 60, b"x", &mut out);
+    assert_eq!(out, vec![Action::Send(Side::Backend)]);
+    out.clear();
+    c.on_send(Side::Backend, Err(libc::EPIPE), &mut out);
+    assert_eq!(
+        out,
+        vec![Action::Release(60)],
+        "the client must not be shut or closed yet"
+    );
+    out.clear();
+    c.on_recv(Side::Backend, 61, &[0x88, 0x02, 0x03, 0xea], &mut out);
+    assert_eq!(out, vec![Action::Send(Side::Client)]);
+    out.clear();
+    // More from the client has nowhere to go.
+    c.on_recv(Side::Client, 62, b"y", &mut out);
+    assert_eq!(out, vec![Action::Release(62)]);
+    out.clear();
+    c.on_recv_end(Side::Backend, RecvEnd::Error(libc::ECONNRESET), &mut out);
+    assert!(!out.contains(&Action::Close), "{out:?}");
+    c.on_send(Side::Client, Ok(4), &mut out);
+    assert!(
+        out.ends_with(&[
+            Action::Release(61),
+            Action::ShutdownWrite(Side::Client),
+            Action::Close
+        ]),
+        "{out:?}"
+    );
+    assert_eq!(c.closer, Some(Closer::Error));
+}
+
+#[test]
+fn a_failed_send_to_a_parked_peer_wakes_its_read_side() {
+    let s = snap(&["127.0.0.1:9001"], "");
+    let mut c = relaying(&s);
+    let mut out = Vec::new();
+    c.on_recv(Side::Client, 60, b"x", &mut out);
+    // The backend's recv had stopped (as when parked and then woken).
+    c.on_recv_end(Side::Backend, RecvEnd::Stopped, &mut out);
+    out.clear();
+    c.recv[Side::Backend.idx()] = RecvState::Off;
+    c.on_send(Side::Backend, Err(libc::ECONNRESET), &mut out);
+    assert_eq!(
+        out,
+        vec![Action::Release(60), Action::ArmRecv(Side::Backend)]
+    );
+    out.clear();
+    c.on_recv_end(Side::Backend, RecvEnd::Eof, &mut out);
+    assert_eq!(
+        out,
+        vec![Action::ShutdownWrite(Side::Client), Action::Close]
+    );
+}
+
+#[test]
 fn backend_reset_before_answer_resends_the_request_to_the_next_backend() {
     let s = snap(&["127.0.0.1:9001", "127.0.0.1:9002"], "");
     let mut out = Vec::new();
