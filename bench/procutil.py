@@ -194,9 +194,12 @@ def wait_tcp(port: int, timeout: float, child: Child | None = None) -> None:
 # ---------------------------------------------------------------- /proc reads
 
 def _read_stat(pid: int):
-    """Return (ppid, cpu_ticks, num_threads) from /proc/<pid>/stat, or None.
+    """Return (ppid, cpu_ticks, num_threads, sys_ticks) from /proc/<pid>/stat,
+    or None.
 
-    utime+stime in /proc/<pid>/stat already covers every thread of the process.
+    utime+stime in /proc/<pid>/stat already covers every thread of the process;
+    stime alone is the kernel's share (system calls, and the softirq TCP work
+    that loopback runs inside them).
     """
     try:
         with open(f"/proc/{pid}/stat", "rb") as f:
@@ -209,7 +212,7 @@ def _read_stat(pid: int):
     utime = int(rest[11])
     stime = int(rest[12])
     threads = int(rest[17])
-    return ppid, utime + stime, threads
+    return ppid, utime + stime, threads, stime
 
 
 def descendants(root: int) -> list[int]:
@@ -252,7 +255,7 @@ def _fd_count(pid: int) -> int:
 
 def sample_tree(pids: list[int], fds: bool = False) -> dict:
     """CPU seconds (utime+stime), RSS and thread count summed over `pids`."""
-    ticks = threads = rss = nfd = 0
+    ticks = sys_ticks = threads = rss = nfd = 0
     live = []
     for p in pids:
         st = _read_stat(p)
@@ -260,11 +263,12 @@ def sample_tree(pids: list[int], fds: bool = False) -> dict:
             continue
         live.append(p)
         ticks += st[1]
+        sys_ticks += st[3]
         threads += st[2]
         rss += _vmrss_kb(p)
         if fds:
             nfd += _fd_count(p)
-    out = {"t": time.monotonic(), "cpu_s": ticks / CLK_TCK, "rss_kb": rss,
+    out = {"t": time.monotonic(), "cpu_s": ticks / CLK_TCK, "sys_s": sys_ticks / CLK_TCK, "rss_kb": rss,
            "threads": threads, "procs": len(live)}
     if fds:
         out["fds"] = nfd
@@ -444,5 +448,7 @@ class Sampler:
         return {"t0": a["t"], "t1": b["t"], "seconds": dt,
                 "cpu_s": b["cpu_s"] - a["cpu_s"],
                 "cpu_cores": (b["cpu_s"] - a["cpu_s"]) / dt,
+                "sys_s": b["sys_s"] - a["sys_s"],
+                "sys_cores": (b["sys_s"] - a["sys_s"]) / dt,
                 "rss_kb_max": max(x["rss_kb"] for x in inside),
                 "threads_max": max(x["threads"] for x in inside)}

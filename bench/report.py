@@ -37,6 +37,7 @@ METRICS = {
     "p999_us": ("p99.9", "µs", True),
     "max_us": ("max", "µs", True),
     "proxy_cpu_us_per_msg": ("proxy CPU/msg", "µs", True),
+    "proxy_sys_us_per_msg": ("of which kernel", "µs", True),
     "proxy_cpu_cores": ("proxy CPU", "cores", True),
     "proxy_rss_mb": ("proxy RSS", "MB", True),
     "backend_cpu_cores": ("backends CPU", "cores", True),
@@ -45,8 +46,10 @@ METRICS = {
     "hs_p50_us": ("handshake p50", "µs", True),
     "hs_p99_us": ("handshake p99", "µs", True),
     "proxy_cpu_us_per_conn": ("proxy CPU/conn", "µs", True),
+    "proxy_sys_us_per_conn": ("of which kernel", "µs", True),
     "mb_per_s": ("MB/s", "MB/s", False),
     "proxy_cpu_s_per_gb": ("proxy CPU/GB", "s", True),
+    "proxy_sys_s_per_gb": ("of which kernel", "s", True),
     "held": ("conns held", "", False),
     "alive": ("alive at end", "", False),
     "proxy_rss_per_conn_b": ("proxy RSS/conn", "B", True),
@@ -65,15 +68,15 @@ METRICS = {
 }
 
 TABLES = {
-    "pingpong": ["msgs_per_s", "p50_us", "p99_us", "proxy_cpu_us_per_msg", "proxy_cpu_cores",
-                 "proxy_rss_mb", "backend_cpu_cores", "load_cpu_cores", "foreign_cpu_cores"],
+    "pingpong": ["msgs_per_s", "p50_us", "p99_us", "proxy_cpu_us_per_msg", "proxy_sys_us_per_msg",
+                 "proxy_cpu_cores", "proxy_rss_mb", "backend_cpu_cores", "load_cpu_cores", "foreign_cpu_cores"],
     "pingpong_pin": ["msgs_per_s", "p50_us", "p99_us", "proxy_cpu_us_per_msg", "proxy_cpu_cores",
                      "backend_cpu_cores", "load_cpu_cores", "foreign_cpu_cores"],
     "rate": ["msgs_per_s", "p50_us", "p90_us", "p99_us", "p999_us", "max_us",
              "proxy_cpu_us_per_msg", "proxy_cpu_cores", "foreign_cpu_cores"],
     "handshake": ["conns_per_s", "hs_p50_us", "hs_p99_us", "proxy_cpu_us_per_conn",
-                  "proxy_cpu_cores", "backend_cpu_cores", "load_cpu_cores", "foreign_cpu_cores"],
-    "bulk": ["mb_per_s", "proxy_cpu_s_per_gb", "proxy_cpu_cores", "proxy_rss_mb",
+                  "proxy_sys_us_per_conn", "proxy_cpu_cores", "backend_cpu_cores", "load_cpu_cores", "foreign_cpu_cores"],
+    "bulk": ["mb_per_s", "proxy_cpu_s_per_gb", "proxy_sys_s_per_gb", "proxy_cpu_cores", "proxy_rss_mb",
              "backend_cpu_cores", "load_cpu_cores", "foreign_cpu_cores"],
     "static_small": ["requests_per_s", "p50_us", "p99_us", "proxy_cpu_us_per_req", "proxy_cpu_cores",
                      "proxy_rss_mb", "load_cpu_cores", "reconnects", "closes_unannounced",
@@ -134,6 +137,11 @@ def metrics(rec: dict) -> dict:
     if px:
         m["proxy_cpu_cores"] = px["cpu_cores"]
         m["proxy_rss_mb"] = px["rss_kb_max"] / 1024
+    # CPU of everything else this run made busy (load tool, backends, and
+    # other processes: mostly ksoftirqd's share of the TCP work)
+    rest = [cpu.get(k, {}).get("cpu_cores") if cpu.get(k) else None for k in ("backends", "load")]
+    rest.append(rec.get("foreign_cpu_cores"))
+    rest_cores = sum(rest) if None not in rest and cpu.get("backends") else None
     if s in LAT_SCENARIOS:
         rate = L.get("msgs_per_s")
         m["msgs_per_s"] = rate
@@ -142,6 +150,10 @@ def metrics(rec: dict) -> dict:
             m[f"{k}_us"] = lat.get(k)
         if px and rate:
             m["proxy_cpu_us_per_msg"] = px["cpu_cores"] / rate * 1e6
+            if "sys_cores" in px:
+                m["proxy_sys_us_per_msg"] = px["sys_cores"] / rate * 1e6
+        if rest_cores is not None and rate:
+            m["rest_cpu_per_unit"] = rest_cores / rate * 1e6
     elif s == "handshake":
         m["conns_per_s"] = L.get("handshakes_per_s")
         hl = L.get("handshake_latency_us") or {}
@@ -151,12 +163,20 @@ def metrics(rec: dict) -> dict:
         if px and n:
             # whole-run CPU (connect + upgrade + close) per completed handshake
             m["proxy_cpu_us_per_conn"] = px["cpu_s"] / n * 1e6
+            if "sys_s" in px:
+                m["proxy_sys_us_per_conn"] = px["sys_s"] / n * 1e6
+        if rest_cores is not None and m["conns_per_s"]:
+            m["rest_cpu_per_unit"] = rest_cores / m["conns_per_s"] * 1e6
     elif s == "bulk":
         el = L.get("elapsed_s")
         mbps = L.get("bytes") / el / 1e6 if L.get("bytes") and el else L.get("mb_per_s")
         m["mb_per_s"] = mbps
         if px and mbps:
             m["proxy_cpu_s_per_gb"] = px["cpu_cores"] / (mbps / 1000.0)
+            if "sys_cores" in px:
+                m["proxy_sys_s_per_gb"] = px["sys_cores"] / (mbps / 1000.0)
+        if rest_cores is not None and mbps:
+            m["rest_cpu_per_unit"] = rest_cores / (mbps / 1000.0)
     elif s in STATIC_SCENARIOS:
         el = L.get("elapsed_s")
         rps = L.get("requests_per_s", L.get("msgs_per_s"))
@@ -335,6 +355,86 @@ def goals(agg, targets) -> list[dict]:
     add("open loop, equal load: ringlb p99 ≤ nginx p99 (ratio)", ratio(r, n), "<=", 1.0,
         f"ringlb {f3(r)} µs vs nginx {f3(n)} µs")
     return g
+
+
+def kernel_floor(agg, targets) -> list[str]:
+    """The CPU targets split into kernel and user time: with the same
+    system calls and no user-space time at all, ringlb could not go below
+    its kernel time, so kernel ÷ anchor's total is the floor of the ratio."""
+    rows = []
+    specs = [("ping-pong CPU/msg ≤ 0.5× nginx", "pingpong", "proxy_cpu_us_per_msg",
+              "proxy_sys_us_per_msg", "nginx", "µs", 0.5),
+             ("handshake CPU/conn ≤ 0.5× HAProxy", "handshake", "proxy_cpu_us_per_conn",
+              "proxy_sys_us_per_conn", "haproxy", "µs", 0.5)]
+    bt, _ = best_anchor(agg, "bulk", "proxy_cpu_s_per_gb", True, targets)
+    if bt:
+        specs.append(("bulk CPU/GB ≤ 0.5× best anchor", "bulk", "proxy_cpu_s_per_gb",
+                      "proxy_sys_s_per_gb", bt, "s", 0.5))
+    for what, sc, tot, sysm, anchor, unit, limit in specs:
+        if anchor not in targets:
+            continue
+        rt, rk = med(agg, sc, "ringlb", tot), med(agg, sc, "ringlb", sysm)
+        at, ak = med(agg, sc, anchor, tot), med(agg, sc, anchor, sysm)
+        if None in (rt, rk, at, ak):
+            continue
+        floor = ratio(rk, at)
+        rows.append(f"| {what} | {anchor} | {f3(rt)} = {f3(rk)} + {f3(rt - rk)} | "
+                    f"{f3(at)} = {f3(ak)} + {f3(at - ak)} | {unit} | {f3(floor)} | "
+                    f"{f3(ratio(rk, ak))} | {'yes' if floor is not None and floor > limit else 'no'} |")
+    if not rows:
+        return []
+    L = ["## Kernel floor of the CPU targets", "",
+         "Proxy CPU split into kernel (stime: system calls, including the TCP receive "
+         "work loopback runs inside the sender's call) and user space (utime), medians. "
+         "Were ringlb's own code free, its ratio could not drop below its kernel time ÷ "
+         "the anchor's total: the *floor*. A floor above the limit means only less kernel "
+         "work, not faster user space, could meet the target.", "",
+         "| target | anchor | ringlb: total = kernel + user | anchor: total = kernel + user | unit | "
+         "floor (ringlb kernel ÷ anchor total) | ringlb kernel ÷ anchor kernel | floor above limit |",
+         "|---|---|---|---|---|---|---|---|"]
+    return L + rows + [""]
+
+
+def throughput_ceiling(agg, targets) -> list[str]:
+    """What the throughput targets could reach on this machine. The load
+    tool, the backends and the proxy share its cores, so at saturation the
+    rate is the cores divided by the machine's CPU per unit (proxy + the
+    rest). Holding the rest at what ringlb's runs measured, ringlb at zero
+    CPU (or at its kernel time alone) gives the ceiling of its ratio."""
+    specs = [("ping-pong msg/s ≥ 1.3× nginx", "pingpong", "msgs_per_s", "proxy_cpu_us_per_msg",
+              "proxy_sys_us_per_msg", "nginx", 1.3)]
+    specs.append(("handshake conn/s ≥ 1.5× HAProxy", "handshake", "conns_per_s", "proxy_cpu_us_per_conn",
+                  "proxy_sys_us_per_conn", "haproxy", 1.5))
+    bt, _ = best_anchor(agg, "bulk", "mb_per_s", False, targets)
+    if bt:
+        specs.append(("bulk MB/s ≥ 2× best anchor", "bulk", "mb_per_s", "proxy_cpu_s_per_gb",
+                      "proxy_sys_s_per_gb", bt, 2.0))
+    rows = []
+    for what, sc, rate_m, cpu_m, sys_m, anchor, limit in specs:
+        if anchor not in targets:
+            continue
+        vals = [med(agg, sc, t, m) for t, m in (("ringlb", rate_m), (anchor, rate_m), ("ringlb", cpu_m),
+                                                 ("ringlb", "rest_cpu_per_unit"),
+                                                 (anchor, cpu_m), (anchor, "rest_cpu_per_unit"))]
+        if None in vals:
+            continue
+        rr, ra, rc, rrest, ac, arest = vals
+        rk = med(agg, sc, "ringlb", sys_m)
+        machine_a = ac + arest
+        rows.append(f"| {what} | {anchor} | {f3(ratio(rr, ra))} | {f3(machine_a / (rc + rrest))} | "
+                    f"{f3(machine_a / (rk + rrest)) if rk is not None else '—'} | {f3(machine_a / rrest)} | "
+                    f"{'yes' if machine_a / rrest < limit else 'no'} |")
+    if not rows:
+        return []
+    return ["## Throughput ceiling on this machine", "",
+            "Load tool, backends and proxy share the cores, so a saturated run's rate is set by "
+            "the machine's CPU per unit: the proxy's plus the rest's (load tool, backends, other "
+            "processes). *Model* = anchor's machine CPU per unit ÷ ringlb's, to check the model "
+            "against the measured ratio; the next columns keep the rest at ringlb's figure and "
+            "give ringlb only its kernel time, then no CPU at all.", "",
+            "| target | anchor | measured ratio | model | ringlb at kernel time only | ringlb at zero CPU | "
+            "out of reach on this machine |",
+            "|---|---|---|---|---|---|---|"] + rows + [""]
 
 
 # ------------------------------------------------------------------ plots
@@ -523,6 +623,8 @@ def summary_md(out: str, meta: dict, recs: list[dict], img_prefix: str = "") -> 
         for g in goals(agg, targets):
             L.append(f"| {g['what']} | {f3(g['measured'])} | {g['op']} {f3(g['limit'])} | {g['status']} | {g['detail']} |")
         L.append("")
+        L += kernel_floor(agg, targets)
+        L += throughput_ceiling(agg, targets)
 
     # rows present
     L.append("## Runs")
@@ -597,6 +699,7 @@ def summary_md(out: str, meta: dict, recs: list[dict], img_prefix: str = "") -> 
     L.append("## How the numbers are made")
     L.append("")
     L.append("- Proxy CPU: utime+stime from /proc/PID/stat of every process in the proxy's tree "
+             "(\"of which kernel\": stime alone) "
              "(nginx master + workers; HAProxy and ringlb are one process with threads), sampled every "
              "0.25 s; CPU/message = steady-state CPU cores ÷ msg/s (warm-up and teardown excluded). "
              "Handshake CPU/connection = whole-run CPU delta ÷ completed handshakes.")

@@ -377,7 +377,7 @@ def measure(ctx: Ctx, scenario: str, target: str, rep: int) -> dict:
         rec["foreign_cpu_cores"] = sampler.foreign_cores(t0, t1)
         if (rec["foreign_cpu_cores"] or 0) > ctx.args.foreign_cpu:
             rec["busy_during"].append(f"other-processes={rec['foreign_cpu_cores']:.2f}cores")
-        rec["samples"] = {k: [{"t": round(s["t"] - t_spawn, 3), "cpu_s": s["cpu_s"],
+        rec["samples"] = {k: [{"t": round(s["t"] - t_spawn, 3), "cpu_s": s["cpu_s"], "sys_s": s["sys_s"],
                                "rss_kb": s["rss_kb"], "threads": s["threads"]} for s in v]
                           for k, v in sampler.samples.items()}
         errs = rec["load"].get("error_total", 0) or 0
