@@ -25,7 +25,10 @@
 //!   other side's send, no copy. No timer of any kind. A direction whose
 //!   queue holds `max_buffers_per_direction` buffers stops receiving until it
 //!   drains (backpressure). EOF on one side shuts down the other side's write
-//!   half once everything before it is sent.
+//!   half once everything before it is sent. A reset or failed send ends
+//!   only the direction towards the failed peer; what that peer sent before
+//!   it went is still read and delivered (its last Close frame, typically),
+//!   and the session closes when its read side reports the end.
 //! - `Responding`: ringlb's own answer is sent, the client's write half is
 //!   shut, and what the client still sends is discarded until it closes or
 //!   the linger timer fires (so it reads the answer instead of a reset).
