@@ -24,6 +24,7 @@ import datetime
 import json
 import os
 import platform
+import re
 import signal
 import socket
 import statistics
@@ -113,7 +114,7 @@ def supports(load_bin: str, mode: str, flag: str) -> bool:
     return flag in tool_help(load_bin, mode)
 
 
-def check_tools(names: list[str], pin: bool) -> tuple[dict, list[str]]:
+def check_tools(names: list[str], pin: bool, perf: bool = False) -> tuple[dict, list[str]]:
     """Return (programs found, human-readable problems)."""
     found, missing = {}, []
     kinds = {TARGETS[t][0] for t in names}
@@ -122,11 +123,11 @@ def check_tools(names: list[str], pin: bool) -> tuple[dict, list[str]]:
         found[prog] = p
         if kind in kinds and not p:
             missing.append(prog)
-    for prog in ["ss"] + (["taskset"] if pin else []):
+    for prog in ["ss"] + (["taskset"] if pin else []) + (["perf"] if perf else []):
         p = find_program(prog)
         found[prog] = p
         if not p:
-            missing.append({"ss": "iproute2", "taskset": "util-linux"}[prog])
+            missing.append({"ss": "iproute2", "taskset": "util-linux", "perf": "linux-perf"}[prog])
     return found, missing
 
 
@@ -339,6 +340,10 @@ def measure(ctx: Ctx, scenario: str, target: str, rep: int) -> dict:
             roots["backends"] = [b.pid for b in backends]
         if proxy_roots:
             roots["proxy"] = proxy_roots
+        perf = start_perf(ctx, scenario, p, tag, proxy_pids)
+        if perf is not None:
+            # perf's own CPU is not another process's: keep it out of "foreign"
+            roots["perf"] = [perf.pid]
         sampler = Sampler(roots, interval=0.25).start()
 
         if scenario == "idle":
@@ -347,6 +352,8 @@ def measure(ctx: Ctx, scenario: str, target: str, rep: int) -> dict:
         rc = load.wait(load_timeout(scenario, p))
         t_exit = time.monotonic()
         sampler.stop()
+        if perf is not None:
+            rec["perf"] = finish_perf(ctx, perf, tag)
         rec["busy_during"] = sorted(sampler.busy_seen)
         if rc is None:
             load.stop()
@@ -403,6 +410,46 @@ def measure(ctx: Ctx, scenario: str, target: str, rep: int) -> dict:
     with open(os.path.join(ctx.raw, f"{tag}.json"), "w") as f:
         json.dump(rec, f, indent=1)
     return rec
+
+
+def start_perf(ctx: Ctx, scenario: str, p: dict, tag: str, proxy_pids: list[int]) -> Child | None:
+    """`--perf S`: record call graphs of the proxy's processes for S seconds
+    of the load (after its warm-up); None when not asked or not applicable."""
+    if not ctx.args.perf or not proxy_pids or scenario == "idle":
+        return None
+    delay = 0.0 if scenario == "handshake" else p.get("warmup", 0) + 0.5
+    secs = ctx.args.perf if scenario == "handshake" else min(ctx.args.perf, max(1.0, p["duration"] - 1.0))
+    os.makedirs(os.path.join(ctx.out, "perf"), exist_ok=True)
+    data = os.path.join(ctx.work, f"{tag}.perf.data")
+    cmd = [ctx.bins["perf"], "record", "-q", "-g", "-o", data, "-p", ",".join(map(str, proxy_pids)),
+           "--", "sleep", f"{delay + secs:.2f}"]
+    if delay > 0:
+        cmd[2:2] = ["-D", str(int(delay * 1000))]
+    return Child("perf", cmd, os.path.join(ctx.logs, f"{tag}-perf.log"))
+
+
+def finish_perf(ctx: Ctx, perf: Child, tag: str) -> str | None:
+    """Waits (bounded) for `perf record`, then keeps text reports only."""
+    if perf.wait(60) is None:
+        perf.stop()
+        return None
+    data = os.path.join(ctx.work, f"{tag}.perf.data")
+    out = os.path.join(ctx.out, "perf", f"{tag}.txt")
+    parts = [("perf report --no-children --sort dso", ["--no-children", "--sort", "dso"]),
+             ("perf report --no-children --sort dso,symbol (top 60)",
+              ["--no-children", "--sort", "dso,symbol"]),
+             ("perf report --children --sort symbol (top 60)", ["--children", "--sort", "symbol"])]
+    with open(out, "w") as f:
+        for title, extra in parts:
+            r = subprocess.run([ctx.bins["perf"], "report", "-i", data, "--stdio", "-g", "none",
+                                "--percent-limit", "0.3"] + extra,
+                               capture_output=True, text=True, timeout=300)
+            # drop perf's empty trailing columns ("-  -" with padding)
+            lines = [re.sub(r"(\s+-)*\s*$", "", ln) for ln in r.stdout.splitlines()
+                     if ln.strip() and not ln.startswith("#")]
+            f.write(f"# {title}\n" + "\n".join(lines[:60]) + "\n\n")
+    os.unlink(data)
+    return os.path.relpath(out, ctx.out)
 
 
 def idle_probe(ctx, p, running, bports, proxy_pids, load, rec) -> dict:
@@ -497,6 +544,10 @@ def main(argv=None) -> int:
                          "machine counts as busy (default 0.25)")
     ap.add_argument("--retry-busy", type=int, default=2,
                     help="measure again (up to N times) when a build ran during a measurement")
+    ap.add_argument("--perf", type=float, default=None, metavar="SECONDS",
+                    help="record the proxy with `perf record -g` for SECONDS of each load; text "
+                         "reports go to <out>/perf/ (perf costs CPU: such a run is for profiles, "
+                         "not for ratios)")
     ap.add_argument("--skip-missing", action="store_true",
                     help="drop targets whose program is not installed instead of stopping")
     args = ap.parse_args(argv)
@@ -520,14 +571,14 @@ def main(argv=None) -> int:
     if PIN_SCENARIO in scenarios and (os.cpu_count() or 1) < 2:
         ap.error("--pin needs at least 2 CPUs")
 
-    progs, missing = check_tools(names, PIN_SCENARIO in scenarios)
+    progs, missing = check_tools(names, PIN_SCENARIO in scenarios, bool(args.perf))
     if missing:
         pkgs = " ".join(sorted(set(missing)))
         msg = (f"Missing tools: {pkgs}.\n"
                f"This harness installs nothing itself. Please install them, e.g. on Debian:\n"
                f"    apt-get install -y {pkgs}\n"
                f"(or run with --skip-missing to benchmark only the targets that are available)")
-        if not args.skip_missing or any(m in ("iproute2", "util-linux") for m in missing):
+        if not args.skip_missing or any(m in ("iproute2", "util-linux", "linux-perf") for m in missing):
             print(msg, file=sys.stderr)
             return 3
         print(msg, file=sys.stderr)
