@@ -88,6 +88,7 @@ struct FileServer {
     drain_timeout: Option<Spanned<String>>,
     backlog: Option<Spanned<i64>>,
     keepalive_timeout: Option<Spanned<String>>,
+    send_timeout: Option<Spanned<String>>,
     keepalive_requests: Option<Spanned<i64>>,
     gzip_cache_size: Option<Spanned<i64>>,
     splice_min: Option<Spanned<i64>>,
@@ -199,6 +200,10 @@ pub struct ServerConfig {
     /// Idle time allowed between HTTP requests on a kept-alive connection.
     /// Never applies to WebSocket sessions, which have no idle timeout.
     pub keepalive_timeout: Duration,
+    /// An HTTP answer (a static file, or a proxied non-upgrade response)
+    /// whose client takes nothing for this long is abandoned, like nginx's
+    /// `send_timeout`. Never applies to WebSocket sessions.
+    pub send_timeout: Duration,
     /// Requests served on one connection before ringlb closes it.
     pub keepalive_requests: NonZeroU32,
     /// Bytes of gzip output kept per shard for on-the-fly compression.
@@ -347,6 +352,7 @@ pub const DEFAULT_BACKLOG: i32 = 4096;
 pub const DEFAULT_MAX_FAILS: u32 = 1;
 pub const DEFAULT_FAIL_TIMEOUT: Duration = Duration::from_secs(10);
 pub const DEFAULT_KEEPALIVE_TIMEOUT: Duration = Duration::from_secs(75);
+pub const DEFAULT_SEND_TIMEOUT: Duration = Duration::from_secs(60);
 pub const DEFAULT_KEEPALIVE_REQUESTS: u32 = 1000;
 pub const DEFAULT_GZIP_CACHE_SIZE: usize = 16 << 20;
 pub const DEFAULT_SPLICE_MIN: u64 = 64 * 1024;
@@ -443,6 +449,7 @@ impl ServerConfig {
             drain_timeout: None,
             backlog: DEFAULT_BACKLOG,
             keepalive_timeout: DEFAULT_KEEPALIVE_TIMEOUT,
+            send_timeout: DEFAULT_SEND_TIMEOUT,
             keepalive_requests: NonZeroU32::new(DEFAULT_KEEPALIVE_REQUESTS).unwrap(),
             gzip_cache_size: DEFAULT_GZIP_CACHE_SIZE,
             splice_min: DEFAULT_SPLICE_MIN,
@@ -547,6 +554,17 @@ fn validate(file: FileConfig, src: &Source<'_>, base: &Path) -> Result<Config, C
     }
     if let Some(v) = &s.keepalive_timeout {
         server.keepalive_timeout = duration(src, v, "server.keepalive_timeout")?;
+    }
+    if let Some(v) = &s.send_timeout {
+        server.send_timeout = duration(src, v, "server.send_timeout")?;
+        if server.send_timeout.as_millis() > u128::from(u32::MAX) {
+            return Err(ConfigError::at(
+                src,
+                v.span(),
+                "server.send_timeout",
+                "must be under 49 days",
+            ));
+        }
     }
     if let Some(v) = &s.keepalive_requests {
         server.keepalive_requests =
@@ -1050,6 +1068,22 @@ servers = [{ addr = "127.0.0.1:9001" }]
         assert!(e.contains("unknown unit"), "{e}");
         let e = err(&MIN.replace("[server]\n", "[server]\nhandshake_timeout = \"0s\"\n"));
         assert!(e.contains("longer than zero"), "{e}");
+        let e = err(&MIN.replace("[server]\n", "[server]\nsend_timeout = \"0ms\"\n"));
+        assert!(
+            e.contains("server.send_timeout: must be longer than zero"),
+            "{e}"
+        );
+        let e = err(&MIN.replace("[server]\n", "[server]\nsend_timeout = \"1200h\"\n"));
+        assert!(
+            e.contains("server.send_timeout: must be under 49 days"),
+            "{e}"
+        );
+        let c = Config::parse(
+            &MIN.replace("[server]\n", "[server]\nsend_timeout = \"90s\"\n"),
+            "t",
+        )
+        .unwrap();
+        assert_eq!(c.server.send_timeout, Duration::from_secs(90));
     }
 
     #[test]

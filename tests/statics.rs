@@ -774,3 +774,121 @@ fn sigterm_closes_idle_keep_alive_connections_at_once() {
     let status = p.wait_exit(Duration::from_secs(5));
     assert!(status.is_some_and(|s| s.success()), "{status:?}");
 }
+
+/// Reads what a stuck client was sent, once it starts reading: the number
+/// of body bytes before the server's EOF or reset (bounded by 10 s reads).
+fn drain_count(c: &mut Http) -> usize {
+    let mut total = c.buf.len();
+    let mut chunk = vec![0u8; 1 << 20];
+    loop {
+        match c.s.read(&mut chunk) {
+            Ok(0) | Err(_) => return total,
+            Ok(n) => total += n,
+        }
+    }
+}
+
+fn patterned(len: usize) -> Vec<u8> {
+    (0..len as u32)
+        .map(|i| (i.wrapping_mul(2_246_822_519) >> 11) as u8)
+        .collect()
+}
+
+#[test]
+fn a_client_that_stops_reading_is_cut_after_send_timeout_a_slow_one_is_not() {
+    let site = Site::new();
+    // Far more than the two sockets' buffers can absorb.
+    let huge = patterned(48 << 20);
+    std::fs::write(site.root().join("huge.bin"), &huge).unwrap();
+    let steady = patterned(6 << 20);
+    std::fs::write(site.root().join("steady.bin"), &steady).unwrap();
+    let p = start(&site.root(), "", "send_timeout = \"1s\"");
+
+    let mut stuck = Http::connect(p.addr());
+    stuck.send("GET /huge.bin HTTP/1.1\r\nHost: t\r\n\r\n");
+    // A client that reads slowly but steadily for several periods keeps
+    // its download going, meanwhile.
+    let mut slow = Http::connect(p.addr());
+    slow.send("GET /steady.bin HTTP/1.1\r\nHost: t\r\n\r\n");
+    let t = Instant::now();
+    let mut got = Vec::new();
+    let mut chunk = vec![0u8; 256 * 1024];
+    while got.len() < steady.len() + 200 && t.elapsed() < Duration::from_secs(20) {
+        match slow.s.read(&mut chunk) {
+            Ok(0) => break,
+            Ok(n) => got.extend_from_slice(&chunk[..n]),
+            Err(e) => panic!("the slow reader was cut: {e}"),
+        }
+        std::thread::sleep(Duration::from_millis(100));
+        let head_end = got.windows(4).position(|w| w == b"\r\n\r\n");
+        if head_end.is_some_and(|h| got.len() - h - 4 == steady.len()) {
+            break;
+        }
+    }
+    let took = t.elapsed();
+    let h = got.windows(4).position(|w| w == b"\r\n\r\n").unwrap() + 4;
+    assert!(
+        got[h..] == steady[..],
+        "slow reader got {} of {} bytes",
+        got.len() - h,
+        steady.len()
+    );
+    assert!(
+        took > Duration::from_secs(2),
+        "the slow download lasted {took:?}, under two periods"
+    );
+
+    // By now the stuck client has been cut: reading gets what was buffered,
+    // then the end, well short of the whole file.
+    std::thread::sleep(Duration::from_millis(500));
+    let t = Instant::now();
+    let n = drain_count(&mut stuck);
+    assert!(
+        n < huge.len() / 2,
+        "the stuck client was not cut: {n} bytes"
+    );
+    assert!(
+        t.elapsed() < Duration::from_secs(8),
+        "draining took {:?}",
+        t.elapsed()
+    );
+    // And the server still serves.
+    assert_eq!(get(p.addr(), "/index.html", "").status, 200);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_proxied_answer_the_client_stops_reading_is_cut_too() {
+    use tokio::io::AsyncWriteExt;
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let api = listener.local_addr().unwrap();
+    tokio::spawn(async move {
+        while let Ok((mut s, _)) = listener.accept().await {
+            tokio::spawn(async move {
+                let _ = common::read_head(&mut s).await;
+                let body = vec![b'x'; 48 << 20];
+                let _ = s
+                    .write_all(
+                        format!("HTTP/1.1 200 OK\r\nContent-Length: {}\r\n\r\n", body.len())
+                            .as_bytes(),
+                    )
+                    .await;
+                let _ = s.write_all(&body).await;
+            });
+        }
+    });
+    let p = Proxy::start(&format!(
+        "[server]\nlisten = [\"127.0.0.1:0\"]\nshards = 1\nsend_timeout = \"1s\"\n\n\
+         [[route]]\npath = \"/\"\nupstream = \"api\"\n\n\
+         [upstream.api]\nservers = [{{ addr = \"{api}\" }}]\n"
+    ));
+    let addr = p.addr();
+    let n = tokio::task::spawn_blocking(move || {
+        let mut stuck = Http::connect(addr);
+        stuck.send("GET /big HTTP/1.1\r\nHost: t\r\n\r\n");
+        std::thread::sleep(Duration::from_secs(3));
+        drain_count(&mut stuck)
+    })
+    .await
+    .unwrap();
+    assert!(n < 24 << 20, "the stuck client was not cut: {n} bytes");
+}

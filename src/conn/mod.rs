@@ -22,9 +22,10 @@
 //!   response head parses. 101 with the right accept key → `Relaying`;
 //!   another status → relayed, and the connection ends with its body.
 //! - `Relaying`: bytes move in provided buffers from one side's recv to the
-//!   other side's send, no copy. No timer of any kind. A direction whose
-//!   queue holds `max_buffers_per_direction` buffers stops receiving until it
-//!   drains (backpressure). EOF on one side shuts down the other side's write
+//!   other side's send, no copy. No timer for a WebSocket session (a
+//!   non-101 answer has the send timer, as static answers do). A direction
+//!   whose queue holds `max_buffers_per_direction` buffers stops receiving
+//!   until it drains (backpressure). EOF on one side shuts down the other side's write
 //!   half once everything before it is sent. A reset or failed send ends
 //!   only the direction towards the failed peer; what that peer sent before
 //!   it went is still read and delivered (its last Close frame, typically),
@@ -139,6 +140,13 @@ pub enum TimerKind {
     },
     Response,
     Linger,
+    /// An HTTP answer to request `req` must have moved since `mark` bytes
+    /// had gone to the client; checked (and re-armed) every `period_ms`.
+    Send {
+        req: u32,
+        period_ms: u32,
+        mark: u64,
+    },
 }
 
 /// What the shard must do for a connection.
@@ -1249,6 +1257,29 @@ impl Conn {
             }
             (TimerKind::Linger, Stage::Responding) => self.close_now(out),
             (TimerKind::Linger, Stage::Relaying) if self.going_away => self.close_now(out),
+            (
+                TimerKind::Send {
+                    req,
+                    period_ms,
+                    mark,
+                },
+                Stage::Serving | Stage::Relaying,
+            ) if req == self.requests && self.status != Some(101) => {
+                let to_client = &self.flow[Side::Client.idx()];
+                let stuck = to_client.sending || !to_client.queue.is_empty();
+                if to_client.bytes == mark && stuck {
+                    log::debug!(
+                        "{}: client took nothing for {period_ms} ms; closing",
+                        self.client_addr
+                    );
+                    self.closer = Some(Closer::Proxy);
+                    self.close_now(out);
+                } else {
+                    // Moving, or waiting on the file or the backend rather
+                    // than on the client: another period.
+                    self.send_timer(Duration::from_millis(u64::from(period_ms)), out);
+                }
+            }
             _ => {}
         }
     }
@@ -1351,6 +1382,10 @@ impl Conn {
         };
         let data = std::mem::take(&mut hs.resp);
         let extra = (data.len() - resp.head_len) as u64;
+        if resp.body != Body::Upgraded {
+            let send_timeout = hs.snap.config.server.send_timeout;
+            self.send_timer(send_timeout, out);
+        }
         self.status = Some(resp.status);
         self.hs = None;
         self.set_stage(Stage::Relaying);
@@ -1417,8 +1452,22 @@ impl Conn {
         self.route = Some(route.path.clone());
         let (serve, next) = files::Serve::start(site, ask, gzip_cache);
         self.serve = Some(Box::new(serve));
+        let send_timeout = server.send_timeout;
         self.set_stage(Stage::Serving);
+        self.send_timer(send_timeout, out);
         self.follow(next, out);
+    }
+
+    /// Watches an HTTP answer for a client that stops taking it.
+    fn send_timer(&self, period: Duration, out: &mut Vec<Action>) {
+        out.push(Action::Timer(
+            TimerKind::Send {
+                req: self.requests,
+                period_ms: period.as_millis().min(u128::from(u32::MAX)) as u32,
+                mark: self.flow[Side::Client.idx()].bytes,
+            },
+            period,
+        ));
     }
 
     /// Carries out the static answer's next step.

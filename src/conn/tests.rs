@@ -625,3 +625,73 @@ fn post_or_a_partly_answered_request_is_not_resent() {
     assert_eq!(c.stage(), Stage::Responding, "part of an answer arrived");
     assert_eq!(c.status, Some(502));
 }
+
+#[test]
+fn a_non_101_answer_the_client_stops_taking_is_closed_by_the_send_timer() {
+    let s = snap(&["127.0.0.1:9001"], "send_timeout = \"2s\"");
+    let mut out = Vec::new();
+    let mut c = Conn::accept(s.clone(), client(), &mut out);
+    c.on_recv(Side::Client, 1, request().as_bytes(), &mut out);
+    c.on_connect(Ok(()), &mut out);
+    out.clear();
+    c.on_recv(
+        Side::Backend,
+        2,
+        b"HTTP/1.1 200 OK\r\nContent-Length: 100\r\n\r\n0123456789",
+        &mut out,
+    );
+    let timer = out
+        .iter()
+        .find_map(|a| match a {
+            Action::Timer(k @ TimerKind::Send { .. }, d) => Some((*k, *d)),
+            _ => None,
+        })
+        .expect("a send timer for a non-101 answer");
+    assert_eq!(timer.1, Duration::from_secs(2));
+    // Some bytes went out during the period: another period.
+    c.on_send(Side::Client, Ok(20), &mut out);
+    c.on_recv(Side::Backend, 3, b"more", &mut out);
+    out.clear();
+    c.on_timer(timer.0, &mut out);
+    let again = match out.as_slice() {
+        [Action::Timer(k @ TimerKind::Send { .. }, _)] => *k,
+        other => panic!("expected a new period, got {other:?}"),
+    };
+    // Nothing taken during the next one while a send is pending: closed.
+    out.clear();
+    c.on_timer(again, &mut out);
+    assert_eq!(out, vec![Action::Close]);
+    assert_eq!(c.closer, Some(Closer::Proxy));
+}
+
+#[test]
+fn a_websocket_session_never_gets_the_send_timer() {
+    let s = snap(&["127.0.0.1:9001"], "send_timeout = \"2s\"");
+    let mut out = Vec::new();
+    let mut c = Conn::accept(s.clone(), client(), &mut out);
+    c.on_recv(Side::Client, 1, request().as_bytes(), &mut out);
+    c.on_connect(Ok(()), &mut out);
+    c.on_send(
+        Side::Backend,
+        Ok(c.front(Side::Backend).unwrap().remaining()),
+        &mut out,
+    );
+    out.clear();
+    c.on_recv(Side::Backend, 2, response().as_bytes(), &mut out);
+    assert!(
+        !out.iter()
+            .any(|a| matches!(a, Action::Timer(TimerKind::Send { .. }, _))),
+        "{out:?}"
+    );
+    // Even a stale one (from an earlier answer on this connection) is ignored.
+    out.clear();
+    c.on_timer(
+        TimerKind::Send {
+            req: 0,
+            period_ms: 2000,
+            mark: 0,
+        },
+        &mut out,
+    );
+    assert_eq!(out, vec![]);
+}
