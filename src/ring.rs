@@ -225,6 +225,24 @@ impl Uring {
         self.push(e);
     }
 
+    /// Moves up to `len` bytes of regular file `fd` at `offset` into `pipe`
+    /// (page references, no copy). From the page cache it completes at
+    /// once; a read that must wait for the disk runs in the kernel's io-wq,
+    /// not on the shard thread. No user memory is involved; the file and the
+    /// pipe belong to the connection's slab slot, freed only after its ops.
+    pub fn splice_file(&mut self, fd: RawFd, offset: u64, pipe: &Pipe, len: u32, ud: u64) {
+        let e = opcode::Splice::new(
+            types::Fd(fd),
+            offset as i64,
+            types::Fd(pipe.w.as_raw_fd()),
+            -1,
+            len,
+        )
+        .build()
+        .user_data(ud);
+        self.push(e);
+    }
+
     /// A one-shot readiness poll (`POLLIN`, `POLLOUT`, ...).
     pub fn poll(&mut self, fd: RawFd, mask: u32, ud: u64) {
         let e = opcode::PollAdd::new(types::Fd(fd), mask)

@@ -53,6 +53,7 @@ const OP_OPEN: u64 = 7;
 const OP_READ: u64 = 8;
 const OP_POLL_IN: u64 = 9;
 const OP_POLL_OUT: u64 = 10;
+const OP_FILE_SPLICE: u64 = 11;
 
 /// Empty pipes kept per shard for the next splice.
 const SPARE_PIPES: usize = 64;
@@ -424,6 +425,19 @@ impl Shard {
                 e.conn.on_file_read(res, &mut self.actions);
                 self.exec(key);
             }
+            OP_FILE_SPLICE => {
+                let Some(e) = self.conns.get_mut(key) else {
+                    return;
+                };
+                e.inflight_file -= 1;
+                let res = if cqe.result >= 0 {
+                    Ok(cqe.result as usize)
+                } else {
+                    Err(-cqe.result)
+                };
+                e.conn.on_file_spliced(res, &mut self.actions);
+                self.exec(key);
+            }
             // Cancel results carry nothing we need: the cancelled op reports itself.
             _ => {}
         }
@@ -791,6 +805,34 @@ impl Shard {
                     self.stats.bytes_spliced.add(n as u64);
                 }
                 e.conn.on_spliced(src, got, put, &mut self.actions);
+            }
+            Action::FileToPipe { offset, len } => {
+                if !take_pipe(e, &mut self.spare_pipes, Side::Client) {
+                    e.conn.on_file_spliced(Err(libc::EMFILE), &mut self.actions);
+                    return;
+                }
+                let fd = e.file.as_ref().expect("splice without a file").as_raw_fd();
+                let pipe = e.pipes[Side::Client.idx()]
+                    .as_ref()
+                    .expect("pipe just taken");
+                e.inflight_file += 1;
+                self.uring.splice_file(
+                    fd,
+                    offset,
+                    pipe,
+                    len,
+                    ud(OP_FILE_SPLICE, Side::Client, key),
+                );
+            }
+            Action::PipeToClient { pending } => {
+                let pipe = e.pipes[Side::Client.idx()]
+                    .as_ref()
+                    .expect("draining a pipe the connection does not hold");
+                let put = pipe.drain(e.client.as_raw_fd(), pending);
+                if let Ok(n) = put {
+                    self.stats.bytes_to_client.add(n as u64);
+                }
+                e.conn.on_pipe_drained(put, &mut self.actions);
             }
             Action::LeaveSplice { dst, reusable } => {
                 if let Some(p) = e.pipes[dst.idx()].take() {

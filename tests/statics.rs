@@ -892,3 +892,26 @@ async fn a_proxied_answer_the_client_stops_reading_is_cut_too() {
     .unwrap();
     assert!(n < 24 << 20, "the stuck client was not cut: {n} bytes");
 }
+
+#[test]
+fn a_file_that_shrinks_mid_download_ends_the_connection_not_hangs() {
+    let site = Site::new();
+    let path = site.root().join("shrinks.bin");
+    std::fs::write(&path, patterned(32 << 20)).unwrap();
+    let p = start(&site.root(), "", "");
+    let mut c = Http::connect(p.addr());
+    c.send("GET /shrinks.bin HTTP/1.1\r\nHost: t\r\n\r\n");
+    // The head and a little of the body, then the file loses most of itself.
+    assert!(c.fill());
+    std::fs::OpenOptions::new()
+        .write(true)
+        .open(&path)
+        .unwrap()
+        .set_len(1 << 20)
+        .unwrap();
+    let t = Instant::now();
+    let n = drain_count(&mut c);
+    assert!(n < 32 << 20, "got all {n} bytes of a file that shrank");
+    assert!(t.elapsed() < Duration::from_secs(9), "{:?}", t.elapsed());
+    assert_eq!(get(p.addr(), "/index.html", "").status, 200);
+}

@@ -207,6 +207,18 @@ pub enum Action {
         dst: Side,
         reusable: bool,
     },
+    /// Static body: move up to `len` bytes of the open file at `offset` into
+    /// the client direction's pipe; report with [`Conn::on_file_spliced`].
+    FileToPipe {
+        offset: u64,
+        len: u32,
+    },
+    /// Static body: move up to `pending` bytes from the client direction's
+    /// pipe to the client, now and without blocking; report with
+    /// [`Conn::on_pipe_drained`].
+    PipeToClient {
+        pending: usize,
+    },
     /// Read at most `want` bytes (a frame header) from `src` into the
     /// direction's pipe; report with [`Conn::on_header`].
     ReadHeader {
@@ -997,6 +1009,12 @@ impl Conn {
                 read: 0,
                 pending: in_pipe,
             });
+        } else if let (Stage::Serving, Some(serve)) = (self.stage, &self.serve) {
+            if serve.spliced.in_pipe > 0 {
+                out.push(Action::PipeToClient {
+                    pending: serve.spliced.in_pipe,
+                });
+            }
         }
     }
 
@@ -1266,7 +1284,9 @@ impl Conn {
                 Stage::Serving | Stage::Relaying,
             ) if req == self.requests && self.status != Some(101) => {
                 let to_client = &self.flow[Side::Client.idx()];
-                let stuck = to_client.sending || !to_client.queue.is_empty();
+                let stuck = to_client.sending
+                    || !to_client.queue.is_empty()
+                    || self.serve.as_ref().is_some_and(|s| s.spliced.in_pipe > 0);
                 if to_client.bytes == mark && stuck {
                     log::debug!(
                         "{}: client took nothing for {period_ms} ms; closing",
@@ -1486,8 +1506,93 @@ impl Conn {
                     });
                 self.kick(Side::Client, out);
             }
+            files::Next::Splice { offset, len } => {
+                let serve = self.serve.as_mut().expect("serving");
+                serve.spliced = files::Spliced {
+                    offset,
+                    left: len,
+                    in_pipe: 0,
+                };
+                self.fill_pipe(out);
+            }
             files::Next::Done => self.request_done(out),
             files::Next::Abort => self.close(Closer::Error, out),
+        }
+    }
+
+    /// Static body by splice: the pipe is empty, fill it from the file.
+    fn fill_pipe(&mut self, out: &mut Vec<Action>) {
+        let sp = self.serve.as_ref().expect("serving").spliced;
+        out.push(Action::FileToPipe {
+            offset: sp.offset,
+            len: sp.left.min(SPLICE_CHUNK as u64) as u32,
+        });
+    }
+
+    /// A file → pipe splice of the static body moved `res` bytes.
+    pub fn on_file_spliced(&mut self, res: Result<usize, i32>, out: &mut Vec<Action>) {
+        if self.stage != Stage::Serving {
+            return;
+        }
+        let serve = self.serve.as_mut().expect("serving");
+        match res {
+            Ok(n) if n > 0 => {
+                let sp = &mut serve.spliced;
+                sp.offset += n as u64;
+                sp.left = sp.left.saturating_sub(n as u64);
+                sp.in_pipe += n;
+                out.push(Action::PipeToClient {
+                    pending: sp.in_pipe,
+                });
+            }
+            // EOF: the file shrank after its length was promised.
+            _ => {
+                if let Err(e) = res {
+                    log::warn!(
+                        "static: splice from the file failed: {}",
+                        std::io::Error::from_raw_os_error(e)
+                    );
+                }
+                let next = serve.on_spliced(false);
+                self.follow(next, out);
+            }
+        }
+    }
+
+    /// A pipe → client splice of the static body moved `res` bytes.
+    pub fn on_pipe_drained(&mut self, res: Result<usize, i32>, out: &mut Vec<Action>) {
+        if self.stage != Stage::Serving {
+            return;
+        }
+        let serve = self.serve.as_mut().expect("serving");
+        match res {
+            Ok(m) => {
+                self.flow[Side::Client.idx()].bytes += m as u64;
+                let sp = &mut serve.spliced;
+                sp.in_pipe -= m;
+                if sp.in_pipe > 0 {
+                    out.push(Action::PollOut(Side::Client));
+                } else if sp.left > 0 {
+                    self.fill_pipe(out);
+                } else {
+                    out.push(Action::LeaveSplice {
+                        dst: Side::Client,
+                        reusable: true,
+                    });
+                    let next = serve.on_spliced(true);
+                    self.follow(next, out);
+                }
+            }
+            Err(libc::EAGAIN) => out.push(Action::PollOut(Side::Client)),
+            Err(_) => {
+                // The client is gone; what is in the pipe goes with it.
+                out.push(Action::LeaveSplice {
+                    dst: Side::Client,
+                    reusable: false,
+                });
+                let next = serve.on_spliced(false);
+                self.follow(next, out);
+            }
         }
     }
 

@@ -2,7 +2,9 @@
 //!
 //! The connection (`conn/`) owns a [`Serve`] while it answers a request and
 //! carries out what it returns ([`Next`]); the shard does the I/O on its ring
-//! (`openat2`, `read`) and reports back. Steps, like nginx's
+//! (`openat2`, `read`, `splice` of a large body: file → pipe on the ring,
+//! pipe → socket inline; the connection drives that loop in
+//! [`Serve::spliced`]) and reports back. Steps, like nginx's
 //! `try_files $uri $uri/ <fallback>` plus `gzip_static`:
 //!
 //! ```text
@@ -12,7 +14,7 @@
 //!                         │ missing                            │ 304 / 416 / HEAD: head only
 //!                         └─► 404                              │ small: read, send head+body once
 //!                                                              │ gzip on the fly: read, compress (cached)
-//!                                                              └ large: send head, then read/send chunks
+//!                                                              └ large: send head, then splice the body
 //! ```
 //!
 //! Containment is the kernel's: every open is `openat2` relative to the
@@ -33,9 +35,18 @@ use std::time::SystemTime;
 use crate::config::StaticConfig;
 use headers::Range;
 
-/// Bytes read per step of a large body; also the largest body read and
-/// sent in one go together with its head.
+/// The largest body read and sent in one go together with its head; a
+/// larger one is spliced from the file after the head.
 pub const CHUNK: usize = 256 * 1024;
+
+/// Where a body moving by splice stands: the next file offset to fill the
+/// pipe from, the bytes not yet put in the pipe, and the bytes in it.
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+pub struct Spliced {
+    pub offset: u64,
+    pub left: u64,
+    pub in_pipe: usize,
+}
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Kind {
@@ -75,6 +86,10 @@ pub enum Next {
     /// Send `buf[start..start + len]`; answer with [`Serve::on_sent`] once
     /// all of it is sent.
     Send { start: usize, len: usize },
+    /// Move the body's remaining `len` bytes, from file `offset` on, to the
+    /// client without copying them (file → pipe → socket); answer with
+    /// [`Serve::on_spliced`] once all are out, or the move failed.
+    Splice { offset: u64, len: u64 },
     /// The response is complete.
     Done,
     /// Something went wrong after the head was promised (the file shrank
@@ -121,6 +136,8 @@ enum Phase {
     /// Reading body bytes into the buffer after `at`.
     ReadingBody,
     Sending,
+    /// The body beyond the first chunk moves by splice.
+    Splicing,
     Done,
 }
 
@@ -152,6 +169,8 @@ pub struct Serve {
     got: usize,
     keep_alive: bool,
     gzip_cache: usize,
+    /// Driven by the connection while `Phase::Splicing`.
+    pub spliced: Spliced,
 }
 
 impl Serve {
@@ -172,6 +191,7 @@ impl Serve {
             buf: Vec::new(),
             left: 0,
             next_off: 0,
+            spliced: Spliced::default(),
             at: 0,
             want: 0,
             read_off: 0,
@@ -413,8 +433,9 @@ impl Serve {
             self.phase = Phase::ReadingBody;
             return self.read(at, len as usize, first);
         }
+        // A large body: the head goes alone, the body follows by splice
+        // (`on_sent`), so neither a read nor a send copies it.
         self.buf = head;
-        self.buf.reserve(CHUNK.saturating_sub(self.buf.len()));
         self.phase = Phase::Sending;
         Next::Send {
             start: 0,
@@ -490,15 +511,22 @@ impl Serve {
             self.phase = Phase::Done;
             return Next::Done;
         }
-        // Stream the next chunk through the same buffer.
-        let len = (self.left as usize).min(CHUNK);
-        let offset = self.next_off;
-        self.left -= len as u64;
-        self.next_off += len as u64;
-        self.buf.clear();
-        self.buf.resize(len, 0);
-        self.phase = Phase::ReadingBody;
-        self.read(0, len, offset)
+        let (offset, len) = (self.next_off, self.left);
+        self.left = 0;
+        self.buf = Vec::new();
+        self.phase = Phase::Splicing;
+        Next::Splice { offset, len }
+    }
+
+    /// The body asked for by [`Next::Splice`] is out (`true`), or moving it
+    /// failed (the file shrank or could not be read; the client went away).
+    pub fn on_spliced(&mut self, ok: bool) -> Next {
+        if self.phase != Phase::Splicing || !ok {
+            self.keep_alive = false;
+            return Next::Abort;
+        }
+        self.phase = Phase::Done;
+        Next::Done
     }
 
     fn send_compressed(&mut self, meta: &Meta, tag: &str, gz: &[u8]) -> Next {
