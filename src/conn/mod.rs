@@ -140,10 +140,9 @@ pub enum TimerKind {
     },
     Response,
     Linger,
-    /// An HTTP answer to request `req` must have moved since `mark` bytes
-    /// had gone to the client; checked (and re-armed) every `period_ms`.
+    /// An HTTP answer must have moved since `mark` bytes had gone to the
+    /// client; checked (and re-armed while answering) every `period_ms`.
     Send {
-        req: u32,
         period_ms: u32,
         mark: u64,
     },
@@ -347,6 +346,10 @@ struct Handshake {
     replay: Option<Vec<u8>>,
     /// The connect attempt in progress.
     attempt: u32,
+    /// A send timer is pending for this connection. One serves every
+    /// static answer on a kept-alive connection, so the shard's timer heap
+    /// holds one per connection, not one per request.
+    send_timer: bool,
 }
 
 /// Bytes of a request ringlb keeps to resend it after a backend failure.
@@ -424,6 +427,7 @@ impl Conn {
                 response_timeout: Duration::ZERO,
                 replay: None,
                 attempt: 0,
+                send_timer: false,
             })),
             lease: None,
             status: None,
@@ -1275,14 +1279,9 @@ impl Conn {
             }
             (TimerKind::Linger, Stage::Responding) => self.close_now(out),
             (TimerKind::Linger, Stage::Relaying) if self.going_away => self.close_now(out),
-            (
-                TimerKind::Send {
-                    req,
-                    period_ms,
-                    mark,
-                },
-                Stage::Serving | Stage::Relaying,
-            ) if req == self.requests && self.status != Some(101) => {
+            (TimerKind::Send { period_ms, mark }, Stage::Serving | Stage::Relaying)
+                if self.status != Some(101) =>
+            {
                 let to_client = &self.flow[Side::Client.idx()];
                 let stuck = to_client.sending
                     || !to_client.queue.is_empty()
@@ -1298,6 +1297,12 @@ impl Conn {
                     // Moving, or waiting on the file or the backend rather
                     // than on the client: another period.
                     self.send_timer(Duration::from_millis(u64::from(period_ms)), out);
+                }
+            }
+            (TimerKind::Send { .. }, _) => {
+                // Not answering: the next answer arms a timer again.
+                if let Some(hs) = self.hs.as_mut() {
+                    hs.send_timer = false;
                 }
             }
             _ => {}
@@ -1473,8 +1478,11 @@ impl Conn {
         let (serve, next) = files::Serve::start(site, ask, gzip_cache);
         self.serve = Some(Box::new(serve));
         let send_timeout = server.send_timeout;
+        let armed = std::mem::replace(&mut hs.send_timer, true);
         self.set_stage(Stage::Serving);
-        self.send_timer(send_timeout, out);
+        if !armed {
+            self.send_timer(send_timeout, out);
+        }
         self.follow(next, out);
     }
 
@@ -1482,7 +1490,6 @@ impl Conn {
     fn send_timer(&self, period: Duration, out: &mut Vec<Action>) {
         out.push(Action::Timer(
             TimerKind::Send {
-                req: self.requests,
                 period_ms: period.as_millis().min(u128::from(u32::MAX)) as u32,
                 mark: self.flow[Side::Client.idx()].bytes,
             },

@@ -687,7 +687,6 @@ fn a_websocket_session_never_gets_the_send_timer() {
     out.clear();
     c.on_timer(
         TimerKind::Send {
-            req: 0,
             period_ms: 2000,
             mark: 0,
         },
