@@ -412,7 +412,7 @@ impl Shard {
                 }
                 self.exec(key);
             }
-            OP_READ => {
+            OP_READ | OP_FILE_SPLICE => {
                 let Some(e) = self.conns.get_mut(key) else {
                     return;
                 };
@@ -422,20 +422,11 @@ impl Shard {
                 } else {
                     Err(-cqe.result)
                 };
-                e.conn.on_file_read(res, &mut self.actions);
-                self.exec(key);
-            }
-            OP_FILE_SPLICE => {
-                let Some(e) = self.conns.get_mut(key) else {
-                    return;
-                };
-                e.inflight_file -= 1;
-                let res = if cqe.result >= 0 {
-                    Ok(cqe.result as usize)
+                if ud_op(cqe.user_data) == OP_READ {
+                    e.conn.on_file_read(res, &mut self.actions);
                 } else {
-                    Err(-cqe.result)
-                };
-                e.conn.on_file_spliced(res, &mut self.actions);
+                    e.conn.on_file_spliced(res, &mut self.actions);
+                }
                 self.exec(key);
             }
             // Cancel results carry nothing we need: the cancelled op reports itself.

@@ -31,6 +31,15 @@ fn client() -> SocketAddr {
     "192.0.2.1:5000".parse().unwrap()
 }
 
+/// A connection whose request went to a connected backend; actions cleared.
+fn connected(s: &Arc<Snapshot>) -> Conn {
+    let mut out = Vec::new();
+    let mut c = Conn::accept(s.clone(), client(), &mut out);
+    c.on_recv(Side::Client, 1, request().as_bytes(), &mut out);
+    c.on_connect(Ok(()), &mut out);
+    c
+}
+
 /// Drives a connection to `Relaying`; returns it with the actions cleared.
 fn relaying(s: &Arc<Snapshot>) -> Conn {
     let mut out = Vec::new();
@@ -316,10 +325,7 @@ fn early_client_bytes_wait_for_the_connect_and_follow_the_head() {
 fn non_101_response_ends_with_its_body() {
     let s = snap(&["127.0.0.1:9001"], "");
     let mut out = Vec::new();
-    let mut c = Conn::accept(s.clone(), client(), &mut out);
-    c.on_recv(Side::Client, 1, request().as_bytes(), &mut out);
-    c.on_connect(Ok(()), &mut out);
-    out.clear();
+    let mut c = connected(&s);
     c.on_recv(
         Side::Backend,
         2,
@@ -445,10 +451,7 @@ fn drain_mid_frame_closes_the_connection() {
 fn backend_reset_before_answering_is_a_502_not_a_dropped_client() {
     let s = snap(&["127.0.0.1:9001"], "");
     let mut out = Vec::new();
-    let mut c = Conn::accept(s.clone(), client(), &mut out);
-    c.on_recv(Side::Client, 1, request().as_bytes(), &mut out);
-    c.on_connect(Ok(()), &mut out);
-    out.clear();
+    let mut c = connected(&s);
     c.on_recv_end(Side::Backend, RecvEnd::Error(libc::ECONNRESET), &mut out);
     assert_eq!(c.status, Some(502));
     assert!(out.contains(&Action::AbortBackend));
@@ -630,10 +633,7 @@ fn post_or_a_partly_answered_request_is_not_resent() {
 fn a_non_101_answer_the_client_stops_taking_is_closed_by_the_send_timer() {
     let s = snap(&["127.0.0.1:9001"], "send_timeout = \"2s\"");
     let mut out = Vec::new();
-    let mut c = Conn::accept(s.clone(), client(), &mut out);
-    c.on_recv(Side::Client, 1, request().as_bytes(), &mut out);
-    c.on_connect(Ok(()), &mut out);
-    out.clear();
+    let mut c = connected(&s);
     c.on_recv(
         Side::Backend,
         2,
