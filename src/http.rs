@@ -29,6 +29,8 @@ pub enum Reject {
     BadGateway(&'static str),
     ServiceUnavailable,
     GatewayTimeout,
+    /// The request body stopped arriving while the backend waited for it.
+    RequestTimeout,
 }
 
 impl Reject {
@@ -36,6 +38,7 @@ impl Reject {
         match self {
             Reject::BadRequest(_) => 400,
             Reject::NotFound => 404,
+            Reject::RequestTimeout => 408,
             Reject::UpgradeVersion | Reject::UpgradeRequired => 426,
             Reject::HeadTooLarge => 431,
             Reject::BadGateway(_) => 502,
@@ -67,6 +70,7 @@ impl Reject {
             Reject::BadGateway(why) => ("Bad Gateway", "", why),
             Reject::ServiceUnavailable => ("Service Unavailable", "", "over capacity"),
             Reject::GatewayTimeout => ("Gateway Timeout", "", "backend did not answer in time"),
+            Reject::RequestTimeout => ("Request Timeout", "", "the request body stopped arriving"),
         };
         format!(
             "HTTP/1.1 {} {reason}\r\n{extra}Content-Type: text/plain\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}\n",
@@ -96,8 +100,17 @@ pub struct Request {
     forwarded_for: Option<String>,
     /// The connection may carry another request (RFC 9112 §9.3).
     persistent: bool,
-    /// A body follows the head (Content-Length > 0 or chunked).
-    body: bool,
+    /// How the request body is framed.
+    pub body: ReqBody,
+}
+
+/// How a request's body is framed (RFC 9112 §6.3); ringlb forwards exactly
+/// that much of what follows the head, and nothing after it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ReqBody {
+    None,
+    Length(u64),
+    Chunked,
 }
 
 impl Request {
@@ -110,7 +123,7 @@ impl Request {
     }
 
     pub fn has_body(&self) -> bool {
-        self.body
+        self.body != ReqBody::None
     }
 
     pub fn path(&self) -> &str {
@@ -287,7 +300,11 @@ pub fn parse_request(
             Some(forwarded_for.join(", "))
         },
         persistent: !conn_close && (minor >= 1 || conn_keep_alive),
-        body: chunked || content_length.is_some_and(|c| c > 0),
+        body: match content_length {
+            _ if chunked => ReqBody::Chunked,
+            Some(n) if n > 0 => ReqBody::Length(n),
+            _ => ReqBody::None,
+        },
     }))
 }
 

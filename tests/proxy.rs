@@ -406,8 +406,9 @@ async fn idle_longer_than_every_timeout_still_relays() {
 }
 
 /// tungstenite refuses bytes after the request head ("junk after request"),
-/// so this backend is raw: it checks the bytes after the head are exactly the
-/// frames the client sent, then echoes them after its 101.
+/// so this backend is raw: after its 101 it checks the bytes that follow are
+/// exactly the frames the client sent with its head, and echoes them. (That
+/// none of them arrives before the 101 is tests/smuggling.rs's job.)
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn first_frames_in_the_request_write_arrive_in_order() {
     let mut frames = client_frame(0x1, b"first");
@@ -419,10 +420,10 @@ async fn first_frames_in_the_request_write_arrive_in_order() {
     let backend = tokio::spawn(async move {
         let (mut s, _) = listener.accept().await.unwrap();
         let head = read_head(&mut s).await;
-        let mut got = vec![0u8; want.len()];
-        s.read_exact(&mut got).await.unwrap();
         let resp = switching_protocols();
         s.write_all(resp.as_bytes()).await.unwrap();
+        let mut got = vec![0u8; want.len()];
+        s.read_exact(&mut got).await.unwrap();
         s.write_all(&got).await.unwrap();
         let mut rest = Vec::new();
         let _ = s.read_to_end(&mut rest).await;

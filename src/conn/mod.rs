@@ -14,13 +14,23 @@
 //! - `ReadingHead`: client recv armed; bytes accumulate in a small head
 //!   buffer that exists only until the head is parsed. Handshake timer runs.
 //! - `Connecting(n)`: a backend was picked (its lease counts it); the
-//!   forwarded head, plus any bytes the client sent after its head, wait in
-//!   the backend queue. Connect timer runs. Failure → next backend, bounded
-//!   by the number of backends, then 502 (or 504 if the last one timed out).
-//! - `AwaitingResponse`: client→backend already relays (a first frame sent
-//!   eagerly goes through in order); backend bytes accumulate until the
-//!   response head parses. 101 with the right accept key → `Relaying`;
-//!   another status → relayed, and the connection ends with its body.
+//!   forwarded head waits in the backend queue. Connect timer runs. Failure
+//!   → next backend, bounded by the number of backends, then 502 (or 504 if
+//!   the last one timed out).
+//! - `AwaitingResponse`: backend bytes accumulate until the response head
+//!   parses. 101 with the right accept key → `Relaying`; another status →
+//!   relayed, and the connection ends with its body. The response timer
+//!   starts once the request body is in; while it is still arriving, an
+//!   upload timer only checks that it keeps moving.
+//!
+//! What reaches the backend connection ([`Upload`]): exactly one head that
+//! ringlb wrote, plus that request's declared body (Content-Length, or
+//! chunked to its last chunk, tracked by `body.rs`), and after a 101 the
+//! client's frames. Bytes behind an upgrade head are held (the client recv
+//! stops; what it already read is kept) until the 101, and dropped on any
+//! other answer. Bytes behind a plain request's body (a pipelined request,
+//! say) are never forwarded: the client recv stops, and after the answer
+//! the connection is closed, lingering so the client reads the answer.
 //! - `Relaying`: bytes move in provided buffers from one side's recv to the
 //!   other side's send, no copy. No timer for a WebSocket session (a
 //!   non-101 answer has the send timer, as static answers do). A direction
@@ -48,8 +58,10 @@ use crate::route;
 use crate::snapshot::Snapshot;
 use crate::upstream::{Lease, Rng};
 
+mod body;
 mod frames;
 mod queue;
+use body::BodyTracker;
 use frames::FrameTracker;
 use queue::Queue;
 
@@ -138,7 +150,16 @@ pub enum TimerKind {
     Connect {
         attempt: u32,
     },
-    Response,
+    /// The backend must answer; `seq` names the arming, so a timer from an
+    /// earlier attempt or phase never fires on a later one.
+    Response {
+        seq: u32,
+    },
+    /// The request body must keep arriving: it has moved since `mark` bytes.
+    Upload {
+        seq: u32,
+        mark: u64,
+    },
     Linger,
     /// An HTTP answer must have moved since `mark` bytes had gone to the
     /// client; checked (and re-armed while answering) every `period_ms`.
@@ -328,6 +349,25 @@ struct Flow {
     splice: Splice,
 }
 
+/// What may still go from the client to the backend connection. A backend
+/// connection carries one head that ringlb wrote plus that request's body,
+/// and, only after a 101, the client's frames.
+#[derive(Debug, Clone, PartialEq, Eq)]
+enum Upload {
+    /// An upgrade is sent: the client's next bytes wait for the backend's
+    /// 101 (in the kernel: the client recv is stopped). Another answer
+    /// discards them.
+    HeldFor101,
+    /// A request body is still arriving, framed by the tracker.
+    Body(BodyTracker),
+    /// The request is complete; whatever the client sends now is not for
+    /// this backend connection (a pipelined request is dropped, and the
+    /// connection closes after the answer).
+    Complete,
+    /// Upgraded: bytes flow both ways.
+    Open,
+}
+
 /// State only needed until the session is relaying; dropped after.
 #[derive(Debug)]
 struct Handshake {
@@ -346,6 +386,14 @@ struct Handshake {
     replay: Option<Vec<u8>>,
     /// The connect attempt in progress.
     attempt: u32,
+    /// Bytes the client sent behind its upgrade head, held until the 101.
+    early: Vec<u8>,
+    /// The client half-closed behind its upgrade head; passed on after the 101.
+    early_eof: bool,
+    /// Arming count of the response and upload timers.
+    timer_seq: u32,
+    /// Request body bytes received so far (for the upload timer).
+    uploaded: u64,
     /// A send timer is pending for this connection. One serves every
     /// static answer on a kept-alive connection, so the shard's timer heap
     /// holds one per connection, not one per request.
@@ -363,6 +411,7 @@ pub struct Conn {
     /// Indexed by destination side.
     flow: [Flow; 2],
     connected: bool,
+    upload: Upload,
     hs: Option<Box<Handshake>>,
     lease: Option<Lease>,
     /// `Some` once the session's HTTP status is known.
@@ -416,6 +465,7 @@ impl Conn {
             recv: [RecvState::Armed, RecvState::Off],
             flow: Default::default(),
             connected: false,
+            upload: Upload::Complete,
             hs: Some(Box::new(Handshake {
                 snap,
                 head: Vec::new(),
@@ -427,6 +477,10 @@ impl Conn {
                 response_timeout: Duration::ZERO,
                 replay: None,
                 attempt: 0,
+                early: Vec::new(),
+                early_eof: false,
+                timer_seq: 0,
+                uploaded: 0,
                 send_timer: false,
             })),
             lease: None,
@@ -523,6 +577,7 @@ impl Conn {
                     | (Stage::AwaitingResponse, Stage::Retrying { .. })
                     | (Stage::Retrying { .. }, Stage::Connecting { .. })
                     | (Stage::AwaitingResponse, Stage::Relaying)
+                    | (Stage::Relaying, Stage::Responding)
                     | (Stage::ReadingHead, Stage::Serving)
                     | (Stage::Serving, Stage::ReadingHead)
                     | (
@@ -579,19 +634,13 @@ impl Conn {
             }
             (Stage::Relaying, _) if self.going_away => out.push(Action::Release(bid)),
             (Stage::Retrying { .. }, Side::Backend) => out.push(Action::Release(bid)),
-            (Stage::Retrying { .. }, Side::Client) => {
-                // Held with the request until the next backend is connected.
-                out.push(Action::Release(bid));
-                self.flow[Side::Backend.idx()].frames.feed(data);
-                if !self.keep_for_replay(data) {
-                    self.respond(Reject::BadGateway("backend failed before answering"), out);
-                }
-            }
-            (Stage::Connecting { .. } | Stage::AwaitingResponse, Side::Client) => {
-                self.keep_for_replay(data);
-                self.flow[Side::Backend.idx()].frames.feed(data);
-                self.relay(side, bid, data.len(), out);
-            }
+            (
+                Stage::Connecting { .. }
+                | Stage::AwaitingResponse
+                | Stage::Retrying { .. }
+                | Stage::Relaying,
+                Side::Client,
+            ) if self.upload != Upload::Open => self.client_bytes(bid, data, out),
             (Stage::Connecting { .. } | Stage::Relaying, _) => {
                 self.flow[side.other().idx()].frames.feed(data);
                 self.relay(side, bid, data.len(), out);
@@ -601,6 +650,103 @@ impl Conn {
             // gives buffers back.
             _ => out.push(Action::Release(bid)),
         }
+    }
+
+    /// Client bytes while its request is with the backend and no 101 has
+    /// come: only the request's declared body goes on; bytes behind an
+    /// upgrade head wait for the 101; anything else is dropped.
+    fn client_bytes(&mut self, bid: u16, data: &[u8], out: &mut Vec<Action>) {
+        let tracker = match &mut self.upload {
+            Upload::Body(t) => t,
+            Upload::HeldFor101 => {
+                // Arrived before the recv was stopped.
+                out.push(Action::Release(bid));
+                if let Some(hs) = self.hs.as_mut() {
+                    hs.early.extend_from_slice(data);
+                }
+                return;
+            }
+            Upload::Complete | Upload::Open => return out.push(Action::Release(bid)),
+        };
+        let n = match tracker.feed(data) {
+            Ok(n) => n,
+            Err(why) => {
+                out.push(Action::Release(bid));
+                return self.bad_body(why, out);
+            }
+        };
+        let done = tracker.done();
+        if let Some(hs) = self.hs.as_mut() {
+            hs.uploaded += n as u64;
+        }
+        if n == 0 {
+            out.push(Action::Release(bid));
+        } else if matches!(self.stage, Stage::Retrying { .. }) {
+            // Held with the request until the next backend is connected.
+            out.push(Action::Release(bid));
+            if !self.keep_for_replay(&data[..n]) {
+                return self.respond(Reject::BadGateway("backend failed before answering"), out);
+            }
+        } else {
+            self.keep_for_replay(&data[..n]);
+            self.relay(Side::Client, bid, n, out);
+        }
+        if done && self.stage != Stage::Closing {
+            self.upload_complete(out);
+        }
+    }
+
+    /// The request's body has all arrived: stop reading the client (what it
+    /// sends next stays in its socket, and is not this backend's) and give
+    /// the backend its full `response_timeout` from now.
+    fn upload_complete(&mut self, out: &mut Vec<Action>) {
+        self.upload = Upload::Complete;
+        self.stop_client_recv(out);
+        if self.stage == Stage::AwaitingResponse {
+            self.response_timer(out);
+        }
+    }
+
+    fn stop_client_recv(&mut self, out: &mut Vec<Action>) {
+        if self.recv[Side::Client.idx()] == RecvState::Armed {
+            self.recv[Side::Client.idx()] = RecvState::Cancelling;
+            out.push(Action::CancelRecv(Side::Client));
+        }
+    }
+
+    /// The request body's framing is broken, so where it ends is unknown:
+    /// 400 if no answer has started, else the connection ends.
+    fn bad_body(&mut self, why: &'static str, out: &mut Vec<Action>) {
+        log::debug!("{}: invalid request body: {why}", self.client_addr);
+        match self.stage {
+            Stage::Connecting { .. } | Stage::AwaitingResponse => {
+                self.abort_backend(out);
+                self.respond(Reject::BadRequest(why), out);
+            }
+            Stage::Retrying { .. } => self.respond(Reject::BadRequest(why), out),
+            _ => self.close(Closer::Error, out),
+        }
+    }
+
+    fn response_timer(&mut self, out: &mut Vec<Action>) {
+        let hs = self.hs.as_mut().expect("handshake state");
+        hs.timer_seq += 1;
+        out.push(Action::Timer(
+            TimerKind::Response { seq: hs.timer_seq },
+            hs.response_timeout,
+        ));
+    }
+
+    fn upload_timer(&mut self, out: &mut Vec<Action>) {
+        let hs = self.hs.as_mut().expect("handshake state");
+        hs.timer_seq += 1;
+        out.push(Action::Timer(
+            TimerKind::Upload {
+                seq: hs.timer_seq,
+                mark: hs.uploaded,
+            },
+            hs.response_timeout,
+        ));
     }
 
     fn relay(&mut self, src: Side, bid: u16, len: usize, out: &mut Vec<Action>) {
@@ -740,6 +886,15 @@ impl Conn {
             Stage::Serving => self.hs.as_ref().is_some_and(|hs| {
                 !self.peer_eof[0] && hs.head.len() < hs.snap.config.server.max_request_head.get()
             }),
+            Stage::Connecting { .. }
+            | Stage::AwaitingResponse
+            | Stage::Retrying { .. }
+            | Stage::Relaying
+                if src == Side::Client
+                    && !matches!(self.upload, Upload::Body(_) | Upload::Open) =>
+            {
+                false
+            }
             Stage::Relaying if self.going_away => !self.peer_eof[src.idx()],
             _ => !flow.src_eof && flow.queue.len() < self.max_queue,
         }
@@ -770,10 +925,14 @@ impl Conn {
         if matches!(self.stage, Stage::Retrying { .. }) {
             if side == Side::Client && why == RecvEnd::Eof {
                 self.peer_eof[0] = true;
-                self.flow[Side::Backend.idx()].src_eof = true;
+                if self.upload == Upload::HeldFor101 {
+                    self.hs.as_mut().expect("handshake state").early_eof = true;
+                } else {
+                    self.flow[Side::Backend.idx()].src_eof = true;
+                }
             } else if side == Side::Client && why == RecvEnd::NoBuffers {
                 out.push(Action::Starved(side));
-            } else if side == Side::Client && why == RecvEnd::Stopped {
+            } else if side == Side::Client && why == RecvEnd::Stopped && self.wants_recv(side) {
                 self.ensure_recv(side, out);
             }
             return;
@@ -828,6 +987,12 @@ impl Conn {
             (Stage::AwaitingResponse, Side::Backend) => {
                 self.backend_failed("backend closed before answering", out);
             }
+            (Stage::Connecting { .. } | Stage::AwaitingResponse, Side::Client)
+                if self.upload == Upload::HeldFor101 =>
+            {
+                // Passed on after the 101, behind the held bytes.
+                self.hs.as_mut().expect("handshake state").early_eof = true;
+            }
             _ => {
                 let dst = side.other();
                 let flow = &mut self.flow[dst.idx()];
@@ -871,13 +1036,37 @@ impl Conn {
         if self.finish_with_response && drained && (to_client.limit == Some(0) || to_client.src_eof)
         {
             self.closer.get_or_insert(Closer::Backend);
-            self.close_now(out);
+            if self.peer_eof[Side::Client.idx()] {
+                self.close_now(out);
+            } else {
+                self.linger_close(out);
+            }
             return;
         }
         let to_backend = &self.flow[Side::Backend.idx()];
         if to_client.shut && to_backend.shut {
             self.close_now(out);
         }
+    }
+
+    /// A non-101 answer is out, but the client may still be sending (a
+    /// pipelined request ringlb does not serve, a body the backend did not
+    /// wait for). Closing now with unread bytes would send a reset, which
+    /// can destroy the answer before the client reads it; so our write half
+    /// is shut, and what the client sends is discarded until it closes or
+    /// `linger_timeout` passes.
+    fn linger_close(&mut self, out: &mut Vec<Action>) {
+        self.abort_backend(out);
+        self.lease = None;
+        self.set_stage(Stage::Responding);
+        release_unsent(&mut self.flow[Side::Backend.idx()], out);
+        let to_client = &mut self.flow[Side::Client.idx()];
+        if !to_client.shut {
+            to_client.shut = true;
+            out.push(Action::ShutdownWrite(Side::Client));
+        }
+        self.ensure_recv(Side::Client, out);
+        out.push(Action::Timer(TimerKind::Linger, self.linger));
     }
 
     pub fn on_connect(&mut self, res: Result<(), i32>, out: &mut Vec<Action>) {
@@ -891,11 +1080,16 @@ impl Conn {
                 if let Some(lease) = &self.lease {
                     lease.backend().state.record_success();
                 }
-                let timeout = self.hs.as_ref().expect("handshake state").response_timeout;
                 self.set_stage(Stage::AwaitingResponse);
                 self.recv[Side::Backend.idx()] = RecvState::Armed;
                 out.push(Action::ArmRecv(Side::Backend));
-                out.push(Action::Timer(TimerKind::Response, timeout));
+                if matches!(self.upload, Upload::Body(_)) {
+                    // The backend cannot answer before it has the body; a
+                    // slow upload that keeps moving is not a slow backend.
+                    self.upload_timer(out);
+                } else {
+                    self.response_timer(out);
+                }
                 self.kick(Side::Backend, out);
                 let to_backend = &mut self.flow[Side::Backend.idx()];
                 if to_backend.src_eof && to_backend.queue.is_empty() && !to_backend.sending {
@@ -1273,9 +1467,26 @@ impl Conn {
                 }
                 out.push(Action::CancelConnect);
             }
-            (TimerKind::Response, Stage::AwaitingResponse) => {
+            (TimerKind::Response { seq }, Stage::AwaitingResponse)
+                if self.hs.as_ref().is_some_and(|h| h.timer_seq == seq) =>
+            {
                 self.abort_backend(out);
                 self.respond(Reject::GatewayTimeout, out);
+            }
+            (TimerKind::Upload { seq, mark }, Stage::AwaitingResponse)
+                if self.hs.as_ref().is_some_and(|h| h.timer_seq == seq) =>
+            {
+                let uploaded = self.hs.as_ref().expect("handshake state").uploaded;
+                if uploaded != mark {
+                    self.upload_timer(out);
+                } else {
+                    log::debug!(
+                        "{}: request body stalled at {uploaded} bytes",
+                        self.client_addr
+                    );
+                    self.abort_backend(out);
+                    self.respond(Reject::RequestTimeout, out);
+                }
             }
             (TimerKind::Linger, Stage::Responding) => self.close_now(out),
             (TimerKind::Linger, Stage::Relaying) if self.going_away => self.close_now(out),
@@ -1334,10 +1545,32 @@ impl Conn {
         };
         let target = route::rewrite_target(&route, &req.target);
         let ip = self.client_addr.ip();
-        let forwarded = http::forward_head(&req, &target, ip, &hs.head[req.head_len..]);
-        self.flow[Side::Backend.idx()]
-            .frames
-            .feed(&hs.head[req.head_len..]);
+        // Behind the head: the start of the body, frames sent eagerly after
+        // an upgrade (held for the 101), or the client's next requests
+        // (never forwarded on this backend connection).
+        let extra = hs.head.split_off(req.head_len);
+        let (body_part, upload) = if req.is_upgrade() {
+            (0, Upload::HeldFor101)
+        } else {
+            let tracker = match req.body {
+                http::ReqBody::None => None,
+                http::ReqBody::Length(n) => Some(BodyTracker::length(n)),
+                http::ReqBody::Chunked => Some(BodyTracker::chunked()),
+            };
+            match tracker {
+                None => (0, Upload::Complete),
+                Some(mut t) => match t.feed(&extra) {
+                    Ok(n) if t.done() => (n, Upload::Complete),
+                    Ok(n) => (n, Upload::Body(t)),
+                    Err(why) => return self.respond(Reject::BadRequest(why), out),
+                },
+            }
+        };
+        let forwarded = http::forward_head(&req, &target, ip, &extra[..body_part]);
+        if upload == Upload::HeldFor101 {
+            hs.early = extra;
+        }
+        hs.uploaded = body_part as u64;
         hs.upstream = upstream;
         let up = &hs.snap.upstreams[upstream];
         hs.response_timeout = match route.response_timeout {
@@ -1356,6 +1589,10 @@ impl Conn {
         self.flow[Side::Backend.idx()]
             .queue
             .push_back(Payload::owned(forwarded));
+        self.upload = upload;
+        if !matches!(self.upload, Upload::Body(_)) {
+            self.stop_client_recv(out);
+        }
         self.connect_next(0, out);
     }
 
@@ -1406,6 +1643,8 @@ impl Conn {
             }
         };
         let data = std::mem::take(&mut hs.resp);
+        let early = std::mem::take(&mut hs.early);
+        let early_eof = hs.early_eof;
         let extra = (data.len() - resp.head_len) as u64;
         if resp.body != Body::Upgraded {
             let send_timeout = hs.snap.config.server.send_timeout;
@@ -1436,6 +1675,36 @@ impl Conn {
         }
         to_client.queue.push_back(payload);
         self.kick(Side::Client, out);
+        if resp.body == Body::Upgraded {
+            self.release_early(early, early_eof, out);
+        } else if self.upload == Upload::HeldFor101 {
+            // Declined: what the client sent behind its upgrade is dropped
+            // with the connection, which closes after this answer.
+            self.upload = Upload::Complete;
+        }
+    }
+
+    /// The 101 is in: the client's bytes held behind its upgrade head go to
+    /// the backend first, then the client is read again.
+    fn release_early(&mut self, early: Vec<u8>, early_eof: bool, out: &mut Vec<Action>) {
+        self.upload = Upload::Open;
+        let to_backend = &mut self.flow[Side::Backend.idx()];
+        if !early.is_empty() {
+            to_backend.frames.feed(&early);
+            to_backend.queue.push_back(Payload::owned(early));
+            self.kick(Side::Backend, out);
+        }
+        if early_eof {
+            let to_backend = &mut self.flow[Side::Backend.idx()];
+            to_backend.src_eof = true;
+            self.closer.get_or_insert(Closer::Client);
+            if to_backend.queue.is_empty() && !to_backend.sending && !to_backend.shut {
+                to_backend.shut = true;
+                out.push(Action::ShutdownWrite(Side::Backend));
+            }
+        } else if self.wants_recv(Side::Client) {
+            self.ensure_recv(Side::Client, out);
+        }
     }
 
     /// Starts answering `req` from a static route.

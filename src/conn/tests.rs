@@ -36,6 +36,7 @@ fn connected(s: &Arc<Snapshot>) -> Conn {
     let mut out = Vec::new();
     let mut c = Conn::accept(s.clone(), client(), &mut out);
     c.on_recv(Side::Client, 1, request().as_bytes(), &mut out);
+    c.on_recv_end(Side::Client, RecvEnd::Stopped, &mut out);
     c.on_connect(Ok(()), &mut out);
     c
 }
@@ -45,6 +46,7 @@ fn relaying(s: &Arc<Snapshot>) -> Conn {
     let mut out = Vec::new();
     let mut c = Conn::accept(s.clone(), client(), &mut out);
     c.on_recv(Side::Client, 1, request().as_bytes(), &mut out);
+    c.on_recv_end(Side::Client, RecvEnd::Stopped, &mut out);
     c.on_connect(Ok(()), &mut out);
     c.on_send(
         Side::Backend,
@@ -82,17 +84,25 @@ fn handshake_in_two_pieces_then_relay() {
     out.clear();
     c.on_recv(Side::Client, 4, b, &mut out);
     assert_eq!(out[0], Action::Release(4));
-    assert_eq!(out[1], Action::Connect("127.0.0.1:9001".parse().unwrap()));
+    // The head is complete: nothing more is read from the client until
+    // the backend has switched protocols.
+    assert_eq!(out[1], Action::CancelRecv(Side::Client));
+    assert_eq!(out[2], Action::Connect("127.0.0.1:9001".parse().unwrap()));
     assert!(matches!(
-        out[2],
+        out[3],
         Action::Timer(TimerKind::Connect { attempt: 0 }, _)
     ));
     assert_eq!(c.stage(), Stage::Connecting { attempt: 0 });
     out.clear();
+    c.on_recv_end(Side::Client, RecvEnd::Stopped, &mut out);
+    assert!(out.is_empty(), "{out:?}");
 
     c.on_connect(Ok(()), &mut out);
     assert_eq!(out[0], Action::ArmRecv(Side::Backend));
-    assert!(matches!(out[1], Action::Timer(TimerKind::Response, _)));
+    assert!(matches!(
+        out[1],
+        Action::Timer(TimerKind::Response { seq: 1 }, _)
+    ));
     assert_eq!(out[2], Action::Send(Side::Backend));
     let Some(Payload::Owned(o)) = c.front(Side::Backend) else {
         panic!()
@@ -109,7 +119,14 @@ fn handshake_in_two_pieces_then_relay() {
     c.on_send(Side::Backend, Ok(n), &mut out);
     assert!(out.is_empty(), "{out:?}");
     c.on_recv(Side::Backend, 5, response().as_bytes(), &mut out);
-    assert_eq!(out, vec![Action::Release(5), Action::Send(Side::Client)]);
+    assert_eq!(
+        out,
+        vec![
+            Action::Release(5),
+            Action::Send(Side::Client),
+            Action::ArmRecv(Side::Client)
+        ]
+    );
     assert_eq!(c.stage(), Stage::Relaying);
     assert_eq!(c.status, Some(101));
 }
@@ -214,6 +231,7 @@ fn failed_connect_tries_next_then_502() {
     let mut out = Vec::new();
     let mut c = Conn::accept(s.clone(), client(), &mut out);
     c.on_recv(Side::Client, 1, request().as_bytes(), &mut out);
+    c.on_recv_end(Side::Client, RecvEnd::Stopped, &mut out);
     let first = out
         .iter()
         .find_map(|a| {
@@ -250,7 +268,13 @@ fn failed_connect_tries_next_then_502() {
     out.clear();
     let n = c.front(Side::Client).unwrap().remaining();
     c.on_send(Side::Client, Ok(n), &mut out);
-    assert_eq!(out, vec![Action::ShutdownWrite(Side::Client)]);
+    assert_eq!(
+        out,
+        vec![
+            Action::ShutdownWrite(Side::Client),
+            Action::ArmRecv(Side::Client)
+        ]
+    );
     out.clear();
     c.on_recv(Side::Client, 7, b"more", &mut out);
     assert_eq!(out, vec![Action::Release(7)]);
@@ -265,6 +289,7 @@ fn connect_timer_cancels_and_last_timeout_is_504() {
     let mut out = Vec::new();
     let mut c = Conn::accept(s.clone(), client(), &mut out);
     c.on_recv(Side::Client, 1, request().as_bytes(), &mut out);
+    c.on_recv_end(Side::Client, RecvEnd::Stopped, &mut out);
     out.clear();
     c.on_timer(TimerKind::Connect { attempt: 7 }, &mut out);
     assert!(out.is_empty(), "a stale timer must do nothing");
@@ -286,7 +311,7 @@ fn handshake_timer_closes_only_while_reading_head() {
     let mut c = relaying(&s);
     out.clear();
     c.on_timer(TimerKind::Handshake { req: 0 }, &mut out);
-    c.on_timer(TimerKind::Response, &mut out);
+    c.on_timer(TimerKind::Response { seq: 1 }, &mut out);
     assert!(
         out.is_empty(),
         "a relaying connection has no timers: {out:?}"
@@ -294,31 +319,164 @@ fn handshake_timer_closes_only_while_reading_head() {
 }
 
 #[test]
-fn early_client_bytes_wait_for_the_connect_and_follow_the_head() {
+fn early_client_bytes_wait_for_the_101_and_follow_the_head() {
     let s = snap(&["127.0.0.1:9001"], "");
     let mut out = Vec::new();
     let mut c = Conn::accept(s.clone(), client(), &mut out);
     let mut first = request().into_bytes();
     first.extend_from_slice(b"F1");
     c.on_recv(Side::Client, 1, &first, &mut out);
+    // Arrived before the recv's cancel took effect.
     c.on_recv(Side::Client, 2, b"F2", &mut out);
-    assert!(
-        !out.contains(&Action::Send(Side::Backend)),
-        "sent before connected: {out:?}"
-    );
+    assert!(out.contains(&Action::Release(2)), "{out:?}");
+    c.on_recv_end(Side::Client, RecvEnd::Stopped, &mut out);
     out.clear();
     c.on_connect(Ok(()), &mut out);
     let Some(Payload::Owned(o)) = c.front(Side::Backend) else {
         panic!()
     };
-    let data = &o.data;
-    assert!(data.ends_with(b"\r\n\r\nF1"));
-    let n = data.len();
+    let data = o.data.clone();
+    assert!(
+        data.ends_with(b"\r\n\r\n"),
+        "only the head goes before the 101"
+    );
+    c.on_send(Side::Backend, Ok(data.len()), &mut out);
+    assert!(c.front(Side::Backend).is_none());
+    out.clear();
+    c.on_recv(Side::Backend, 3, response().as_bytes(), &mut out);
+    let Some(Payload::Owned(o)) = c.front(Side::Backend) else {
+        panic!("held bytes not queued: {out:?}")
+    };
+    assert_eq!(o.data, b"F1F2");
+    assert!(out.contains(&Action::Send(Side::Backend)), "{out:?}");
+    assert!(out.contains(&Action::ArmRecv(Side::Client)), "{out:?}");
+}
+
+#[test]
+fn early_client_bytes_are_dropped_when_the_upgrade_is_declined() {
+    let s = snap(&["127.0.0.1:9001"], "");
+    let mut out = Vec::new();
+    let mut c = Conn::accept(s.clone(), client(), &mut out);
+    let mut first = request().into_bytes();
+    first.extend_from_slice(b"GET /admin HTTP/1.1\r\nHost: h\r\n\r\n");
+    c.on_recv(Side::Client, 1, &first, &mut out);
+    c.on_recv_end(Side::Client, RecvEnd::Stopped, &mut out);
+    c.on_connect(Ok(()), &mut out);
+    let n = c.front(Side::Backend).unwrap().remaining();
     c.on_send(Side::Backend, Ok(n), &mut out);
-    assert!(matches!(
-        c.front(Side::Backend),
-        Some(Payload::Ring { bid: 2, .. })
-    ));
+    out.clear();
+    c.on_recv(
+        Side::Backend,
+        2,
+        b"HTTP/1.1 403 Forbidden\r\nContent-Length: 0\r\n\r\n",
+        &mut out,
+    );
+    assert!(c.front(Side::Backend).is_none());
+    assert!(!out.contains(&Action::Send(Side::Backend)), "{out:?}");
+    assert!(!out.contains(&Action::ArmRecv(Side::Client)), "{out:?}");
+}
+
+#[test]
+fn a_plain_request_forwards_its_body_and_nothing_after() {
+    let s = snap(&["127.0.0.1:9001"], "");
+    let mut out = Vec::new();
+    let mut c = Conn::accept(s.clone(), client(), &mut out);
+    c.on_recv(
+        Side::Client,
+        1,
+        b"POST /x HTTP/1.1\r\nHost: h\r\nContent-Length: 6\r\n\r\nab",
+        &mut out,
+    );
+    assert!(!out.contains(&Action::CancelRecv(Side::Client)), "{out:?}");
+    c.on_connect(Ok(()), &mut out);
+    assert!(
+        out.iter()
+            .any(|a| matches!(a, Action::Timer(TimerKind::Upload { .. }, _))),
+        "the upload is timed by its progress: {out:?}"
+    );
+    let n = c.front(Side::Backend).unwrap().remaining();
+    c.on_send(Side::Backend, Ok(n), &mut out);
+    out.clear();
+    c.on_recv(Side::Client, 2, b"cdefGET /admin", &mut out);
+    assert!(
+        matches!(
+            c.front(Side::Backend),
+            Some(Payload::Ring {
+                bid: 2,
+                start: 0,
+                len: 4
+            })
+        ),
+        "{:?}",
+        c.front(Side::Backend)
+    );
+    assert!(out.contains(&Action::CancelRecv(Side::Client)), "{out:?}");
+    assert!(
+        out.iter()
+            .any(|a| matches!(a, Action::Timer(TimerKind::Response { .. }, _))),
+        "the backend's time starts when the body is in: {out:?}"
+    );
+}
+
+fn timer_of(out: &[Action], upload: bool) -> Option<TimerKind> {
+    out.iter().find_map(|a| match a {
+        Action::Timer(k @ TimerKind::Upload { .. }, _) if upload => Some(*k),
+        Action::Timer(k @ TimerKind::Response { .. }, _) if !upload => Some(*k),
+        _ => None,
+    })
+}
+
+#[test]
+fn timers_of_an_earlier_attempt_or_phase_do_not_fire() {
+    let s = snap(&["127.0.0.1:9001", "127.0.0.1:9002"], "");
+    let mut out = Vec::new();
+    let mut c = Conn::accept(s.clone(), client(), &mut out);
+    c.on_recv(
+        Side::Client,
+        1,
+        b"GET /x HTTP/1.1\r\nHost: h\r\n\r\n",
+        &mut out,
+    );
+    c.on_connect(Ok(()), &mut out);
+    let first = timer_of(&out, false).unwrap();
+    let n = c.front(Side::Backend).unwrap().remaining();
+    c.on_send(Side::Backend, Ok(n), &mut out);
+    // The first backend fails; the request goes to the second.
+    c.on_recv_end(Side::Backend, RecvEnd::Eof, &mut out);
+    c.on_backend_released(&mut out);
+    c.on_connect(Ok(()), &mut out);
+    assert_eq!(c.stage(), Stage::AwaitingResponse);
+    out.clear();
+    c.on_timer(first, &mut out);
+    assert!(out.is_empty(), "the first attempt's timer fired: {out:?}");
+    assert_eq!(c.stage(), Stage::AwaitingResponse);
+}
+
+#[test]
+fn a_moving_upload_is_never_timed_out_and_a_stalled_one_is() {
+    let s = snap(&["127.0.0.1:9001"], "");
+    let mut out = Vec::new();
+    let mut c = Conn::accept(s.clone(), client(), &mut out);
+    c.on_recv(
+        Side::Client,
+        1,
+        b"PUT /x HTTP/1.1\r\nHost: h\r\nContent-Length: 100\r\n\r\n",
+        &mut out,
+    );
+    out.clear();
+    c.on_connect(Ok(()), &mut out);
+    let mut timer = timer_of(&out, true).unwrap();
+    for bid in 2..6 {
+        c.on_recv(Side::Client, bid, b"0123456789", &mut out);
+        out.clear();
+        c.on_timer(timer, &mut out);
+        timer = timer_of(&out, true).expect("a moving upload gets another period");
+        assert_eq!(c.stage(), Stage::AwaitingResponse);
+    }
+    out.clear();
+    c.on_timer(timer, &mut out);
+    assert_eq!(c.stage(), Stage::Responding);
+    assert_eq!(c.status, Some(408));
 }
 
 #[test]
@@ -345,7 +503,24 @@ fn non_101_response_ends_with_its_body() {
     ));
     out.clear();
     c.on_send(Side::Client, Ok(2), &mut out);
-    assert_eq!(out, vec![Action::Release(3), Action::Close]);
+    // The answer is out; the client may still be sending, so it is read
+    // and discarded until it closes (a reset could destroy the answer).
+    assert_eq!(
+        out,
+        vec![
+            Action::Release(3),
+            Action::AbortBackend,
+            Action::ShutdownWrite(Side::Client),
+            Action::ArmRecv(Side::Client),
+            Action::Timer(TimerKind::Linger, s.config.server.linger_timeout),
+        ]
+    );
+    out.clear();
+    c.on_recv(Side::Client, 4, b"GET /next HTTP/1.1\r\n", &mut out);
+    assert_eq!(out, vec![Action::Release(4)]);
+    out.clear();
+    c.on_recv_end(Side::Client, RecvEnd::Eof, &mut out);
+    assert_eq!(out, vec![Action::Close]);
 }
 
 #[test]
@@ -561,25 +736,22 @@ fn backend_reset_before_answer_resends_the_request_to_the_next_backend() {
     let mut bytes = request().into_bytes();
     bytes.extend_from_slice(b"\x81\x80abcd"); // an empty masked text frame, sent eagerly
     c.on_recv(Side::Client, 1, &bytes, &mut out);
+    // More of the client's bytes, read before its recv stopped.
+    c.on_recv(Side::Client, 2, b"\x81\x80efgh", &mut out);
+    c.on_recv_end(Side::Client, RecvEnd::Stopped, &mut out);
     c.on_connect(Ok(()), &mut out);
     let sent = match c.front(Side::Backend) {
         Some(Payload::Owned(o)) => o.data.clone(),
         other => panic!("{other:?}"),
     };
-    assert!(sent.ends_with(b"\x81\x80abcd"));
+    assert!(sent.ends_with(b"\r\n\r\n"), "frames wait for the 101");
     c.on_send(Side::Backend, Ok(sent.len()), &mut out);
-    // More of the client's bytes go out before the backend fails.
-    c.on_recv(Side::Client, 2, b"\x81\x80efgh", &mut out);
     out.clear();
 
     c.on_recv_end(Side::Backend, RecvEnd::Error(libc::ECONNRESET), &mut out);
     assert_eq!(c.stage(), Stage::Retrying { attempt: 0 });
     assert!(out.contains(&Action::ReleaseBackend), "{out:?}");
     assert!(!out.iter().any(|a| matches!(a, Action::Send(Side::Client))));
-    // The send of the second frame ends (cancelled) after the failure.
-    out.clear();
-    c.on_send(Side::Backend, Err(libc::ECANCELED), &mut out);
-    assert_eq!(out, vec![Action::Release(2)]);
     out.clear();
 
     c.on_backend_released(&mut out);
@@ -589,17 +761,19 @@ fn backend_reset_before_answer_resends_the_request_to_the_next_backend() {
         Some(Payload::Owned(o)) => o.data.clone(),
         other => panic!("{other:?}"),
     };
-    let mut want = sent.clone();
-    want.extend_from_slice(b"\x81\x80efgh");
-    assert_eq!(again, want, "everything the first backend got, in order");
+    assert_eq!(again, sent, "the same head, and only the head");
     out.clear();
 
-    // The second backend answers: the session relays as usual.
+    // The second backend answers: the held frames follow, in order.
     c.on_connect(Ok(()), &mut out);
-    c.on_send(Side::Backend, Ok(want.len()), &mut out);
+    c.on_send(Side::Backend, Ok(sent.len()), &mut out);
     c.on_recv(Side::Backend, 3, response().as_bytes(), &mut out);
     assert_eq!(c.stage(), Stage::Relaying);
     assert_eq!(c.status, Some(101));
+    let Some(Payload::Owned(o)) = c.front(Side::Backend) else {
+        panic!()
+    };
+    assert_eq!(o.data, b"\x81\x80abcd\x81\x80efgh");
 }
 
 #[test]
@@ -621,6 +795,7 @@ fn post_or_a_partly_answered_request_is_not_resent() {
 
     let mut c = Conn::accept(s.clone(), client(), &mut out);
     c.on_recv(Side::Client, 1, request().as_bytes(), &mut out);
+    c.on_recv_end(Side::Client, RecvEnd::Stopped, &mut out);
     c.on_connect(Ok(()), &mut out);
     c.on_recv(Side::Backend, 2, b"HTTP/1.1 101 Swi", &mut out);
     out.clear();
@@ -670,6 +845,7 @@ fn a_websocket_session_never_gets_the_send_timer() {
     let mut out = Vec::new();
     let mut c = Conn::accept(s.clone(), client(), &mut out);
     c.on_recv(Side::Client, 1, request().as_bytes(), &mut out);
+    c.on_recv_end(Side::Client, RecvEnd::Stopped, &mut out);
     c.on_connect(Ok(()), &mut out);
     c.on_send(
         Side::Backend,
