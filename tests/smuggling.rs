@@ -349,3 +349,82 @@ async fn bytes_after_an_upgrade_head_wait_for_the_101() {
     assert_eq!(c.after, frame);
     drop(s);
 }
+
+/// A backend that reads a whole Content-Length body, then answers with its size.
+async fn body_counting_backend() -> SocketAddr {
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    tokio::spawn(async move {
+        while let Ok((mut s, _)) = listener.accept().await {
+            tokio::spawn(async move {
+                let head = String::from_utf8_lossy(&read_head(&mut s).await).to_string();
+                let len: usize = head
+                    .lines()
+                    .find_map(|l| l.strip_prefix("Content-Length: "))
+                    .and_then(|v| v.trim().parse().ok())
+                    .unwrap_or(0);
+                let mut body = vec![0u8; len];
+                if s.read_exact(&mut body).await.is_err() {
+                    return;
+                }
+                let answer = format!("got {len}");
+                let _ = s
+                    .write_all(
+                        format!(
+                            "HTTP/1.1 200 OK\r\nContent-Length: {}\r\n\r\n{answer}",
+                            answer.len()
+                        )
+                        .as_bytes(),
+                    )
+                    .await;
+            });
+        }
+    });
+    addr
+}
+
+/// `response_timeout` is the backend's time to answer, not the client's
+/// time to upload: a slow upload that keeps moving for longer than it is
+/// answered, and one that stops gets 408.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_slow_upload_longer_than_response_timeout_is_answered() {
+    let b = body_counting_backend().await;
+    let proxy = Proxy::start(&config(&[b], "", "response_timeout = \"1s\""));
+    let total = 25 * 2400;
+    let mut s = TcpStream::connect(proxy.addr()).await.unwrap();
+    s.write_all(
+        format!("PUT /up HTTP/1.1\r\nHost: h\r\nContent-Length: {total}\r\n\r\n").as_bytes(),
+    )
+    .await
+    .unwrap();
+    // 2.5 s at about 24 KB/s, well past the 1 s response_timeout.
+    let chunk = vec![b'u'; total / 25];
+    for _ in 0..25 {
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        s.write_all(&chunk).await.unwrap();
+    }
+    let resp = read_to_close(&mut s).await;
+    assert_eq!(
+        status_of(&resp),
+        200,
+        "{:?}",
+        String::from_utf8_lossy(&resp)
+    );
+    assert!(String::from_utf8_lossy(&resp).ends_with(&format!("got {total}")));
+
+    // The same upload stopping halfway.
+    let mut s = TcpStream::connect(proxy.addr()).await.unwrap();
+    s.write_all(
+        format!("PUT /up HTTP/1.1\r\nHost: h\r\nContent-Length: {total}\r\n\r\n").as_bytes(),
+    )
+    .await
+    .unwrap();
+    s.write_all(&chunk).await.unwrap();
+    let resp = read_to_close(&mut s).await;
+    assert_eq!(
+        status_of(&resp),
+        408,
+        "{:?}",
+        String::from_utf8_lossy(&resp)
+    );
+}
