@@ -93,6 +93,9 @@ struct FileServer {
     gzip_cache_size: Option<Spanned<i64>>,
     splice_min: Option<Spanned<i64>>,
     park_idle_after: Option<Spanned<String>>,
+    forwarded_for: Option<Spanned<String>>,
+    stalled_peer_timeout: Option<Spanned<String>>,
+    tcp_user_timeout: Option<Spanned<String>>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -215,6 +218,27 @@ pub struct ServerConfig {
     /// its recvs are swapped for readiness polls, which hold less kernel
     /// memory. `None`: never.
     pub park_idle_after: Option<Duration>,
+    /// What happens to an `X-Forwarded-For` the client sent.
+    pub forwarded_for: ForwardedFor,
+    /// A peer that takes no byte for this long while bytes wait for it is
+    /// closed. Not an idle timeout: a silent session with nothing pending
+    /// is never cut. `None`: never.
+    pub stalled_peer_timeout: Option<Duration>,
+    /// TCP_USER_TIMEOUT on both legs: unacknowledged data (or, on Linux
+    /// 5.11 and later, a zero window with data waiting) for this long ends
+    /// the connection. `None`: the kernel's default (about 15 minutes).
+    pub tcp_user_timeout: Option<Duration>,
+}
+
+/// `[server] forwarded_for`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ForwardedFor {
+    /// ringlb is the edge: the client's own `X-Forwarded-For` is dropped
+    /// and the backend sees only the address ringlb saw.
+    Replace,
+    /// Behind a trusted proxy: the client's list is kept and the address
+    /// ringlb saw is appended.
+    Append,
 }
 
 /// Where the access log goes: one JSON line per session, at its end.
@@ -358,6 +382,10 @@ pub const DEFAULT_GZIP_CACHE_SIZE: usize = 16 << 20;
 pub const DEFAULT_SPLICE_MIN: u64 = 64 * 1024;
 pub const DEFAULT_PARK_IDLE_AFTER: Duration = Duration::from_secs(5);
 pub const DEFAULT_GZIP_MIN_LENGTH: u64 = 256;
+/// Also the default `tcp_user_timeout`: on Linux 5.11+ the kernel ends a
+/// connection whose peer keeps a zero window for that long, so a shorter
+/// one would cut slow readers before ringlb's own rule does.
+pub const DEFAULT_STALLED_PEER_TIMEOUT: Duration = Duration::from_secs(300);
 pub const DEFAULT_GZIP_MAX_LENGTH: u64 = 1 << 20;
 
 impl Config {
@@ -454,6 +482,9 @@ impl ServerConfig {
             gzip_cache_size: DEFAULT_GZIP_CACHE_SIZE,
             splice_min: DEFAULT_SPLICE_MIN,
             park_idle_after: Some(DEFAULT_PARK_IDLE_AFTER),
+            forwarded_for: ForwardedFor::Replace,
+            stalled_peer_timeout: Some(DEFAULT_STALLED_PEER_TIMEOUT),
+            tcp_user_timeout: Some(DEFAULT_STALLED_PEER_TIMEOUT),
         }
     }
 }
@@ -579,6 +610,42 @@ fn validate(file: FileConfig, src: &Source<'_>, base: &Path) -> Result<Config, C
             None
         } else {
             Some(duration(src, v, "server.park_idle_after")?)
+        };
+    }
+    if let Some(v) = &s.forwarded_for {
+        server.forwarded_for =
+            match v.get_ref().as_str() {
+                "replace" => ForwardedFor::Replace,
+                "append" => ForwardedFor::Append,
+                _ => return Err(ConfigError::at(
+                    src,
+                    v.span(),
+                    "server.forwarded_for",
+                    "give \"replace\" (ringlb is the edge) or \"append\" (behind a trusted proxy)",
+                )),
+            };
+    }
+    if let Some(v) = &s.stalled_peer_timeout {
+        server.stalled_peer_timeout = if v.get_ref() == "off" {
+            None
+        } else {
+            Some(duration(src, v, "server.stalled_peer_timeout")?)
+        };
+    }
+    if let Some(v) = &s.tcp_user_timeout {
+        server.tcp_user_timeout = if v.get_ref() == "off" {
+            None
+        } else {
+            let d = duration(src, v, "server.tcp_user_timeout")?;
+            if d > Duration::from_millis(u32::MAX as u64) {
+                return Err(ConfigError::at(
+                    src,
+                    v.span(),
+                    "server.tcp_user_timeout",
+                    "at most 49 days",
+                ));
+            }
+            Some(d)
         };
     }
     if let Some(v) = &s.splice_min {

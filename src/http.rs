@@ -279,9 +279,13 @@ pub fn parse_request(
         if is_hop_by_hop(&lname) || is_owned_by_proxy(&lname) {
             continue;
         }
-        // The client may name more hop-by-hop headers; Host is never one,
-        // whatever it says, or the backend could not route the request.
-        if lname != "host" && conn_named.contains(&lname) {
+        // The client may name more hop-by-hop headers. Host is never one,
+        // whatever it says, or the backend could not route the request; nor
+        // are the handshake's own headers of an upgrade, which ringlb has
+        // just checked and the backend must see to compute its accept key.
+        let essential =
+            lname == "host" || (ws_key.is_some() && lname.starts_with("sec-websocket-"));
+        if !essential && conn_named.contains(&lname) {
             continue;
         }
         headers.push((h.name.to_string(), h.value.to_vec()));
@@ -325,14 +329,27 @@ fn is_hop_by_hop(lname: &str) -> bool {
     )
 }
 
-/// Headers ringlb sets itself; a client's copy would be spoofing.
+/// Headers ringlb sets itself, and those a backend could take for them
+/// (`Forwarded`, any `X-Forwarded-*`), in any spelling: CGI and WSGI servers
+/// map `X_Real_IP` and `X-Real-IP` to the same variable, so an underscore
+/// variant is the same header to them. A client's copy would be spoofing.
+/// (A client's `X-Forwarded-For` is kept, in its one proper spelling, only
+/// with `forwarded_for = "append"`.)
 fn is_owned_by_proxy(lname: &str) -> bool {
-    matches!(lname, "x-forwarded-for" | "x-real-ip" | "x-forwarded-proto")
+    let canon = lname.replace('_', "-");
+    matches!(canon.as_str(), "x-real-ip" | "forwarded") || canon.starts_with("x-forwarded-")
 }
 
 /// Writes the head sent to the backend. `target` is the (possibly rewritten)
-/// request target.
-pub fn forward_head(req: &Request, target: &str, client: IpAddr, extra: &[u8]) -> Vec<u8> {
+/// request target; `append_xff`: keep the client's `X-Forwarded-For` list
+/// in front of its address (behind a trusted proxy), else replace it.
+pub fn forward_head(
+    req: &Request,
+    target: &str,
+    client: IpAddr,
+    append_xff: bool,
+    extra: &[u8],
+) -> Vec<u8> {
     let mut out = Vec::with_capacity(
         256 + req
             .headers
@@ -357,7 +374,7 @@ pub fn forward_head(req: &Request, target: &str, client: IpAddr, extra: &[u8]) -
     }
     let ip = client.to_canonical().to_string();
     out.extend_from_slice(b"X-Forwarded-For: ");
-    if let Some(prev) = &req.forwarded_for {
+    if let Some(prev) = req.forwarded_for.as_ref().filter(|_| append_xff) {
         out.extend_from_slice(prev.as_bytes());
         out.extend_from_slice(b", ");
     }
@@ -450,9 +467,17 @@ pub fn parse_response(
             body: Body::UntilClose,
         }));
     }
+    let has_te = find("transfer-encoding").next().is_some();
+    if has_te && find("content-length").next().is_some() {
+        // Which one a cache in front believes decides where it thinks the
+        // next response starts (RFC 9112 §6.3): refuse to pass it on.
+        return Err(Reject::BadGateway(
+            "backend sent both Content-Length and Transfer-Encoding",
+        ));
+    }
     let body = if head_request || status == 204 || status == 304 {
         Body::None
-    } else if find("transfer-encoding").next().is_some() {
+    } else if has_te {
         Body::UntilClose
     } else {
         let mut lens = find("content-length").map(|v| {
@@ -571,6 +596,7 @@ mod tests {
             &r,
             "/x",
             "192.0.2.7".parse().unwrap(),
+            true,
             b"tail",
         ))
         .unwrap();
@@ -600,11 +626,80 @@ mod tests {
     }
 
     #[test]
+    fn forwarding_headers_in_any_spelling_are_ringlbs() {
+        let r = parse(&ws("X-Forwarded-For: 10.0.0.1\r\nX_Forwarded_For: 10.0.0.2\r\nX_Real_IP: 6.6.6.6\r\nx-real_ip: 6.6.6.7\r\nX_Forwarded_Proto: https\r\nForwarded: for=10.0.0.3\r\nX-Forwarded-Host: evil\r\nX-Forwarded-Port: 1\r\nX-Forwardedness: kept\r\n"))
+            .unwrap()
+            .unwrap();
+        let replaced = String::from_utf8(forward_head(
+            &r,
+            "/",
+            "192.0.2.7".parse().unwrap(),
+            false,
+            b"",
+        ))
+        .unwrap();
+        for gone in ["10.0.0", "6.6.6", "https", "evil", "Port", "Forwarded:"] {
+            assert!(!replaced.contains(gone), "{gone}: {replaced}");
+        }
+        assert!(
+            replaced.contains("X-Forwarded-For: 192.0.2.7\r\n"),
+            "{replaced}"
+        );
+        assert!(replaced.contains("X-Forwardedness: kept\r\n"), "{replaced}");
+        let appended = String::from_utf8(forward_head(
+            &r,
+            "/",
+            "192.0.2.7".parse().unwrap(),
+            true,
+            b"",
+        ))
+        .unwrap();
+        // Only the proper spelling is a list ringlb appends to.
+        assert!(
+            appended.contains("X-Forwarded-For: 10.0.0.1, 192.0.2.7\r\n"),
+            "{appended}"
+        );
+        assert!(!appended.contains("10.0.0.2"), "{appended}");
+    }
+
+    #[test]
+    fn websocket_headers_named_in_connection_still_reach_the_backend() {
+        let r = parse(&ws(
+            "Connection: Upgrade, Sec-WebSocket-Key, Sec-WebSocket-Version\r\n",
+        ))
+        .unwrap()
+        .unwrap();
+        let out = String::from_utf8(forward_head(
+            &r,
+            "/",
+            "192.0.2.7".parse().unwrap(),
+            false,
+            b"",
+        ))
+        .unwrap();
+        assert!(
+            out.contains(&format!("Sec-WebSocket-Key: {KEY}\r\n")),
+            "{out}"
+        );
+        assert!(out.contains("Sec-WebSocket-Version: 13\r\n"), "{out}");
+    }
+
+    #[test]
+    fn response_with_both_lengths_is_refused() {
+        let r =
+            b"HTTP/1.1 200 OK\r\nContent-Length: 5\r\nTransfer-Encoding: chunked\r\n\r\n0\r\n\r\n";
+        assert!(matches!(
+            parse_response(r, 16384, None, false),
+            Err(Reject::BadGateway(_))
+        ));
+    }
+
+    #[test]
     fn http10_stays_http10() {
         let r = parse("POST /api HTTP/1.0\r\nContent-Length: 2\r\n\r\nhi")
             .unwrap()
             .unwrap();
-        let out = forward_head(&r, "/", "127.0.0.1".parse().unwrap(), b"hi");
+        let out = forward_head(&r, "/", "127.0.0.1".parse().unwrap(), false, b"hi");
         assert!(out.starts_with(b"POST / HTTP/1.0\r\n"));
         assert!(out.ends_with(b"\r\n\r\nhi"));
     }
@@ -619,6 +714,7 @@ mod tests {
             &r,
             "/x",
             "::ffff:127.0.0.1".parse().unwrap(),
+            false,
             b"",
         ))
         .unwrap();
@@ -718,7 +814,7 @@ mod tests {
                 }
                 req.push_str("\r\n");
                 let Ok(Some(parsed)) = parse_request(req.as_bytes(), 16384, 100) else { return Ok(()) };
-                let out = String::from_utf8(forward_head(&parsed, "/p", "10.0.0.1".parse().unwrap(), b"")).unwrap();
+                let out = String::from_utf8(forward_head(&parsed, "/p", "10.0.0.1".parse().unwrap(), false, b"")).unwrap();
                 let names: Vec<String> = out.lines().skip(1).filter_map(|l| l.split_once(':')).map(|(n, _)| n.to_ascii_lowercase()).collect();
                 for hop in ["keep-alive", "te", "trailer", "proxy-connection", "proxy-authorization"] {
                     prop_assert!(!names.iter().any(|n| n == hop), "{hop} forwarded:\n{out}");

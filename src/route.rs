@@ -4,6 +4,8 @@
 //! `/capture/x` and `/capture?q`, but not `/captures`. A prefix that ends in
 //! `/` (like `/` itself) matches anything below it.
 
+use std::borrow::Cow;
+
 use crate::config::RouteConfig;
 
 #[derive(Debug, Clone)]
@@ -47,6 +49,83 @@ pub fn rewrite_target(route: &RouteConfig, target: &str) -> String {
     }
 }
 
+/// The request target with dot segments removed from its path (RFC 3986
+/// §5.2.4), `%2e` counting as a dot, so routing and the backend see the same
+/// path: `/public/../admin` is routed as `/admin`, as nginx does, and a
+/// backend that normalises paths itself cannot be led past a route.
+///
+/// Refused: a `..` that climbs above the root, and a dot segment hidden
+/// behind an encoded or back slash (`..%2f`, `..\`), which some backends
+/// decode into a separator after ringlb has routed the request.
+pub fn normalize_target(target: &str) -> Result<Cow<'_, str>, &'static str> {
+    let (path, query) = target.split_at(target.find('?').unwrap_or(target.len()));
+    let suspicious = path.contains('.') || path.contains('%') || path.contains('\\');
+    if !suspicious {
+        return Ok(Cow::Borrowed(target));
+    }
+    let segments: Vec<&str> = path.strip_prefix('/').unwrap_or(path).split('/').collect();
+    let mut kept: Vec<&str> = Vec::with_capacity(segments.len());
+    let mut changed = false;
+    let mut trailing_slash = false;
+    for (i, seg) in segments.iter().enumerate() {
+        let last = i + 1 == segments.len();
+        match dots(seg) {
+            Some(1) => {
+                changed = true;
+                trailing_slash = last;
+            }
+            Some(_) => {
+                changed = true;
+                if kept.pop().is_none() {
+                    return Err("path climbs above the root");
+                }
+                trailing_slash = last;
+            }
+            None => {
+                if hides_dot_segment(seg) {
+                    return Err("dot segment behind an encoded or back slash");
+                }
+                kept.push(seg);
+            }
+        }
+    }
+    if !changed {
+        return Ok(Cow::Borrowed(target));
+    }
+    let mut out = String::with_capacity(target.len());
+    out.push('/');
+    out.push_str(&kept.join("/"));
+    if trailing_slash && !kept.is_empty() {
+        out.push('/');
+    }
+    out.push_str(query);
+    Ok(Cow::Owned(out))
+}
+
+/// `Some(1)` for `.`, `Some(2)` for `..`, with `%2e` for any dot.
+fn dots(seg: &str) -> Option<u8> {
+    let decoded = decode_dots(seg);
+    match decoded.as_str() {
+        "." => Some(1),
+        ".." => Some(2),
+        _ => None,
+    }
+}
+
+fn decode_dots(seg: &str) -> String {
+    seg.replace("%2e", ".").replace("%2E", ".")
+}
+
+fn hides_dot_segment(seg: &str) -> bool {
+    let decoded = decode_dots(seg)
+        .replace("%2f", "/")
+        .replace("%2F", "/")
+        .replace("%5c", "/")
+        .replace("%5C", "/")
+        .replace('\\', "/");
+    decoded.split('/').any(|p| p == "." || p == "..")
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -59,6 +138,37 @@ mod tests {
             strip_prefix: strip,
             websocket_only: false,
             response_timeout: None,
+        }
+    }
+
+    #[test]
+    fn dot_segments_are_removed_before_routing() {
+        for (from, to) in [
+            ("/a/b", "/a/b"),
+            ("/a/b?x=/../y", "/a/b?x=/../y"),
+            ("/public/../admin/users", "/admin/users"),
+            ("/public/%2e%2e/admin", "/admin"),
+            ("/public/%2E./ws/x", "/ws/x"),
+            ("/a/./b/.", "/a/b/"),
+            ("/a/b/..", "/a/"),
+            ("/a/..", "/"),
+            ("/.", "/"),
+            ("/a//../b", "/a/b"),
+            ("/v1.2/file.tar.gz", "/v1.2/file.tar.gz"),
+            ("/...", "/..."),
+            ("/a%2Fb", "/a%2Fb"),
+        ] {
+            assert_eq!(normalize_target(from).as_deref(), Ok(to), "{from}");
+        }
+        for bad in [
+            "/..",
+            "/a/../..",
+            "/%2e%2e/x",
+            "/a/..%2f..%2fetc",
+            "/a/..\\x",
+            "/a/%2e%2e%5cb",
+        ] {
+            assert!(normalize_target(bad).is_err(), "{bad} accepted");
         }
     }
 

@@ -428,3 +428,138 @@ async fn a_slow_upload_longer_than_response_timeout_is_answered() {
         String::from_utf8_lossy(&resp)
     );
 }
+
+/// Dot segments are resolved before routing, so a path cannot reach a
+/// backend through a route it does not belong to.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn dot_segments_are_resolved_before_routing() {
+    let public = Backend::start().await;
+    let ws = Backend::start().await;
+    let toml = format!(
+        r#"[server]
+listen = ["127.0.0.1:0"]
+shards = 1
+
+[[route]]
+path = "/public"
+upstream = "public"
+strip_prefix = true
+
+[[route]]
+path = "/ws"
+upstream = "ws"
+websocket_only = true
+
+[upstream.public]
+servers = [{{ addr = "{}" }}]
+[upstream.ws]
+servers = [{{ addr = "{}" }}]
+"#,
+        public.addr, ws.addr
+    );
+    let proxy = Proxy::start(&toml);
+    let get = |path: &str| format!("GET {path} HTTP/1.1\r\nHost: h\r\n\r\n");
+    for (path, status) in [
+        // /admin has no route: a direct request gets 404, so must these.
+        ("/public/../admin/users", 404),
+        ("/public/%2e%2e/admin/users", 404),
+        ("/public/%2E%2e/admin/users", 404),
+        // /ws only takes upgrades, however it is spelled.
+        ("/public/../ws/x", 426),
+        ("/public/%2e%2e/ws/x", 426),
+        // Climbing above the root, or dots behind an encoded slash.
+        ("/public/../../etc/passwd", 400),
+        ("/public/..%2f..%2fadmin", 400),
+        ("/public/..\\admin", 400),
+    ] {
+        let resp = raw_exchange(proxy.addr(), get(path).as_bytes()).await;
+        assert_eq!(
+            status_of(&resp),
+            status,
+            "{path}: {:?}",
+            String::from_utf8_lossy(&resp)
+        );
+    }
+    // A normalised path is what the backend sees, prefix stripped.
+    connect(&proxy.url("/public/a/../b/./c?q=1")).await;
+    assert_eq!(public.last_request().0, "/b/c?q=1");
+}
+
+fn header_values(headers: &[(String, String)], name: &str) -> Vec<String> {
+    headers
+        .iter()
+        .filter(|(k, _)| k.eq_ignore_ascii_case(name))
+        .map(|(_, v)| v.clone())
+        .collect()
+}
+
+/// At the edge (the default), the client's forwarding headers are dropped in
+/// every spelling; behind a trusted proxy, its X-Forwarded-For is appended to.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn forwarding_headers_belong_to_ringlb() {
+    let b = Backend::start().await;
+    let spoof = "X-Forwarded-For: 203.0.113.9\r\nX_Forwarded_For: 203.0.113.10\r\nX_Real_IP: 6.6.6.6\r\nX-Real_IP: 6.6.6.7\r\nX_Forwarded_Proto: https\r\nForwarded: for=10.9.9.9\r\nX-Forwarded-Host: evil.example\r\n";
+    for (mode, xff) in [
+        ("", "127.0.0.1"),
+        ("forwarded_for = \"append\"", "203.0.113.9, 127.0.0.1"),
+    ] {
+        let proxy = Proxy::start(&config(&[b.addr], mode, ""));
+        let mut s = TcpStream::connect(proxy.addr()).await.unwrap();
+        s.write_all(upgrade_request("/", spoof).as_bytes())
+            .await
+            .unwrap();
+        assert_eq!(status_of(&read_head(&mut s).await), 101);
+        let (_, headers) = b.last_request();
+        assert_eq!(
+            header_values(&headers, "x-forwarded-for"),
+            vec![xff],
+            "{mode}"
+        );
+        assert_eq!(header_values(&headers, "x-real-ip"), vec!["127.0.0.1"]);
+        assert_eq!(header_values(&headers, "x-forwarded-proto"), vec!["http"]);
+        for gone in [
+            "x_forwarded_for",
+            "x_real_ip",
+            "x-real_ip",
+            "x_forwarded_proto",
+            "forwarded",
+            "x-forwarded-host",
+        ] {
+            assert!(
+                header_values(&headers, gone).is_empty(),
+                "{gone}: {headers:?}"
+            );
+        }
+    }
+}
+
+/// A client naming the handshake's own headers as hop-by-hop still gets a
+/// working upgrade (they used to be stripped, and the backend's accept key
+/// then failed ringlb's check).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn connection_naming_the_websocket_key_still_upgrades() {
+    let b = Backend::start().await;
+    let proxy = Proxy::start(&config(&[b.addr], "", ""));
+    let mut s = TcpStream::connect(proxy.addr()).await.unwrap();
+    let req = upgrade_request("/", "Connection: Upgrade, Sec-WebSocket-Key\r\n");
+    s.write_all(req.as_bytes()).await.unwrap();
+    let head = read_head(&mut s).await;
+    assert_eq!(status_of(&head), 101, "{}", String::from_utf8_lossy(&head));
+}
+
+/// A backend answer framed two ways is not passed on.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_answer_with_both_lengths_is_a_502() {
+    let (b, _heads) = scripted_backend(
+        b"HTTP/1.1 200 OK\r\nContent-Length: 3\r\nTransfer-Encoding: chunked\r\n\r\n0\r\n\r\nHTTP/1.1 200 OK\r\n\r\n".to_vec(),
+    )
+    .await;
+    let proxy = Proxy::start(&config(&[b], "", ""));
+    let resp = raw_exchange(proxy.addr(), b"GET /x HTTP/1.1\r\nHost: h\r\n\r\n").await;
+    assert_eq!(
+        status_of(&resp),
+        502,
+        "{:?}",
+        String::from_utf8_lossy(&resp)
+    );
+}

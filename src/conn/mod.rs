@@ -277,6 +277,7 @@ enum Splice {
 pub struct Done {
     pub status: u16,
     pub route: Option<Arc<str>>,
+    pub path: Option<Box<str>>,
     pub bytes_from_client: u64,
     pub bytes_to_client: u64,
 }
@@ -425,6 +426,8 @@ pub struct Conn {
     peer_eof: [bool; 2],
     /// The route prefix matched, for the access log.
     pub route: Option<Arc<str>>,
+    /// The current request's path (normalised, no query), for the access log.
+    pub path: Option<Box<str>>,
     /// The backend tried last, for the access log.
     pub backend: Option<SocketAddr>,
 
@@ -490,6 +493,7 @@ impl Conn {
             going_away: false,
             peer_eof: [false, false],
             route: None,
+            path: None,
             backend: None,
 
             max_queue,
@@ -1525,11 +1529,17 @@ impl Conn {
         let server = &hs.snap.config.server;
         let parsed =
             http::parse_request(&hs.head, server.max_request_head.get(), server.max_headers);
-        let req = match parsed {
+        let mut req = match parsed {
             Ok(None) => return,
             Ok(Some(req)) => req,
             Err(reject) => return self.respond(reject, out),
         };
+        match route::normalize_target(&req.target) {
+            Ok(std::borrow::Cow::Borrowed(_)) => {}
+            Ok(std::borrow::Cow::Owned(t)) => req.target = t,
+            Err(why) => return self.respond(Reject::BadRequest(why), out),
+        }
+        self.path = Some(req.path().into());
         let Some(route) = hs.snap.router.find(req.path()).cloned() else {
             return self.respond(Reject::NotFound, out);
         };
@@ -1566,7 +1576,8 @@ impl Conn {
                 },
             }
         };
-        let forwarded = http::forward_head(&req, &target, ip, &extra[..body_part]);
+        let append_xff = hs.snap.config.server.forwarded_for == crate::config::ForwardedFor::Append;
+        let forwarded = http::forward_head(&req, &target, ip, append_xff, &extra[..body_part]);
         if upload == Upload::HeldFor101 {
             hs.early = extra;
         }
@@ -1899,6 +1910,7 @@ impl Conn {
         out.push(Action::RequestDone(Box::new(Done {
             status: serve.status,
             route: self.route.take(),
+            path: self.path.take(),
             bytes_from_client: self.bytes_to(Side::Backend),
             bytes_to_client: self.bytes_to(Side::Client),
         })));
