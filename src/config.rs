@@ -600,10 +600,8 @@ fn validate(file: FileConfig, src: &Source<'_>, base: &Path) -> Result<Config, C
         ));
     }
 
-    let admin = match file.admin {
-        Some(a) => Some(AdminConfig {
-            listen: socket_addr(src, &a.listen, "admin.listen")?,
-        }),
+    let admin = match &file.admin {
+        Some(a) => Some(admin_config(src, a, &server.listen)?),
         None => None,
     };
 
@@ -621,7 +619,7 @@ fn validate(file: FileConfig, src: &Source<'_>, base: &Path) -> Result<Config, C
                         "give \"off\", \"stderr\" or a file path",
                     ))
                 }
-                path => AccessLog::File(PathBuf::from(path)),
+                _ => AccessLog::File(access_log_path(src, a)?),
             };
         }
         if let Some(v) = &l.level {
@@ -834,6 +832,67 @@ fn validate(file: FileConfig, src: &Source<'_>, base: &Path) -> Result<Config, C
         upstreams,
         source: None,
     })
+}
+
+fn admin_config(
+    src: &Source<'_>,
+    a: &FileAdmin,
+    listen: &[SocketAddr],
+) -> Result<AdminConfig, ConfigError> {
+    let addr = socket_addr(src, &a.listen, "admin.listen")?;
+    // `run` binds the listen addresses first; an admin address that shares
+    // a port with one of them would then fail to bind. Say so here, so
+    // `check` refuses it too.
+    if let Some(l) = listen.iter().find(|l| ports_overlap(addr, **l)) {
+        return Err(ConfigError::at(
+            src,
+            a.listen.span(),
+            "admin.listen",
+            format!("{addr} takes the same port as server.listen {l}; give the admin API a port of its own"),
+        ));
+    }
+    Ok(AdminConfig { listen: addr })
+}
+
+/// True if binding `admin` would collide with a listener on `listen`
+/// (SO_REUSEPORT on the listeners, not on the admin socket).
+fn ports_overlap(admin: SocketAddr, listen: SocketAddr) -> bool {
+    if admin.port() != listen.port() || admin.port() == 0 {
+        return false;
+    }
+    let (a, l) = (admin.ip(), listen.ip());
+    let same_family = a.is_ipv4() == l.is_ipv4();
+    // An admin socket on [::] is dual-stack (std leaves IPV6_V6ONLY off),
+    // so it takes the IPv4 port as well; listeners on [::] are v6-only.
+    a == l
+        || (same_family && (a.is_unspecified() || l.is_unspecified()))
+        || (a.is_ipv6() && a.is_unspecified())
+}
+
+/// An access log file must be creatable when `run` opens it: its directory
+/// has to exist (it is taken as written: relative to the working directory,
+/// like the daemon opens it).
+fn access_log_path(src: &Source<'_>, v: &Spanned<String>) -> Result<PathBuf, ConfigError> {
+    let path = PathBuf::from(v.get_ref());
+    let dir = match path.parent() {
+        Some(d) if !d.as_os_str().is_empty() => d,
+        _ => Path::new("."),
+    };
+    let problem = if !dir.is_dir() {
+        Some(format!(
+            "{}: directory {} does not exist",
+            path.display(),
+            dir.display()
+        ))
+    } else if path.is_dir() {
+        Some(format!("{} is a directory", path.display()))
+    } else {
+        None
+    };
+    match problem {
+        Some(msg) => Err(ConfigError::at(src, v.span(), "log.access", msg)),
+        None => Ok(path),
+    }
 }
 
 fn static_config(
@@ -1157,6 +1216,51 @@ servers = [{ addr = "127.0.0.1:9001" }]
         assert_eq!(parse_duration("2m").unwrap(), Duration::from_secs(120));
         assert!(parse_duration("10").is_err());
         assert!(parse_duration("s").is_err());
+    }
+
+    #[test]
+    fn admin_port_must_not_overlap_a_listener() {
+        let with_admin = |listen: &str, admin: &str| {
+            MIN.replace("127.0.0.1:8080", listen) + &format!("\n[admin]\nlisten = \"{admin}\"\n")
+        };
+        for (listen, admin) in [
+            ("127.0.0.1:8080", "127.0.0.1:8080"),
+            ("0.0.0.0:8080", "127.0.0.1:8080"),
+            ("127.0.0.1:8080", "0.0.0.0:8080"),
+            ("127.0.0.1:8080", "[::]:8080"),
+            ("[::1]:8080", "[::]:8080"),
+        ] {
+            let e = err(&with_admin(listen, admin));
+            assert!(e.contains(": admin.listen: "), "{listen} {admin}: {e}");
+            assert!(e.contains(listen), "{e}");
+        }
+        for (listen, admin) in [
+            ("127.0.0.1:8080", "127.0.0.1:9090"),
+            ("127.0.0.1:8080", "127.0.0.2:8080"),
+            ("127.0.0.1:0", "127.0.0.1:0"),
+            ("[::]:8080", "127.0.0.1:8080"),
+        ] {
+            Config::parse(&with_admin(listen, admin), "t")
+                .unwrap_or_else(|e| panic!("{listen} {admin}: {e}"));
+        }
+    }
+
+    #[test]
+    fn access_log_directory_must_exist() {
+        let dir = tempfile::tempdir().unwrap();
+        let log = |p: &Path| format!("{MIN}\n[log]\naccess = {:?}\n", p.display().to_string());
+        let missing = dir.path().join("nope/access.log");
+        let e = err(&log(&missing));
+        assert!(e.contains(": log.access: "), "{e}");
+        assert!(e.contains(&missing.display().to_string()), "{e}");
+        assert!(e.contains("does not exist"), "{e}");
+        let e = err(&log(dir.path()));
+        assert!(
+            e.contains("log.access") && e.contains("is a directory"),
+            "{e}"
+        );
+        let c = Config::parse(&log(&dir.path().join("access.log")), "t").unwrap();
+        assert_eq!(c.log.access, AccessLog::File(dir.path().join("access.log")));
     }
 
     #[test]
