@@ -528,3 +528,72 @@ async fn second_sigterm_stops_at_once() {
         .expect("second SIGTERM did not stop ringlb");
     assert!(st.success(), "{st:?}");
 }
+
+/// buffers_per_shard is fixed for the life of the process. A file that
+/// changes it is refused as a whole: its other settings (here a
+/// max_buffers_per_direction that fits only the new buffers_per_shard, and a
+/// new backend) do not run on top of the old value.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn reload_that_changes_a_restart_only_key_is_refused() {
+    let a = Backend::start().await;
+    let b = Backend::start().await;
+    let proxy = Proxy::start(&with_admin(
+        &[a.addr],
+        "buffers_per_shard = 32\nmax_buffers_per_direction = 8",
+        "",
+    ));
+    let new = with_admin(
+        &[b.addr],
+        "buffers_per_shard = 64\nmax_buffers_per_direction = 32",
+        "",
+    );
+    ringlb::config::Config::parse(&new, "new.toml").expect("the new file is valid alone");
+    std::fs::write(&proxy.config_path, &new).unwrap();
+    proxy.signal("HUP");
+    let line = proxy.wait_log("reload rejected", Duration::from_secs(10));
+    assert!(
+        line.contains("server.buffers_per_shard") && line.contains("restart"),
+        "{line}"
+    );
+    let m = scrape(&proxy);
+    assert_eq!(m["ringlb_config_reloads_total{result=error}"], 1.0);
+    assert_eq!(m["ringlb_config_reloads_total{result=ok}"], 0.0);
+    let mut ws = connect(&proxy.url("/")).await;
+    echo(&mut ws, "old config").await;
+    assert_eq!((a.active(), b.active()), (1, 0), "the old backend set runs");
+
+    // The same file with the running buffers_per_shard fails the cross-check
+    // it would have skipped before.
+    std::fs::write(
+        &proxy.config_path,
+        new.replace("buffers_per_shard = 64", "buffers_per_shard = 32"),
+    )
+    .unwrap();
+    proxy.signal("HUP");
+    wait_until("second rejection", || {
+        scrape(&proxy)["ringlb_config_reloads_total{result=error}"] == 2.0
+    })
+    .await;
+    assert!(proxy
+        .log
+        .lock()
+        .unwrap()
+        .iter()
+        .any(|l| l.contains("reload rejected") && l.contains("max_buffers_per_direction")));
+
+    // Unchanged restart-only keys reload as usual.
+    std::fs::write(
+        &proxy.config_path,
+        with_admin(
+            &[b.addr],
+            "buffers_per_shard = 32\nmax_buffers_per_direction = 8",
+            "",
+        ),
+    )
+    .unwrap();
+    proxy.signal("HUP");
+    proxy.wait_log("reloaded", Duration::from_secs(10));
+    let mut ws2 = connect(&proxy.url("/")).await;
+    echo(&mut ws2, "new config").await;
+    assert_eq!((a.active(), b.active()), (1, 1));
+}
