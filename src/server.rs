@@ -188,6 +188,13 @@ impl Server {
         let config = Config::load(path)?;
         let old = self.control.snapshot();
         restart_only_unchanged(path, &old.config, &config)?;
+        // Every reload reopens the access log, at its new path if it moved:
+        // that is also how logrotate gets a fresh file (postrotate: kill -HUP).
+        // Opened before anything is swapped, so a failure changes nothing.
+        let mut logs = Vec::with_capacity(self.shards.len());
+        for _ in &self.shards {
+            logs.push(open_access_log(&config.log.access)?);
+        }
 
         // Listeners: bind new addresses before anything is swapped, so a
         // bind failure leaves everything as it was.
@@ -214,8 +221,9 @@ impl Server {
             .collect();
 
         let snap = Snapshot::reload(config, Some(&old));
-        for (s, socks) in self.shards.iter().zip(per_shard) {
+        for ((s, socks), log) in self.shards.iter().zip(per_shard).zip(logs) {
             let _ = s.commands.send(Command::Reload(snap.clone()));
+            let _ = s.commands.send(Command::AccessLog(AccessLogWriter(log)));
             if !socks.is_empty() {
                 let _ = s.commands.send(Command::AddListeners(socks));
             }
@@ -348,6 +356,19 @@ fn bind(addr: SocketAddr, backlog: i32) -> std::io::Result<TcpListener> {
     sock.bind(&addr.into())?;
     sock.listen(backlog)?;
     Ok(sock.into())
+}
+
+/// A shard's access log sink, as sent to it on reload.
+pub struct AccessLogWriter(pub Option<Box<dyn Write + Send>>);
+
+impl std::fmt::Debug for AccessLogWriter {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(if self.0.is_some() {
+            "AccessLogWriter(on)"
+        } else {
+            "AccessLogWriter(off)"
+        })
+    }
 }
 
 fn open_access_log(cfg: &AccessLog) -> anyhow::Result<Option<Box<dyn Write + Send>>> {
