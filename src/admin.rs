@@ -1,33 +1,42 @@
 //! The admin listener: `GET /metrics` (Prometheus text format 0.0.4),
 //! `GET /status` (JSON), `POST /backends/{upstream}/{addr}/drain|undrain`.
 //!
-//! One plain thread with blocking sockets: the admin API is queried a few
-//! times a minute, so it stays off the shards entirely. Every request gets
-//! one response and `Connection: close`.
+//! Plain threads with blocking sockets, off the shards entirely: the admin
+//! API is queried a few times a minute. One thread accepts; each connection
+//! gets a thread of its own, at most [`MAX_CONNECTIONS`] at once, so one
+//! slow client cannot hold the API for everyone. The request head must
+//! arrive within [`REQUEST_DEADLINE`] in total (not per read: a client
+//! trickling one byte a second would reset a per-read timeout for ever),
+//! and the answer must be taken within [`RESPONSE_DEADLINE`]. Every request
+//! gets one response and `Connection: close`.
 
 use std::fmt::Write as _;
-use std::io::{Read, Write};
+use std::io::{ErrorKind, Read, Write};
 use std::net::{SocketAddr, TcpListener, TcpStream};
-use std::sync::atomic::Ordering;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use crate::server::Control;
 use crate::stats::{BUCKETS, RESULTS};
 
+/// Admin connections served at once; the next one gets a quick 503.
+pub const MAX_CONNECTIONS: usize = 16;
+/// From accept until the whole request head is in.
+pub const REQUEST_DEADLINE: Duration = Duration::from_secs(5);
+/// From the request being complete until the whole answer is written.
+pub const RESPONSE_DEADLINE: Duration = Duration::from_secs(5);
+
 pub fn spawn(addr: SocketAddr, control: Arc<Control>) -> std::io::Result<SocketAddr> {
     let listener = TcpListener::bind(addr)?;
     let local = listener.local_addr()?;
+    let busy = Arc::new(AtomicUsize::new(0));
     std::thread::Builder::new()
         .name("ringlb-admin".into())
         .spawn(move || {
             for stream in listener.incoming() {
                 match stream {
-                    Ok(s) => {
-                        if let Err(e) = serve(s, &control) {
-                            log::debug!("admin request failed: {e}");
-                        }
-                    }
+                    Ok(s) => accept(s, &busy, &control),
                     Err(e) => {
                         log::warn!("admin accept failed: {e}");
                         std::thread::sleep(Duration::from_millis(100));
@@ -38,16 +47,76 @@ pub fn spawn(addr: SocketAddr, control: Arc<Control>) -> std::io::Result<SocketA
     Ok(local)
 }
 
+/// Holds one of the [`MAX_CONNECTIONS`] slots until dropped.
+struct Slot(Arc<AtomicUsize>);
+
+impl Drop for Slot {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::AcqRel);
+    }
+}
+
+fn accept(s: TcpStream, busy: &Arc<AtomicUsize>, control: &Arc<Control>) {
+    if busy.fetch_add(1, Ordering::AcqRel) >= MAX_CONNECTIONS {
+        busy.fetch_sub(1, Ordering::AcqRel);
+        refuse_busy(s);
+        return;
+    }
+    let slot = Slot(busy.clone());
+    let control = control.clone();
+    // If the thread cannot be spawned the closure is dropped, and the slot
+    // and the socket with it.
+    let spawned = std::thread::Builder::new()
+        .name("ringlb-admin-conn".into())
+        .spawn(move || {
+            let _slot = slot;
+            if let Err(e) = serve(s, &control) {
+                log::debug!("admin request failed: {e}");
+            }
+        });
+    if let Err(e) = spawned {
+        log::warn!("admin: cannot start a thread for a connection: {e}");
+    }
+}
+
+/// Answers 503 without ever blocking the accept thread: the socket is
+/// nonblocking and a fresh connection's send buffer is empty.
+fn refuse_busy(mut s: TcpStream) {
+    let body = "admin API busy, try again\n";
+    let _ = s.set_nonblocking(true);
+    let _ = write!(
+        s,
+        "HTTP/1.1 503 Service Unavailable\r\nContent-Type: text/plain\r\nContent-Length: {}\r\nRetry-After: 1\r\nConnection: close\r\n\r\n{body}",
+        body.len()
+    );
+    // Read what already arrived, so closing sends FIN and not RST (which
+    // could make the client lose the 503).
+    let mut sink = [0u8; 4096];
+    while matches!(s.read(&mut sink), Ok(n) if n > 0) {}
+    let _ = s.shutdown(std::net::Shutdown::Write);
+}
+
+/// Time left until `deadline`; `None` once it passed.
+fn left(deadline: Instant) -> Option<Duration> {
+    Some(deadline.saturating_duration_since(Instant::now())).filter(|d| !d.is_zero())
+}
+
 fn serve(mut s: TcpStream, control: &Control) -> std::io::Result<()> {
-    s.set_read_timeout(Some(Duration::from_secs(2)))?;
-    s.set_write_timeout(Some(Duration::from_secs(2)))?;
+    let deadline = Instant::now() + REQUEST_DEADLINE;
     let mut buf = Vec::with_capacity(1024);
     let mut chunk = [0u8; 1024];
     let (method, path) = loop {
-        let n = s.read(&mut chunk)?;
-        if n == 0 {
-            return Ok(());
-        }
+        let Some(t) = left(deadline) else {
+            return respond(&mut s, 408, "text/plain", "request head took too long\n");
+        };
+        s.set_read_timeout(Some(t))?;
+        let n = match s.read(&mut chunk) {
+            Ok(0) => return Ok(()),
+            Ok(n) => n,
+            Err(e) if matches!(e.kind(), ErrorKind::WouldBlock | ErrorKind::TimedOut) => continue,
+            Err(e) if e.kind() == ErrorKind::Interrupted => continue,
+            Err(e) => return Err(e),
+        };
         buf.extend_from_slice(&chunk[..n]);
         let mut headers = [httparse::EMPTY_HEADER; 32];
         let mut req = httparse::Request::new(&mut headers);
@@ -126,14 +195,35 @@ fn respond(s: &mut TcpStream, status: u16, ctype: &str, body: &str) -> std::io::
         200 => "OK",
         400 => "Bad Request",
         404 => "Not Found",
+        408 => "Request Timeout",
         _ => "Method Not Allowed",
     };
-    let head = format!(
+    let mut out = format!(
         "HTTP/1.1 {status} {reason}\r\nContent-Type: {ctype}\r\nContent-Length: {}\r\nConnection: close\r\n\r\n",
         body.len()
-    );
-    s.write_all(head.as_bytes())?;
-    s.write_all(body.as_bytes())
+    )
+    .into_bytes();
+    out.extend_from_slice(body.as_bytes());
+    write_by(s, &out, Instant::now() + RESPONSE_DEADLINE)
+}
+
+/// `write_all` under one deadline for the whole buffer: a client reading a
+/// byte at a time cannot keep a per-write timeout from ever firing.
+fn write_by(s: &mut TcpStream, mut bytes: &[u8], deadline: Instant) -> std::io::Result<()> {
+    while !bytes.is_empty() {
+        let Some(t) = left(deadline) else {
+            return Err(ErrorKind::TimedOut.into());
+        };
+        s.set_write_timeout(Some(t))?;
+        match s.write(bytes) {
+            Ok(0) => return Err(ErrorKind::WriteZero.into()),
+            Ok(n) => bytes = &bytes[n..],
+            Err(e) if matches!(e.kind(), ErrorKind::WouldBlock | ErrorKind::TimedOut) => {}
+            Err(e) if e.kind() == ErrorKind::Interrupted => {}
+            Err(e) => return Err(e),
+        }
+    }
+    Ok(())
 }
 
 /// Escapes a Prometheus label value.
