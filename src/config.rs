@@ -99,6 +99,7 @@ struct FileServer {
 #[serde(deny_unknown_fields)]
 struct FileAdmin {
     listen: Spanned<String>,
+    token_file: Option<Spanned<String>>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -244,6 +245,35 @@ impl Default for LogConfig {
 #[derive(Debug, Clone)]
 pub struct AdminConfig {
     pub listen: SocketAddr,
+    /// Every admin request except `GET /healthz` must carry
+    /// `Authorization: Bearer <token>`; `None`: no token asked.
+    pub token: Option<AdminToken>,
+}
+
+/// The admin bearer token, read from `admin.token_file`. Debug output never
+/// shows it, so it cannot leak into a log line that prints the config.
+#[derive(Clone, PartialEq, Eq)]
+pub struct AdminToken(std::sync::Arc<str>);
+
+impl fmt::Debug for AdminToken {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("AdminToken(<redacted>)")
+    }
+}
+
+impl AdminToken {
+    /// Compares in time independent of where `presented` differs, and of
+    /// its length: both sides are hashed first, then every byte of the
+    /// digests is compared.
+    pub fn matches(&self, presented: &str) -> bool {
+        use sha1::{Digest, Sha1};
+        let a = Sha1::digest(self.0.as_bytes());
+        let b = Sha1::digest(presented.as_bytes());
+        a.iter()
+            .zip(b.iter())
+            .fold(0u8, |acc, (x, y)| acc | (x ^ y))
+            == 0
+    }
 }
 
 #[derive(Debug, Clone)]
@@ -601,7 +631,7 @@ fn validate(file: FileConfig, src: &Source<'_>, base: &Path) -> Result<Config, C
     }
 
     let admin = match &file.admin {
-        Some(a) => Some(admin_config(src, a, &server.listen)?),
+        Some(a) => Some(admin_config(src, a, &server.listen, base)?),
         None => None,
     };
 
@@ -838,6 +868,7 @@ fn admin_config(
     src: &Source<'_>,
     a: &FileAdmin,
     listen: &[SocketAddr],
+    base: &Path,
 ) -> Result<AdminConfig, ConfigError> {
     let addr = socket_addr(src, &a.listen, "admin.listen")?;
     // `run` binds the listen addresses first; an admin address that shares
@@ -851,7 +882,31 @@ fn admin_config(
             format!("{addr} takes the same port as server.listen {l}; give the admin API a port of its own"),
         ));
     }
-    Ok(AdminConfig { listen: addr })
+    let token = match &a.token_file {
+        Some(v) => {
+            let path = base.join(v.get_ref());
+            let at = |msg: String| ConfigError::at(src, v.span(), "admin.token_file", msg);
+            let text = std::fs::read_to_string(&path)
+                .map_err(|e| at(format!("{}: cannot read: {e}", path.display())))?;
+            let token = text.trim();
+            if token.is_empty() {
+                return Err(at(format!("{} is empty", path.display())));
+            }
+            // It travels in an Authorization header: visible ASCII only.
+            if !token.bytes().all(|b| b.is_ascii_graphic()) {
+                return Err(at(format!(
+                    "{}: the token must be visible ASCII characters without spaces",
+                    path.display()
+                )));
+            }
+            Some(AdminToken(token.into()))
+        }
+        None => None,
+    };
+    Ok(AdminConfig {
+        listen: addr,
+        token,
+    })
 }
 
 /// True if binding `admin` would collide with a listener on `listen`
@@ -1261,6 +1316,44 @@ servers = [{ addr = "127.0.0.1:9001" }]
         );
         let c = Config::parse(&log(&dir.path().join("access.log")), "t").unwrap();
         assert_eq!(c.log.access, AccessLog::File(dir.path().join("access.log")));
+    }
+
+    #[test]
+    fn admin_token_file() {
+        let dir = tempfile::tempdir().unwrap();
+        let with_token =
+            |p: &str| format!("{MIN}\n[admin]\nlisten = \"127.0.0.1:9090\"\ntoken_file = {p:?}\n");
+        let parse = |text: &str| Config::parse_in(text, "t.toml", dir.path());
+        let e = parse(&with_token("missing.token")).unwrap_err().to_string();
+        assert!(e.contains(": admin.token_file: "), "{e}");
+        assert!(e.contains("missing.token: cannot read"), "{e}");
+        for (content, why) in [
+            ("", "is empty"),
+            (" \n\t\n", "is empty"),
+            ("two words\n", "visible ASCII"),
+        ] {
+            std::fs::write(dir.path().join("bad.token"), content).unwrap();
+            let e = parse(&with_token("bad.token")).unwrap_err().to_string();
+            assert!(
+                e.contains("admin.token_file") && e.contains("bad.token"),
+                "{e}"
+            );
+            assert!(e.contains(why), "{content:?}: {e}");
+        }
+        // Relative to the config file's directory; trimmed.
+        std::fs::write(dir.path().join("good.token"), "  t0ken-xyz\n").unwrap();
+        let c = parse(&with_token("good.token")).unwrap();
+        let token = c.admin.unwrap().token.unwrap();
+        assert!(token.matches("t0ken-xyz"));
+        assert!(!token.matches("t0ken-xy"));
+        assert!(!token.matches("t0ken-xyz "));
+        assert!(!format!("{token:?}").contains("t0ken"));
+        let c = Config::parse(
+            &format!("{MIN}\n[admin]\nlisten = \"127.0.0.1:9090\"\n"),
+            "t",
+        )
+        .unwrap();
+        assert!(c.admin.unwrap().token.is_none());
     }
 
     #[test]

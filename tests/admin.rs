@@ -1,4 +1,6 @@
-//! The admin listener facing hostile clients: slow clients cannot hold it.
+//! The admin listener facing hostile clients: slow clients cannot hold it,
+//! browsers cannot be made to drive it (cross-site POST, DNS rebinding), and
+//! an optional bearer token guards it.
 
 mod common;
 
@@ -121,4 +123,123 @@ fn admin_connections_beyond_the_cap_get_a_quick_503() {
         );
     }
     assert_eq!(proxy.admin("GET", "/status").0, 200);
+}
+
+#[test]
+fn post_needs_the_admin_header_and_every_request_the_admin_host() {
+    let b = closed_port();
+    let proxy = Proxy::start(&format!(
+        "{}\n[admin]\nlisten = \"127.0.0.1:0\"\n",
+        config(&[b], "", "")
+    ));
+    let admin = proxy.admin.unwrap();
+    let drain = format!("/backends/u/{b}/drain");
+
+    // A form POST from any web page: a simple request, no custom header.
+    let (status, text) = raw(
+        admin,
+        &format!(
+            "POST {drain} HTTP/1.1\r\nHost: {admin}\r\nOrigin: http://evil.example\r\nContent-Type: application/x-www-form-urlencoded\r\nContent-Length: 0\r\n\r\n"
+        ),
+    );
+    assert_eq!(status, 403, "{text}");
+    assert!(text.contains("X-Ringlb-Admin"), "{text}");
+    let (_, st) = proxy.admin("GET", "/status");
+    assert!(!st.contains("\"draining\""), "refused POST drained: {st}");
+
+    // DNS rebinding: the browser sends the attacker's name as Host.
+    let port = admin.port();
+    for host in [
+        format!("evil.example:{port}"),
+        format!("127.0.0.1:{}", port.wrapping_add(1)),
+        "127.0.0.1".to_string(),
+        format!("127.0.0.2:{port}"),
+    ] {
+        let (status, text) = raw(
+            admin,
+            &format!("GET /status HTTP/1.1\r\nHost: {host}\r\n\r\n"),
+        );
+        assert_eq!(status, 403, "Host {host}: {text}");
+        let (status, text) = raw(
+            admin,
+            &format!(
+                "POST {drain} HTTP/1.1\r\nHost: {host}\r\nX-Ringlb-Admin: 1\r\nContent-Length: 0\r\n\r\n"
+            ),
+        );
+        assert_eq!(status, 403, "Host {host}: {text}");
+    }
+    let (status, text) = raw(admin, "GET /status HTTP/1.0\r\n\r\n");
+    assert_eq!(status, 400, "no Host: {text}");
+    let (_, st) = proxy.admin("GET", "/status");
+    assert!(!st.contains("\"draining\""), "refused POST drained: {st}");
+
+    // What curl, Prometheus and kubelet send.
+    for host in [admin.to_string(), format!("localhost:{port}")] {
+        let (status, text) = raw(
+            admin,
+            &format!("GET /metrics HTTP/1.1\r\nHost: {host}\r\n\r\n"),
+        );
+        assert_eq!(status, 200, "Host {host}: {text}");
+    }
+    let (status, text) = raw(
+        admin,
+        &format!(
+            "POST {drain} HTTP/1.1\r\nHost: localhost:{port}\r\nX-Ringlb-Admin: 1\r\nContent-Length: 0\r\n\r\n"
+        ),
+    );
+    assert_eq!(status, 200, "{text}");
+    let (_, st) = proxy.admin("GET", "/status");
+    assert!(st.contains("\"draining\""), "{st}");
+}
+
+#[test]
+fn a_configured_token_is_required() {
+    let secrets = tempfile::tempdir().unwrap();
+    let token_file = secrets.path().join("admin.token");
+    std::fs::write(&token_file, "s3cret-Token_1\n").unwrap();
+    let b = closed_port();
+    let proxy = Proxy::start(&format!(
+        "{}\n[admin]\nlisten = \"127.0.0.1:0\"\ntoken_file = {:?}\n",
+        config(&[b], "", ""),
+        token_file
+    ));
+    let admin = proxy.admin.unwrap();
+    let drain = format!("/backends/u/{b}/drain");
+    let post = |auth: &str| {
+        raw(
+            admin,
+            &format!(
+                "POST {drain} HTTP/1.1\r\nHost: {admin}\r\nX-Ringlb-Admin: 1\r\n{auth}Content-Length: 0\r\n\r\n"
+            ),
+        )
+    };
+
+    for auth in [
+        "",
+        "Authorization: Bearer wrong\r\n",
+        "Authorization: Bearer s3cret-Token_\r\n",
+        "Authorization: Bearer s3cret-Token_12\r\n",
+        "Authorization: Basic czNjcmV0LVRva2VuXzE=\r\n",
+    ] {
+        for path in ["/status", "/metrics"] {
+            let (status, text) = get(admin, path, auth);
+            assert_eq!(status, 401, "{path} with {auth:?}: {text}");
+            assert!(text.contains("WWW-Authenticate: Bearer"), "{text}");
+        }
+        let (status, text) = post(auth);
+        assert_eq!(status, 401, "POST with {auth:?}: {text}");
+    }
+    // The liveness answer says nothing and needs no token.
+    let (status, text) = get(admin, "/healthz", "");
+    assert_eq!(status, 200, "{text}");
+
+    let good = "Authorization: Bearer s3cret-Token_1\r\n";
+    let (status, text) = get(admin, "/status", good);
+    assert_eq!(status, 200, "{text}");
+    assert!(!text.contains("\"draining\""), "{text}");
+    assert_eq!(get(admin, "/metrics", good).0, 200);
+    let (status, text) = post(good);
+    assert_eq!(status, 200, "{text}");
+    let (_, text) = get(admin, "/status", good);
+    assert!(text.contains("\"draining\""), "{text}");
 }
