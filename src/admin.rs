@@ -104,9 +104,14 @@ fn refuse_busy(mut s: TcpStream) {
         body.len()
     );
     // Read what already arrived, so closing sends FIN and not RST (which
-    // could make the client lose the 503).
+    // could make the client lose the 503); bounded, so a client that keeps
+    // sending cannot keep the accept thread here.
     let mut sink = [0u8; 4096];
-    while matches!(s.read(&mut sink), Ok(n) if n > 0) {}
+    for _ in 0..4 {
+        if !matches!(s.read(&mut sink), Ok(n) if n > 0) {
+            break;
+        }
+    }
     let _ = s.shutdown(std::net::Shutdown::Write);
 }
 
