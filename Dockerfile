@@ -31,9 +31,10 @@ RUN ["/usr/local/bin/ringlb", "check", "--config", "/etc/ringlb/ringlb.toml"]
 USER ringlb
 EXPOSE 8080
 # The admin listener (127.0.0.1:9090 inside the container, not published).
-# The image has no curl: bash's /dev/tcp sends the request.
+# The image has no curl: bash's /dev/tcp sends the request. Host must name
+# the admin address (ringlb refuses others: DNS rebinding).
 HEALTHCHECK --interval=10s --timeout=3s --start-period=5s --retries=3 \
-    CMD ["bash", "-c", "exec 3<>/dev/tcp/127.0.0.1/9090 && printf 'GET /status HTTP/1.1\\r\\nHost: healthcheck\\r\\nConnection: close\\r\\n\\r\\n' >&3 && head -n 1 <&3 | grep -q ' 200 '"]
+    CMD ["bash", "-c", "exec 3<>/dev/tcp/127.0.0.1/9090 && printf 'GET /status HTTP/1.1\\r\\nHost: 127.0.0.1:9090\\r\\nConnection: close\\r\\n\\r\\n' >&3 && head -n 1 <&3 | grep -q ' 200 '"]
 # SIGTERM drains (docs/OPERATIONS.md): give `docker stop` a --time (or
 # --stop-timeout at run) as long as server.drain_timeout. SIGHUP
 # (`docker kill -s HUP`) reloads /etc/ringlb/ringlb.toml.

@@ -1,33 +1,56 @@
 //! The admin listener: `GET /metrics` (Prometheus text format 0.0.4),
-//! `GET /status` (JSON), `POST /backends/{upstream}/{addr}/drain|undrain`.
+//! `GET /status` (JSON), `GET /healthz` (`ok`),
+//! `POST /backends/{upstream}/{addr}/drain|undrain`.
 //!
-//! One plain thread with blocking sockets: the admin API is queried a few
-//! times a minute, so it stays off the shards entirely. Every request gets
-//! one response and `Connection: close`.
+//! Browsers must not be able to drive it: a web page can make its visitor's
+//! browser send a form POST anywhere (so every request that is not GET or
+//! HEAD needs the [`HEADER`] header, which a page can only add cross-origin
+//! after a CORS preflight that ringlb never answers), and DNS rebinding can
+//! point a page's own host name at the admin address (so `Host` must name
+//! the admin listener itself, as an IP literal or `localhost`). An optional
+//! bearer token (`admin.token_file`) guards every request but `/healthz`.
+//!
+//! Plain threads with blocking sockets, off the shards entirely: the admin
+//! API is queried a few times a minute. One thread accepts; each connection
+//! gets a thread of its own, at most [`MAX_CONNECTIONS`] at once, so one
+//! slow client cannot hold the API for everyone. The request head must
+//! arrive within [`REQUEST_DEADLINE`] in total (not per read: a client
+//! trickling one byte a second would reset a per-read timeout for ever),
+//! and the answer must be taken within [`RESPONSE_DEADLINE`]. Every request
+//! gets one response and `Connection: close`.
 
 use std::fmt::Write as _;
-use std::io::{Read, Write};
+use std::io::{ErrorKind, Read, Write};
 use std::net::{SocketAddr, TcpListener, TcpStream};
-use std::sync::atomic::Ordering;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
+use crate::config::AdminToken;
 use crate::server::Control;
 use crate::stats::{BUCKETS, RESULTS};
+
+/// The header every request other than GET or HEAD must carry (any value;
+/// the docs say `X-Ringlb-Admin: 1`).
+pub const HEADER: &str = "X-Ringlb-Admin";
+
+/// Admin connections served at once; the next one gets a quick 503.
+pub const MAX_CONNECTIONS: usize = 16;
+/// From accept until the whole request head is in.
+pub const REQUEST_DEADLINE: Duration = Duration::from_secs(5);
+/// From the request being complete until the whole answer is written.
+pub const RESPONSE_DEADLINE: Duration = Duration::from_secs(5);
 
 pub fn spawn(addr: SocketAddr, control: Arc<Control>) -> std::io::Result<SocketAddr> {
     let listener = TcpListener::bind(addr)?;
     let local = listener.local_addr()?;
+    let busy = Arc::new(AtomicUsize::new(0));
     std::thread::Builder::new()
         .name("ringlb-admin".into())
         .spawn(move || {
             for stream in listener.incoming() {
                 match stream {
-                    Ok(s) => {
-                        if let Err(e) = serve(s, &control) {
-                            log::debug!("admin request failed: {e}");
-                        }
-                    }
+                    Ok(s) => accept(s, local, &busy, &control),
                     Err(e) => {
                         log::warn!("admin accept failed: {e}");
                         std::thread::sleep(Duration::from_millis(100));
@@ -38,32 +61,228 @@ pub fn spawn(addr: SocketAddr, control: Arc<Control>) -> std::io::Result<SocketA
     Ok(local)
 }
 
-fn serve(mut s: TcpStream, control: &Control) -> std::io::Result<()> {
-    s.set_read_timeout(Some(Duration::from_secs(2)))?;
-    s.set_write_timeout(Some(Duration::from_secs(2)))?;
+/// Holds one of the [`MAX_CONNECTIONS`] slots until dropped.
+struct Slot(Arc<AtomicUsize>);
+
+impl Drop for Slot {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::AcqRel);
+    }
+}
+
+fn accept(s: TcpStream, local: SocketAddr, busy: &Arc<AtomicUsize>, control: &Arc<Control>) {
+    if busy.fetch_add(1, Ordering::AcqRel) >= MAX_CONNECTIONS {
+        busy.fetch_sub(1, Ordering::AcqRel);
+        refuse_busy(s);
+        return;
+    }
+    let slot = Slot(busy.clone());
+    let control = control.clone();
+    // If the thread cannot be spawned the closure is dropped, and the slot
+    // and the socket with it.
+    let spawned = std::thread::Builder::new()
+        .name("ringlb-admin-conn".into())
+        .spawn(move || {
+            let _slot = slot;
+            if let Err(e) = serve(s, local, &control) {
+                log::debug!("admin request failed: {e}");
+            }
+        });
+    if let Err(e) = spawned {
+        log::warn!("admin: cannot start a thread for a connection: {e}");
+    }
+}
+
+/// Answers 503 without ever blocking the accept thread: the socket is
+/// nonblocking and a fresh connection's send buffer is empty.
+fn refuse_busy(mut s: TcpStream) {
+    let body = "admin API busy, try again\n";
+    let _ = s.set_nonblocking(true);
+    let _ = write!(
+        s,
+        "HTTP/1.1 503 Service Unavailable\r\nContent-Type: text/plain\r\nContent-Length: {}\r\nRetry-After: 1\r\nConnection: close\r\n\r\n{body}",
+        body.len()
+    );
+    // Read what already arrived, so closing sends FIN and not RST (which
+    // could make the client lose the 503); bounded, so a client that keeps
+    // sending cannot keep the accept thread here.
+    let mut sink = [0u8; 4096];
+    for _ in 0..4 {
+        if !matches!(s.read(&mut sink), Ok(n) if n > 0) {
+            break;
+        }
+    }
+    let _ = s.shutdown(std::net::Shutdown::Write);
+}
+
+/// Time left until `deadline`; `None` once it passed.
+fn left(deadline: Instant) -> Option<Duration> {
+    Some(deadline.saturating_duration_since(Instant::now())).filter(|d| !d.is_zero())
+}
+
+/// What the admin API looks at in a request.
+struct Request {
+    method: String,
+    path: String,
+    /// `None` if absent; a repeated Host is refused while parsing.
+    host: Option<String>,
+    admin_header: bool,
+    authorization: Option<String>,
+}
+
+impl Request {
+    fn parse(req: &httparse::Request<'_, '_>) -> Result<Request, &'static str> {
+        let mut out = Request {
+            method: req.method.unwrap_or("").to_string(),
+            path: req.path.unwrap_or("").to_string(),
+            host: None,
+            admin_header: false,
+            authorization: None,
+        };
+        for h in req.headers.iter() {
+            let value = || String::from_utf8_lossy(h.value).trim().to_string();
+            if h.name.eq_ignore_ascii_case("host") {
+                if out.host.is_some() {
+                    return Err("more than one Host header\n");
+                }
+                out.host = Some(value());
+            } else if h.name.eq_ignore_ascii_case(HEADER) {
+                out.admin_header = true;
+            } else if h.name.eq_ignore_ascii_case("authorization") {
+                out.authorization = Some(value());
+            }
+        }
+        Ok(out)
+    }
+}
+
+fn serve(mut s: TcpStream, local: SocketAddr, control: &Control) -> std::io::Result<()> {
+    let deadline = Instant::now() + REQUEST_DEADLINE;
     let mut buf = Vec::with_capacity(1024);
     let mut chunk = [0u8; 1024];
-    let (method, path) = loop {
-        let n = s.read(&mut chunk)?;
-        if n == 0 {
-            return Ok(());
-        }
+    let req = loop {
+        let Some(t) = left(deadline) else {
+            return respond(
+                &mut s,
+                408,
+                "text/plain",
+                "",
+                "request head took too long\n",
+            );
+        };
+        s.set_read_timeout(Some(t))?;
+        let n = match s.read(&mut chunk) {
+            Ok(0) => return Ok(()),
+            Ok(n) => n,
+            Err(e) if matches!(e.kind(), ErrorKind::WouldBlock | ErrorKind::TimedOut) => continue,
+            Err(e) if e.kind() == ErrorKind::Interrupted => continue,
+            Err(e) => return Err(e),
+        };
         buf.extend_from_slice(&chunk[..n]);
         let mut headers = [httparse::EMPTY_HEADER; 32];
         let mut req = httparse::Request::new(&mut headers);
         match req.parse(&buf) {
-            Ok(httparse::Status::Complete(_)) => {
-                break (
-                    req.method.unwrap_or("").to_string(),
-                    req.path.unwrap_or("").to_string(),
-                );
-            }
+            Ok(httparse::Status::Complete(_)) => match Request::parse(&req) {
+                Ok(r) => break r,
+                Err(why) => return respond(&mut s, 400, "text/plain", "", why),
+            },
             Ok(httparse::Status::Partial) if buf.len() < 8192 => continue,
-            _ => return respond(&mut s, 400, "text/plain", "bad request\n"),
+            _ => return respond(&mut s, 400, "text/plain", "", "bad request\n"),
         }
     };
-    let (status, ctype, body) = handle(&method, &path, control);
-    respond(&mut s, status, ctype, &body)
+    let token = control
+        .snapshot()
+        .config
+        .admin
+        .as_ref()
+        .and_then(|a| a.token.clone());
+    if let Some((status, extra, body)) = refusal(&req, local, token.as_ref()) {
+        return respond(&mut s, status, "text/plain", extra, body);
+    }
+    let (status, ctype, body) = handle(&req.method, &req.path, control);
+    respond(&mut s, status, ctype, "", &body)
+}
+
+/// Why a request is refused before it is routed, if it is: (status, extra
+/// header lines, body).
+fn refusal(
+    req: &Request,
+    local: SocketAddr,
+    token: Option<&AdminToken>,
+) -> Option<(u16, &'static str, &'static str)> {
+    let Some(host) = &req.host else {
+        return Some((400, "", "a Host header is required\n"));
+    };
+    if !host_allowed(host, local) {
+        return Some((
+            403,
+            "",
+            "Host does not name this admin listener (its IP:port, or localhost:port on loopback)\n",
+        ));
+    }
+    let path = req.path.split('?').next().unwrap_or("");
+    if let Some(token) = token {
+        let presented = req.authorization.as_deref().and_then(|v| {
+            let (scheme, rest) = v.split_once(' ')?;
+            scheme.eq_ignore_ascii_case("bearer").then(|| rest.trim())
+        });
+        if path != "/healthz" && !presented.is_some_and(|p| token.matches(p)) {
+            return Some((
+                401,
+                "WWW-Authenticate: Bearer realm=\"ringlb admin\"\r\n",
+                "send Authorization: Bearer <the token in admin.token_file>\n",
+            ));
+        }
+    }
+    if !matches!(req.method.as_str(), "GET" | "HEAD") && !req.admin_header {
+        return Some((
+            403,
+            "",
+            "requests that change state need the header X-Ringlb-Admin: 1 (a guard against cross-site requests), e.g. curl -X POST -H 'X-Ringlb-Admin: 1' ...\n",
+        ));
+    }
+    None
+}
+
+/// True if `host` (a Host header value) names the listener bound at
+/// `local`. DNS rebinding makes a browser send the attacker's host name, so
+/// only IP literals are taken, plus `localhost` (which browsers never let a
+/// site rebind) when the listener takes loopback traffic. On an unspecified
+/// address (0.0.0.0) any IP literal with the right port is accepted: the
+/// listener answers on all of them, and none can be rebound.
+pub fn host_allowed(host: &str, local: SocketAddr) -> bool {
+    let (name, port) = match host.strip_prefix('[') {
+        Some(rest) => match rest.split_once(']') {
+            Some((name, "")) => (name, None),
+            Some((name, port)) => match port.strip_prefix(':') {
+                Some(p) => (name, Some(p)),
+                None => return false,
+            },
+            None => return false,
+        },
+        None => match host.split_once(':') {
+            Some((name, port)) => (name, Some(port)),
+            None => (host, None),
+        },
+    };
+    let port = match port {
+        None => 80,
+        Some(p) => match p.parse::<u16>() {
+            Ok(p) => p,
+            Err(_) => return false,
+        },
+    };
+    if port != local.port() {
+        return false;
+    }
+    let bound = local.ip();
+    if name.eq_ignore_ascii_case("localhost") {
+        return bound.is_loopback() || bound.is_unspecified();
+    }
+    match name.parse::<std::net::IpAddr>() {
+        Ok(ip) => bound.is_unspecified() || ip == bound,
+        Err(_) => false,
+    }
 }
 
 /// Routes one admin request; pure apart from the drain flag it may set.
@@ -72,8 +291,11 @@ pub fn handle(method: &str, path: &str, control: &Control) -> (u16, &'static str
     match (method, path) {
         ("GET", "/metrics") => (200, "text/plain; version=0.0.4", metrics(control)),
         ("GET", "/status") => (200, "application/json", status(control)),
+        ("GET", "/healthz") => (200, "text/plain", "ok\n".into()),
         ("POST", p) if p.starts_with("/backends/") => backend_action(p, control),
-        (_, "/metrics" | "/status") => (405, "text/plain", "method not allowed\n".into()),
+        (_, "/metrics" | "/status" | "/healthz") => {
+            (405, "text/plain", "method not allowed\n".into())
+        }
         _ => (404, "text/plain", "not found\n".into()),
     }
 }
@@ -121,19 +343,48 @@ fn backend_action(path: &str, control: &Control) -> (u16, &'static str, String) 
     )
 }
 
-fn respond(s: &mut TcpStream, status: u16, ctype: &str, body: &str) -> std::io::Result<()> {
+fn respond(
+    s: &mut TcpStream,
+    status: u16,
+    ctype: &str,
+    extra: &str,
+    body: &str,
+) -> std::io::Result<()> {
     let reason = match status {
         200 => "OK",
         400 => "Bad Request",
+        401 => "Unauthorized",
+        403 => "Forbidden",
         404 => "Not Found",
+        408 => "Request Timeout",
         _ => "Method Not Allowed",
     };
-    let head = format!(
-        "HTTP/1.1 {status} {reason}\r\nContent-Type: {ctype}\r\nContent-Length: {}\r\nConnection: close\r\n\r\n",
+    let mut out = format!(
+        "HTTP/1.1 {status} {reason}\r\nContent-Type: {ctype}\r\nX-Content-Type-Options: nosniff\r\n{extra}Content-Length: {}\r\nConnection: close\r\n\r\n",
         body.len()
-    );
-    s.write_all(head.as_bytes())?;
-    s.write_all(body.as_bytes())
+    )
+    .into_bytes();
+    out.extend_from_slice(body.as_bytes());
+    write_by(s, &out, Instant::now() + RESPONSE_DEADLINE)
+}
+
+/// `write_all` under one deadline for the whole buffer: a client reading a
+/// byte at a time cannot keep a per-write timeout from ever firing.
+fn write_by(s: &mut TcpStream, mut bytes: &[u8], deadline: Instant) -> std::io::Result<()> {
+    while !bytes.is_empty() {
+        let Some(t) = left(deadline) else {
+            return Err(ErrorKind::TimedOut.into());
+        };
+        s.set_write_timeout(Some(t))?;
+        match s.write(bytes) {
+            Ok(0) => return Err(ErrorKind::WriteZero.into()),
+            Ok(n) => bytes = &bytes[n..],
+            Err(e) if matches!(e.kind(), ErrorKind::WouldBlock | ErrorKind::TimedOut) => {}
+            Err(e) if e.kind() == ErrorKind::Interrupted => {}
+            Err(e) => return Err(e),
+        }
+    }
+    Ok(())
 }
 
 /// Escapes a Prometheus label value.
@@ -339,4 +590,44 @@ pub fn status(control: &Control) -> String {
     let mut text = serde_json::to_string_pretty(&v).unwrap_or_default();
     text.push('\n');
     text
+}
+
+#[cfg(test)]
+mod tests {
+    use super::host_allowed;
+
+    #[test]
+    fn host_must_name_the_listener() {
+        let lo = "127.0.0.1:9090".parse().unwrap();
+        for ok in ["127.0.0.1:9090", "localhost:9090", "LocalHost:9090"] {
+            assert!(host_allowed(ok, lo), "{ok}");
+        }
+        for bad in [
+            "evil.example:9090",
+            "127.0.0.1:9091",
+            "127.0.0.1",
+            "127.0.0.2:9090",
+            "[::1]:9090",
+            "127.0.0.1:9090x",
+            "localhost.evil.example:9090",
+            "",
+        ] {
+            assert!(!host_allowed(bad, lo), "{bad}");
+        }
+        let any = "0.0.0.0:9090".parse().unwrap();
+        for ok in ["10.1.2.3:9090", "localhost:9090", "[fd00::1]:9090"] {
+            assert!(host_allowed(ok, any), "{ok}");
+        }
+        for bad in ["pod.example:9090", "10.1.2.3:80", "10.1.2.3"] {
+            assert!(!host_allowed(bad, any), "{bad}");
+        }
+        let public = "10.0.0.5:80".parse().unwrap();
+        assert!(host_allowed("10.0.0.5", public));
+        assert!(host_allowed("10.0.0.5:80", public));
+        assert!(!host_allowed("localhost:80", public));
+        let v6 = "[::1]:9090".parse().unwrap();
+        assert!(host_allowed("[::1]:9090", v6));
+        assert!(host_allowed("localhost:9090", v6));
+        assert!(!host_allowed("::1:9090", v6));
+    }
 }

@@ -102,6 +102,7 @@ struct FileServer {
 #[serde(deny_unknown_fields)]
 struct FileAdmin {
     listen: Spanned<String>,
+    token_file: Option<Spanned<String>>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -268,6 +269,35 @@ impl Default for LogConfig {
 #[derive(Debug, Clone)]
 pub struct AdminConfig {
     pub listen: SocketAddr,
+    /// Every admin request except `GET /healthz` must carry
+    /// `Authorization: Bearer <token>`; `None`: no token asked.
+    pub token: Option<AdminToken>,
+}
+
+/// The admin bearer token, read from `admin.token_file`. Debug output never
+/// shows it, so it cannot leak into a log line that prints the config.
+#[derive(Clone, PartialEq, Eq)]
+pub struct AdminToken(std::sync::Arc<str>);
+
+impl fmt::Debug for AdminToken {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("AdminToken(<redacted>)")
+    }
+}
+
+impl AdminToken {
+    /// Compares in time independent of where `presented` differs, and of
+    /// its length: both sides are hashed first, then every byte of the
+    /// digests is compared.
+    pub fn matches(&self, presented: &str) -> bool {
+        use sha1::{Digest, Sha1};
+        let a = Sha1::digest(self.0.as_bytes());
+        let b = Sha1::digest(presented.as_bytes());
+        a.iter()
+            .zip(b.iter())
+            .fold(0u8, |acc, (x, y)| acc | (x ^ y))
+            == 0
+    }
 }
 
 #[derive(Debug, Clone)]
@@ -667,10 +697,8 @@ fn validate(file: FileConfig, src: &Source<'_>, base: &Path) -> Result<Config, C
         ));
     }
 
-    let admin = match file.admin {
-        Some(a) => Some(AdminConfig {
-            listen: socket_addr(src, &a.listen, "admin.listen")?,
-        }),
+    let admin = match &file.admin {
+        Some(a) => Some(admin_config(src, a, &server.listen, base)?),
         None => None,
     };
 
@@ -688,7 +716,7 @@ fn validate(file: FileConfig, src: &Source<'_>, base: &Path) -> Result<Config, C
                         "give \"off\", \"stderr\" or a file path",
                     ))
                 }
-                path => AccessLog::File(PathBuf::from(path)),
+                _ => AccessLog::File(access_log_path(src, a)?),
             };
         }
         if let Some(v) = &l.level {
@@ -901,6 +929,92 @@ fn validate(file: FileConfig, src: &Source<'_>, base: &Path) -> Result<Config, C
         upstreams,
         source: None,
     })
+}
+
+fn admin_config(
+    src: &Source<'_>,
+    a: &FileAdmin,
+    listen: &[SocketAddr],
+    base: &Path,
+) -> Result<AdminConfig, ConfigError> {
+    let addr = socket_addr(src, &a.listen, "admin.listen")?;
+    // `run` binds the listen addresses first; an admin address that shares
+    // a port with one of them would then fail to bind. Say so here, so
+    // `check` refuses it too.
+    if let Some(l) = listen.iter().find(|l| ports_overlap(addr, **l)) {
+        return Err(ConfigError::at(
+            src,
+            a.listen.span(),
+            "admin.listen",
+            format!("{addr} takes the same port as server.listen {l}; give the admin API a port of its own"),
+        ));
+    }
+    let token = match &a.token_file {
+        Some(v) => {
+            let path = base.join(v.get_ref());
+            let at = |msg: String| ConfigError::at(src, v.span(), "admin.token_file", msg);
+            let text = std::fs::read_to_string(&path)
+                .map_err(|e| at(format!("{}: cannot read: {e}", path.display())))?;
+            let token = text.trim();
+            if token.is_empty() {
+                return Err(at(format!("{} is empty", path.display())));
+            }
+            // It travels in an Authorization header: visible ASCII only.
+            if !token.bytes().all(|b| b.is_ascii_graphic()) {
+                return Err(at(format!(
+                    "{}: the token must be visible ASCII characters without spaces",
+                    path.display()
+                )));
+            }
+            Some(AdminToken(token.into()))
+        }
+        None => None,
+    };
+    Ok(AdminConfig {
+        listen: addr,
+        token,
+    })
+}
+
+/// True if binding `admin` would collide with a listener on `listen`
+/// (SO_REUSEPORT on the listeners, not on the admin socket).
+fn ports_overlap(admin: SocketAddr, listen: SocketAddr) -> bool {
+    if admin.port() != listen.port() || admin.port() == 0 {
+        return false;
+    }
+    let (a, l) = (admin.ip(), listen.ip());
+    let same_family = a.is_ipv4() == l.is_ipv4();
+    // An admin socket on [::] is dual-stack (std leaves IPV6_V6ONLY off),
+    // so it takes the IPv4 port as well; listeners on [::] are v6-only.
+    a == l
+        || (same_family && (a.is_unspecified() || l.is_unspecified()))
+        || (a.is_ipv6() && a.is_unspecified())
+}
+
+/// An access log file must be creatable when `run` opens it: its directory
+/// has to exist (it is taken as written: relative to the working directory,
+/// like the daemon opens it).
+fn access_log_path(src: &Source<'_>, v: &Spanned<String>) -> Result<PathBuf, ConfigError> {
+    let path = PathBuf::from(v.get_ref());
+    let dir = match path.parent() {
+        Some(d) if !d.as_os_str().is_empty() => d,
+        _ => Path::new("."),
+    };
+    let problem = if !dir.is_dir() {
+        Some(format!(
+            "{}: directory {} does not exist",
+            path.display(),
+            dir.display()
+        ))
+    } else if path.is_dir() {
+        Some(format!("{} is a directory", path.display()))
+    } else {
+        None
+    };
+    match problem {
+        Some(msg) => Err(ConfigError::at(src, v.span(), "log.access", msg)),
+        None => Ok(path),
+    }
 }
 
 fn static_config(
@@ -1224,6 +1338,89 @@ servers = [{ addr = "127.0.0.1:9001" }]
         assert_eq!(parse_duration("2m").unwrap(), Duration::from_secs(120));
         assert!(parse_duration("10").is_err());
         assert!(parse_duration("s").is_err());
+    }
+
+    #[test]
+    fn admin_port_must_not_overlap_a_listener() {
+        let with_admin = |listen: &str, admin: &str| {
+            MIN.replace("127.0.0.1:8080", listen) + &format!("\n[admin]\nlisten = \"{admin}\"\n")
+        };
+        for (listen, admin) in [
+            ("127.0.0.1:8080", "127.0.0.1:8080"),
+            ("0.0.0.0:8080", "127.0.0.1:8080"),
+            ("127.0.0.1:8080", "0.0.0.0:8080"),
+            ("127.0.0.1:8080", "[::]:8080"),
+            ("[::1]:8080", "[::]:8080"),
+        ] {
+            let e = err(&with_admin(listen, admin));
+            assert!(e.contains(": admin.listen: "), "{listen} {admin}: {e}");
+            assert!(e.contains(listen), "{e}");
+        }
+        for (listen, admin) in [
+            ("127.0.0.1:8080", "127.0.0.1:9090"),
+            ("127.0.0.1:8080", "127.0.0.2:8080"),
+            ("127.0.0.1:0", "127.0.0.1:0"),
+            ("[::]:8080", "127.0.0.1:8080"),
+        ] {
+            Config::parse(&with_admin(listen, admin), "t")
+                .unwrap_or_else(|e| panic!("{listen} {admin}: {e}"));
+        }
+    }
+
+    #[test]
+    fn access_log_directory_must_exist() {
+        let dir = tempfile::tempdir().unwrap();
+        let log = |p: &Path| format!("{MIN}\n[log]\naccess = {:?}\n", p.display().to_string());
+        let missing = dir.path().join("nope/access.log");
+        let e = err(&log(&missing));
+        assert!(e.contains(": log.access: "), "{e}");
+        assert!(e.contains(&missing.display().to_string()), "{e}");
+        assert!(e.contains("does not exist"), "{e}");
+        let e = err(&log(dir.path()));
+        assert!(
+            e.contains("log.access") && e.contains("is a directory"),
+            "{e}"
+        );
+        let c = Config::parse(&log(&dir.path().join("access.log")), "t").unwrap();
+        assert_eq!(c.log.access, AccessLog::File(dir.path().join("access.log")));
+    }
+
+    #[test]
+    fn admin_token_file() {
+        let dir = tempfile::tempdir().unwrap();
+        let with_token =
+            |p: &str| format!("{MIN}\n[admin]\nlisten = \"127.0.0.1:9090\"\ntoken_file = {p:?}\n");
+        let parse = |text: &str| Config::parse_in(text, "t.toml", dir.path());
+        let e = parse(&with_token("missing.token")).unwrap_err().to_string();
+        assert!(e.contains(": admin.token_file: "), "{e}");
+        assert!(e.contains("missing.token: cannot read"), "{e}");
+        for (content, why) in [
+            ("", "is empty"),
+            (" \n\t\n", "is empty"),
+            ("two words\n", "visible ASCII"),
+        ] {
+            std::fs::write(dir.path().join("bad.token"), content).unwrap();
+            let e = parse(&with_token("bad.token")).unwrap_err().to_string();
+            assert!(
+                e.contains("admin.token_file") && e.contains("bad.token"),
+                "{e}"
+            );
+            assert!(e.contains(why), "{content:?}: {e}");
+        }
+        // Relative to the config file's directory; trimmed.
+        std::fs::write(dir.path().join("good.token"), "  t0ken-xyz\n").unwrap();
+        let c = parse(&with_token("good.token")).unwrap();
+        let token = c.admin.unwrap().token.unwrap();
+        assert!(token.matches("t0ken-xyz"));
+        assert!(!token.matches("t0ken-xy"));
+        assert!(!token.matches("t0ken-xyz "));
+        assert!(!format!("{token:?}").contains("t0ken"));
+        let c = Config::parse(
+            &format!("{MIN}\n[admin]\nlisten = \"127.0.0.1:9090\"\n"),
+            "t",
+        )
+        .unwrap();
+        assert!(c.admin.unwrap().token.is_none());
     }
 
     #[test]

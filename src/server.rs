@@ -185,37 +185,15 @@ impl Server {
     }
 
     fn try_reload(&mut self, path: &Path) -> anyhow::Result<()> {
-        let mut config = Config::load(path)?;
+        let config = Config::load(path)?;
         let old = self.control.snapshot();
-        let old_server = &old.config.server;
-        // Shard count and buffer rings are fixed for the life of the process.
-        let fixed = [
-            (
-                "shards",
-                old_server.shards.get() as u64,
-                config.server.shards.get() as u64,
-            ),
-            (
-                "buffer_size",
-                old_server.buffer_size.get() as u64,
-                config.server.buffer_size.get() as u64,
-            ),
-            (
-                "buffers_per_shard",
-                old_server.buffers_per_shard as u64,
-                config.server.buffers_per_shard as u64,
-            ),
-        ];
-        for (key, was, now) in fixed {
-            if was != now {
-                log::warn!("reload: server.{key} changes only on restart; keeping {was}");
-            }
-        }
-        config.server.shards = old_server.shards;
-        config.server.buffer_size = old_server.buffer_size;
-        config.server.buffers_per_shard = old_server.buffers_per_shard;
-        if config.admin.as_ref().map(|a| a.listen) != old.config.admin.as_ref().map(|a| a.listen) {
-            log::warn!("reload: admin.listen changes only on restart");
+        restart_only_unchanged(path, &old.config, &config)?;
+        // Every reload reopens the access log, at its new path if it moved:
+        // that is also how logrotate gets a fresh file (postrotate: kill -HUP).
+        // Opened before anything is swapped, so a failure changes nothing.
+        let mut logs = Vec::with_capacity(self.shards.len());
+        for _ in &self.shards {
+            logs.push(open_access_log(&config.log.access)?);
         }
 
         // Listeners: bind new addresses before anything is swapped, so a
@@ -243,8 +221,9 @@ impl Server {
             .collect();
 
         let snap = Snapshot::reload(config, Some(&old));
-        for (s, socks) in self.shards.iter().zip(per_shard) {
+        for ((s, socks), log) in self.shards.iter().zip(per_shard).zip(logs) {
             let _ = s.commands.send(Command::Reload(snap.clone()));
+            let _ = s.commands.send(Command::AccessLog(AccessLogWriter(log)));
             if !socks.is_empty() {
                 let _ = s.commands.send(Command::AddListeners(socks));
             }
@@ -307,6 +286,47 @@ impl Server {
     }
 }
 
+/// Shard count, buffer rings and the admin socket are fixed for the life of
+/// the process. A file that changes one of them is refused as a whole:
+/// running its other settings on top of the old values would run a
+/// combination that was never validated (max_buffers_per_direction is
+/// checked against buffers_per_shard, for one).
+fn restart_only_unchanged(path: &Path, old: &Config, new: &Config) -> anyhow::Result<()> {
+    let admin = |c: &Config| {
+        c.admin
+            .as_ref()
+            .map_or("none".into(), |a| a.listen.to_string())
+    };
+    let (was, now) = (&old.server, &new.server);
+    let fixed = [
+        (
+            "server.shards",
+            was.shards.to_string(),
+            now.shards.to_string(),
+        ),
+        (
+            "server.buffer_size",
+            was.buffer_size.to_string(),
+            now.buffer_size.to_string(),
+        ),
+        (
+            "server.buffers_per_shard",
+            was.buffers_per_shard.to_string(),
+            now.buffers_per_shard.to_string(),
+        ),
+        ("admin.listen", admin(old), admin(new)),
+    ];
+    for (key, was, now) in fixed {
+        if was != now {
+            bail!(
+                "{}: {key} changed from {was} to {now}; it changes only on restart (restart ringlb, or put {was} back to reload the rest)",
+                path.display()
+            );
+        }
+    }
+    Ok(())
+}
+
 fn bind_all(
     addr: SocketAddr,
     shards: usize,
@@ -336,6 +356,19 @@ fn bind(addr: SocketAddr, backlog: i32) -> std::io::Result<TcpListener> {
     sock.bind(&addr.into())?;
     sock.listen(backlog)?;
     Ok(sock.into())
+}
+
+/// A shard's access log sink, as sent to it on reload.
+pub struct AccessLogWriter(pub Option<Box<dyn Write + Send>>);
+
+impl std::fmt::Debug for AccessLogWriter {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(if self.0.is_some() {
+            "AccessLogWriter(on)"
+        } else {
+            "AccessLogWriter(off)"
+        })
+    }
 }
 
 fn open_access_log(cfg: &AccessLog) -> anyhow::Result<Option<Box<dyn Write + Send>>> {

@@ -93,6 +93,8 @@ pub enum Command {
     CloseAll,
     /// Exit at once.
     Stop,
+    /// Write the access log here from now on (reopened on every reload).
+    AccessLog(crate::server::AccessLogWriter),
 }
 
 /// State shared by all shards.
@@ -1027,6 +1029,8 @@ impl Shard {
         while let Ok(cmd) = self.commands.try_recv() {
             match cmd {
                 Command::Stop => self.stopping = true,
+                // Dropping the old writer flushes what it buffered.
+                Command::AccessLog(w) => self.access_log = w.0,
                 Command::Reload(snap) => {
                     self.snap = snap;
                     for l in self.listeners.iter().flatten() {

@@ -104,6 +104,99 @@ fn check_reports_file_line_column_and_key() {
     assert!(String::from_utf8_lossy(&out.stderr).contains("cannot read"));
 }
 
+/// What `run` would refuse, `check` refuses with the same message, naming
+/// the key: both go through the same validation.
+#[test]
+fn check_and_run_refuse_what_cannot_run() {
+    let dir = tempfile::tempdir().unwrap();
+    let port = common::closed_port().port();
+    let base = |listen: &str, extra: &str| {
+        format!(
+            "[server]\nlisten = [\"{listen}\"]\nshards = 1\n[[route]]\npath = \"/\"\nupstream = \"u\"\n[upstream.u]\nservers = [{{ addr = \"127.0.0.1:1\" }}]\n{extra}"
+        )
+    };
+    let missing = dir.path().join("no-such-dir/access.log");
+    let cases = [
+        (
+            base(
+                "127.0.0.1:0",
+                &format!("[log]\naccess = {:?}\n", missing.display().to_string()),
+            ),
+            "log.access",
+            missing.display().to_string(),
+        ),
+        (
+            base(
+                &format!("127.0.0.1:{port}"),
+                &format!("[admin]\nlisten = \"127.0.0.1:{port}\"\n"),
+            ),
+            "admin.listen",
+            format!("127.0.0.1:{port}"),
+        ),
+        (
+            base(
+                &format!("0.0.0.0:{port}"),
+                &format!("[admin]\nlisten = \"127.0.0.1:{port}\"\n"),
+            ),
+            "admin.listen",
+            format!("0.0.0.0:{port}"),
+        ),
+        (
+            base(
+                &format!("127.0.0.1:{port}"),
+                &format!("[admin]\nlisten = \"0.0.0.0:{port}\"\n"),
+            ),
+            "admin.listen",
+            format!("127.0.0.1:{port}"),
+        ),
+    ];
+    for (i, (text, key, names)) in cases.iter().enumerate() {
+        let path = dir.path().join(format!("case{i}.toml"));
+        std::fs::write(&path, text).unwrap();
+        let out = ringlb()
+            .arg("check")
+            .arg("--config")
+            .arg(&path)
+            .output()
+            .unwrap();
+        let err = String::from_utf8_lossy(&out.stderr).to_string();
+        assert!(!out.status.success(), "check passed case {i}:\n{text}");
+        assert!(err.contains(&format!("{}:", path.display())), "{err}");
+        assert!(err.contains(&format!(": {key}: ")), "{err}");
+        assert!(err.contains(names.as_str()), "{err}");
+
+        // `run` stops at the same error, before it binds anything.
+        let mut child = ringlb()
+            .arg("run")
+            .arg("--config")
+            .arg(&path)
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap();
+        let deadline = std::time::Instant::now() + Duration::from_secs(20);
+        let status = loop {
+            if let Some(st) = child.try_wait().unwrap() {
+                break st;
+            }
+            if std::time::Instant::now() > deadline {
+                child.kill().unwrap();
+                child.wait().unwrap();
+                panic!("run kept running with case {i}");
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        };
+        let mut run_err = String::new();
+        std::io::Read::read_to_string(&mut child.stderr.take().unwrap(), &mut run_err).unwrap();
+        assert!(!status.success());
+        assert!(
+            run_err.contains(err.trim().trim_start_matches("ringlb: ")),
+            "run said {run_err:?}, check said {err:?}"
+        );
+        assert!(!run_err.contains("listening on"), "{run_err}");
+    }
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn quick_mode_proxies() {
     let b = common::Backend::start().await;

@@ -528,3 +528,138 @@ async fn second_sigterm_stops_at_once() {
         .expect("second SIGTERM did not stop ringlb");
     assert!(st.success(), "{st:?}");
 }
+
+/// Lines of a JSON access log so far.
+fn access_lines(path: &std::path::Path) -> Vec<serde_json::Value> {
+    std::fs::read_to_string(path)
+        .unwrap_or_default()
+        .lines()
+        .map(|l| serde_json::from_str(l).expect("JSON line"))
+        .collect()
+}
+
+/// One WebSocket session on `path`, closed by the client.
+async fn one_session(proxy: &Proxy, path: &str) {
+    let mut ws = connect(&proxy.url(path)).await;
+    echo(&mut ws, "hello").await;
+    ws.close(None).await.unwrap();
+    while let Some(Ok(_)) = ws.next().await {}
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sighup_reopens_the_access_log_at_its_new_path() {
+    let a = Backend::start().await;
+    let dir = tempfile::tempdir().unwrap();
+    let first = dir.path().join("first.log");
+    let second = dir.path().join("second.log");
+    let text = |log: &std::path::Path| {
+        format!(
+            "{}\n[log]\naccess = \"{}\"\n",
+            with_admin(&[a.addr], "", ""),
+            log.display()
+        )
+    };
+    let proxy = Proxy::start(&text(&first));
+    one_session(&proxy, "/before").await;
+    wait_until("a line in the first log", || {
+        access_lines(&first).len() == 1
+    })
+    .await;
+
+    std::fs::write(&proxy.config_path, text(&second)).unwrap();
+    proxy.signal("HUP");
+    proxy.wait_log("reloaded", Duration::from_secs(10));
+    one_session(&proxy, "/after").await;
+    wait_until("a line in the second log", || {
+        access_lines(&second).len() == 1
+    })
+    .await;
+    assert_eq!(access_lines(&second)[0]["route"], "/");
+    let old = access_lines(&first);
+    assert_eq!(old.len(), 1, "the old file got more lines: {old:?}");
+
+    // Rotation: the file is moved away, SIGHUP with the same config opens a
+    // fresh one at the configured path.
+    let rotated = dir.path().join("second.log.1");
+    std::fs::rename(&second, &rotated).unwrap();
+    proxy.signal("HUP");
+    wait_until("second reload", || {
+        scrape(&proxy)["ringlb_config_reloads_total{result=ok}"] == 2.0
+    })
+    .await;
+    one_session(&proxy, "/rotated").await;
+    wait_until("a line in the reopened log", || {
+        access_lines(&second).len() == 1
+    })
+    .await;
+    assert_eq!(access_lines(&rotated).len(), 1);
+}
+
+/// buffers_per_shard is fixed for the life of the process. A file that
+/// changes it is refused as a whole: its other settings (here a
+/// max_buffers_per_direction that fits only the new buffers_per_shard, and a
+/// new backend) do not run on top of the old value.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn reload_that_changes_a_restart_only_key_is_refused() {
+    let a = Backend::start().await;
+    let b = Backend::start().await;
+    let proxy = Proxy::start(&with_admin(
+        &[a.addr],
+        "buffers_per_shard = 32\nmax_buffers_per_direction = 8",
+        "",
+    ));
+    let new = with_admin(
+        &[b.addr],
+        "buffers_per_shard = 64\nmax_buffers_per_direction = 32",
+        "",
+    );
+    ringlb::config::Config::parse(&new, "new.toml").expect("the new file is valid alone");
+    std::fs::write(&proxy.config_path, &new).unwrap();
+    proxy.signal("HUP");
+    let line = proxy.wait_log("reload rejected", Duration::from_secs(10));
+    assert!(
+        line.contains("server.buffers_per_shard") && line.contains("restart"),
+        "{line}"
+    );
+    let m = scrape(&proxy);
+    assert_eq!(m["ringlb_config_reloads_total{result=error}"], 1.0);
+    assert_eq!(m["ringlb_config_reloads_total{result=ok}"], 0.0);
+    let mut ws = connect(&proxy.url("/")).await;
+    echo(&mut ws, "old config").await;
+    assert_eq!((a.active(), b.active()), (1, 0), "the old backend set runs");
+
+    // The same file with the running buffers_per_shard fails the cross-check
+    // it would have skipped before.
+    std::fs::write(
+        &proxy.config_path,
+        new.replace("buffers_per_shard = 64", "buffers_per_shard = 32"),
+    )
+    .unwrap();
+    proxy.signal("HUP");
+    wait_until("second rejection", || {
+        scrape(&proxy)["ringlb_config_reloads_total{result=error}"] == 2.0
+    })
+    .await;
+    assert!(proxy
+        .log
+        .lock()
+        .unwrap()
+        .iter()
+        .any(|l| l.contains("reload rejected") && l.contains("max_buffers_per_direction")));
+
+    // Unchanged restart-only keys reload as usual.
+    std::fs::write(
+        &proxy.config_path,
+        with_admin(
+            &[b.addr],
+            "buffers_per_shard = 32\nmax_buffers_per_direction = 8",
+            "",
+        ),
+    )
+    .unwrap();
+    proxy.signal("HUP");
+    proxy.wait_log("reloaded", Duration::from_secs(10));
+    let mut ws2 = connect(&proxy.url("/")).await;
+    echo(&mut ws2, "new config").await;
+    assert_eq!((a.active(), b.active()), (1, 1));
+}

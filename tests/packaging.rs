@@ -186,7 +186,9 @@ fn dockerfile_is_consistent_with_its_inputs() {
         .map(|(_, a)| a.clone())
         .expect("a HEALTHCHECK");
     assert!(
-        health.contains(&format!("/dev/tcp/127.0.0.1/{port}")) && health.contains("/status"),
+        health.contains(&format!("/dev/tcp/127.0.0.1/{port}"))
+            && health.contains("/status")
+            && health.contains(&format!("Host: 127.0.0.1:{port}")),
         "{health}"
     );
 

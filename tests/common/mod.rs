@@ -158,14 +158,17 @@ impl Proxy {
         }
     }
 
-    /// GET or POST on the admin listener; returns (status, body).
+    /// GET or POST on the admin listener, as curl would send it (Host is the
+    /// admin address) plus the header mutating requests need; returns
+    /// (status, body).
     pub fn admin(&self, method: &str, path: &str) -> (u16, String) {
         use std::io::{Read, Write};
-        let mut s = std::net::TcpStream::connect(self.admin.expect("no admin listener")).unwrap();
+        let admin = self.admin.expect("no admin listener");
+        let mut s = std::net::TcpStream::connect(admin).unwrap();
         s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
         write!(
             s,
-            "{method} {path} HTTP/1.1\r\nHost: admin\r\nContent-Length: 0\r\n\r\n"
+            "{method} {path} HTTP/1.1\r\nHost: {admin}\r\nX-Ringlb-Admin: 1\r\nContent-Length: 0\r\n\r\n"
         )
         .unwrap();
         let mut out = String::new();
