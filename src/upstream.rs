@@ -164,8 +164,16 @@ impl Upstream {
 
     /// Picks the backend with the lowest `active / weight` among those not in
     /// `tried` and not full, choosing at random among ties, and takes a
-    /// lease on it. `None`: every backend was tried or is full.
+    /// lease on it. Backends marked down are passed over while any other is
+    /// left; when all that remain are down they are tried anyway, since a
+    /// mark is only a guess about the next connect and a 502 is a certainty.
+    /// `None`: every backend was tried, is full or is draining.
     pub fn pick(&self, tried: &[usize], rng: &mut Rng) -> Option<(usize, Lease)> {
+        self.pick_among(tried, rng, true)
+            .or_else(|| self.pick_among(tried, rng, false))
+    }
+
+    fn pick_among(&self, tried: &[usize], rng: &mut Rng, up_only: bool) -> Option<(usize, Lease)> {
         // Another shard may fill a backend between our look and our
         // increment; then we give the slot back and look again.
         for _ in 0..=self.backends.len() {
@@ -176,7 +184,10 @@ impl Upstream {
                     continue;
                 }
                 let active = b.active();
-                if b.max_connections.is_some_and(|m| active >= m) || b.is_draining() || !b.is_up() {
+                if b.max_connections.is_some_and(|m| active >= m)
+                    || b.is_draining()
+                    || (up_only && !b.is_up())
+                {
                     continue;
                 }
                 match best {
@@ -304,10 +315,15 @@ mod tests {
         assert!(!u.backends[1].is_up());
         assert_eq!(u.pick(&[], &mut rng).unwrap().0, 0);
         u.backends[0].state.set_down(true);
-        assert!(
-            u.pick(&[], &mut rng).is_none(),
-            "every backend down: no pick"
-        );
+        // Every backend down: they are tried anyway, least connections first.
+        let (first, _lease) = u
+            .pick(&[], &mut rng)
+            .expect("down backends are still tried");
+        assert_eq!(u.pick(&[first], &mut rng).unwrap().0, 1 - first);
+        // Draining is an operator's word, and holds even then.
+        u.backends[0].state.draining.store(true, Ordering::Relaxed);
+        u.backends[1].state.draining.store(true, Ordering::Relaxed);
+        assert!(u.pick(&[], &mut rng).is_none());
     }
 
     #[test]

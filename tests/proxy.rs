@@ -677,3 +677,69 @@ async fn post_is_never_sent_twice() {
         "{answers:?}"
     );
 }
+
+/// A backend that serves WebSocket upgrades (echo) but hangs up on any
+/// plain request for `/boom` before answering, as an app may on a request
+/// it rejects.
+async fn picky_backend() -> SocketAddr {
+    let echo = Backend::start().await;
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    tokio::spawn(async move {
+        while let Ok((mut s, _)) = listener.accept().await {
+            let echo = echo.addr;
+            tokio::spawn(async move {
+                let head = read_head(&mut s).await;
+                if String::from_utf8_lossy(&head).starts_with("GET /boom") {
+                    return drop(s);
+                }
+                // Anything else is passed to the echo server as it came.
+                let mut up = TcpStream::connect(echo).await.unwrap();
+                up.write_all(&head).await.unwrap();
+                let _ = tokio::io::copy_bidirectional(&mut s, &mut up).await;
+            });
+        }
+    });
+    addr
+}
+
+/// No sequence of client requests may make ringlb refuse traffic a backend
+/// would serve: a backend that hangs up on one request is not marked down
+/// for everyone.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn clients_cannot_mark_backends_down() {
+    let a = picky_backend().await;
+    let b = picky_backend().await;
+    let proxy = Proxy::start(&config(
+        &[a, b],
+        "",
+        "max_fails = 1\nfail_timeout = \"30s\"",
+    ));
+    for _ in 0..4 {
+        let r = raw_exchange(proxy.addr(), b"GET /boom HTTP/1.1\r\nHost: h\r\n\r\n").await;
+        assert_eq!(status_of(&r), 502);
+    }
+    for i in 0..4 {
+        let mut ws = connect(&proxy.url("/")).await;
+        echo(&mut ws, &format!("still served {i}")).await;
+    }
+}
+
+/// Every backend marked down (they refused connections for a while): they
+/// are tried anyway rather than answering 502 for fail_timeout.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn all_backends_down_are_tried_anyway() {
+    let gone = closed_port();
+    let proxy = Proxy::start(&config(
+        &[gone],
+        "",
+        "max_fails = 1\nfail_timeout = \"60s\"",
+    ));
+    let r = raw_exchange(proxy.addr(), upgrade_request("/", "").as_bytes()).await;
+    assert_eq!(status_of(&r), 502);
+    // The backend comes back on the same port, within fail_timeout.
+    let b = Backend::start_on(gone).await;
+    let mut ws = connect(&proxy.url("/")).await;
+    echo(&mut ws, "back").await;
+    drop(b);
+}

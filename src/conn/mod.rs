@@ -1383,8 +1383,8 @@ impl Conn {
         }
     }
 
-    /// Counts a failure against the current backend (passive health) and
-    /// gives up its lease.
+    /// Counts a failed connect against the current backend (passive
+    /// health) and gives up its lease.
     fn blame_backend(&mut self, what: &str) {
         if let Some(lease) = self.lease.take() {
             let hs = self.hs.as_ref().expect("handshake state");
@@ -2059,7 +2059,11 @@ impl Conn {
             "{}: {why}; sending the request again to another backend",
             self.backend.map_or_else(String::new, |b| b.to_string())
         );
-        self.blame_backend(why);
+        // Not counted against the backend's health: any client can make a
+        // backend hang up (a request it rejects by closing), and counting it
+        // would let a few requests mark every backend down for everyone.
+        // Only connect failures, which no client can cause, count.
+        self.lease = None;
         self.connected = false;
         release_unsent(&mut self.flow[Side::Backend.idx()], out);
         self.set_stage(Stage::Retrying { attempt });
