@@ -110,11 +110,17 @@ pub struct Ask {
     pub method: String,
     /// Path below the route (prefix already stripped if the route says so).
     pub path: String,
+    /// The request-target as the client sent it (prefix and query kept):
+    /// its slash decides file or directory, and a redirect to the slash
+    /// form is built from it. Empty: judged from `path`.
+    pub target: String,
     pub minor: u8,
     pub keep_alive: bool,
     pub accept_encoding: Option<Vec<u8>>,
     pub if_none_match: Option<Vec<u8>>,
     pub if_modified_since: Option<Vec<u8>>,
+    pub if_match: Option<Vec<u8>>,
+    pub if_unmodified_since: Option<Vec<u8>>,
     pub range: Option<Vec<u8>>,
     pub if_range: Option<Vec<u8>>,
 }
@@ -149,6 +155,8 @@ pub struct Serve {
     phase: Phase,
     /// The path being served, relative to root (without a variant suffix).
     rel: Vec<u8>,
+    /// The client's URL ends in `/`: it names a directory, never a file.
+    slash: bool,
     /// The file found for `rel`.
     found: Option<Meta>,
     /// The precompressed file chosen instead, and its encoding.
@@ -184,6 +192,7 @@ impl Serve {
             accepts,
             phase: Phase::Opening(Try::Target),
             rel: Vec::new(),
+            slash: false,
             found: None,
             variant: None,
             mime: "application/octet-stream",
@@ -212,6 +221,10 @@ impl Serve {
             }
             Ok(clean) => {
                 s.rel = clean.rel;
+                s.slash = match s.ask.target.split('?').next() {
+                    Some(t) if !t.is_empty() => t.ends_with('/'),
+                    _ => clean.dir,
+                };
                 let next = s.open(Try::Target, &[]);
                 (s, next)
             }
@@ -271,6 +284,11 @@ impl Serve {
                 None => (false, self.answer()),
             },
             Try::Target | Try::Index | Try::Fallback => {
+                if file.is_some() && step == Try::Target && self.slash {
+                    // `x/` names a directory; a file `x` is not it (nginx:
+                    // ENOTDIR), so on to the fallback or 404.
+                    return (false, self.missing(step));
+                }
                 if let Some(m) = file {
                     if step == Try::Index {
                         // The index's name decides its type and variants.
@@ -285,6 +303,9 @@ impl Serve {
                 }
                 match res {
                     Ok(m) if m.kind == Kind::Dir && step == Try::Target => {
+                        if !self.slash {
+                            return (false, self.redirect_to_slash());
+                        }
                         if self.site.index.is_some() {
                             (false, self.open(Try::Index, &[]))
                         } else {
@@ -319,6 +340,26 @@ impl Serve {
                 self.error(500, "Internal Server Error", "")
             }
         }
+    }
+
+    /// A directory asked for without its slash: relative links in its
+    /// index would resolve against the parent, so send the client to the
+    /// slash form first (nginx does too), query kept.
+    fn redirect_to_slash(&mut self) -> Next {
+        let target = if self.ask.target.is_empty() {
+            &self.ask.path
+        } else {
+            &self.ask.target
+        };
+        let location = match target.split_once('?') {
+            Some((path, query)) => format!("{path}/?{query}"),
+            None => format!("{target}/"),
+        };
+        self.error(
+            301,
+            "Moved Permanently",
+            &format!("Location: {location}\r\n"),
+        )
     }
 
     fn missing(&mut self, step: Try) -> Next {
@@ -371,6 +412,14 @@ impl Serve {
         } else {
             headers::etag(meta.mtime, meta.size)
         };
+        if headers::precondition_failed(
+            self.ask.if_match.as_deref(),
+            self.ask.if_unmodified_since.as_deref(),
+            &tag,
+            meta.mtime,
+        ) {
+            return self.error(412, "Precondition Failed", "");
+        }
         if headers::not_modified(
             self.ask.if_none_match.as_deref(),
             self.ask.if_modified_since.as_deref(),
