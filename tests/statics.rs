@@ -163,6 +163,17 @@ impl Http {
                     .map_or(0, |(_, v)| v.parse().unwrap());
                 let len = if head_only || status == 304 { 0 } else { len };
                 self.buf.drain(..n);
+                let chunked = headers
+                    .iter()
+                    .any(|(k, v)| k.eq_ignore_ascii_case("transfer-encoding") && v == "chunked");
+                if chunked && !head_only {
+                    let body = self.chunked_body();
+                    return Resp {
+                        status,
+                        headers,
+                        body,
+                    };
+                }
                 while self.buf.len() < len {
                     assert!(self.fill(), "closed inside a body");
                 }
@@ -174,6 +185,31 @@ impl Http {
                 };
             }
             assert!(self.fill(), "closed before a response head");
+        }
+    }
+
+    /// A chunked body (a gzip answer compressed while it is sent).
+    fn chunked_body(&mut self) -> Vec<u8> {
+        let mut body = Vec::new();
+        loop {
+            let eol = loop {
+                if let Some(i) = self.buf.windows(2).position(|w| w == b"\r\n") {
+                    break i;
+                }
+                assert!(self.fill(), "closed inside a chunk size");
+            };
+            let size = std::str::from_utf8(&self.buf[..eol]).unwrap();
+            let size = usize::from_str_radix(size, 16).unwrap();
+            self.buf.drain(..eol + 2);
+            while self.buf.len() < size + 2 {
+                assert!(self.fill(), "closed inside a chunk");
+            }
+            body.extend_from_slice(&self.buf[..size]);
+            assert_eq!(&self.buf[size..size + 2], b"\r\n");
+            self.buf.drain(..size + 2);
+            if size == 0 {
+                return body;
+            }
         }
     }
 

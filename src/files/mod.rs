@@ -26,9 +26,9 @@
 pub mod gzip;
 pub mod headers;
 pub mod path;
+pub mod zipping;
 
 use std::ffi::CString;
-use std::rc::Rc;
 use std::sync::Arc;
 use std::time::SystemTime;
 
@@ -137,8 +137,9 @@ enum Try {
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Phase {
     Opening(Try),
-    /// Reading the whole file to compress it.
-    ReadingToCompress,
+    /// Gzip on the fly, a slice per step (`zipping`): reading a slice, or
+    /// sending what it compressed to.
+    Zipping,
     /// Reading body bytes into the buffer after `at`.
     ReadingBody,
     Sending,
@@ -179,6 +180,8 @@ pub struct Serve {
     gzip_cache: usize,
     /// Driven by the connection while `Phase::Splicing`.
     pub spliced: Spliced,
+    /// The gzip stream while `Phase::Zipping`.
+    zip: Option<Box<zipping::Zipping>>,
 }
 
 impl Serve {
@@ -207,6 +210,7 @@ impl Serve {
             got: 0,
             keep_alive,
             gzip_cache,
+            zip: None,
         };
         if s.ask.method != "GET" && s.ask.method != "HEAD" {
             let next = s.error(405, "Method Not Allowed", "Allow: GET, HEAD\r\n");
@@ -440,10 +444,7 @@ impl Serve {
             if let Some(gz) = gzip::get(&key) {
                 return self.send_compressed(&meta, &tag, &gz);
             }
-            // Read it all, compress in on_read.
-            self.buf = vec![0; meta.size as usize];
-            self.phase = Phase::ReadingToCompress;
-            return self.read(0, meta.size as usize, 0);
+            return self.start_zipping(&meta, &tag, key);
         }
         let whole = meta.size;
         let range = if self.ask.method == "GET" {
@@ -505,8 +506,8 @@ impl Serve {
         let n = match res {
             Ok(0) | Err(_) => {
                 // The file shrank or failed after its length was promised
-                // (or before compressing: no head yet, but the cause is the
-                // same). Closing is the only honest answer.
+                // (or mid-way through a gzip stream, which then must not
+                // look complete). Closing is the only honest answer.
                 if let Err(e) = res {
                     log::warn!(
                         "static: read of {:?} failed: {}",
@@ -528,18 +529,10 @@ impl Serve {
             };
         }
         match self.phase {
-            Phase::ReadingToCompress => {
-                let meta = self.found.expect("compressing a found file");
-                let tag = format!("W/{}", headers::etag(meta.mtime, meta.size));
-                let gz: Rc<[u8]> = gzip::compress(&self.buf).into();
-                let key = gzip::Key {
-                    dev: meta.dev,
-                    ino: meta.ino,
-                    size: meta.size,
-                    mtime: meta.mtime,
-                };
-                gzip::put(key, gz.clone(), self.gzip_cache);
-                self.send_compressed(&meta, &tag, &gz)
+            Phase::Zipping => {
+                let zip = self.zip.as_mut().expect("zipping");
+                zip.feed(&mut self.buf, self.at, self.want);
+                self.zip_step()
             }
             _ => {
                 self.phase = Phase::Sending;
@@ -553,6 +546,15 @@ impl Serve {
 
     /// Everything handed over with the last `Send` is sent.
     pub fn on_sent(&mut self) -> Next {
+        if self.phase == Phase::Zipping {
+            self.buf.clear();
+            if self.zip.as_ref().is_some_and(|z| z.finished) {
+                self.zip = None;
+                self.phase = Phase::Done;
+                return Next::Done;
+            }
+            return self.zip_step();
+        }
         if self.phase != Phase::Sending {
             return Next::Abort;
         }
@@ -576,6 +578,61 @@ impl Serve {
         }
         self.phase = Phase::Done;
         Next::Done
+    }
+
+    /// A gzip answer not in the cache: the head now, the body compressed
+    /// and sent a slice at a time (`zipping`), its end marked by the last
+    /// chunk (HTTP/1.1) or by closing (HTTP/1.0, which has no chunks).
+    fn start_zipping(&mut self, meta: &Meta, tag: &str, key: gzip::Key) -> Next {
+        self.status = 200;
+        let chunked = self.ask.minor >= 1;
+        let get = self.ask.method != "HEAD";
+        if get && !chunked {
+            self.keep_alive = false;
+        }
+        let mut head = self.head(200, meta, tag, Some("gzip"), None, None);
+        if chunked {
+            // Before the blank line that ends the head.
+            let end = head.len() - 2;
+            head.splice(end..end, *b"Transfer-Encoding: chunked\r\n");
+        }
+        if !get {
+            return self.send_head_only(head);
+        }
+        self.buf = head;
+        self.zip = Some(Box::new(zipping::Zipping::new(
+            key,
+            chunked,
+            self.gzip_cache,
+        )));
+        self.phase = Phase::Zipping;
+        self.zip_read()
+    }
+
+    /// After a slice is compressed or its output sent: send what `buf`
+    /// holds (output, and the head with the first of it), else read on.
+    fn zip_step(&mut self) -> Next {
+        if self.buf.is_empty() {
+            return self.zip_read();
+        }
+        Next::Send {
+            start: 0,
+            len: self.buf.len(),
+        }
+    }
+
+    /// Reads the next slice into `buf`, after what waits there to be sent.
+    fn zip_read(&mut self) -> Next {
+        let zip = self.zip.as_mut().expect("zipping");
+        let (len, offset) = zip.next_slice();
+        let at = self.buf.len();
+        if len == 0 {
+            // An empty file: nothing to read, only the gzip trailer.
+            zip.feed(&mut self.buf, at, 0);
+            return self.zip_step();
+        }
+        self.buf.resize(at + len, 0);
+        self.read(at, len, offset)
     }
 
     fn send_compressed(&mut self, meta: &Meta, tag: &str, gz: &[u8]) -> Next {
