@@ -163,6 +163,17 @@ impl Http {
                     .map_or(0, |(_, v)| v.parse().unwrap());
                 let len = if head_only || status == 304 { 0 } else { len };
                 self.buf.drain(..n);
+                let chunked = headers
+                    .iter()
+                    .any(|(k, v)| k.eq_ignore_ascii_case("transfer-encoding") && v == "chunked");
+                if chunked && !head_only {
+                    let body = self.chunked_body();
+                    return Resp {
+                        status,
+                        headers,
+                        body,
+                    };
+                }
                 while self.buf.len() < len {
                     assert!(self.fill(), "closed inside a body");
                 }
@@ -174,6 +185,31 @@ impl Http {
                 };
             }
             assert!(self.fill(), "closed before a response head");
+        }
+    }
+
+    /// A chunked body (a gzip answer compressed while it is sent).
+    fn chunked_body(&mut self) -> Vec<u8> {
+        let mut body = Vec::new();
+        loop {
+            let eol = loop {
+                if let Some(i) = self.buf.windows(2).position(|w| w == b"\r\n") {
+                    break i;
+                }
+                assert!(self.fill(), "closed inside a chunk size");
+            };
+            let size = std::str::from_utf8(&self.buf[..eol]).unwrap();
+            let size = usize::from_str_radix(size, 16).unwrap();
+            self.buf.drain(..eol + 2);
+            while self.buf.len() < size + 2 {
+                assert!(self.fill(), "closed inside a chunk");
+            }
+            body.extend_from_slice(&self.buf[..size]);
+            assert_eq!(&self.buf[size..size + 2], b"\r\n");
+            self.buf.drain(..size + 2);
+            if size == 0 {
+                return body;
+            }
         }
     }
 
@@ -328,11 +364,166 @@ fn spa_fallback_is_try_files() {
         assert_eq!(r.body, index, "{path}");
         assert_eq!(r.header("content-type"), Some("text/html"), "{path}");
     }
-    // A directory gets its own index, with or without the slash.
+    // A directory gets its own index under its slash form; without the
+    // slash it is redirected there (below).
     assert_eq!(get(p.addr(), "/docs/", "").body, b"docs index\n");
-    assert_eq!(get(p.addr(), "/docs", "").body, b"docs index\n");
+    assert_eq!(get(p.addr(), "/docs", "").status, 301);
+    // A file asked for as a directory does not exist: the fallback answers.
+    let r = get(p.addr(), "/assets/tiny.js/", "");
+    assert_eq!((r.status, r.body), (200, index.clone()));
     // Real files still win.
     assert_eq!(get(p.addr(), "/assets/tiny.js", "").body, b"let x = 1;\n");
+}
+
+#[test]
+fn percent_escapes_are_exactly_two_hex_digits() {
+    let site = Site::new();
+    let p = start(&site.root(), ", fallback = \"/index.html\"", "");
+    // `%+1` once decoded as byte 1 (a sign is accepted when parsing a number).
+    for path in ["/%+1", "/index%+2.html", "/%+f", "/%-1", "/%+a", "/%1g"] {
+        assert_eq!(get(p.addr(), path, "").status, 400, "{path}");
+    }
+    assert_eq!(get(p.addr(), "/assets/tin%79.js", "").body, b"let x = 1;\n");
+    assert_eq!(
+        get(p.addr(), "/assets/tin%7A.js", "").status,
+        200,
+        "fallback"
+    );
+}
+
+#[test]
+fn a_trailing_slash_names_a_directory_never_a_file() {
+    let site = Site::new();
+    let p = start(&site.root(), "", "");
+    for path in [
+        "/index.html/",
+        "/assets/tiny.js/",
+        "/assets/tiny.js//",
+        "/big.bin/",
+    ] {
+        let r = get(p.addr(), path, "");
+        assert_eq!(r.status, 404, "{path}");
+    }
+    assert_eq!(get(p.addr(), "/assets/tiny.js", "").status, 200);
+    assert_eq!(get(p.addr(), "/docs/", "").body, b"docs index\n");
+}
+
+#[test]
+fn a_directory_without_its_slash_is_redirected_to_it() {
+    let site = Site::new();
+    let p = Proxy::start(&format!(
+        "[server]\nlisten = [\"127.0.0.1:0\"]\nshards = 1\n\n\
+         [[route]]\npath = \"/\"\nstatic = {{ root = \"{root}\", fallback = \"/index.html\" }}\n\n\
+         [[route]]\npath = \"/alias\"\nstrip_prefix = true\nstatic = {{ root = \"{root}\" }}\n",
+        root = site.root().display()
+    ));
+    let mut c = Http::connect(p.addr());
+    for (path, location) in [
+        ("/docs", "/docs/"),
+        ("/docs?a=1&b", "/docs/?a=1&b"),
+        ("/empty", "/empty/"),
+        ("/alias/docs", "/alias/docs/"),
+        // The route's own directory, whose path the prefix strip empties.
+        ("/alias", "/alias/"),
+        ("/alias?x", "/alias/?x"),
+    ] {
+        let r = c.get(path, "");
+        assert_eq!(r.status, 301, "{path}");
+        assert_eq!(r.header("location"), Some(location), "{path}");
+        assert_eq!(r.header("connection"), None, "{path}: kept alive");
+    }
+    c.send("HEAD /docs HTTP/1.1\r\nHost: t\r\n\r\n");
+    let r = c.response(true);
+    assert_eq!(r.status, 301);
+    assert_eq!(c.get("/docs/", "").body, b"docs index\n");
+    assert_eq!(c.get("/alias/docs/", "").body, b"docs index\n");
+    assert_eq!(c.get("/alias/", "").body, site.file("index.html"));
+    // The root needs no redirect.
+    assert_eq!(c.get("/", "").body, site.file("index.html"));
+}
+
+#[test]
+fn if_match_and_if_unmodified_since_are_preconditions() {
+    let site = Site::new();
+    let p = start(&site.root(), "", "");
+    let r = get(p.addr(), "/assets/logo.png", "");
+    let etag = r.header("etag").unwrap().to_string();
+    let lm = r.header("last-modified").unwrap().to_string();
+    let past = "Thu, 01 Jan 1970 00:00:01 GMT";
+    let mut c = Http::connect(p.addr());
+    let status = |c: &mut Http, h: &str| c.get("/assets/logo.png", h).status;
+    // If-Match: strong comparison; `*` matches any existing file.
+    assert_eq!(status(&mut c, &format!("If-Match: {etag}\r\n")), 200);
+    assert_eq!(status(&mut c, &format!("If-Match: \"x\", {etag}\r\n")), 200);
+    assert_eq!(status(&mut c, "If-Match: *\r\n"), 200);
+    assert_eq!(status(&mut c, "If-Match: \"other\"\r\n"), 412);
+    assert_eq!(
+        status(&mut c, &format!("If-Match: W/{etag}\r\n")),
+        412,
+        "a weak tag never matches strongly"
+    );
+    // If-Unmodified-Since: 412 when the file changed after the date.
+    assert_eq!(
+        status(&mut c, &format!("If-Unmodified-Since: {lm}\r\n")),
+        200
+    );
+    assert_eq!(
+        status(&mut c, &format!("If-Unmodified-Since: {past}\r\n")),
+        412
+    );
+    assert_eq!(
+        status(&mut c, "If-Unmodified-Since: not a date\r\n"),
+        200,
+        "an invalid date is ignored"
+    );
+    // With If-Match, If-Unmodified-Since is not evaluated (RFC 9110 §13.2.2).
+    assert_eq!(
+        status(
+            &mut c,
+            &format!("If-Match: {etag}\r\nIf-Unmodified-Since: {past}\r\n")
+        ),
+        200
+    );
+    // 412 comes before 304 and before ranges.
+    assert_eq!(
+        status(
+            &mut c,
+            &format!("If-Match: \"other\"\r\nIf-None-Match: {etag}\r\n")
+        ),
+        412
+    );
+    assert_eq!(
+        status(
+            &mut c,
+            &format!("If-Unmodified-Since: {past}\r\nIf-Modified-Since: {lm}\r\n")
+        ),
+        412
+    );
+    assert_eq!(
+        status(
+            &mut c,
+            &format!("If-Match: {etag}\r\nIf-None-Match: {etag}\r\n")
+        ),
+        304
+    );
+    assert_eq!(
+        status(&mut c, "If-Match: \"other\"\r\nRange: bytes=0-9\r\n"),
+        412
+    );
+    let r = c.get(
+        "/assets/logo.png",
+        &format!("If-Match: {etag}\r\nRange: bytes=0-9\r\nIf-Range: {etag}\r\n"),
+    );
+    assert_eq!((r.status, r.body.len()), (206, 10));
+    c.send("HEAD /assets/logo.png HTTP/1.1\r\nHost: t\r\nIf-Match: \"other\"\r\n\r\n");
+    assert_eq!(c.response(true).status, 412);
+    // Kept alive through all of that; a missing file stays 404.
+    assert_eq!(status(&mut c, "If-Match: \"other\"\r\n"), 412);
+    assert_eq!(
+        c.get("/missing.png", "If-Match: *\r\n").status,
+        404,
+        "no precondition without a representation"
+    );
 }
 
 #[test]

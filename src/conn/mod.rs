@@ -1742,11 +1742,14 @@ impl Conn {
         let ask = files::Ask {
             method: req.method.clone(),
             path,
+            target: req.target.clone(),
             minor: req.minor,
             keep_alive,
             accept_encoding: h("accept-encoding"),
             if_none_match: h("if-none-match"),
             if_modified_since: h("if-modified-since"),
+            if_match: h("if-match"),
+            if_unmodified_since: h("if-unmodified-since"),
             range: h("range"),
             if_range: h("if-range"),
         };

@@ -1,11 +1,12 @@
 //! On-the-fly gzip for files that have no precompressed twin, with a
 //! per-shard cache of the results bounded in bytes.
 //!
-//! The cache is thread-local: each shard compresses a file at most once per
-//! version (device, inode, size, mtime) while it stays cached, and no lock
-//! is shared between shards. Compression runs on the shard thread; the
-//! input is bounded by `gzip_max_length` (default 1 MiB, a few ms at the
-//! level used), which bounds the stall it causes other connections.
+//! The cache is thread-local: no lock is shared between shards. A file
+//! version (device, inode, size, mtime) is compressed while it is sent, a
+//! slice per step (`files::zipping`, so no request holds the shard for
+//! more than a slice's compression), and the result is kept when it fits
+//! `gzip_cache_size`; later requests for that version are answered from
+//! here. `gzip_cache_size = 0` keeps nothing: every request compresses.
 
 use std::cell::RefCell;
 use std::collections::HashMap;
@@ -82,10 +83,56 @@ pub fn cached_bytes() -> usize {
     CACHE.with(|c| c.borrow().bytes)
 }
 
+/// A gzip member compressed piece by piece, so each piece's cost is
+/// bounded by its size and the shard can serve other connections between
+/// pieces. Output comes out as the deflate state releases it: a piece may
+/// yield nothing, and `finish` flushes the rest plus the trailer.
+pub struct Stream {
+    enc: flate2::write::GzEncoder<Vec<u8>>,
+}
+
+impl std::fmt::Debug for Stream {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("gzip::Stream").finish_non_exhaustive()
+    }
+}
+
+impl Default for Stream {
+    fn default() -> Self {
+        Stream::new()
+    }
+}
+
+impl Stream {
+    pub fn new() -> Stream {
+        Stream {
+            enc: flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::new(LEVEL)),
+        }
+    }
+
+    /// Compresses `input`, appending what the encoder releases to `out`.
+    pub fn push(&mut self, input: &[u8], out: &mut Vec<u8>) {
+        // Writing to a Vec cannot fail.
+        self.enc.write_all(input).expect("gzip into memory");
+        out.append(self.enc.get_mut());
+    }
+
+    /// Ends the member: the encoder's held-back output and the trailer.
+    pub fn finish(&mut self, out: &mut Vec<u8>) {
+        self.enc.try_finish().expect("gzip into memory");
+        out.append(self.enc.get_mut());
+    }
+}
+
+/// nginx's `gzip_comp_level 6`, its usual setting.
+const LEVEL: u32 = 6;
+
+/// Everything at once: for tests and `examples/gzip_slice.rs`, never on a
+/// shard (see `Stream`).
 pub fn compress(data: &[u8]) -> Vec<u8> {
     let mut enc = flate2::write::GzEncoder::new(
         Vec::with_capacity(data.len() / 3 + 64),
-        flate2::Compression::new(6),
+        flate2::Compression::new(LEVEL),
     );
     // Writing to a Vec cannot fail.
     enc.write_all(data).expect("gzip into memory");

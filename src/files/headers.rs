@@ -69,6 +69,40 @@ fn etag_matches_weak(list: &[u8], tag: &str) -> bool {
     })
 }
 
+/// Strong comparison (§8.8.3.2): equal, and neither is weak.
+fn etag_matches_strong(list: &[u8], tag: &str) -> bool {
+    let Ok(list) = std::str::from_utf8(list) else {
+        return false;
+    };
+    if list.trim() == "*" {
+        // Any current representation; the caller has one.
+        return true;
+    }
+    !tag.starts_with("W/") && list.split(',').any(|t| t.trim() == tag)
+}
+
+/// Whether the preconditions of §13.1.1 and §13.1.4 fail (412), evaluated
+/// in the order of §13.2.2: If-Match decides when present; only without it
+/// does If-Unmodified-Since count (and an invalid date is ignored). Called
+/// only for an existing file, before If-None-Match / If-Modified-Since.
+pub fn precondition_failed(
+    if_match: Option<&[u8]>,
+    if_unmodified_since: Option<&[u8]>,
+    tag: &str,
+    mtime: SystemTime,
+) -> bool {
+    if let Some(im) = if_match {
+        return !etag_matches_strong(im, tag);
+    }
+    let Some(ius) = if_unmodified_since
+        .and_then(|v| std::str::from_utf8(v).ok())
+        .and_then(|v| httpdate::parse_http_date(v.trim()).ok())
+    else {
+        return false;
+    };
+    truncate_secs(mtime) > ius
+}
+
 /// Whether a GET/HEAD may be answered 304: If-None-Match decides when
 /// present; only without it does If-Modified-Since count (§13.2.2).
 pub fn not_modified(
@@ -257,6 +291,44 @@ mod tests {
             m
         ));
         assert!(!not_modified(None, Some(b"yesterday"), tag, m));
+    }
+
+    #[test]
+    fn preconditions() {
+        let tag = "\"1-2\"";
+        let m = t(1_000_000);
+        let fails = |im: Option<&str>, ius: Option<&str>, tag: &str| {
+            precondition_failed(im.map(str::as_bytes), ius.map(str::as_bytes), tag, m)
+        };
+        assert!(!fails(None, None, tag));
+        assert!(!fails(Some("\"1-2\""), None, tag));
+        assert!(!fails(Some("\"x\" , \"1-2\""), None, tag));
+        assert!(!fails(Some("*"), None, tag));
+        assert!(fails(Some("\"x\""), None, tag));
+        assert!(fails(Some("W/\"1-2\""), None, tag), "strong comparison");
+        assert!(
+            fails(Some("W/\"1-2\""), None, "W/\"1-2\""),
+            "weak never matches"
+        );
+        assert!(!fails(Some("*"), None, "W/\"1-2\""));
+        let same = http_date(m);
+        let later = http_date(t(1_000_100));
+        let earlier = http_date(t(999_000));
+        assert!(!fails(None, Some(&same), tag));
+        assert!(!fails(None, Some(&later), tag));
+        assert!(fails(None, Some(&earlier), tag));
+        assert!(!fails(None, Some("garbage"), tag), "invalid date ignored");
+        // If-Match present: If-Unmodified-Since is not evaluated.
+        assert!(!fails(Some("\"1-2\""), Some(&earlier), tag));
+        assert!(fails(Some("\"x\""), Some(&later), tag));
+        // Sub-second mtimes compare by whole seconds, as the header has.
+        let frac = precondition_failed(
+            None,
+            Some(same.as_bytes()),
+            tag,
+            m + Duration::from_millis(700),
+        );
+        assert!(!frac);
     }
 
     #[test]

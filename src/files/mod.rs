@@ -26,9 +26,9 @@
 pub mod gzip;
 pub mod headers;
 pub mod path;
+pub mod zipping;
 
 use std::ffi::CString;
-use std::rc::Rc;
 use std::sync::Arc;
 use std::time::SystemTime;
 
@@ -110,11 +110,17 @@ pub struct Ask {
     pub method: String,
     /// Path below the route (prefix already stripped if the route says so).
     pub path: String,
+    /// The request-target as the client sent it (prefix and query kept):
+    /// its slash decides file or directory, and a redirect to the slash
+    /// form is built from it. Empty: judged from `path`.
+    pub target: String,
     pub minor: u8,
     pub keep_alive: bool,
     pub accept_encoding: Option<Vec<u8>>,
     pub if_none_match: Option<Vec<u8>>,
     pub if_modified_since: Option<Vec<u8>>,
+    pub if_match: Option<Vec<u8>>,
+    pub if_unmodified_since: Option<Vec<u8>>,
     pub range: Option<Vec<u8>>,
     pub if_range: Option<Vec<u8>>,
 }
@@ -131,8 +137,9 @@ enum Try {
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Phase {
     Opening(Try),
-    /// Reading the whole file to compress it.
-    ReadingToCompress,
+    /// Gzip on the fly, a slice per step (`zipping`): reading a slice, or
+    /// sending what it compressed to.
+    Zipping,
     /// Reading body bytes into the buffer after `at`.
     ReadingBody,
     Sending,
@@ -149,6 +156,8 @@ pub struct Serve {
     phase: Phase,
     /// The path being served, relative to root (without a variant suffix).
     rel: Vec<u8>,
+    /// The client's URL ends in `/`: it names a directory, never a file.
+    slash: bool,
     /// The file found for `rel`.
     found: Option<Meta>,
     /// The precompressed file chosen instead, and its encoding.
@@ -171,6 +180,8 @@ pub struct Serve {
     gzip_cache: usize,
     /// Driven by the connection while `Phase::Splicing`.
     pub spliced: Spliced,
+    /// The gzip stream while `Phase::Zipping`.
+    zip: Option<Box<zipping::Zipping>>,
 }
 
 impl Serve {
@@ -184,6 +195,7 @@ impl Serve {
             accepts,
             phase: Phase::Opening(Try::Target),
             rel: Vec::new(),
+            slash: false,
             found: None,
             variant: None,
             mime: "application/octet-stream",
@@ -198,6 +210,7 @@ impl Serve {
             got: 0,
             keep_alive,
             gzip_cache,
+            zip: None,
         };
         if s.ask.method != "GET" && s.ask.method != "HEAD" {
             let next = s.error(405, "Method Not Allowed", "Allow: GET, HEAD\r\n");
@@ -212,6 +225,10 @@ impl Serve {
             }
             Ok(clean) => {
                 s.rel = clean.rel;
+                s.slash = match s.ask.target.split('?').next() {
+                    Some(t) if !t.is_empty() => t.ends_with('/'),
+                    _ => clean.dir,
+                };
                 let next = s.open(Try::Target, &[]);
                 (s, next)
             }
@@ -271,6 +288,11 @@ impl Serve {
                 None => (false, self.answer()),
             },
             Try::Target | Try::Index | Try::Fallback => {
+                if file.is_some() && step == Try::Target && self.slash {
+                    // `x/` names a directory; a file `x` is not it (nginx:
+                    // ENOTDIR), so on to the fallback or 404.
+                    return (false, self.missing(step));
+                }
                 if let Some(m) = file {
                     if step == Try::Index {
                         // The index's name decides its type and variants.
@@ -285,6 +307,9 @@ impl Serve {
                 }
                 match res {
                     Ok(m) if m.kind == Kind::Dir && step == Try::Target => {
+                        if !self.slash {
+                            return (false, self.redirect_to_slash());
+                        }
                         if self.site.index.is_some() {
                             (false, self.open(Try::Index, &[]))
                         } else {
@@ -319,6 +344,26 @@ impl Serve {
                 self.error(500, "Internal Server Error", "")
             }
         }
+    }
+
+    /// A directory asked for without its slash: relative links in its
+    /// index would resolve against the parent, so send the client to the
+    /// slash form first (nginx does too), query kept.
+    fn redirect_to_slash(&mut self) -> Next {
+        let target = if self.ask.target.is_empty() {
+            &self.ask.path
+        } else {
+            &self.ask.target
+        };
+        let location = match target.split_once('?') {
+            Some((path, query)) => format!("{path}/?{query}"),
+            None => format!("{target}/"),
+        };
+        self.error(
+            301,
+            "Moved Permanently",
+            &format!("Location: {location}\r\n"),
+        )
     }
 
     fn missing(&mut self, step: Try) -> Next {
@@ -371,6 +416,14 @@ impl Serve {
         } else {
             headers::etag(meta.mtime, meta.size)
         };
+        if headers::precondition_failed(
+            self.ask.if_match.as_deref(),
+            self.ask.if_unmodified_since.as_deref(),
+            &tag,
+            meta.mtime,
+        ) {
+            return self.error(412, "Precondition Failed", "");
+        }
         if headers::not_modified(
             self.ask.if_none_match.as_deref(),
             self.ask.if_modified_since.as_deref(),
@@ -391,10 +444,7 @@ impl Serve {
             if let Some(gz) = gzip::get(&key) {
                 return self.send_compressed(&meta, &tag, &gz);
             }
-            // Read it all, compress in on_read.
-            self.buf = vec![0; meta.size as usize];
-            self.phase = Phase::ReadingToCompress;
-            return self.read(0, meta.size as usize, 0);
+            return self.start_zipping(&meta, &tag, key);
         }
         let whole = meta.size;
         let range = if self.ask.method == "GET" {
@@ -456,8 +506,8 @@ impl Serve {
         let n = match res {
             Ok(0) | Err(_) => {
                 // The file shrank or failed after its length was promised
-                // (or before compressing: no head yet, but the cause is the
-                // same). Closing is the only honest answer.
+                // (or mid-way through a gzip stream, which then must not
+                // look complete). Closing is the only honest answer.
                 if let Err(e) = res {
                     log::warn!(
                         "static: read of {:?} failed: {}",
@@ -479,18 +529,10 @@ impl Serve {
             };
         }
         match self.phase {
-            Phase::ReadingToCompress => {
-                let meta = self.found.expect("compressing a found file");
-                let tag = format!("W/{}", headers::etag(meta.mtime, meta.size));
-                let gz: Rc<[u8]> = gzip::compress(&self.buf).into();
-                let key = gzip::Key {
-                    dev: meta.dev,
-                    ino: meta.ino,
-                    size: meta.size,
-                    mtime: meta.mtime,
-                };
-                gzip::put(key, gz.clone(), self.gzip_cache);
-                self.send_compressed(&meta, &tag, &gz)
+            Phase::Zipping => {
+                let zip = self.zip.as_mut().expect("zipping");
+                zip.feed(&mut self.buf, self.at, self.want);
+                self.zip_step()
             }
             _ => {
                 self.phase = Phase::Sending;
@@ -504,6 +546,15 @@ impl Serve {
 
     /// Everything handed over with the last `Send` is sent.
     pub fn on_sent(&mut self) -> Next {
+        if self.phase == Phase::Zipping {
+            self.buf.clear();
+            if self.zip.as_ref().is_some_and(|z| z.finished) {
+                self.zip = None;
+                self.phase = Phase::Done;
+                return Next::Done;
+            }
+            return self.zip_step();
+        }
         if self.phase != Phase::Sending {
             return Next::Abort;
         }
@@ -527,6 +578,61 @@ impl Serve {
         }
         self.phase = Phase::Done;
         Next::Done
+    }
+
+    /// A gzip answer not in the cache: the head now, the body compressed
+    /// and sent a slice at a time (`zipping`), its end marked by the last
+    /// chunk (HTTP/1.1) or by closing (HTTP/1.0, which has no chunks).
+    fn start_zipping(&mut self, meta: &Meta, tag: &str, key: gzip::Key) -> Next {
+        self.status = 200;
+        let chunked = self.ask.minor >= 1;
+        let get = self.ask.method != "HEAD";
+        if get && !chunked {
+            self.keep_alive = false;
+        }
+        let mut head = self.head(200, meta, tag, Some("gzip"), None, None);
+        if chunked {
+            // Before the blank line that ends the head.
+            let end = head.len() - 2;
+            head.splice(end..end, *b"Transfer-Encoding: chunked\r\n");
+        }
+        if !get {
+            return self.send_head_only(head);
+        }
+        self.buf = head;
+        self.zip = Some(Box::new(zipping::Zipping::new(
+            key,
+            chunked,
+            self.gzip_cache,
+        )));
+        self.phase = Phase::Zipping;
+        self.zip_read()
+    }
+
+    /// After a slice is compressed or its output sent: send what `buf`
+    /// holds (output, and the head with the first of it), else read on.
+    fn zip_step(&mut self) -> Next {
+        if self.buf.is_empty() {
+            return self.zip_read();
+        }
+        Next::Send {
+            start: 0,
+            len: self.buf.len(),
+        }
+    }
+
+    /// Reads the next slice into `buf`, after what waits there to be sent.
+    fn zip_read(&mut self) -> Next {
+        let zip = self.zip.as_mut().expect("zipping");
+        let (len, offset) = zip.next_slice();
+        let at = self.buf.len();
+        if len == 0 {
+            // An empty file: nothing to read, only the gzip trailer.
+            zip.feed(&mut self.buf, at, 0);
+            return self.zip_step();
+        }
+        self.buf.resize(at + len, 0);
+        self.read(at, len, offset)
     }
 
     fn send_compressed(&mut self, meta: &Meta, tag: &str, gz: &[u8]) -> Next {

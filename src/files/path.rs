@@ -45,11 +45,13 @@ fn percent_decode(s: &[u8]) -> Result<Vec<u8>, &'static str> {
     while i < s.len() {
         if s[i] == b'%' {
             let hex = s.get(i + 1..i + 3).ok_or("truncated %-escape in path")?;
-            let v = std::str::from_utf8(hex)
-                .ok()
-                .and_then(|h| u8::from_str_radix(h, 16).ok())
-                .ok_or("bad %-escape in path")?;
-            out.push(v);
+            // Exactly two hex digits: a number parser would also take a
+            // sign (`%+1`), which no URL encoder ever writes.
+            let digit = |b: u8| (b as char).to_digit(16);
+            let (Some(hi), Some(lo)) = (digit(hex[0]), digit(hex[1])) else {
+                return Err("bad %-escape in path");
+            };
+            out.push((hi * 16 + lo) as u8);
             i += 3;
         } else {
             out.push(s[i]);
@@ -74,6 +76,7 @@ mod tests {
         assert_eq!(rel("/a/b.js").unwrap(), "a/b.js");
         assert_eq!(rel("//a///b/./c").unwrap(), "a/b/c");
         assert_eq!(rel("/a%20b").unwrap(), "a b");
+        assert_eq!(rel("/%41%7a%7A").unwrap(), "Azz");
         assert!(clean("/a/").unwrap().dir);
         assert!(!clean("/a").unwrap().dir);
     }
@@ -91,6 +94,10 @@ mod tests {
             "/a%00.html",
             "/%zz",
             "/%2",
+            "/%+1",
+            "/%+f",
+            "/%-1",
+            "/%1g",
         ] {
             assert!(clean(p).is_err(), "{p} accepted");
         }
