@@ -518,6 +518,23 @@ pub fn metrics(control: &Control) -> String {
         "ringlb_recv_buffer_exhausted_total {}",
         sum(&|s| s.recv_starved.get())
     );
+    let _ = writeln!(out, "# HELP ringlb_sessions_closed_total WebSocket sessions ended, by who closed them or why ringlb did (stalled_peer: the peer took nothing for server.stalled_peer_timeout while bytes waited).\n# TYPE ringlb_sessions_closed_total counter");
+    for (i, reason) in crate::stats::CLOSE_REASONS.iter().enumerate() {
+        let _ = writeln!(
+            out,
+            "ringlb_sessions_closed_total{{reason=\"{reason}\"}} {}",
+            sum(&|s| s.closed[i].get())
+        );
+    }
+    let _ = writeln!(out, "# HELP ringlb_sends_unpinned_total Sends moved out of the shared buffer pool because their reader took nothing while the pool ran low.\n# TYPE ringlb_sends_unpinned_total counter\nringlb_sends_unpinned_total {}", sum(&|s| s.unpinned.get()));
+    let _ = writeln!(out, "# HELP ringlb_buffers_free Provided buffers free in each shard's pool.\n# TYPE ringlb_buffers_free gauge");
+    for (i, s) in control.shards.iter().enumerate() {
+        let _ = writeln!(
+            out,
+            "ringlb_buffers_free{{shard=\"{i}\"}} {}",
+            s.buffers_free.get()
+        );
+    }
     let _ = writeln!(out, "# HELP ringlb_connections_active Client connections open, per shard.\n# TYPE ringlb_connections_active gauge");
     for (i, s) in control.shards.iter().enumerate() {
         let _ = writeln!(

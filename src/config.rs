@@ -1289,6 +1289,11 @@ servers = [{ addr = "127.0.0.1:9001" }]
             ("max_request_head", "10"),
             ("buffers_per_shard", "1000"),
             ("buffer_size", "10"),
+            ("forwarded_for", "\"trust\""),
+            ("stalled_peer_timeout", "\"0s\""),
+            ("stalled_peer_timeout", "\"soon\""),
+            ("tcp_user_timeout", "\"0s\""),
+            ("tcp_user_timeout", "\"100d\""),
         ] {
             let e = err(&MIN.replace("[server]\n", &format!("[server]\n{k} = {v}\n")));
             assert!(e.contains(&format!("server.{k}")), "{k}: {e}");

@@ -55,6 +55,14 @@ const OP_POLL_IN: u64 = 9;
 const OP_POLL_OUT: u64 = 10;
 const OP_FILE_SPLICE: u64 = 11;
 
+/// How often the pool is swept for stalled directions while it runs low.
+const UNPIN_EVERY: Duration = Duration::from_millis(50);
+
+/// Copies bytes `start..start + len` of provided buffer `bid` out of the pool.
+fn copy_out(bufs: &BufRing) -> impl FnMut(u16, u32, u32) -> Vec<u8> + '_ {
+    move |bid, start, len| bufs.data(bid, (start + len) as usize)[start as usize..].to_vec()
+}
+
 /// Empty pipes kept per shard for the next splice.
 const SPARE_PIPES: usize = 64;
 
@@ -154,6 +162,11 @@ enum TimerTarget {
     },
     /// Park the sessions that were silent since the last sweep.
     IdleSweep,
+    /// Close peers that took nothing for `stalled_peer_timeout` while bytes
+    /// waited for them.
+    StallSweep,
+    /// The pool runs low: move stalled directions' buffers out of it.
+    Unpin,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -211,6 +224,8 @@ pub struct Shard {
     log_dirty: bool,
     /// Empty pipes for splicing directions to take.
     spare_pipes: Vec<ring::Pipe>,
+    /// An unpin sweep is scheduled.
+    unpin_pending: bool,
 }
 
 pub struct ShardInit {
@@ -261,6 +276,7 @@ impl Shard {
             access_log: init.access_log,
             log_dirty: false,
             spare_pipes: Vec::new(),
+            unpin_pending: false,
         })
     }
 
@@ -273,6 +289,7 @@ impl Shard {
             self.arm_accept(i);
         }
         self.schedule_sweep();
+        self.schedule_stall_sweep();
         let wake_fd = self.wake.as_raw_fd();
         self.uring
             .read_eventfd(wake_fd, &mut self.wake_buf, ud(OP_WAKE, Side::Client, 0));
@@ -282,6 +299,7 @@ impl Shard {
                 break;
             }
             self.bufs.commit();
+            crate::conn::set_pool_quota(self.pool_quota());
             let timeout = self
                 .timers
                 .peek()
@@ -300,6 +318,7 @@ impl Shard {
             }
             self.fire_timers();
             self.feed_starved();
+            self.watch_pool();
             self.stats.active.set(self.conns.len() as u64);
             if self.log_dirty {
                 self.log_dirty = false;
@@ -367,6 +386,14 @@ impl Shard {
                     return;
                 };
                 e.inflight[side.idx()] -= 1;
+                if cqe.result == -libc::ECANCELED && e.conn.is_unpinning(side) {
+                    let bufs = &self.bufs;
+                    e.conn
+                        .on_send_unpinned(side, &mut copy_out(bufs), &mut self.actions);
+                    self.stats.unpinned.add(1);
+                    self.exec(key);
+                    return;
+                }
                 let res = if cqe.result >= 0 {
                     Ok(cqe.result as usize)
                 } else {
@@ -601,6 +628,19 @@ impl Shard {
             Action::CancelRecv(side) => {
                 self.uring
                     .cancel(ud(OP_RECV, side, key), ud(OP_CANCEL, side, key));
+            }
+            Action::CancelSend(side) => {
+                self.uring
+                    .cancel(ud(OP_SEND, side, key), ud(OP_CANCEL, side, key));
+            }
+            Action::ResetOnClose(side) => {
+                let fd = match side {
+                    Side::Client => Some(&e.client),
+                    Side::Backend => e.backend.as_ref(),
+                };
+                if let Some(fd) = fd {
+                    let _ = SockRef::from(fd).set_linger(Some(Duration::ZERO));
+                }
             }
             Action::Send(side) => {
                 let fd = e.fd(side).expect("send on a side without a socket");
@@ -872,6 +912,9 @@ impl Shard {
         if self.access_log.is_some() && !idle_end {
             self.log_session(&e);
         }
+        if e.conn.status == Some(101) {
+            self.stats.closed[stats::close_reason(e.conn.closer)].add(1);
+        }
         for bid in e.conn.into_buffers() {
             self.bufs.release(bid);
         }
@@ -947,6 +990,7 @@ impl Shard {
                 Some(crate::conn::Closer::Backend) => "backend",
                 Some(crate::conn::Closer::Proxy) => "proxy",
                 Some(crate::conn::Closer::Drain) => "drain",
+                Some(crate::conn::Closer::StalledPeer) => "stalled_peer",
                 Some(crate::conn::Closer::Error) | None => "error",
             },
         });
@@ -971,6 +1015,8 @@ impl Shard {
             self.timers.pop();
             match t.target {
                 TimerTarget::Accept { listener } => self.arm_accept(listener as usize),
+                TimerTarget::StallSweep => self.stall_sweep(),
+                TimerTarget::Unpin => self.unpin_sweep(),
                 TimerTarget::IdleSweep if self.snap.config.server.park_idle_after.is_none() => {
                     self.schedule_sweep();
                 }
@@ -1005,6 +1051,94 @@ impl Shard {
                 }
             }
         }
+    }
+
+    fn pool_quota(&self) -> usize {
+        let server = &self.snap.config.server;
+        crate::conn::pool_quota(
+            server.max_buffers_per_direction.get(),
+            self.bufs.available(),
+            server.buffers_per_shard as usize,
+        )
+    }
+
+    /// Under pool pressure (a quarter or less free, or a recv waiting for
+    /// buffers, which [`Shard::feed_starved`] gives only above a quarter),
+    /// schedules an unpin sweep, which moves the buffers of directions whose
+    /// readers take nothing out of the pool. One sweep per `UNPIN_EVERY` at
+    /// most.
+    fn watch_pool(&mut self) {
+        let total = self.snap.config.server.buffers_per_shard as usize;
+        self.stats.buffers_free.set(self.bufs.available() as u64);
+        let pressure = self.bufs.available() * 4 <= total || !self.starved.is_empty();
+        if self.unpin_pending || !pressure {
+            return;
+        }
+        self.unpin_pending = true;
+        self.timers.push(Reverse(Timer {
+            at: Instant::now() + UNPIN_EVERY,
+            target: TimerTarget::Unpin,
+            kind: TimerKind::Linger,
+        }));
+    }
+
+    fn unpin_sweep(&mut self) {
+        self.unpin_pending = false;
+        let keys: Vec<usize> = self.conns.iter().map(|(k, _)| k).collect();
+        for key in keys {
+            let Some(e) = self.conns.get_mut(key) else {
+                continue;
+            };
+            let bufs = &self.bufs;
+            e.conn.unpin(&mut copy_out(bufs), &mut self.actions);
+            if !self.actions.is_empty() {
+                self.exec(key);
+            }
+        }
+        // Still short: look again (sends seen in flight now are cancelled
+        // next time if they have not moved).
+        self.watch_pool();
+    }
+
+    /// Period of the stall sweep: fine enough that a stalled peer is closed
+    /// within an eighth of `stalled_peer_timeout` of it, and no finer than
+    /// 100 ms (the sweep visits every session).
+    fn stall_period(&self) -> Duration {
+        match self.snap.config.server.stalled_peer_timeout {
+            Some(t) => (t / 8).clamp(Duration::from_millis(100), Duration::from_secs(5)),
+            None => Duration::from_secs(5),
+        }
+    }
+
+    fn schedule_stall_sweep(&mut self) {
+        self.timers.push(Reverse(Timer {
+            at: Instant::now() + self.stall_period(),
+            target: TimerTarget::StallSweep,
+            kind: TimerKind::Linger,
+        }));
+    }
+
+    fn stall_sweep(&mut self) {
+        // Sweeps in a row without progress that add up to the timeout; one
+        // more, since the first may come just after the stall began.
+        let limit = self.snap.config.server.stalled_peer_timeout.map(|t| {
+            let period = self.stall_period();
+            (t.as_millis().div_ceil(period.as_millis()) + 1).min(u16::MAX as u128) as u16
+        });
+        let keys: Vec<usize> = self.conns.iter().map(|(k, _)| k).collect();
+        for key in keys {
+            let Some(e) = self.conns.get_mut(key) else {
+                continue;
+            };
+            if e.closing {
+                continue;
+            }
+            e.conn.stall_sweep(limit, &mut self.actions);
+            if !self.actions.is_empty() {
+                self.exec(key);
+            }
+        }
+        self.schedule_stall_sweep();
     }
 
     /// Re-arms recvs that ran out of buffers, while there are buffers to spare.
@@ -1109,6 +1243,11 @@ pub fn configure(sock: &SockRef<'_>, snap: &Snapshot) {
     // Relayed WebSocket frames are latency-sensitive and already batched by
     // the sender; Nagle would only delay them.
     let _ = sock.set_nodelay(true);
+    // Unacknowledged data to a dead peer (or, on Linux 5.11+, a zero window
+    // with data waiting) ends the connection after this long, rather than
+    // after the kernel's ~15 minutes of retransmissions. Accepted sockets
+    // inherit it from the listener.
+    let _ = sock.set_tcp_user_timeout(snap.config.server.tcp_user_timeout);
     if let Some(idle) = snap.config.server.tcp_keepalive {
         let ka = TcpKeepalive::new()
             .with_time(idle)
@@ -1165,5 +1304,47 @@ fn take_pipe(e: &mut Entry, spare: &mut Vec<ring::Pipe>, dst: Side) -> bool {
             log::debug!("no pipe for splice: {err}");
             false
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config::Config;
+
+    fn snap(server_extra: &str) -> Arc<Snapshot> {
+        let toml = format!(
+            "[server]\nlisten = [\"127.0.0.1:1\"]\n{server_extra}\n[[route]]\npath = \"/\"\nupstream = \"u\"\n[upstream.u]\nservers = [{{ addr = \"127.0.0.1:9\" }}]\n"
+        );
+        Snapshot::new(Config::parse(&toml, "test").unwrap())
+    }
+
+    /// Set on the listener, inherited by what it accepts (no setsockopt per
+    /// connection), and set on backend sockets.
+    #[test]
+    fn tcp_user_timeout_reaches_both_legs() {
+        let s = snap("tcp_user_timeout = \"42s\"");
+        let l = TcpListener::bind("127.0.0.1:0").unwrap();
+        configure(&SockRef::from(&l), &s);
+        let _c = std::net::TcpStream::connect(l.local_addr().unwrap()).unwrap();
+        let (a, _) = l.accept().unwrap();
+        assert_eq!(
+            SockRef::from(&a).tcp_user_timeout().unwrap(),
+            Some(Duration::from_secs(42))
+        );
+        let b = backend_socket("127.0.0.1:9".parse().unwrap(), &s).unwrap();
+        assert_eq!(b.tcp_user_timeout().unwrap(), Some(Duration::from_secs(42)));
+        // The default follows stalled_peer_timeout's (see config).
+        let b = backend_socket("127.0.0.1:9".parse().unwrap(), &snap("")).unwrap();
+        assert_eq!(
+            b.tcp_user_timeout().unwrap(),
+            Some(Duration::from_secs(300))
+        );
+        let b = backend_socket(
+            "127.0.0.1:9".parse().unwrap(),
+            &snap("tcp_user_timeout = \"off\""),
+        )
+        .unwrap();
+        assert_eq!(b.tcp_user_timeout().unwrap(), None);
     }
 }

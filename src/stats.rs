@@ -47,6 +47,28 @@ pub fn result_index(status: u16) -> usize {
 /// A client that went away before any answer.
 pub const RESULT_CLOSED: usize = 17;
 
+/// Why a WebSocket session ended: who closed it, or why ringlb did.
+pub const CLOSE_REASONS: [&str; 6] = [
+    "client",
+    "backend",
+    "proxy",
+    "drain",
+    "stalled_peer",
+    "error",
+];
+
+pub fn close_reason(closer: Option<crate::conn::Closer>) -> usize {
+    use crate::conn::Closer;
+    match closer {
+        Some(Closer::Client) => 0,
+        Some(Closer::Backend) => 1,
+        Some(Closer::Proxy) => 2,
+        Some(Closer::Drain) => 3,
+        Some(Closer::StalledPeer) => 4,
+        Some(Closer::Error) | None => 5,
+    }
+}
+
 /// Upper bounds (seconds) of the handshake latency histogram.
 pub const BUCKETS: [f64; 14] = [
     0.000_25, 0.000_5, 0.001, 0.002_5, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 10.0,
@@ -65,6 +87,13 @@ pub struct ShardStats {
     /// Multishot recvs that ended because the buffer ring was empty.
     pub recv_starved: Counter,
     pub handshakes: [Counter; RESULTS.len()],
+    /// WebSocket sessions ended, by [`CLOSE_REASONS`].
+    pub closed: [Counter; CLOSE_REASONS.len()],
+    /// Sends whose bytes were moved out of the shared pool because their
+    /// reader took nothing while the pool ran low.
+    pub unpinned: Counter,
+    /// Provided buffers free in the shard's ring (a gauge).
+    pub buffers_free: Counter,
     /// Cumulative per bucket is computed on read; here each bucket counts
     /// only its own range, plus one overflow bucket.
     pub latency: [Counter; BUCKETS.len() + 1],

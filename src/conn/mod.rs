@@ -176,6 +176,11 @@ pub enum Action {
     ArmRecv(Side),
     /// Cancel this side's multishot recv (backpressure).
     CancelRecv(Side),
+    /// Cancel the send in flight to this side; it comes back to
+    /// [`Conn::on_send_unpinned`] if it sent nothing.
+    CancelSend(Side),
+    /// Make closing this side's socket send a reset (SO_LINGER 0).
+    ResetOnClose(Side),
     /// Send the front of this side's queue.
     Send(Side),
     /// Open a socket and connect it to this backend.
@@ -329,6 +334,8 @@ pub enum Closer {
     Proxy,
     /// ringlb closed it while shutting down.
     Drain,
+    /// A peer took no byte for `stalled_peer_timeout` while bytes waited.
+    StalledPeer,
     Error,
 }
 
@@ -348,6 +355,19 @@ struct Flow {
     /// Body bytes still expected before the session ends (non-101 responses).
     limit: Option<u64>,
     splice: Splice,
+    /// A send towards this side completed with bytes since the last stall
+    /// sweep.
+    moved: bool,
+    /// Stall sweeps in a row that found bytes waiting and none moved.
+    stall_sweeps: u16,
+    /// The send in flight was already in flight at the last unpin sweep.
+    pinned_seen: bool,
+    /// Its cancel is asked for, to move its bytes off the shared pool.
+    unpinning: bool,
+    /// Its reader took nothing while the pool ran low: the source stays
+    /// unread until everything queued here is sent, so a slow reader holds
+    /// at most what it held then, and the rest waits in kernel buffers.
+    stalled: bool,
 }
 
 /// What may still go from the client to the backend connection. A backend
@@ -753,6 +773,12 @@ impl Conn {
         ));
     }
 
+    /// Buffers a direction may hold: the configured bound, lowered while the
+    /// shard's pool runs low.
+    fn queue_limit(&self) -> usize {
+        self.max_queue.min(POOL_QUOTA.with(|q| q.get()))
+    }
+
     fn relay(&mut self, src: Side, bid: u16, len: usize, out: &mut Vec<Action>) {
         let dst = src.other();
         let mut payload = Payload::Ring {
@@ -778,7 +804,8 @@ impl Conn {
         }
         flow.queue.push_back(payload);
         self.kick(dst, out);
-        if self.flow[dst.idx()].queue.len() >= self.max_queue
+        let flow = &self.flow[dst.idx()];
+        if (flow.stalled || flow.queue.len() >= self.queue_limit())
             && self.recv[src.idx()] == RecvState::Armed
         {
             self.recv[src.idx()] = RecvState::Cancelling;
@@ -834,6 +861,9 @@ impl Conn {
         };
         let flow = &mut self.flow[dst.idx()];
         flow.sending = false;
+        flow.pinned_seen = false;
+        flow.unpinning = false;
+        flow.moved |= n > 0;
         flow.bytes += n as u64;
         let front = flow
             .queue
@@ -844,6 +874,10 @@ impl Conn {
             if let Some(Payload::Ring { bid, .. }) = flow.queue.pop_front() {
                 out.push(Action::Release(bid));
             }
+        }
+        if flow.queue.is_empty() {
+            // The slow reader took everything: read its source again.
+            flow.stalled = false;
         }
         self.kick(dst, out);
         self.maybe_start_splice(dst, out);
@@ -900,7 +934,7 @@ impl Conn {
                 false
             }
             Stage::Relaying if self.going_away => !self.peer_eof[src.idx()],
-            _ => !flow.src_eof && flow.queue.len() < self.max_queue,
+            _ => !flow.src_eof && !flow.stalled && flow.queue.len() < self.queue_limit(),
         }
     }
 
@@ -1345,6 +1379,7 @@ impl Conn {
             Ok(m) => {
                 in_pipe -= m;
                 flow.bytes += m as u64;
+                flow.moved |= m > 0;
             }
             Err(libc::EAGAIN) => {}
             Err(_) => {
@@ -1954,6 +1989,114 @@ impl Conn {
         }
     }
 
+    /// The shard's pool is running low: a direction whose send has been in
+    /// flight since the last sweep is not being read by its peer. What it
+    /// holds of the pool is copied out (`copy` gives a buffer's bytes) and
+    /// given back: queued payloads now, the one in flight once its cancel
+    /// returns ([`Conn::on_send_unpinned`]). Its source stays unread until it
+    /// drains, so what the slow reader has not taken waits in kernel socket
+    /// buffers, which are per socket, not in the shared pool.
+    pub fn unpin(&mut self, copy: &mut dyn FnMut(u16, u32, u32) -> Vec<u8>, out: &mut Vec<Action>) {
+        if self.stage == Stage::Closing {
+            return;
+        }
+        for dst in [Side::Client, Side::Backend] {
+            let flow = &mut self.flow[dst.idx()];
+            // Stuck on a send, holding pool buffers: in flight, or queued
+            // behind it (a recv burst lands before the recv can be stopped).
+            let pinned = flow.sending
+                && flow
+                    .queue
+                    .iter_mut()
+                    .any(|p| matches!(p, Payload::Ring { .. }));
+            if !pinned {
+                continue;
+            }
+            if !std::mem::replace(&mut flow.pinned_seen, true) {
+                continue;
+            }
+            flow.stalled = true;
+            for p in flow.queue.iter_mut().skip(1) {
+                if let Payload::Ring { bid, start, len } = *p {
+                    *p = Payload::owned(copy(bid, start, len));
+                    out.push(Action::Release(bid));
+                }
+            }
+            let front_pinned = matches!(flow.queue.front(), Some(Payload::Ring { .. }));
+            if front_pinned && !flow.unpinning {
+                flow.unpinning = true;
+                out.push(Action::CancelSend(dst));
+            }
+        }
+    }
+
+    /// Whether a cancelled send towards `dst` was one [`Conn::unpin`] asked
+    /// to cancel.
+    pub fn is_unpinning(&self, dst: Side) -> bool {
+        self.flow[dst.idx()].unpinning
+    }
+
+    /// The send [`Conn::unpin`] cancelled has returned, having sent nothing:
+    /// its bytes are copied out of the pool and sent again from the copy.
+    pub fn on_send_unpinned(
+        &mut self,
+        dst: Side,
+        copy: &mut dyn FnMut(u16, u32, u32) -> Vec<u8>,
+        out: &mut Vec<Action>,
+    ) {
+        let flow = &mut self.flow[dst.idx()];
+        flow.sending = false;
+        flow.unpinning = false;
+        flow.pinned_seen = false;
+        if self.stage == Stage::Closing {
+            return;
+        }
+        if let Some(p) = flow.queue.front_mut() {
+            if let Payload::Ring { bid, start, len } = *p {
+                *p = Payload::owned(copy(bid, start, len));
+                out.push(Action::Release(bid));
+            }
+        }
+        self.kick(dst, out);
+    }
+
+    /// The stall sweep: a relaying direction with bytes waiting that moved
+    /// none since the previous sweep counts one more; at `limit` sweeps in a
+    /// row its peer is closed. A silent session with nothing waiting never
+    /// counts: this is not an idle timeout. Returns whether it closed.
+    pub fn stall_sweep(&mut self, limit: Option<u16>, out: &mut Vec<Action>) -> bool {
+        if self.stage != Stage::Relaying || self.going_away {
+            return false;
+        }
+        for dst in [Side::Client, Side::Backend] {
+            let flow = &mut self.flow[dst.idx()];
+            let waiting = flow.sending
+                || !flow.queue.is_empty()
+                || matches!(flow.splice, Splice::On { in_pipe, .. } if in_pipe > 0);
+            if !waiting || std::mem::take(&mut flow.moved) || flow.dead {
+                flow.stall_sweeps = 0;
+                continue;
+            }
+            flow.stall_sweeps = flow.stall_sweeps.saturating_add(1);
+            if limit.is_some_and(|l| flow.stall_sweeps >= l) {
+                log::info!(
+                    "{}: the {} took nothing while {} bytes waited for it; closing (stalled_peer_timeout)",
+                    self.client_addr,
+                    if dst == Side::Client { "client" } else { "backend" },
+                    flow.queue.iter_mut().map(|p| p.remaining()).sum::<usize>(),
+                );
+                self.closer = Some(Closer::StalledPeer);
+                // A reset, not a FIN behind data the peer will not take:
+                // the kernel frees the socket now instead of probing a zero
+                // window until TCP_USER_TIMEOUT.
+                out.push(Action::ResetOnClose(dst));
+                self.close_now(out);
+                return true;
+            }
+        }
+        false
+    }
+
     /// Draining: a kept-alive connection between requests closes now; one
     /// mid-request closes after its answer.
     pub fn drain_idle(&mut self, out: &mut Vec<Action>) {
@@ -2151,6 +2294,26 @@ fn release_unsent(flow: &mut Flow, out: &mut Vec<Action>) {
 
 thread_local! {
     static RNG: std::cell::RefCell<Rng> = std::cell::RefCell::new(Rng::seeded());
+    /// Pool buffers one direction may hold now; the shard lowers it as its
+    /// provided-buffer ring fills (see [`pool_quota`]).
+    static POOL_QUOTA: std::cell::Cell<usize> = const { std::cell::Cell::new(usize::MAX) };
+}
+
+/// How many pool buffers one direction may queue, given how much of the
+/// shard's pool is free: `max` while at least half is free, then falling
+/// linearly to 1 as the pool empties, so that directions whose readers are
+/// slow give way to the others instead of draining the pool between them.
+pub fn pool_quota(max: usize, free: usize, total: usize) -> usize {
+    if free * 2 >= total {
+        max
+    } else {
+        (max * free * 2 / total.max(1)).clamp(1, max)
+    }
+}
+
+/// Set by the shard before it feeds completions (one pool per shard thread).
+pub fn set_pool_quota(n: usize) {
+    POOL_QUOTA.with(|q| q.set(n));
 }
 
 #[cfg(test)]

@@ -66,6 +66,12 @@ impl Queue {
         self.first.is_none()
     }
 
+    pub(super) fn iter_mut(&mut self) -> impl Iterator<Item = &mut Payload> {
+        self.first
+            .iter_mut()
+            .chain(self.more.iter_mut().flat_map(|m| m.iter_mut()))
+    }
+
     pub(super) fn into_iter(self) -> impl Iterator<Item = Payload> {
         self.first
             .into_iter()

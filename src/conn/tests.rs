@@ -870,3 +870,85 @@ fn a_websocket_session_never_gets_the_send_timer() {
     );
     assert_eq!(out, vec![]);
 }
+
+#[test]
+fn the_pool_quota_falls_as_the_pool_fills() {
+    assert_eq!(pool_quota(8, 64, 64), 8);
+    assert_eq!(pool_quota(8, 32, 64), 8);
+    assert_eq!(pool_quota(8, 16, 64), 4);
+    assert_eq!(pool_quota(8, 1, 64), 1);
+    assert_eq!(pool_quota(8, 0, 64), 1);
+}
+
+fn fake_copy(bid: u16, start: u32, len: u32) -> Vec<u8> {
+    let _ = start;
+    vec![bid as u8; len as usize]
+}
+
+#[test]
+fn a_stalled_send_gives_its_buffers_back_and_its_source_waits() {
+    let s = snap(&["127.0.0.1:9001"], "");
+    let mut c = relaying(&s);
+    let mut out = Vec::new();
+    c.on_recv(Side::Backend, 10, b"aaaa", &mut out);
+    c.on_recv(Side::Backend, 11, b"bb", &mut out); // queued behind the send
+    out.clear();
+    // First sweep: only noticed. A send that completes meanwhile resets it.
+    c.unpin(&mut fake_copy, &mut out);
+    assert!(out.is_empty(), "{out:?}");
+    // Second sweep: still in flight, so its reader took nothing.
+    c.unpin(&mut fake_copy, &mut out);
+    assert_eq!(
+        out,
+        vec![Action::Release(11), Action::CancelSend(Side::Client)]
+    );
+    assert!(c.is_unpinning(Side::Client));
+    out.clear();
+    c.on_recv_end(Side::Backend, RecvEnd::Stopped, &mut out);
+    assert!(
+        !out.contains(&Action::ArmRecv(Side::Backend)),
+        "a stalled direction's source is not read: {out:?}"
+    );
+    c.on_send_unpinned(Side::Client, &mut fake_copy, &mut out);
+    assert_eq!(out, vec![Action::Release(10), Action::Send(Side::Client)]);
+    assert!(matches!(c.front(Side::Client), Some(Payload::Owned(_))));
+    out.clear();
+    // The reader takes everything: the source is read again.
+    c.on_send(Side::Client, Ok(4), &mut out);
+    assert_eq!(out, vec![Action::Send(Side::Client)]);
+    out.clear();
+    c.on_send(Side::Client, Ok(2), &mut out);
+    assert_eq!(out, vec![Action::ArmRecv(Side::Backend)]);
+}
+
+#[test]
+fn a_peer_that_takes_nothing_is_closed_and_a_silent_one_never() {
+    let s = snap(&["127.0.0.1:9001"], "");
+    let mut out = Vec::new();
+    let mut silent = relaying(&s);
+    for _ in 0..100 {
+        assert!(!silent.stall_sweep(Some(3), &mut out));
+    }
+    assert!(out.is_empty());
+
+    let mut c = relaying(&s);
+    c.on_recv(Side::Backend, 10, b"data", &mut out);
+    out.clear();
+    assert!(!c.stall_sweep(Some(3), &mut out));
+    assert!(!c.stall_sweep(Some(3), &mut out));
+    // Progress resets the count.
+    c.on_send(Side::Client, Ok(1), &mut out);
+    out.clear();
+    assert!(!c.stall_sweep(Some(3), &mut out));
+    assert!(!c.stall_sweep(Some(3), &mut out));
+    assert!(!c.stall_sweep(Some(3), &mut out));
+    assert!(c.stall_sweep(Some(3), &mut out));
+    assert_eq!(out, vec![Action::ResetOnClose(Side::Client), Action::Close]);
+    assert_eq!(c.closer, Some(Closer::StalledPeer));
+    // Off: never.
+    let mut c = relaying(&s);
+    c.on_recv(Side::Backend, 10, b"data", &mut out);
+    for _ in 0..100 {
+        assert!(!c.stall_sweep(None, &mut out));
+    }
+}
