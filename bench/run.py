@@ -531,6 +531,9 @@ def main(argv=None) -> int:
     ap.add_argument("--hold", type=float, default=None, help="seconds the idle scenario holds")
     ap.add_argument("--handshakes", type=int, default=None, help="handshakes per handshake run")
     ap.add_argument("--bin-dir", default=None, help="dir with ringlb and ringlb-load")
+    ap.add_argument("--base-bin", default=None,
+                    help="another ringlb binary, run as the target ringlb-base with the same "
+                         "config, for a same-run A/B of two builds (old against new)")
     ap.add_argument("--build", action="store_true",
                     help="run `cargo build --release --workspace` first")
     ap.add_argument("--wait-quiet", type=float, default=300.0,
@@ -594,6 +597,12 @@ def main(argv=None) -> int:
     bins = dict(progs)
     bins["ringlb-load"] = find_binary("ringlb-load", args.bin_dir)
     bins["ringlb"] = find_binary("ringlb", args.bin_dir)
+    if args.base_bin:
+        bins["ringlb-base"] = os.path.abspath(args.base_bin)
+    elif "ringlb-base" in names:
+        print("the ringlb-base target needs --base-bin PATH (an older ringlb to compare with)",
+              file=sys.stderr)
+        return 2
     if not bins["ringlb-load"]:
         print("ringlb-load not found. Build it first:\n"
               "    cargo build --release --workspace\n"

@@ -27,6 +27,9 @@ TARGETS = {
     "ringlb-buffers": ("ringlb", "ringlb.toml.tmpl", {"ringlb_extra": "splice_min = 0"}),
     # ringlb that never parks silent sessions (A/B of park_idle_after).
     "ringlb-noparking": ("ringlb", "ringlb.toml.tmpl", {"ringlb_extra": "park_idle_after = \"off\""}),
+    # Another build of ringlb (run.py --base-bin), same config: a same-run,
+    # interleaved A/B of old against new code.
+    "ringlb-base": ("ringlb", "ringlb.toml.tmpl", {"ringlb_extra": "", "binary": "ringlb-base"}),
     "nginx": ("nginx", "nginx.conf.tmpl", {"nginx_extra": ""}),
     "nginx-tuned": ("nginx", "nginx.conf.tmpl", {"nginx_extra": NGINX_TUNED_EXTRA}),
     "haproxy": ("haproxy", "haproxy.cfg.tmpl", {}),
@@ -147,7 +150,7 @@ def start_target(name: str, backend_ports: list[int], workdir: str, logdir: str,
             raise StartError("haproxy not found on PATH (apt-get install -y haproxy)")
         cmd = [exe, "-db", "-f", config_path]
     elif kind == "ringlb":
-        exe = bins.get("ringlb")
+        exe = bins.get(extra.get("binary", "ringlb"))
         if not exe:
             raise StartError("ringlb binary not found (cargo build --release --workspace)")
         cmd = [exe, "run", "--config", config_path]
