@@ -6,6 +6,12 @@
 //! its own thread and reports back before `start` returns, so a ring that
 //! cannot be created is a startup error, not a silent dead shard.
 //!
+//! A shard thread that ends on its own (a panic, a ring error) is a broken
+//! process, not a smaller one: its clients stay counted against
+//! `max_connections` and its listeners are gone. [`Server::dead_shard`] finds
+//! it; the caller stops the rest and exits non-zero so a supervisor restarts
+//! the daemon.
+//!
 //! Reload builds a new snapshot in which backends that stay keep their
 //! counters and health, sends it to every shard and opens or closes
 //! listeners whose addresses changed. Live sessions are never touched.
@@ -64,6 +70,17 @@ pub struct Server {
     pub control: Arc<Control>,
     /// The admin listener's address, if configured.
     pub admin_addr: Option<SocketAddr>,
+    /// Shards were told to exit (drain, close, stop); a shard that ends
+    /// cleanly after this did what it was asked.
+    exit_requested: bool,
+}
+
+/// A shard thread that ended when it should not have.
+#[derive(Debug)]
+pub struct DeadShard {
+    pub id: usize,
+    /// The panic message, the ring's error, or that its loop just ended.
+    pub why: String,
 }
 
 impl Server {
@@ -158,6 +175,7 @@ impl Server {
             local_addrs,
             control,
             admin_addr,
+            exit_requested: false,
         })
     }
 
@@ -276,13 +294,47 @@ impl Server {
     }
 
     /// Stops accepting; shards exit as their last session ends.
-    pub fn drain(&self) {
+    pub fn drain(&mut self) {
+        self.exit_requested = true;
         self.send(|| Command::Drain);
     }
 
     /// Ends every session now and lets the shards exit.
-    pub fn close_all(&self) {
+    pub fn close_all(&mut self) {
+        self.exit_requested = true;
         self.send(|| Command::CloseAll);
+    }
+
+    /// Joins the shard threads that have ended and returns the first that
+    /// died: one that panicked or whose ring failed, or one that ended
+    /// before it was asked to. Cheap enough to call on every supervisor tick.
+    pub fn dead_shard(&mut self) -> Option<DeadShard> {
+        for (id, s) in self.shards.iter_mut().enumerate() {
+            let Some(t) = s.thread.take_if(|t| t.is_finished()) else {
+                continue;
+            };
+            if let Some(why) = exit_failure(t.join(), self.exit_requested) {
+                return Some(DeadShard { id, why });
+            }
+        }
+        None
+    }
+
+    /// Stops every shard without draining, after one died: waits at most
+    /// `limit` for them, since a broken process must not hang on its way
+    /// out. True if every shard thread ended in time.
+    pub fn abort(mut self, limit: std::time::Duration) -> bool {
+        self.exit_requested = true;
+        self.send(|| Command::Stop);
+        let deadline = Instant::now() + limit;
+        while !self.finished() {
+            if Instant::now() >= deadline {
+                return false;
+            }
+            std::thread::sleep(std::time::Duration::from_millis(10));
+        }
+        self.join();
+        true
     }
 
     /// True when every shard thread has exited.
@@ -294,6 +346,7 @@ impl Server {
 
     /// Stops every shard at once and waits for its thread.
     pub fn stop(mut self) {
+        self.exit_requested = true;
         self.send(|| Command::Stop);
         self.join();
     }
@@ -304,6 +357,27 @@ impl Server {
                 let _ = t.join();
             }
         }
+    }
+}
+
+/// Why a shard thread's end is a failure, if it is: a panic (with its
+/// message), an error from its ring, or a clean end nobody asked for.
+fn exit_failure(
+    res: std::thread::Result<std::io::Result<()>>,
+    exit_requested: bool,
+) -> Option<String> {
+    match res {
+        Err(panic) => Some(format!(
+            "panicked: {}",
+            panic
+                .downcast_ref::<&str>()
+                .copied()
+                .or_else(|| panic.downcast_ref::<String>().map(String::as_str))
+                .unwrap_or("(no message)")
+        )),
+        Ok(Err(e)) => Some(format!("its io_uring failed: {e}")),
+        Ok(Ok(())) if !exit_requested => Some("its loop ended without being asked to".into()),
+        Ok(Ok(())) => None,
     }
 }
 
@@ -338,6 +412,18 @@ fn bind(addr: SocketAddr, backlog: i32) -> std::io::Result<TcpListener> {
     Ok(sock.into())
 }
 
+/// Test builds only: true when `RINGLB_TEST_FAULT` names `fault`. Lets the
+/// integration tests (which run the debug binary) break the daemon the way a
+/// bug would; release builds compile every hook out.
+#[cfg(debug_assertions)]
+pub(crate) fn test_fault(fault: &str) -> bool {
+    static FAULT: std::sync::OnceLock<Option<String>> = std::sync::OnceLock::new();
+    FAULT
+        .get_or_init(|| std::env::var("RINGLB_TEST_FAULT").ok())
+        .as_deref()
+        == Some(fault)
+}
+
 fn open_access_log(cfg: &AccessLog) -> anyhow::Result<Option<Box<dyn Write + Send>>> {
     Ok(match cfg {
         AccessLog::Off => None,
@@ -353,4 +439,32 @@ fn open_access_log(cfg: &AccessLog) -> anyhow::Result<Option<Box<dyn Write + Sen
             Some(Box::new(std::io::BufWriter::with_capacity(64 * 1024, f)))
         }
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_shard_end_is_a_failure_unless_it_was_asked_for() {
+        let panicked =
+            std::thread::spawn(|| -> std::io::Result<()> { panic!("slot {} gone", 7) }).join();
+        assert_eq!(
+            exit_failure(panicked, true).as_deref(),
+            Some("panicked: slot 7 gone")
+        );
+        let static_msg = std::thread::spawn(|| -> std::io::Result<()> { panic!("static") }).join();
+        assert_eq!(
+            exit_failure(static_msg, false).as_deref(),
+            Some("panicked: static")
+        );
+        let ring = Ok(Err(std::io::Error::from_raw_os_error(libc::EBADF)));
+        let why = exit_failure(ring, true).unwrap();
+        assert!(
+            why.starts_with("its io_uring failed: Bad file descriptor"),
+            "{why}"
+        );
+        assert!(exit_failure(Ok(Ok(())), false).is_some());
+        assert!(exit_failure(Ok(Ok(())), true).is_none());
+    }
 }
