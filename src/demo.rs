@@ -59,7 +59,10 @@ pub fn run(listen: SocketAddr) -> anyhow::Result<()> {
         None,
     );
     let mut server = Server::start(cfg).with_context(|| {
-        format!("starting ringlb on {listen} (try --listen 127.0.0.1:0 if the port is taken)")
+        format!(
+            "the demo cannot start on {listen}; `ringlb demo --listen 127.0.0.1:0` picks a free \
+             port"
+        )
     })?;
     let url = format!("ws://{}/", server.local_addrs[0]);
     println!(

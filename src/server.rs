@@ -94,6 +94,9 @@ impl Server {
         let mut per_shard: Vec<Vec<TcpListener>> = (0..shards).map(|_| Vec::new()).collect();
         let mut local_addrs = Vec::new();
         for addr in &server_cfg.listen {
+            ensure_unused(*addr, &[])?;
+        }
+        for addr in &server_cfg.listen {
             let (bound, socks) = bind_all(*addr, shards, server_cfg.backlog)?;
             for (listeners, l) in per_shard.iter_mut().zip(socks) {
                 listeners.push(l);
@@ -242,6 +245,11 @@ impl Server {
         let mut local = Vec::new();
         let mut per_shard: Vec<Vec<TcpListener>> = (0..shards).map(|_| Vec::new()).collect();
         for addr in &config.server.listen {
+            if !old.config.server.listen.contains(addr) {
+                ensure_unused(*addr, &self.local_addrs)?;
+            }
+        }
+        for addr in &config.server.listen {
             match old.config.server.listen.iter().position(|a| a == addr) {
                 Some(pos) => local.push(self.local_addrs[pos]),
                 None => {
@@ -378,6 +386,100 @@ fn exit_failure(
         Ok(Err(e)) => Some(format!("its io_uring failed: {e}")),
         Ok(Ok(())) if !exit_requested => Some("its loop ended without being asked to".into()),
         Ok(Ok(())) => None,
+    }
+}
+
+/// Refuses an address that another socket already listens on.
+///
+/// Our listeners use SO_REUSEPORT, which the kernel grants to any socket of
+/// the same user that asks for it too: a second ringlb started by mistake
+/// would silently take a share of the first one's new connections. A probe
+/// socket *without* SO_REUSEPORT can bind only where nobody listens. It does
+/// set SO_REUSEADDR, so the TIME_WAIT connections of an instance that just
+/// exited do not block its restart. The probe is dropped before the real
+/// binds.
+///
+/// A process that was killed keeps its listeners for a few tens of
+/// milliseconds after it is gone: each has a multishot accept in flight, and
+/// the kernel tears the ring down (dropping its file references) in a
+/// worker, after the exit. So a clash is retried for up to
+/// [`ADDRESS_CLASH_PATIENCE`] before it counts: a supervisor that restarts
+/// ringlb at once after a crash gets a daemon, not a second failure.
+///
+/// Port 0 needs no check: the kernel picks a free port. IPv6 addresses are
+/// probed with IPV6_V6ONLY, like the listeners, so `[::]:p` does not clash
+/// with `0.0.0.0:p`.
+///
+/// Not atomic: two instances whose probes both run before either listens
+/// (a window of microseconds) can both start. Supervisors start one.
+///
+/// `own` are the addresses this process already listens on (a reload): a
+/// clash with one of them cannot be told apart from another process, so it
+/// is reported as such.
+///
+/// The one intended exception is the live hand-off on a binary upgrade: the
+/// new process will adopt the listeners it receives over a unix socket
+/// instead of binding, so it must skip this check (the old process is the
+/// listener the check would find). That path takes fds, not addresses, and
+/// does not go through here.
+/// How long a listen address may stay taken before `ensure_unused` calls it
+/// another process's (see there).
+const ADDRESS_CLASH_PATIENCE: std::time::Duration = std::time::Duration::from_secs(2);
+
+fn ensure_unused(addr: SocketAddr, own: &[SocketAddr]) -> anyhow::Result<()> {
+    if addr.port() == 0 {
+        return Ok(());
+    }
+    let probe = || -> std::io::Result<()> {
+        let sock = Socket::new(Domain::for_address(addr), Type::STREAM.cloexec(), None)?;
+        sock.set_reuse_address(true)?;
+        if addr.is_ipv6() {
+            sock.set_only_v6(true)?;
+        }
+        sock.bind(&addr.into())
+    };
+    let deadline = Instant::now() + ADDRESS_CLASH_PATIENCE;
+    let mut res = probe();
+    let mut logged = false;
+    while res
+        .as_ref()
+        .is_err_and(|e| e.raw_os_error() == Some(libc::EADDRINUSE))
+        && Instant::now() < deadline
+    {
+        if !logged {
+            log::info!(
+                "{addr} is in use; waiting up to {ADDRESS_CLASH_PATIENCE:?} in case its \
+                 listener belongs to a process on its way out"
+            );
+            logged = true;
+        }
+        std::thread::sleep(std::time::Duration::from_millis(50));
+        res = probe();
+    }
+    match res {
+        Ok(()) => Ok(()),
+        Err(e) if e.raw_os_error() == Some(libc::EADDRINUSE) => {
+            let mine = own.iter().find(|o| {
+                o.port() == addr.port()
+                    && o.is_ipv4() == addr.is_ipv4()
+                    && (o.ip() == addr.ip()
+                        || o.ip().is_unspecified()
+                        || addr.ip().is_unspecified())
+            });
+            match mine {
+                Some(o) => bail!(
+                    "cannot listen on {addr}: it overlaps ringlb's own listener on {o} (same \
+                     port), which this check cannot tell apart from another process; restart \
+                     ringlb to listen on both"
+                ),
+                None => bail!(
+                    "another process already listens on {addr} (or holds it bound); stop it or \
+                     listen elsewhere: ringlb does not share a port with another process through \
+                     SO_REUSEPORT"
+                ),
+            }
+        }
+        Err(e) => Err(e).with_context(|| format!("cannot listen on {addr}")),
     }
 }
 
