@@ -194,9 +194,10 @@ pub fn explain(f: &Failure, host: Host) -> String {
             "io_uring is blocked by a seccomp filter: {} failed ({detail}) while checking \
              {what}. A container's seccomp profile that does not allow io_uring does this \
              (Docker 25+'s default profile does). Allow io_uring_setup, io_uring_enter and \
-             io_uring_register: with Docker, run with --security-opt \
-             seccomp=config/docker-seccomp.json (Docker's default profile plus those three \
-             calls); under systemd, keep them in SystemCallFilter (group @aio).",
+             io_uring_register: with Docker, run with \
+             --security-opt seccomp=config/docker-seccomp.json \
+             (Docker's default profile plus those three calls); under systemd, keep them in \
+             SystemCallFilter (group @aio).",
             f.feature.syscall()
         );
     }
@@ -528,7 +529,10 @@ mod tests {
             for feature in [Feature::Setup, Feature::Opcodes, Feature::RecvMulti] {
                 let msg = explain(&Failure::errno(feature, errno), host);
                 assert!(msg.contains("seccomp filter"), "{msg}");
-                assert!(msg.contains("config/docker-seccomp.json"), "{msg}");
+                assert!(
+                    msg.contains("--security-opt seccomp=config/docker-seccomp.json"),
+                    "{msg}"
+                );
                 assert!(msg.contains(feature.syscall()), "{msg}");
                 assert!(!msg.contains("Linux 6.0"), "{msg}");
             }
