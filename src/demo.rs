@@ -58,8 +58,11 @@ pub fn run(listen: SocketAddr) -> anyhow::Result<()> {
         backends.iter().map(|b| b.addr).collect(),
         None,
     );
-    let server = Server::start(cfg).with_context(|| {
-        format!("starting ringlb on {listen} (try --listen 127.0.0.1:0 if the port is taken)")
+    let mut server = Server::start(cfg).with_context(|| {
+        format!(
+            "the demo cannot start on {listen}; `ringlb demo --listen 127.0.0.1:0` picks a free \
+             port"
+        )
     })?;
     let url = format!("ws://{}/", server.local_addrs[0]);
     println!(
@@ -78,6 +81,10 @@ pub fn run(listen: SocketAddr) -> anyhow::Result<()> {
     let mut last = 0;
     while !stop.load(Ordering::Relaxed) {
         std::thread::sleep(Duration::from_secs(1));
+        if let Some(dead) = server.dead_shard() {
+            server.abort(Duration::from_secs(2));
+            anyhow::bail!("shard {} died: {}", dead.id, dead.why);
+        }
         let total: u64 = backends
             .iter()
             .map(|b| b.messages.load(Ordering::Relaxed))

@@ -113,6 +113,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
 
 /// The main thread's life after start: SIGHUP reloads, the first
 /// SIGTERM/SIGINT drains, the drain deadline or a second signal ends it.
+/// A shard that dies ends it at once with an error (a non-zero exit).
 fn supervise(
     mut server: Server,
     mut signals: signal_hook::iterator::Signals,
@@ -122,6 +123,19 @@ fn supervise(
     let mut drain_started: Option<Instant> = None;
     let mut closing = false;
     loop {
+        if let Some(dead) = server.dead_shard() {
+            log::error!("shard {} died: {}", dead.id, dead.why);
+            log::error!(
+                "stopping the other shards without draining: the process is broken (the dead \
+                 shard's sessions are gone and stay counted against max_connections); exiting \
+                 non-zero so a supervisor (systemd Restart=on-failure, docker --restart) starts \
+                 a fresh one"
+            );
+            if !server.abort(Duration::from_secs(2)) {
+                log::error!("some shards did not stop within 2s; exiting anyway");
+            }
+            anyhow::bail!("shard {} died: {}", dead.id, dead.why);
+        }
         for sig in signals.pending() {
             match sig {
                 SIGHUP => match config {

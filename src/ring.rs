@@ -20,6 +20,8 @@
 //!
 //! `user_data` is built by the shard (see `shard::Ud`); this module treats it
 //! as opaque.
+//!
+//! [`probe`] exercises every feature the shards use once at startup.
 
 #![allow(unsafe_code)]
 
@@ -30,6 +32,9 @@ use std::sync::atomic::{AtomicU16, Ordering};
 use std::time::Duration;
 
 use io_uring::{cqueue, opcode, squeue, types, IoUring};
+
+pub mod probe;
+pub use probe::probe;
 
 /// The `open_how` of an `openat2`, kept by the caller until its CQE.
 pub type OpenHow = types::OpenHow;
@@ -63,63 +68,6 @@ pub enum Mode {
 pub struct Uring {
     ring: IoUring,
     pub mode: Mode,
-}
-
-/// What ringlb needs from the kernel; checked once at startup.
-pub const REQUIRED_OPS: &[(u8, &str)] = &[
-    (opcode::AcceptMulti::CODE, "ACCEPT"),
-    (opcode::RecvMulti::CODE, "RECV"),
-    (opcode::Send::CODE, "SEND"),
-    (opcode::Connect::CODE, "CONNECT"),
-    (opcode::AsyncCancel2::CODE, "ASYNC_CANCEL"),
-    (opcode::Read::CODE, "READ"),
-    (opcode::OpenAt2::CODE, "OPENAT2"),
-    (opcode::PollAdd::CODE, "POLL_ADD"),
-];
-
-/// Checks that io_uring works here and has what ringlb needs. The error says
-/// what is missing and what to do about it.
-pub fn probe() -> Result<String, String> {
-    let ring = match IoUring::new(8) {
-        Ok(r) => r,
-        Err(e) => {
-            let why = match e.raw_os_error() {
-                Some(libc::EPERM) => "io_uring_setup was refused (EPERM). Inside Docker the default seccomp profile blocks io_uring: run with --security-opt seccomp=config/docker-seccomp.json. On a host, check sysctl kernel.io_uring_disabled (must be 0, or 1 with this user in kernel.io_uring_group).",
-                Some(libc::ENOSYS) => "this kernel has no io_uring (ENOSYS); ringlb needs Linux 6.0 or newer with io_uring enabled.",
-                Some(libc::ENOMEM) => "io_uring_setup failed with ENOMEM; raise RLIMIT_MEMLOCK (ulimit -l) for this user.",
-                _ => "io_uring_setup failed.",
-            };
-            return Err(format!("io_uring is not available: {e}. {why}"));
-        }
-    };
-    let mut p = io_uring::Probe::new();
-    ring.submitter()
-        .register_probe(&mut p)
-        .map_err(|e| format!("io_uring probe failed: {e}; ringlb needs Linux 6.0 or newer"))?;
-    let missing: Vec<&str> = REQUIRED_OPS
-        .iter()
-        .filter(|(code, _)| !p.is_supported(*code))
-        .map(|(_, n)| *n)
-        .collect();
-    if !missing.is_empty() {
-        return Err(format!(
-            "io_uring lacks {}; ringlb needs Linux 6.0 or newer (multishot accept/recv, provided buffer rings)",
-            missing.join(", ")
-        ));
-    }
-    if !ring.params().is_feature_ext_arg() {
-        return Err("io_uring lacks IORING_FEAT_EXT_ARG; ringlb needs Linux 6.0 or newer".into());
-    }
-    Ok(format!(
-        "io_uring ok: {} (fast_poll={}, nodrop={})",
-        REQUIRED_OPS
-            .iter()
-            .map(|(_, n)| *n)
-            .collect::<Vec<_>>()
-            .join(" "),
-        ring.params().is_feature_fast_poll(),
-        ring.params().is_feature_nodrop()
-    ))
 }
 
 impl Uring {

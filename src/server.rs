@@ -6,6 +6,12 @@
 //! its own thread and reports back before `start` returns, so a ring that
 //! cannot be created is a startup error, not a silent dead shard.
 //!
+//! A shard thread that ends on its own (a panic, a ring error) is a broken
+//! process, not a smaller one: its clients stay counted against
+//! `max_connections` and its listeners are gone. [`Server::dead_shard`] finds
+//! it; the caller stops the rest and exits non-zero so a supervisor restarts
+//! the daemon.
+//!
 //! Reload builds a new snapshot in which backends that stay keep their
 //! counters and health, sends it to every shard and opens or closes
 //! listeners whose addresses changed. Live sessions are never touched.
@@ -64,6 +70,17 @@ pub struct Server {
     pub control: Arc<Control>,
     /// The admin listener's address, if configured.
     pub admin_addr: Option<SocketAddr>,
+    /// Shards were told to exit (drain, close, stop); a shard that ends
+    /// cleanly after this did what it was asked.
+    exit_requested: bool,
+}
+
+/// A shard thread that ended when it should not have.
+#[derive(Debug)]
+pub struct DeadShard {
+    pub id: usize,
+    /// The panic message, the ring's error, or that its loop just ended.
+    pub why: String,
 }
 
 impl Server {
@@ -76,6 +93,9 @@ impl Server {
 
         let mut per_shard: Vec<Vec<TcpListener>> = (0..shards).map(|_| Vec::new()).collect();
         let mut local_addrs = Vec::new();
+        for addr in &server_cfg.listen {
+            ensure_unused(*addr, &[])?;
+        }
         for addr in &server_cfg.listen {
             let (bound, socks) = bind_all(*addr, shards, server_cfg.backlog)?;
             for (listeners, l) in per_shard.iter_mut().zip(socks) {
@@ -158,6 +178,7 @@ impl Server {
             local_addrs,
             control,
             admin_addr,
+            exit_requested: false,
         })
     }
 
@@ -201,6 +222,11 @@ impl Server {
         let shards = self.shards.len();
         let mut local = Vec::new();
         let mut per_shard: Vec<Vec<TcpListener>> = (0..shards).map(|_| Vec::new()).collect();
+        for addr in &config.server.listen {
+            if !old.config.server.listen.contains(addr) {
+                ensure_unused(*addr, &self.local_addrs)?;
+            }
+        }
         for addr in &config.server.listen {
             match old.config.server.listen.iter().position(|a| a == addr) {
                 Some(pos) => local.push(self.local_addrs[pos]),
@@ -255,13 +281,47 @@ impl Server {
     }
 
     /// Stops accepting; shards exit as their last session ends.
-    pub fn drain(&self) {
+    pub fn drain(&mut self) {
+        self.exit_requested = true;
         self.send(|| Command::Drain);
     }
 
     /// Ends every session now and lets the shards exit.
-    pub fn close_all(&self) {
+    pub fn close_all(&mut self) {
+        self.exit_requested = true;
         self.send(|| Command::CloseAll);
+    }
+
+    /// Joins the shard threads that have ended and returns the first that
+    /// died: one that panicked or whose ring failed, or one that ended
+    /// before it was asked to. Cheap enough to call on every supervisor tick.
+    pub fn dead_shard(&mut self) -> Option<DeadShard> {
+        for (id, s) in self.shards.iter_mut().enumerate() {
+            let Some(t) = s.thread.take_if(|t| t.is_finished()) else {
+                continue;
+            };
+            if let Some(why) = exit_failure(t.join(), self.exit_requested) {
+                return Some(DeadShard { id, why });
+            }
+        }
+        None
+    }
+
+    /// Stops every shard without draining, after one died: waits at most
+    /// `limit` for them, since a broken process must not hang on its way
+    /// out. True if every shard thread ended in time.
+    pub fn abort(mut self, limit: std::time::Duration) -> bool {
+        self.exit_requested = true;
+        self.send(|| Command::Stop);
+        let deadline = Instant::now() + limit;
+        while !self.finished() {
+            if Instant::now() >= deadline {
+                return false;
+            }
+            std::thread::sleep(std::time::Duration::from_millis(10));
+        }
+        self.join();
+        true
     }
 
     /// True when every shard thread has exited.
@@ -273,6 +333,7 @@ impl Server {
 
     /// Stops every shard at once and waits for its thread.
     pub fn stop(mut self) {
+        self.exit_requested = true;
         self.send(|| Command::Stop);
         self.join();
     }
@@ -327,6 +388,121 @@ fn restart_only_unchanged(path: &Path, old: &Config, new: &Config) -> anyhow::Re
     Ok(())
 }
 
+/// Why a shard thread's end is a failure, if it is: a panic (with its
+/// message), an error from its ring, or a clean end nobody asked for.
+fn exit_failure(
+    res: std::thread::Result<std::io::Result<()>>,
+    exit_requested: bool,
+) -> Option<String> {
+    match res {
+        Err(panic) => Some(format!(
+            "panicked: {}",
+            panic
+                .downcast_ref::<&str>()
+                .copied()
+                .or_else(|| panic.downcast_ref::<String>().map(String::as_str))
+                .unwrap_or("(no message)")
+        )),
+        Ok(Err(e)) => Some(format!("its io_uring failed: {e}")),
+        Ok(Ok(())) if !exit_requested => Some("its loop ended without being asked to".into()),
+        Ok(Ok(())) => None,
+    }
+}
+
+/// Refuses an address that another socket already listens on.
+///
+/// Our listeners use SO_REUSEPORT, which the kernel grants to any socket of
+/// the same user that asks for it too: a second ringlb started by mistake
+/// would silently take a share of the first one's new connections. A probe
+/// socket *without* SO_REUSEPORT can bind only where nobody listens. It does
+/// set SO_REUSEADDR, so the TIME_WAIT connections of an instance that just
+/// exited do not block its restart. The probe is dropped before the real
+/// binds.
+///
+/// A process that was killed keeps its listeners for a few tens of
+/// milliseconds after it is gone: each has a multishot accept in flight, and
+/// the kernel tears the ring down (dropping its file references) in a
+/// worker, after the exit. So a clash is retried for up to
+/// [`ADDRESS_CLASH_PATIENCE`] before it counts: a supervisor that restarts
+/// ringlb at once after a crash gets a daemon, not a second failure.
+///
+/// Port 0 needs no check: the kernel picks a free port. IPv6 addresses are
+/// probed with IPV6_V6ONLY, like the listeners, so `[::]:p` does not clash
+/// with `0.0.0.0:p`.
+///
+/// Not atomic: two instances whose probes both run before either listens
+/// (a window of microseconds) can both start. Supervisors start one.
+///
+/// `own` are the addresses this process already listens on (a reload): a
+/// clash with one of them cannot be told apart from another process, so it
+/// is reported as such.
+///
+/// The one intended exception is the live hand-off on a binary upgrade: the
+/// new process will adopt the listeners it receives over a unix socket
+/// instead of binding, so it must skip this check (the old process is the
+/// listener the check would find). That path takes fds, not addresses, and
+/// does not go through here.
+/// How long a listen address may stay taken before `ensure_unused` calls it
+/// another process's (see there).
+const ADDRESS_CLASH_PATIENCE: std::time::Duration = std::time::Duration::from_secs(2);
+
+fn ensure_unused(addr: SocketAddr, own: &[SocketAddr]) -> anyhow::Result<()> {
+    if addr.port() == 0 {
+        return Ok(());
+    }
+    let probe = || -> std::io::Result<()> {
+        let sock = Socket::new(Domain::for_address(addr), Type::STREAM.cloexec(), None)?;
+        sock.set_reuse_address(true)?;
+        if addr.is_ipv6() {
+            sock.set_only_v6(true)?;
+        }
+        sock.bind(&addr.into())
+    };
+    let deadline = Instant::now() + ADDRESS_CLASH_PATIENCE;
+    let mut res = probe();
+    let mut logged = false;
+    while res
+        .as_ref()
+        .is_err_and(|e| e.raw_os_error() == Some(libc::EADDRINUSE))
+        && Instant::now() < deadline
+    {
+        if !logged {
+            log::info!(
+                "{addr} is in use; waiting up to {ADDRESS_CLASH_PATIENCE:?} in case its \
+                 listener belongs to a process on its way out"
+            );
+            logged = true;
+        }
+        std::thread::sleep(std::time::Duration::from_millis(50));
+        res = probe();
+    }
+    match res {
+        Ok(()) => Ok(()),
+        Err(e) if e.raw_os_error() == Some(libc::EADDRINUSE) => {
+            let mine = own.iter().find(|o| {
+                o.port() == addr.port()
+                    && o.is_ipv4() == addr.is_ipv4()
+                    && (o.ip() == addr.ip()
+                        || o.ip().is_unspecified()
+                        || addr.ip().is_unspecified())
+            });
+            match mine {
+                Some(o) => bail!(
+                    "cannot listen on {addr}: it overlaps ringlb's own listener on {o} (same \
+                     port), which this check cannot tell apart from another process; restart \
+                     ringlb to listen on both"
+                ),
+                None => bail!(
+                    "another process already listens on {addr} (or holds it bound); stop it or \
+                     listen elsewhere: ringlb does not share a port with another process through \
+                     SO_REUSEPORT"
+                ),
+            }
+        }
+        Err(e) => Err(e).with_context(|| format!("cannot listen on {addr}")),
+    }
+}
+
 fn bind_all(
     addr: SocketAddr,
     shards: usize,
@@ -371,6 +547,18 @@ impl std::fmt::Debug for AccessLogWriter {
     }
 }
 
+/// Test builds only: true when `RINGLB_TEST_FAULT` names `fault`. Lets the
+/// integration tests (which run the debug binary) break the daemon the way a
+/// bug would; release builds compile every hook out.
+#[cfg(debug_assertions)]
+pub(crate) fn test_fault(fault: &str) -> bool {
+    static FAULT: std::sync::OnceLock<Option<String>> = std::sync::OnceLock::new();
+    FAULT
+        .get_or_init(|| std::env::var("RINGLB_TEST_FAULT").ok())
+        .as_deref()
+        == Some(fault)
+}
+
 fn open_access_log(cfg: &AccessLog) -> anyhow::Result<Option<Box<dyn Write + Send>>> {
     Ok(match cfg {
         AccessLog::Off => None,
@@ -386,4 +574,32 @@ fn open_access_log(cfg: &AccessLog) -> anyhow::Result<Option<Box<dyn Write + Sen
             Some(Box::new(std::io::BufWriter::with_capacity(64 * 1024, f)))
         }
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_shard_end_is_a_failure_unless_it_was_asked_for() {
+        let panicked =
+            std::thread::spawn(|| -> std::io::Result<()> { panic!("slot {} gone", 7) }).join();
+        assert_eq!(
+            exit_failure(panicked, true).as_deref(),
+            Some("panicked: slot 7 gone")
+        );
+        let static_msg = std::thread::spawn(|| -> std::io::Result<()> { panic!("static") }).join();
+        assert_eq!(
+            exit_failure(static_msg, false).as_deref(),
+            Some("panicked: static")
+        );
+        let ring = Ok(Err(std::io::Error::from_raw_os_error(libc::EBADF)));
+        let why = exit_failure(ring, true).unwrap();
+        assert!(
+            why.starts_with("its io_uring failed: Bad file descriptor"),
+            "{why}"
+        );
+        assert!(exit_failure(Ok(Ok(())), false).is_some());
+        assert!(exit_failure(Ok(Ok(())), true).is_none());
+    }
 }

@@ -512,6 +512,14 @@ impl Shard {
     }
 
     fn new_conn(&mut self, fd: OwnedFd) {
+        // Test builds only (tests/process.rs): die the way a bug would.
+        #[cfg(debug_assertions)]
+        if crate::server::test_fault("shard-panic-after-accept") {
+            panic!(
+                "RINGLB_TEST_FAULT: shard {} panics after an accept",
+                self.id
+            );
+        }
         let sock = SockRef::from(&fd);
         let Ok(peer) = sock.peer_addr() else { return };
         let Some(peer) = peer.as_socket() else { return };

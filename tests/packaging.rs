@@ -75,8 +75,8 @@ fn seccomp_profile_allows_io_uring_and_denies_by_default() {
 /// The start-up error for a refused io_uring_setup names this file.
 #[test]
 fn seccomp_profile_is_where_the_error_message_says() {
-    let ring = read("src/ring.rs");
-    assert!(ring.contains("--security-opt seccomp=config/docker-seccomp.json"));
+    let probe = read("src/ring/probe.rs");
+    assert!(probe.contains("--security-opt seccomp=config/docker-seccomp.json"));
     assert!(repo().join("config/docker-seccomp.json").is_file());
     assert!(read("README.md").contains("--security-opt seccomp=config/docker-seccomp.json"));
 }
