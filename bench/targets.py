@@ -30,6 +30,8 @@ TARGETS = {
     # Another build of ringlb (run.py --base-bin), same config: a same-run,
     # interleaved A/B of old against new code.
     "ringlb-base": ("ringlb", "ringlb.toml.tmpl", {"ringlb_extra": "", "binary": "ringlb-base"}),
+    # ringlb without TCP_USER_TIMEOUT (A/B of server.tcp_user_timeout).
+    "ringlb-nouto": ("ringlb", "ringlb.toml.tmpl", {"ringlb_extra": "tcp_user_timeout = \"off\""}),
     "nginx": ("nginx", "nginx.conf.tmpl", {"nginx_extra": ""}),
     "nginx-tuned": ("nginx", "nginx.conf.tmpl", {"nginx_extra": NGINX_TUNED_EXTRA}),
     "haproxy": ("haproxy", "haproxy.cfg.tmpl", {}),
