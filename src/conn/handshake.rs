@@ -26,7 +26,7 @@ impl Conn {
             Upload::HeldFor101 => {
                 // Arrived before the recv was stopped.
                 out.push(Action::Release(bid));
-                if let Some(hs) = self.hs.as_mut() {
+                if let Some(hs) = try_hs_mut(&mut self.state) {
                     hs.early.extend_from_slice(data);
                 }
                 return;
@@ -41,12 +41,12 @@ impl Conn {
             }
         };
         let done = tracker.done();
-        if let Some(hs) = self.hs.as_mut() {
+        if let Some(hs) = try_hs_mut(&mut self.state) {
             hs.uploaded += n as u64;
         }
         if n == 0 {
             out.push(Action::Release(bid));
-        } else if matches!(self.stage, Stage::Retrying { .. }) {
+        } else if matches!(self.stage(), Stage::Retrying { .. }) {
             // Held with the request until the next backend is connected.
             out.push(Action::Release(bid));
             if !self.keep_for_replay(&data[..n]) {
@@ -56,7 +56,7 @@ impl Conn {
             self.keep_for_replay(&data[..n]);
             self.relay(Side::Client, bid, n, out);
         }
-        if done && self.stage != Stage::Closing {
+        if done && self.stage() != Stage::Closing {
             self.upload_complete(out);
         }
     }
@@ -67,7 +67,7 @@ impl Conn {
     pub(super) fn upload_complete(&mut self, out: &mut Vec<Action>) {
         self.upload = Upload::Complete;
         self.stop_client_recv(out);
-        if self.stage == Stage::AwaitingResponse {
+        if self.stage() == Stage::AwaitingResponse {
             self.response_timer(out);
         }
     }
@@ -83,7 +83,7 @@ impl Conn {
     /// 400 if no answer has started, else the connection ends.
     pub(super) fn bad_body(&mut self, why: &'static str, out: &mut Vec<Action>) {
         log::debug!("{}: invalid request body: {why}", self.client_addr);
-        match self.stage {
+        match self.stage() {
             Stage::Connecting { .. } | Stage::AwaitingResponse => {
                 self.abort_backend(out);
                 self.respond(Reject::BadRequest(why), out);
@@ -94,7 +94,7 @@ impl Conn {
     }
 
     pub(super) fn response_timer(&mut self, out: &mut Vec<Action>) {
-        let hs = self.hs.as_mut().expect("handshake state");
+        let hs = hs_mut(&mut self.state);
         hs.timer_seq += 1;
         out.push(Action::Timer(
             TimerKind::Response { seq: hs.timer_seq },
@@ -103,7 +103,7 @@ impl Conn {
     }
 
     pub(super) fn upload_timer(&mut self, out: &mut Vec<Action>) {
-        let hs = self.hs.as_mut().expect("handshake state");
+        let hs = hs_mut(&mut self.state);
         hs.timer_seq += 1;
         out.push(Action::Timer(
             TimerKind::Upload {
@@ -115,7 +115,7 @@ impl Conn {
     }
 
     pub fn on_connect(&mut self, res: Result<(), i32>, out: &mut Vec<Action>) {
-        let Stage::Connecting { attempt } = self.stage else {
+        let Stage::Connecting { attempt } = self.stage() else {
             // Aborted meanwhile (e.g. handshake answered); nothing to do.
             return;
         };
@@ -154,7 +154,7 @@ impl Conn {
     }
 
     pub(super) fn try_head(&mut self, out: &mut Vec<Action>) {
-        let hs = self.hs.as_mut().expect("handshake state");
+        let hs = hs_mut(&mut self.state);
         let server = &hs.snap.config.server;
         let parsed =
             http::parse_request(&hs.head, server.max_request_head.get(), server.max_headers);
@@ -238,7 +238,7 @@ impl Conn {
 
     /// Picks a backend not tried yet and connects, or answers 502/504.
     pub(super) fn connect_next(&mut self, attempt: u32, out: &mut Vec<Action>) {
-        let hs = self.hs.as_mut().expect("handshake state");
+        let hs = hs_mut(&mut self.state);
         let upstream = &hs.snap.upstreams[hs.upstream];
         // Each backend once, at most.
         let picked = RNG.with(|rng| upstream.pick(&hs.tried, &mut rng.borrow_mut()));
@@ -269,7 +269,7 @@ impl Conn {
     }
 
     pub(super) fn try_response(&mut self, out: &mut Vec<Action>) {
-        let hs = self.hs.as_mut().expect("handshake state");
+        let hs = hs_mut(&mut self.state);
         let req = hs.request.as_ref().expect("request parsed");
         let max = hs.snap.upstreams[hs.upstream].max_response_head;
         let parsed =
@@ -291,19 +291,20 @@ impl Conn {
             self.send_timer(send_timeout, out);
         }
         self.status = Some(resp.status);
-        self.hs = None;
         self.set_stage(Stage::Relaying);
+        if resp.body != Body::Upgraded {
+            self.state = State::Relaying(Relay::Response);
+        }
         let to_client = &mut self.flow[Side::Client.idx()];
         match resp.body {
             Body::Upgraded => to_client.frames.feed(&data[resp.head_len..]),
-            Body::UntilClose => self.finish_with_response = true,
+            Body::UntilClose => {}
             Body::None | Body::Length(_) => {
                 let want = if let Body::Length(n) = resp.body {
                     n
                 } else {
                     0
                 };
-                self.finish_with_response = true;
                 to_client.limit = Some(want.saturating_sub(extra));
             }
         }
@@ -351,7 +352,7 @@ impl Conn {
     /// health) and gives up its lease.
     pub(super) fn blame_backend(&mut self, what: &str) {
         if let Some(lease) = self.lease.take() {
-            let hs = self.hs.as_ref().expect("handshake state");
+            let hs = hs(&self.state);
             let upstream = &hs.snap.upstreams[hs.upstream];
             if lease.backend().state.record_failure(upstream.health) {
                 log::warn!(
@@ -367,7 +368,7 @@ impl Conn {
     /// Keeps client bytes that went (or will go) to the backend, so the
     /// request can be resent; false once that is no longer possible.
     pub(super) fn keep_for_replay(&mut self, data: &[u8]) -> bool {
-        let Some(hs) = self.hs.as_mut() else {
+        let Some(hs) = try_hs_mut(&mut self.state) else {
             return false;
         };
         match &mut hs.replay {
@@ -385,10 +386,10 @@ impl Conn {
     /// The old backend's socket has no op left: send the request again,
     /// to a backend not tried yet.
     pub fn on_backend_released(&mut self, out: &mut Vec<Action>) {
-        let Stage::Retrying { attempt } = self.stage else {
+        let Stage::Retrying { attempt } = self.stage() else {
             return;
         };
-        let hs = self.hs.as_mut().expect("handshake state");
+        let hs = hs_mut(&mut self.state);
         hs.resp.clear();
         let replay = hs.replay.clone().expect("retrying without a replay copy");
         let flow = &mut self.flow[Side::Backend.idx()];
@@ -409,7 +410,7 @@ impl Conn {
     /// ringlb could not even open a socket for the backend (its own fd or
     /// memory limit): answer 503 without blaming the backend.
     pub fn on_local_error(&mut self, out: &mut Vec<Action>) {
-        if matches!(self.stage, Stage::Connecting { .. }) {
+        if matches!(self.stage(), Stage::Connecting { .. }) {
             self.respond(Reject::ServiceUnavailable, out);
         }
     }
@@ -421,7 +422,7 @@ impl Conn {
     /// to the next backend (like nginx's `proxy_next_upstream error`), once
     /// the failed backend's socket has no op left.
     pub(super) fn backend_failed(&mut self, why: &'static str, out: &mut Vec<Action>) {
-        let hs = self.hs.as_ref().expect("handshake state");
+        let hs = hs(&self.state);
         let untried = hs.tried.len() < hs.snap.upstreams[hs.upstream].backends.len();
         if hs.replay.is_none() || !hs.resp.is_empty() || !untried {
             log::debug!(
@@ -459,8 +460,6 @@ impl Conn {
         self.status = Some(reject.status());
         self.closer = Some(Closer::Proxy);
         self.lease = None;
-        self.hs = None;
-        self.serve = None;
         let linger = self.linger;
         self.set_stage(Stage::Responding);
         for flow in &mut self.flow {

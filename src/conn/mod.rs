@@ -292,6 +292,84 @@ pub enum Stage {
     Closing,
 }
 
+/// The stage a connection is in, with what only that stage needs: a
+/// field that means nothing in a stage does not exist there.
+#[derive(Debug)]
+enum State {
+    ReadingHead(Box<Handshake>),
+    Connecting {
+        hs: Box<Handshake>,
+        attempt: u32,
+    },
+    AwaitingResponse(Box<Handshake>),
+    Retrying {
+        hs: Box<Handshake>,
+        attempt: u32,
+    },
+    Relaying(Relay),
+    /// The handshake state stays for the next request of a kept-alive
+    /// connection; `serve` is the answer in progress (taken when it ends).
+    Serving {
+        hs: Box<Handshake>,
+        serve: Option<Box<files::Serve>>,
+    },
+    Responding,
+    Closing,
+}
+
+/// The handshake state of a stage that has one (all before `Relaying`,
+/// and `Serving`, which keeps it for the next request). Free functions over
+/// the field, so the rest of the connection stays borrowable beside it.
+fn try_hs(state: &State) -> Option<&Handshake> {
+    match state {
+        State::ReadingHead(hs)
+        | State::Connecting { hs, .. }
+        | State::AwaitingResponse(hs)
+        | State::Retrying { hs, .. }
+        | State::Serving { hs, .. } => Some(hs),
+        State::Relaying(_) | State::Responding | State::Closing => None,
+    }
+}
+
+fn try_hs_mut(state: &mut State) -> Option<&mut Handshake> {
+    match state {
+        State::ReadingHead(hs)
+        | State::Connecting { hs, .. }
+        | State::AwaitingResponse(hs)
+        | State::Retrying { hs, .. }
+        | State::Serving { hs, .. } => Some(hs),
+        State::Relaying(_) | State::Responding | State::Closing => None,
+    }
+}
+
+fn hs(state: &State) -> &Handshake {
+    try_hs(state).expect("this stage has no handshake state")
+}
+
+fn hs_mut(state: &mut State) -> &mut Handshake {
+    try_hs_mut(state).expect("this stage has no handshake state")
+}
+
+fn serve_mut(state: &mut State) -> &mut files::Serve {
+    match state {
+        State::Serving {
+            serve: Some(serve), ..
+        } => serve,
+        _ => panic!("no static answer in this stage"),
+    }
+}
+
+/// What a relaying session carries.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Relay {
+    /// Switched protocols: frames both ways until both sides close.
+    /// `going_away`: ringlb sent Close 1001 both ways (shutdown) and drops
+    /// whatever arrives while it waits for the peers to close.
+    Upgraded { going_away: bool },
+    /// A non-101 answer: the session ends with its body.
+    Response,
+}
+
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum RecvState {
     Off,
@@ -327,22 +405,18 @@ pub enum Closer {
 
 #[derive(Debug)]
 pub struct Conn {
-    stage: Stage,
+    /// The stage, holding what only that stage needs.
+    state: State,
     pub client_addr: SocketAddr,
     recv: [RecvState; 2],
     /// Indexed by destination side.
     flow: [Flow; 2],
     connected: bool,
     upload: Upload,
-    hs: Option<Box<Handshake>>,
     lease: Option<Lease>,
     /// `Some` once the session's HTTP status is known.
     pub status: Option<u16>,
-    /// The end-of-response rule for non-101 answers.
-    finish_with_response: bool,
     pub closer: Option<Closer>,
-    /// Close 1001 was injected; whatever arrives now is dropped.
-    going_away: bool,
     /// EOF seen from each side.
     peer_eof: [bool; 2],
     /// The route prefix matched, for the access log.
@@ -357,8 +431,6 @@ pub struct Conn {
     /// Frames with at least this much payload left move by splice; 0: never.
     splice_min: u64,
 
-    /// The static answer in progress.
-    serve: Option<Box<files::Serve>>,
     /// Requests answered on this connection (keep-alive).
     requests: u32,
     /// Draining: the current answer is the last.
@@ -384,13 +456,7 @@ impl Conn {
         let linger = server.linger_timeout;
         let splice_min = server.splice_min;
         Conn {
-            stage: Stage::ReadingHead,
-            client_addr,
-            recv: [RecvState::Armed, RecvState::Off],
-            flow: Default::default(),
-            connected: false,
-            upload: Upload::Complete,
-            hs: Some(Box::new(Handshake {
+            state: State::ReadingHead(Box::new(Handshake {
                 snap,
                 head: Vec::new(),
                 request: None,
@@ -407,11 +473,14 @@ impl Conn {
                 uploaded: 0,
                 send_timer: false,
             })),
+            client_addr,
+            recv: [RecvState::Armed, RecvState::Off],
+            flow: Default::default(),
+            connected: false,
+            upload: Upload::Complete,
             lease: None,
             status: None,
-            finish_with_response: false,
             closer: None,
-            going_away: false,
             peer_eof: [false, false],
             route: None,
             path: None,
@@ -421,7 +490,6 @@ impl Conn {
             linger,
             splice_min,
 
-            serve: None,
             requests: 0,
             no_keepalive: false,
             bytes_base: [0, 0],
@@ -443,7 +511,40 @@ impl Conn {
     }
 
     pub fn stage(&self) -> Stage {
-        self.stage
+        match &self.state {
+            State::ReadingHead(_) => Stage::ReadingHead,
+            State::Connecting { attempt, .. } => Stage::Connecting { attempt: *attempt },
+            State::AwaitingResponse(_) => Stage::AwaitingResponse,
+            State::Retrying { attempt, .. } => Stage::Retrying { attempt: *attempt },
+            State::Relaying(_) => Stage::Relaying,
+            State::Serving { .. } => Stage::Serving,
+            State::Responding => Stage::Responding,
+            State::Closing => Stage::Closing,
+        }
+    }
+
+    fn try_serve(&self) -> Option<&files::Serve> {
+        match &self.state {
+            State::Serving { serve, .. } => serve.as_deref(),
+            _ => None,
+        }
+    }
+
+    fn serve(&self) -> &files::Serve {
+        self.try_serve().expect("no static answer in this stage")
+    }
+
+    /// Close 1001 was injected; whatever arrives now is dropped.
+    fn going_away(&self) -> bool {
+        matches!(
+            self.state,
+            State::Relaying(Relay::Upgraded { going_away: true })
+        )
+    }
+
+    /// Relaying a non-101 answer, which ends the session with its body.
+    fn finish_with_response(&self) -> bool {
+        matches!(self.state, State::Relaying(Relay::Response))
     }
 
     pub fn backend_addr(&self) -> Option<SocketAddr> {
@@ -462,28 +563,24 @@ impl Conn {
 
     /// Waiting for a request and nothing of it has arrived yet.
     pub fn between_requests(&self) -> bool {
-        self.stage == Stage::ReadingHead && self.hs.as_ref().is_some_and(|h| h.head.is_empty())
+        self.stage() == Stage::ReadingHead && try_hs(&self.state).is_some_and(|h| h.head.is_empty())
     }
 
     /// Where `Payload::File { start, .. }` bytes live.
     pub fn file_ptr(&self, start: u32) -> *const u8 {
-        let serve = self.serve.as_ref().expect("file payload without an answer");
-        serve.buf[start as usize..].as_ptr()
+        self.serve().buf[start as usize..].as_ptr()
     }
 
     /// Where a `ReadFile { at, len, .. }` puts its bytes. The buffer is not
     /// resized until the read completes.
     pub fn read_ptr(&mut self, at: usize, len: usize) -> *mut u8 {
-        let serve = self.serve.as_mut().expect("file read without an answer");
-        serve.buf[at..at + len].as_mut_ptr()
+        serve_mut(&mut self.state).buf[at..at + len].as_mut_ptr()
     }
 
     /// A new configuration, for the next request of a kept-alive connection.
     pub fn set_snapshot(&mut self, snap: Arc<Snapshot>) {
-        if let Some(hs) = &mut self.hs {
-            if self.stage == Stage::ReadingHead {
-                hs.snap = snap;
-            }
+        if let State::ReadingHead(hs) = &mut self.state {
+            hs.snap = snap;
         }
     }
 
@@ -495,7 +592,7 @@ impl Conn {
     fn set_stage(&mut self, to: Stage) {
         debug_assert!(
             matches!(
-                (self.stage, to),
+                (self.stage(), to),
                 (Stage::ReadingHead, Stage::Connecting { .. })
                     | (Stage::Connecting { .. }, Stage::Connecting { .. })
                     | (Stage::Connecting { .. }, Stage::AwaitingResponse)
@@ -516,20 +613,44 @@ impl Conn {
                     | (_, Stage::Closing)
             ),
             "bad transition {:?} -> {:?}",
-            self.stage,
+            self.stage(),
             to
         );
-        self.stage = to;
+        // Stage data moves with the connection: the handshake state goes
+        // on until the session relays or ringlb answers; a static answer
+        // ends with its stage; everything else starts fresh.
+        let hs = match std::mem::replace(&mut self.state, State::Closing) {
+            State::ReadingHead(hs)
+            | State::Connecting { hs, .. }
+            | State::AwaitingResponse(hs)
+            | State::Retrying { hs, .. }
+            | State::Serving { hs, .. } => Some(hs),
+            State::Relaying(_) | State::Responding | State::Closing => None,
+        };
+        let hs = move || hs.expect("this stage needs the handshake state");
+        self.state = match to {
+            Stage::ReadingHead => State::ReadingHead(hs()),
+            Stage::Connecting { attempt } => State::Connecting { hs: hs(), attempt },
+            Stage::AwaitingResponse => State::AwaitingResponse(hs()),
+            Stage::Retrying { attempt } => State::Retrying { hs: hs(), attempt },
+            Stage::Relaying => State::Relaying(Relay::Upgraded { going_away: false }),
+            Stage::Serving => State::Serving {
+                hs: hs(),
+                serve: None,
+            },
+            Stage::Responding => State::Responding,
+            Stage::Closing => State::Closing,
+        };
     }
 
     /// Data arrived on `side` in provided buffer `bid`.
     pub fn on_recv(&mut self, side: Side, bid: u16, data: &[u8], out: &mut Vec<Action>) {
         self.active = true;
         self.parking = [false, false];
-        match (self.stage, side) {
+        match (self.stage(), side) {
             (Stage::ReadingHead, Side::Client) => {
                 out.push(Action::Release(bid));
-                let hs = self.hs.as_mut().expect("handshake state");
+                let hs = hs_mut(&mut self.state);
                 if self.requests > 0 && hs.head.is_empty() {
                     // A kept-alive connection's next request has begun.
                     out.push(Action::Timer(
@@ -544,7 +665,7 @@ impl Conn {
                 // The next request, pipelined: kept for later, read no
                 // further than one head's worth.
                 out.push(Action::Release(bid));
-                let hs = self.hs.as_mut().expect("handshake state");
+                let hs = hs_mut(&mut self.state);
                 hs.head.extend_from_slice(data);
                 if !self.wants_recv(Side::Client) && self.recv[0] == RecvState::Armed {
                     self.recv[0] = RecvState::Cancelling;
@@ -553,11 +674,11 @@ impl Conn {
             }
             (Stage::AwaitingResponse, Side::Backend) => {
                 out.push(Action::Release(bid));
-                let hs = self.hs.as_mut().expect("handshake state");
+                let hs = hs_mut(&mut self.state);
                 hs.resp.extend_from_slice(data);
                 self.try_response(out);
             }
-            (Stage::Relaying, _) if self.going_away => out.push(Action::Release(bid)),
+            (Stage::Relaying, _) if self.going_away() => out.push(Action::Release(bid)),
             (Stage::Retrying { .. }, Side::Backend) => out.push(Action::Release(bid)),
             (
                 Stage::Connecting { .. }
@@ -580,7 +701,7 @@ impl Conn {
     /// A multishot recv on `side` ended.
     pub fn on_recv_end(&mut self, side: Side, why: RecvEnd, out: &mut Vec<Action>) {
         self.recv[side.idx()] = RecvState::Off;
-        if self.stage == Stage::Closing {
+        if self.stage() == Stage::Closing {
             return;
         }
         if std::mem::take(&mut self.parking[side.idx()]) && why == RecvEnd::Stopped {
@@ -592,11 +713,11 @@ impl Conn {
             }
             return;
         }
-        if matches!(self.stage, Stage::Retrying { .. }) {
+        if matches!(self.stage(), Stage::Retrying { .. }) {
             if side == Side::Client && why == RecvEnd::Eof {
                 self.peer_eof[0] = true;
                 if self.upload == Upload::HeldFor101 {
-                    self.hs.as_mut().expect("handshake state").early_eof = true;
+                    hs_mut(&mut self.state).early_eof = true;
                 } else {
                     self.flow[Side::Backend.idx()].src_eof = true;
                 }
@@ -625,13 +746,13 @@ impl Conn {
                 }
             }
             RecvEnd::NoBuffers => out.push(Action::Starved(side)),
-            RecvEnd::Error(_) => match (self.stage, side) {
+            RecvEnd::Error(_) => match (self.stage(), side) {
                 (Stage::Responding, Side::Backend) => {}
                 (Stage::Serving, _) => self.close(Closer::Error, out),
                 (Stage::AwaitingResponse, Side::Backend) => {
                     self.backend_failed("backend failed before answering", out)
                 }
-                (Stage::Relaying, _) if !self.going_away => self.peer_reset(side, out),
+                (Stage::Relaying, _) if !self.going_away() => self.peer_reset(side, out),
                 _ => self.close(Closer::Error, out),
             },
             RecvEnd::Eof => self.on_eof(side, out),
@@ -639,7 +760,7 @@ impl Conn {
     }
 
     pub fn on_timer(&mut self, kind: TimerKind, out: &mut Vec<Action>) {
-        match (kind, self.stage) {
+        match (kind, self.stage()) {
             (TimerKind::Handshake { req }, Stage::ReadingHead) if req == self.requests => {
                 self.closer = Some(Closer::Proxy);
                 self.status = Some(408);
@@ -654,21 +775,21 @@ impl Conn {
             (TimerKind::Connect { attempt }, Stage::Connecting { attempt: now })
                 if attempt == now =>
             {
-                if let Some(hs) = self.hs.as_mut() {
+                if let Some(hs) = try_hs_mut(&mut self.state) {
                     hs.last_timed_out = true;
                 }
                 out.push(Action::CancelConnect);
             }
             (TimerKind::Response { seq }, Stage::AwaitingResponse)
-                if self.hs.as_ref().is_some_and(|h| h.timer_seq == seq) =>
+                if try_hs(&self.state).is_some_and(|h| h.timer_seq == seq) =>
             {
                 self.abort_backend(out);
                 self.respond(Reject::GatewayTimeout, out);
             }
             (TimerKind::Upload { seq, mark }, Stage::AwaitingResponse)
-                if self.hs.as_ref().is_some_and(|h| h.timer_seq == seq) =>
+                if try_hs(&self.state).is_some_and(|h| h.timer_seq == seq) =>
             {
-                let uploaded = self.hs.as_ref().expect("handshake state").uploaded;
+                let uploaded = hs(&self.state).uploaded;
                 if uploaded != mark {
                     self.upload_timer(out);
                 } else {
@@ -681,14 +802,14 @@ impl Conn {
                 }
             }
             (TimerKind::Linger, Stage::Responding) => self.close_now(out),
-            (TimerKind::Linger, Stage::Relaying) if self.going_away => self.close_now(out),
+            (TimerKind::Linger, Stage::Relaying) if self.going_away() => self.close_now(out),
             (TimerKind::Send { period_ms, mark }, Stage::Serving | Stage::Relaying)
                 if self.status != Some(101) =>
             {
                 let to_client = &self.flow[Side::Client.idx()];
                 let stuck = to_client.sending
                     || !to_client.queue.is_empty()
-                    || self.serve.as_ref().is_some_and(|s| s.spliced.in_pipe > 0);
+                    || self.try_serve().is_some_and(|s| s.spliced.in_pipe > 0);
                 if to_client.bytes == mark && stuck {
                     log::debug!(
                         "{}: client took nothing for {period_ms} ms; closing",
@@ -704,7 +825,7 @@ impl Conn {
             }
             (TimerKind::Send { .. }, _) => {
                 // Not answering: the next answer arms a timer again.
-                if let Some(hs) = self.hs.as_mut() {
+                if let Some(hs) = try_hs_mut(&mut self.state) {
                     hs.send_timer = false;
                 }
             }
@@ -718,11 +839,10 @@ impl Conn {
     }
 
     fn close_now(&mut self, out: &mut Vec<Action>) {
-        if self.stage == Stage::Closing {
+        if self.stage() == Stage::Closing {
             return;
         }
         self.set_stage(Stage::Closing);
-        self.hs = None;
         out.push(Action::Close);
     }
 

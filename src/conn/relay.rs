@@ -66,10 +66,10 @@ impl Conn {
 
     /// A send to `dst` completed with `res` bytes (or an errno).
     pub fn on_send(&mut self, dst: Side, res: Result<usize, i32>, out: &mut Vec<Action>) {
-        if self.stage == Stage::Closing {
+        if self.stage() == Stage::Closing {
             return;
         }
-        if matches!(self.stage, Stage::Retrying { .. }) {
+        if matches!(self.stage(), Stage::Retrying { .. }) {
             // The failed backend's last send: what it carried is resent
             // from the replay copy.
             let flow = &mut self.flow[dst.idx()];
@@ -82,16 +82,16 @@ impl Conn {
         let n = match res {
             Ok(n) => n,
             Err(_) => {
-                if self.stage == Stage::Responding && dst == Side::Backend {
+                if self.stage() == Stage::Responding && dst == Side::Backend {
                     // The backend was aborted; its failed send is expected.
                     self.flow[dst.idx()].sending = false;
                     return;
                 }
-                if self.stage == Stage::AwaitingResponse && dst == Side::Backend {
+                if self.stage() == Stage::AwaitingResponse && dst == Side::Backend {
                     self.flow[dst.idx()].sending = false;
                     return self.backend_failed("backend failed before answering", out);
                 }
-                if self.stage == Stage::Relaying && !self.going_away {
+                if self.stage() == Stage::Relaying && !self.going_away() {
                     self.flow[dst.idx()].sending = false;
                     self.write_failed(dst, out);
                     return;
@@ -122,10 +122,10 @@ impl Conn {
         }
         self.kick(dst, out);
         self.maybe_start_splice(dst, out);
-        if self.stage == Stage::Serving {
+        if self.stage() == Stage::Serving {
             let flow = &self.flow[dst.idx()];
             if flow.queue.is_empty() && !flow.sending {
-                let next = self.serve.as_mut().expect("serving").on_sent();
+                let next = serve_mut(&mut self.state).on_sent();
                 self.follow(next, out);
             }
             return;
@@ -133,7 +133,7 @@ impl Conn {
         let src = dst.other();
         let flow = &self.flow[dst.idx()];
         if flow.queue.is_empty() && !flow.sending {
-            if self.stage == Stage::Responding && dst == Side::Client {
+            if self.stage() == Stage::Responding && dst == Side::Client {
                 self.flow[dst.idx()].shut = true;
                 out.push(Action::ShutdownWrite(Side::Client));
                 self.ensure_recv(Side::Client, out);
@@ -145,7 +145,7 @@ impl Conn {
             }
             self.maybe_finish(out);
         }
-        if self.stage != Stage::Closing
+        if self.stage() != Stage::Closing
             && self.recv[src.idx()] == RecvState::Off
             && self.wants_recv(src)
         {
@@ -159,10 +159,10 @@ impl Conn {
         if flow.splice != Splice::Off {
             return false;
         }
-        match self.stage {
+        match self.stage() {
             Stage::Closing => false,
             Stage::Responding => src == Side::Client,
-            Stage::Serving => self.hs.as_ref().is_some_and(|hs| {
+            Stage::Serving => try_hs(&self.state).is_some_and(|hs| {
                 !self.peer_eof[0] && hs.head.len() < hs.snap.config.server.max_request_head.get()
             }),
             Stage::Connecting { .. }
@@ -174,7 +174,7 @@ impl Conn {
             {
                 false
             }
-            Stage::Relaying if self.going_away => !self.peer_eof[src.idx()],
+            Stage::Relaying if self.going_away() => !self.peer_eof[src.idx()],
             _ => !flow.src_eof && !flow.stalled && flow.queue.len() < self.queue_limit(),
         }
     }
@@ -195,7 +195,7 @@ impl Conn {
 
     pub(super) fn on_eof(&mut self, side: Side, out: &mut Vec<Action>) {
         self.peer_eof[side.idx()] = true;
-        match (self.stage, side) {
+        match (self.stage(), side) {
             (Stage::ReadingHead, _) | (Stage::Responding, Side::Client) => {
                 self.close(Closer::Client, out)
             }
@@ -209,7 +209,7 @@ impl Conn {
                 if self.upload == Upload::HeldFor101 =>
             {
                 // Passed on after the 101, behind the held bytes.
-                self.hs.as_mut().expect("handshake state").early_eof = true;
+                hs_mut(&mut self.state).early_eof = true;
             }
             _ => {
                 let dst = side.other();
@@ -237,10 +237,10 @@ impl Conn {
 
     /// Ends the session once every direction that is going to finish has.
     pub(super) fn maybe_finish(&mut self, out: &mut Vec<Action>) {
-        if self.stage != Stage::Relaying {
+        if self.stage() != Stage::Relaying {
             return;
         }
-        if self.going_away {
+        if self.going_away() {
             // Closing before the peers answer our Close would make their
             // reply meet a closed socket, and the reset could destroy our
             // Close frame unread; wait for both EOFs (or the linger timer).
@@ -251,7 +251,9 @@ impl Conn {
         }
         let to_client = &self.flow[Side::Client.idx()];
         let drained = to_client.queue.is_empty() && !to_client.sending;
-        if self.finish_with_response && drained && (to_client.limit == Some(0) || to_client.src_eof)
+        if self.finish_with_response()
+            && drained
+            && (to_client.limit == Some(0) || to_client.src_eof)
         {
             self.closer.get_or_insert(Closer::Backend);
             if self.peer_eof[Side::Client.idx()] {
@@ -302,16 +304,16 @@ impl Conn {
     /// queued), then its write halves are shut and it ends when both peers
     /// close or `linger_timeout` passes; anything else is closed at once.
     pub fn drain_close(&mut self, out: &mut Vec<Action>) {
-        let clean = self.stage == Stage::Relaying
+        let clean = self.stage() == Stage::Relaying
             && self.status == Some(101)
-            && !self.going_away
+            && !self.going_away()
             && self.flow.iter().all(|f| {
                 f.frames.at_boundary() && !f.shut && !f.src_eof && f.splice == Splice::Off
             });
         if !clean {
             return self.close(Closer::Drain, out);
         }
-        self.going_away = true;
+        self.state = State::Relaying(Relay::Upgraded { going_away: true });
         self.closer = Some(Closer::Drain);
         for (dst, frame) in [
             (Side::Client, frames::close_going_away_to_client()),
@@ -338,8 +340,8 @@ impl Conn {
         if std::mem::take(&mut self.active) {
             return false;
         }
-        let quiet = self.stage == Stage::Relaying
-            && !self.going_away
+        let quiet = self.stage() == Stage::Relaying
+            && !self.going_away()
             && self.recv == [RecvState::Armed, RecvState::Armed]
             && self
                 .flow
@@ -364,7 +366,7 @@ impl Conn {
     /// drains, so what the slow reader has not taken waits in kernel socket
     /// buffers, which are per socket, not in the shared pool.
     pub fn unpin(&mut self, copy: &mut dyn FnMut(u16, u32, u32) -> Vec<u8>, out: &mut Vec<Action>) {
-        if self.stage == Stage::Closing {
+        if self.stage() == Stage::Closing {
             return;
         }
         for dst in [Side::Client, Side::Backend] {
@@ -411,11 +413,12 @@ impl Conn {
         copy: &mut dyn FnMut(u16, u32, u32) -> Vec<u8>,
         out: &mut Vec<Action>,
     ) {
+        let closing = self.stage() == Stage::Closing;
         let flow = &mut self.flow[dst.idx()];
         flow.sending = false;
         flow.unpinning = false;
         flow.pinned_seen = false;
-        if self.stage == Stage::Closing {
+        if closing {
             return;
         }
         if let Some(p) = flow.queue.front_mut() {
@@ -432,7 +435,7 @@ impl Conn {
     /// row its peer is closed. A silent session with nothing waiting never
     /// counts: this is not an idle timeout. Returns whether it closed.
     pub fn stall_sweep(&mut self, limit: Option<u16>, out: &mut Vec<Action>) -> bool {
-        if self.stage != Stage::Relaying || self.going_away {
+        if self.stage() != Stage::Relaying || self.going_away() {
             return false;
         }
         for dst in [Side::Client, Side::Backend] {

@@ -14,7 +14,7 @@ impl Conn {
         site: Arc<crate::config::StaticConfig>,
         out: &mut Vec<Action>,
     ) {
-        let hs = self.hs.as_mut().expect("handshake state");
+        let hs = hs_mut(&mut self.state);
         let server = &hs.snap.config.server;
         let path = if route.strip_prefix {
             route::rewrite_target(&route, req.path())
@@ -47,10 +47,12 @@ impl Conn {
         hs.head.drain(..req.head_len);
         self.route = Some(route.path.clone());
         let (serve, next) = files::Serve::start(site, ask, gzip_cache);
-        self.serve = Some(Box::new(serve));
         let send_timeout = server.send_timeout;
         let armed = std::mem::replace(&mut hs.send_timer, true);
         self.set_stage(Stage::Serving);
+        if let State::Serving { serve: slot, .. } = &mut self.state {
+            *slot = Some(Box::new(serve));
+        }
         if !armed {
             self.send_timer(send_timeout, out);
         }
@@ -74,7 +76,7 @@ impl Conn {
             files::Next::Open(req) => out.push(Action::OpenFile(req)),
             files::Next::Read { at, len, offset } => out.push(Action::ReadFile { at, len, offset }),
             files::Next::Send { start, len } => {
-                let serve = self.serve.as_ref().expect("serving");
+                let serve = self.serve();
                 self.status = Some(serve.status);
                 self.flow[Side::Client.idx()]
                     .queue
@@ -85,7 +87,7 @@ impl Conn {
                 self.kick(Side::Client, out);
             }
             files::Next::Splice { offset, len } => {
-                let serve = self.serve.as_mut().expect("serving");
+                let serve = serve_mut(&mut self.state);
                 serve.spliced = files::Spliced {
                     offset,
                     left: len,
@@ -100,7 +102,7 @@ impl Conn {
 
     /// Static body by splice: the pipe is empty, fill it from the file.
     pub(super) fn fill_pipe(&mut self, out: &mut Vec<Action>) {
-        let sp = self.serve.as_ref().expect("serving").spliced;
+        let sp = self.serve().spliced;
         out.push(Action::FileToPipe {
             offset: sp.offset,
             len: sp.left.min(SPLICE_CHUNK as u64) as u32,
@@ -109,10 +111,10 @@ impl Conn {
 
     /// A file → pipe splice of the static body moved `res` bytes.
     pub fn on_file_spliced(&mut self, res: Result<usize, i32>, out: &mut Vec<Action>) {
-        if self.stage != Stage::Serving {
+        if self.stage() != Stage::Serving {
             return;
         }
-        let serve = self.serve.as_mut().expect("serving");
+        let serve = serve_mut(&mut self.state);
         match res {
             Ok(n) if n > 0 => {
                 let sp = &mut serve.spliced;
@@ -139,10 +141,10 @@ impl Conn {
 
     /// A pipe → client splice of the static body moved `res` bytes.
     pub fn on_pipe_drained(&mut self, res: Result<usize, i32>, out: &mut Vec<Action>) {
-        if self.stage != Stage::Serving {
+        if self.stage() != Stage::Serving {
             return;
         }
-        let serve = self.serve.as_mut().expect("serving");
+        let serve = serve_mut(&mut self.state);
         match res {
             Ok(m) => {
                 self.flow[Side::Client.idx()].bytes += m as u64;
@@ -176,10 +178,10 @@ impl Conn {
 
     /// The file opened for the static answer (its `fstat`), or an errno.
     pub fn on_file_open(&mut self, res: Result<files::Meta, i32>, out: &mut Vec<Action>) {
-        if self.stage != Stage::Serving {
+        if self.stage() != Stage::Serving {
             return;
         }
-        let (adopt, next) = self.serve.as_mut().expect("serving").on_open(res);
+        let (adopt, next) = serve_mut(&mut self.state).on_open(res);
         if adopt {
             out.push(Action::AdoptFile);
         }
@@ -187,16 +189,19 @@ impl Conn {
     }
 
     pub fn on_file_read(&mut self, res: Result<usize, i32>, out: &mut Vec<Action>) {
-        if self.stage != Stage::Serving {
+        if self.stage() != Stage::Serving {
             return;
         }
-        let next = self.serve.as_mut().expect("serving").on_read(res);
+        let next = serve_mut(&mut self.state).on_read(res);
         self.follow(next, out);
     }
 
     /// A static answer is sent: wait for the next request, or close.
     pub(super) fn request_done(&mut self, out: &mut Vec<Action>) {
-        let serve = self.serve.take().expect("serving");
+        let State::Serving { serve, .. } = &mut self.state else {
+            unreachable!("request_done outside Serving");
+        };
+        let serve = serve.take().expect("serving");
         let keep = serve.keep_alive() && !self.no_keepalive && !self.peer_eof[0];
         out.push(Action::RequestDone(Box::new(Done {
             status: serve.status,
@@ -220,7 +225,7 @@ impl Conn {
         }
         self.set_stage(Stage::ReadingHead);
         let req = self.requests;
-        let hs = self.hs.as_mut().expect("handshake state");
+        let hs = hs_mut(&mut self.state);
         hs.request = None;
         let server = &hs.snap.config.server;
         if hs.head.is_empty() {
@@ -237,7 +242,7 @@ impl Conn {
         if self.recv[Side::Client.idx()] == RecvState::Off {
             self.ensure_recv(Side::Client, out);
         }
-        if !self.hs.as_ref().expect("handshake state").head.is_empty() {
+        if !super::hs(&self.state).head.is_empty() {
             self.try_head(out);
         }
     }

@@ -23,9 +23,9 @@ impl Conn {
         let dst = src.other();
         let flow = &self.flow[dst.idx()];
         if self.splice_min == 0
-            || self.stage != Stage::Relaying
+            || self.stage() != Stage::Relaying
             || self.status != Some(101)
-            || self.going_away
+            || self.going_away()
             || flow.splice != Splice::Off
             || flow.dead
             || flow.src_eof
@@ -45,6 +45,7 @@ impl Conn {
     /// the source and nothing queued or in flight towards `dst`.
     pub(super) fn maybe_start_splice(&mut self, dst: Side, out: &mut Vec<Action>) {
         let src = dst.other();
+        let relaying = self.stage() == Stage::Relaying;
         let flow = &mut self.flow[dst.idx()];
         if flow.splice != Splice::Pending
             || self.recv[src.idx()] != RecvState::Off
@@ -53,7 +54,7 @@ impl Conn {
         {
             return;
         }
-        if self.stage != Stage::Relaying || flow.dead || flow.src_eof {
+        if !relaying || flow.dead || flow.src_eof {
             flow.splice = Splice::Off;
             if self.wants_recv(src) {
                 self.ensure_recv(src, out);
@@ -73,7 +74,7 @@ impl Conn {
     /// its payload), so a direction carrying big frames stays in splice
     /// mode from one frame to the next.
     pub fn on_readable(&mut self, src: Side, out: &mut Vec<Action>) {
-        if self.stage == Stage::Closing {
+        if self.stage() == Stage::Closing {
             return;
         }
         if self.recv[src.idx()] == RecvState::Polling {
@@ -106,7 +107,7 @@ impl Conn {
 
     /// A splicing destination can take more of the pipe.
     pub fn on_writable(&mut self, dst: Side, out: &mut Vec<Action>) {
-        if self.stage == Stage::Closing {
+        if self.stage() == Stage::Closing {
             return;
         }
         if let Splice::On { in_pipe, .. } = self.flow[dst.idx()].splice {
@@ -115,7 +116,10 @@ impl Conn {
                 read: 0,
                 pending: in_pipe,
             });
-        } else if let (Stage::Serving, Some(serve)) = (self.stage, &self.serve) {
+        } else if let State::Serving {
+            serve: Some(serve), ..
+        } = &self.state
+        {
             if serve.spliced.in_pipe > 0 {
                 out.push(Action::PipeToClient {
                     pending: serve.spliced.in_pipe,
@@ -134,7 +138,7 @@ impl Conn {
     /// Header bytes of the next frame were read from `src` and put in the
     /// pipe (`Ok(bytes)`), or the read found nothing, EOF or an error.
     pub fn on_header(&mut self, src: Side, res: Result<&[u8], i32>, out: &mut Vec<Action>) {
-        if self.stage == Stage::Closing {
+        if self.stage() == Stage::Closing {
             return;
         }
         let dst = src.other();
@@ -224,7 +228,7 @@ impl Conn {
         put: Result<usize, i32>,
         out: &mut Vec<Action>,
     ) {
-        if self.stage == Stage::Closing {
+        if self.stage() == Stage::Closing {
             return;
         }
         let dst = src.other();
@@ -282,7 +286,7 @@ impl Conn {
     /// A source that was being spliced ended, and everything it sent is out.
     pub(super) fn on_recv_end_spliced(&mut self, src: Side, why: RecvEnd, out: &mut Vec<Action>) {
         match why {
-            RecvEnd::Error(_) if !self.going_away => self.peer_reset(src, out),
+            RecvEnd::Error(_) if !self.going_away() => self.peer_reset(src, out),
             RecvEnd::Error(_) => self.close(Closer::Error, out),
             _ => self.on_eof(src, out),
         }
