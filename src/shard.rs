@@ -431,7 +431,9 @@ impl Shard {
                     return;
                 };
                 e.inflight[side.idx()] -= 1;
-                if cqe.result != -libc::ECANCELED {
+                if cqe.result == -libc::ECANCELED && ud_op(cqe.user_data) == OP_POLL_IN {
+                    e.conn.on_poll_cancelled(side);
+                } else if cqe.result != -libc::ECANCELED {
                     // An error shows as readiness: the splice reports it.
                     if ud_op(cqe.user_data) == OP_POLL_IN {
                         e.conn.on_readable(side, &mut self.actions);
@@ -636,6 +638,10 @@ impl Shard {
             Action::CancelRecv(side) => {
                 self.uring
                     .cancel(ud(OP_RECV, side, key), ud(OP_CANCEL, side, key));
+            }
+            Action::CancelPoll(side) => {
+                self.uring
+                    .cancel(ud(OP_POLL_IN, side, key), ud(OP_CANCEL, side, key));
             }
             Action::CancelSend(side) => {
                 self.uring

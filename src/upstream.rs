@@ -226,6 +226,17 @@ impl Upstream {
     }
 }
 
+impl Upstream {
+    /// A lease on the backend at `addr`, whatever its state: for a session
+    /// that already exists (taken over from another process), which must
+    /// be counted, not placed.
+    pub fn lease_on(&self, addr: SocketAddr) -> Option<Lease> {
+        let b = self.backends.iter().find(|b| b.addr == addr)?;
+        b.state.active.fetch_add(1, Ordering::Relaxed);
+        Some(Lease(b.clone()))
+    }
+}
+
 /// A counted use of a backend; the count drops with the lease.
 #[derive(Debug)]
 pub struct Lease(Arc<Backend>);

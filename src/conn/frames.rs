@@ -40,6 +40,30 @@ impl FrameTracker {
         }
     }
 
+    /// The state as plain data: the header bytes of a frame not yet
+    /// complete, and the payload bytes of the current frame still to come.
+    pub fn to_parts(&self) -> (Vec<u8>, u64) {
+        (self.header[..self.have as usize].to_vec(), self.left)
+    }
+
+    /// The inverse of [`FrameTracker::to_parts`]; `None` for a state the
+    /// tracker can never be in.
+    pub fn from_parts(header: &[u8], left: u64) -> Option<FrameTracker> {
+        let mut t = FrameTracker {
+            left,
+            ..FrameTracker::default()
+        };
+        if header.len() >= t.header.len() || (!header.is_empty() && left > 0) {
+            return None;
+        }
+        t.header[..header.len()].copy_from_slice(header);
+        t.have = header.len() as u8;
+        if t.header_len().is_some_and(|n| n <= t.have as usize) {
+            return None;
+        }
+        Some(t)
+    }
+
     /// `n` payload bytes went by without being seen (spliced); at most
     /// [`FrameTracker::payload_left`].
     pub fn skip(&mut self, n: u64) {

@@ -121,7 +121,6 @@ impl Conn {
         };
         match res {
             Ok(()) => {
-                self.connected = true;
                 if let Some(lease) = &self.lease {
                     lease.backend().state.record_success();
                 }
@@ -444,14 +443,14 @@ impl Conn {
         // would let a few requests mark every backend down for everyone.
         // Only connect failures, which no client can cause, count.
         self.lease = None;
-        self.connected = false;
         release_unsent(&mut self.flow[Side::Backend.idx()], out);
         self.set_stage(Stage::Retrying { attempt });
         out.push(Action::ReleaseBackend);
     }
 
+    /// Every caller moves on to `Responding` at once, where nothing more
+    /// is sent to the backend.
     pub(super) fn abort_backend(&mut self, out: &mut Vec<Action>) {
-        self.connected = false;
         out.push(Action::AbortBackend);
     }
 

@@ -59,6 +59,7 @@ use crate::snapshot::Snapshot;
 use crate::upstream::{Lease, Rng};
 
 mod body;
+mod export;
 mod frames;
 mod handshake;
 mod queue;
@@ -66,6 +67,7 @@ mod relay;
 mod serve;
 mod splice;
 use body::BodyTracker;
+pub use export::{FlowRecord, RecordError, SessionRecord, RECORD_VERSION};
 use frames::FrameTracker;
 use handshake::{Handshake, Upload};
 use queue::Queue;
@@ -190,6 +192,9 @@ pub enum Action {
     CancelSend(Side),
     /// Make closing this side's socket send a reset (SO_LINGER 0).
     ResetOnClose(Side),
+    /// Cancel the readiness poll of a parked side; report with
+    /// [`Conn::on_poll_cancelled`].
+    CancelPoll(Side),
     /// Send the front of this side's queue.
     Send(Side),
     /// Open a socket and connect it to this backend.
@@ -368,6 +373,9 @@ enum Relay {
     Upgraded { going_away: bool },
     /// A non-101 answer: the session ends with its body.
     Response,
+    /// Upgraded, and being taken out of this process (`export.rs`): what
+    /// is in flight is cancelled and nothing is started again.
+    Quiescing,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -411,7 +419,6 @@ pub struct Conn {
     recv: [RecvState; 2],
     /// Indexed by destination side.
     flow: [Flow; 2],
-    connected: bool,
     upload: Upload,
     lease: Option<Lease>,
     /// `Some` once the session's HTTP status is known.
@@ -476,7 +483,6 @@ impl Conn {
             client_addr,
             recv: [RecvState::Armed, RecvState::Off],
             flow: Default::default(),
-            connected: false,
             upload: Upload::Complete,
             lease: None,
             status: None,
@@ -540,6 +546,17 @@ impl Conn {
             self.state,
             State::Relaying(Relay::Upgraded { going_away: true })
         )
+    }
+
+    /// The backend socket is connected and may be written: from the
+    /// connect's success until the session ends or ringlb answers itself.
+    fn connected(&self) -> bool {
+        matches!(self.state, State::AwaitingResponse(_) | State::Relaying(_))
+    }
+
+    /// Being exported: nothing new is sent or armed.
+    fn quiescing(&self) -> bool {
+        matches!(self.state, State::Relaying(Relay::Quiescing))
     }
 
     /// Relaying a non-101 answer, which ends the session with its body.

@@ -56,7 +56,7 @@ impl Conn {
 
     /// Starts a send to `dst` if one can go now.
     pub(super) fn kick(&mut self, dst: Side, out: &mut Vec<Action>) {
-        let ready = dst == Side::Client || self.connected;
+        let ready = (dst == Side::Client || self.connected()) && !self.quiescing();
         let flow = &mut self.flow[dst.idx()];
         if ready && !flow.sending && !flow.queue.is_empty() {
             flow.sending = true;
@@ -174,6 +174,7 @@ impl Conn {
             {
                 false
             }
+            Stage::Relaying if self.quiescing() => false,
             Stage::Relaying if self.going_away() => !self.peer_eof[src.idx()],
             _ => !flow.src_eof && !flow.stalled && flow.queue.len() < self.queue_limit(),
         }
@@ -213,13 +214,10 @@ impl Conn {
             }
             _ => {
                 let dst = side.other();
+                let writable = dst == Side::Client || self.connected();
                 let flow = &mut self.flow[dst.idx()];
                 flow.src_eof = true;
-                if flow.queue.is_empty()
-                    && !flow.sending
-                    && !flow.shut
-                    && (dst == Side::Client || self.connected)
-                {
+                if flow.queue.is_empty() && !flow.sending && !flow.shut && writable {
                     flow.shut = true;
                     out.push(Action::ShutdownWrite(dst));
                 }
@@ -340,9 +338,10 @@ impl Conn {
         if std::mem::take(&mut self.active) {
             return false;
         }
-        let quiet = self.stage() == Stage::Relaying
-            && !self.going_away()
-            && self.recv == [RecvState::Armed, RecvState::Armed]
+        let quiet = matches!(
+            self.state,
+            State::Relaying(Relay::Upgraded { going_away: false })
+        ) && self.recv == [RecvState::Armed, RecvState::Armed]
             && self
                 .flow
                 .iter()
@@ -435,7 +434,10 @@ impl Conn {
     /// row its peer is closed. A silent session with nothing waiting never
     /// counts: this is not an idle timeout. Returns whether it closed.
     pub fn stall_sweep(&mut self, limit: Option<u16>, out: &mut Vec<Action>) -> bool {
-        if self.stage() != Stage::Relaying || self.going_away() {
+        if !matches!(
+            self.state,
+            State::Relaying(Relay::Upgraded { going_away: false })
+        ) {
             return false;
         }
         for dst in [Side::Client, Side::Backend] {

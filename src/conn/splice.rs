@@ -26,6 +26,7 @@ impl Conn {
             || self.stage() != Stage::Relaying
             || self.status != Some(101)
             || self.going_away()
+            || self.quiescing()
             || flow.splice != Splice::Off
             || flow.dead
             || flow.src_eof

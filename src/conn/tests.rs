@@ -952,3 +952,126 @@ fn a_peer_that_takes_nothing_is_closed_and_a_silent_one_never() {
         assert!(!c.stall_sweep(None, &mut out));
     }
 }
+
+#[test]
+fn a_relaying_session_round_trips_through_its_record() {
+    let s = snap(&["127.0.0.1:9001"], "");
+    let before = s.upstreams[0].backends[0].active();
+    let mut c = relaying(&s);
+    let mut out = Vec::new();
+    // A frame under way in each direction: the 6-byte header of a masked
+    // 10-byte client frame, two of its bytes sent and the rest in flight;
+    // 5 backend bytes queued.
+    let client_part = [0x82u8, 0x8a, 1, 2, 3, 4];
+    c.on_recv(Side::Client, 30, &client_part, &mut out);
+    c.on_recv(Side::Backend, 31, b"\x81\x05hel", &mut out);
+    c.on_send(Side::Backend, Ok(2), &mut out); // two of the six went out
+    out.clear();
+
+    assert!(c.quiesce(&mut out));
+    assert_eq!(
+        out,
+        vec![
+            Action::CancelRecv(Side::Client),
+            Action::CancelSend(Side::Client),
+            Action::CancelRecv(Side::Backend),
+            Action::CancelSend(Side::Backend),
+        ]
+    );
+    assert!(!c.is_quiescent());
+    out.clear();
+    // Late data before the cancel: kept, not sent.
+    c.on_recv(Side::Backend, 32, b"lo", &mut out);
+    c.on_recv_end(Side::Client, RecvEnd::Stopped, &mut out);
+    c.on_recv_end(Side::Backend, RecvEnd::Stopped, &mut out);
+    let mut copy = |bid: u16, start: u32, len: u32| -> Vec<u8> {
+        let all: &[u8] = match bid {
+            30 => &client_part,
+            31 => b"\x81\x05hel",
+            32 => b"lo",
+            _ => panic!("unknown buffer {bid}"),
+        };
+        all[start as usize..(start + len) as usize].to_vec()
+    };
+    c.on_send_unpinned(Side::Backend, &mut copy, &mut out);
+    c.on_send_unpinned(Side::Client, &mut copy, &mut out);
+    assert!(
+        !out.iter()
+            .any(|a| matches!(a, Action::Send(_) | Action::ArmRecv(_))),
+        "nothing starts while quiescing: {out:?}"
+    );
+    assert!(c.is_quiescent());
+
+    let rec = c.export(&s, &mut copy, &mut out);
+    // Every buffer the session held is given back exactly once: the ones
+    // in flight when their sends were cancelled, the rest at the export.
+    let mut released: Vec<u16> = out
+        .iter()
+        .filter_map(|a| match a {
+            Action::Release(b) => Some(*b),
+            _ => None,
+        })
+        .collect();
+    released.sort();
+    assert_eq!(released, vec![30, 31, 32]);
+    assert_eq!(rec.flows[Side::Backend.idx()].pending, &client_part[2..]);
+    assert_eq!(rec.flows[Side::Client.idx()].pending, b"\x81\x05hello");
+    assert_eq!(rec.flows[Side::Backend.idx()].frame_left, 10);
+    assert_eq!(rec.upstream, "u");
+    assert_eq!(s.upstreams[0].backends[0].active(), before);
+
+    let bytes = rec.encode();
+    let back = SessionRecord::decode(&bytes).unwrap();
+    assert_eq!(back, rec);
+    // Another version, a cut record, trailing bytes: refused.
+    let mut other = bytes.clone();
+    other[4] = 9;
+    assert_eq!(SessionRecord::decode(&other), Err(RecordError::Version(9)));
+    assert_eq!(
+        SessionRecord::decode(&bytes[..bytes.len() - 1]),
+        Err(RecordError::Truncated)
+    );
+    let mut long = bytes.clone();
+    long.push(0);
+    assert!(SessionRecord::decode(&long).is_err());
+
+    out.clear();
+    let mut d = Conn::import(back, s.clone(), &mut out).unwrap();
+    assert_eq!(d.stage(), Stage::Relaying);
+    assert_eq!(
+        s.upstreams[0].backends[0].active(),
+        before + 1,
+        "counted again"
+    );
+    assert_eq!(
+        out,
+        vec![
+            Action::Send(Side::Client),
+            Action::Send(Side::Backend),
+            Action::ArmRecv(Side::Client),
+            Action::ArmRecv(Side::Backend),
+        ]
+    );
+    let Some(Payload::Owned(o)) = d.front(Side::Client) else {
+        panic!()
+    };
+    assert_eq!(o.data, b"\x81\x05hello");
+    // The frame tracker carried over: the rest of the client's frame
+    // completes it, and the direction is at a boundary.
+    out.clear();
+    d.on_recv(Side::Client, 40, &[0; 10], &mut out);
+    assert!(d.flow[Side::Backend.idx()].frames.at_boundary());
+}
+
+#[test]
+fn only_a_plain_upgraded_session_can_be_quiesced() {
+    let s = snap(&["127.0.0.1:9001"], "");
+    let mut out = Vec::new();
+    let mut c = connected(&s);
+    assert!(!c.quiesce(&mut out), "still in its handshake");
+    let mut c = relaying(&s);
+    c.drain_close(&mut out);
+    out.clear();
+    assert!(!c.quiesce(&mut out), "closing");
+    assert!(out.is_empty());
+}

@@ -284,7 +284,8 @@ mod tests {
         // Too big for the cache: streamed every time.
         let small_cache = serve(&data, 4, 1, "GET", 1000);
         let again = serve(&data, 4, 1, "GET", 1000);
-        assert_eq!(small_cache.wire, again.wire);
+        // Bodies only: the heads carry a Date, which may tick between them.
+        assert!(split_head(&small_cache.wire).1 == split_head(&again.wire).1);
         assert!(split_head(&again.wire).0.contains("chunked"));
     }
 

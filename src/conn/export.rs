@@ -1,0 +1,430 @@
+//! A relaying WebSocket session as plain, versioned data, and back: the
+//! core of the live hand-off on a binary upgrade. The two sockets travel
+//! separately (SCM_RIGHTS); this record is everything else the connection
+//! holds: the bytes received and not yet sent each way, where each
+//! direction is in its frames, byte counts, half-closes, the backend (for
+//! least-connections counts) and what the access log needs.
+//!
+//! ```text
+//! Relaying(Upgraded) ─quiesce─► Relaying(Quiescing) ─(every op returned)─► export ─► SessionRecord
+//!                                 recvs and polls cancelled,                          │ encode / decode
+//!                                 a send in flight cancelled (its bytes kept)         ▼
+//!                                                           import ─► Relaying(Upgraded), recvs and sends re-armed
+//! ```
+//!
+//! Only an upgraded session that is not splicing and not closing can be
+//! exported; `quiesce` says no otherwise, and the session stays where it is.
+
+use std::net::{IpAddr, SocketAddr};
+
+use super::*;
+
+/// First bytes of an encoded record.
+const MAGIC: &[u8; 4] = b"RLBS";
+/// Bumped whenever the encoding changes; a record of another version is
+/// refused rather than misread.
+pub const RECORD_VERSION: u16 = 1;
+
+/// A quiesced relaying session.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SessionRecord {
+    pub client_addr: SocketAddr,
+    /// The upstream and backend it relays to; the importer takes a
+    /// least-connections lease on it if its configuration still has it.
+    pub upstream: String,
+    pub backend: SocketAddr,
+    pub route: Option<String>,
+    pub path: Option<String>,
+    /// Bytes moved towards each side before the export, for the access
+    /// log. Indexed like the connection's flows, by destination.
+    pub flows: [FlowRecord; 2],
+    /// EOF seen from each side.
+    pub peer_eof: [bool; 2],
+    /// Who ended a direction already, if one did.
+    pub closer: Option<Closer>,
+    /// Parked (silent): the importer waits with polls, not recvs.
+    pub parked: bool,
+}
+
+/// One direction of a session, by destination.
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub struct FlowRecord {
+    /// Received from the source and not yet sent, in order.
+    pub pending: Vec<u8>,
+    /// The frame tracker: header bytes of a frame not yet complete, and
+    /// payload bytes of the current frame still to come.
+    pub frame_header: Vec<u8>,
+    pub frame_left: u64,
+    pub bytes: u64,
+    /// The source ended; the destination's write half is shut once
+    /// `pending` is sent (or already was: `shut`).
+    pub src_eof: bool,
+    pub shut: bool,
+}
+
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+pub enum RecordError {
+    #[error("not a session record")]
+    Magic,
+    #[error("session record version {0}, this ringlb reads version {RECORD_VERSION}")]
+    Version(u16),
+    #[error("session record truncated")]
+    Truncated,
+    #[error("invalid session record: {0}")]
+    Invalid(&'static str),
+}
+
+impl Conn {
+    /// Starts taking a relaying session out of this process: every recv
+    /// and poll is cancelled, and a send in flight too (a cancelled send
+    /// sent nothing; its bytes stay queued). Nothing is re-armed until
+    /// [`Conn::export`] or the session ends. Returns false, changing
+    /// nothing, for a session that cannot be exported now (not upgraded,
+    /// closing, splicing).
+    pub fn quiesce(&mut self, out: &mut Vec<Action>) -> bool {
+        let exportable = matches!(
+            self.state,
+            State::Relaying(Relay::Upgraded { going_away: false })
+        ) && self.flow.iter().all(|f| f.splice == Splice::Off && !f.dead);
+        if !exportable {
+            return false;
+        }
+        self.state = State::Relaying(Relay::Quiescing);
+        for side in [Side::Client, Side::Backend] {
+            match self.recv[side.idx()] {
+                RecvState::Armed => {
+                    self.recv[side.idx()] = RecvState::Cancelling;
+                    out.push(Action::CancelRecv(side));
+                }
+                RecvState::Polling => out.push(Action::CancelPoll(side)),
+                RecvState::Off | RecvState::Cancelling => {}
+            }
+            let flow = &mut self.flow[side.idx()];
+            if flow.sending && !flow.unpinning {
+                flow.unpinning = true;
+                out.push(Action::CancelSend(side));
+            }
+        }
+        true
+    }
+
+    /// Quiescing, and nothing of this connection is in flight any more.
+    pub fn is_quiescent(&self) -> bool {
+        matches!(self.state, State::Relaying(Relay::Quiescing))
+            && self.recv.iter().all(|r| *r == RecvState::Off)
+            && self.flow.iter().all(|f| !f.sending)
+    }
+
+    /// A parked side's poll was cancelled (by [`Conn::quiesce`]).
+    pub fn on_poll_cancelled(&mut self, side: Side) {
+        if self.recv[side.idx()] == RecvState::Polling {
+            self.recv[side.idx()] = RecvState::Off;
+            self.parking[side.idx()] = true;
+        }
+    }
+
+    /// Turns a quiescent session into its record. `copy` gives the bytes of
+    /// a provided buffer; the buffers this session held are pushed as
+    /// releases. Panics unless [`Conn::is_quiescent`].
+    ///
+    /// `snap` is this process's configuration, to name the backend's
+    /// upstream (a backend keeps its state across reloads; one a reload
+    /// removed is named by address only).
+    pub fn export(
+        self,
+        snap: &Snapshot,
+        copy: &mut dyn FnMut(u16, u32, u32) -> Vec<u8>,
+        out: &mut Vec<Action>,
+    ) -> SessionRecord {
+        assert!(
+            self.is_quiescent(),
+            "export of a session with ops in flight"
+        );
+        let parked = self.parking.iter().any(|p| *p);
+        let upstream = self
+            .lease
+            .as_ref()
+            .and_then(|l| {
+                snap.upstreams.iter().find(|u| {
+                    u.backends
+                        .iter()
+                        .any(|b| Arc::ptr_eq(&b.state, &l.backend().state))
+                })
+            })
+            .map(|u| u.name.clone())
+            .unwrap_or_default();
+        let backend = self
+            .backend_addr()
+            .or(self.backend)
+            .unwrap_or(self.client_addr);
+        let Conn {
+            client_addr,
+            flow,
+            route,
+            path,
+            peer_eof,
+            closer,
+            ..
+        } = self;
+        let flows = flow.map(|f| {
+            let mut pending = Vec::new();
+            for p in f.queue.into_iter() {
+                match p {
+                    Payload::Ring { bid, start, len } => {
+                        pending.extend_from_slice(&copy(bid, start, len));
+                        out.push(Action::Release(bid));
+                    }
+                    Payload::Owned(o) => pending.extend_from_slice(&o.data[o.start..]),
+                    Payload::File { .. } => unreachable!("a relaying session queues no file"),
+                }
+            }
+            let (frame_header, frame_left) = f.frames.to_parts();
+            FlowRecord {
+                pending,
+                frame_header,
+                frame_left,
+                bytes: f.bytes,
+                src_eof: f.src_eof,
+                shut: f.shut,
+            }
+        });
+        SessionRecord {
+            client_addr,
+            upstream,
+            backend,
+            route: route.map(|r| r.to_string()),
+            path: path.map(|p| p.to_string()),
+            flows,
+            peer_eof,
+            closer,
+            parked,
+        }
+    }
+
+    /// Rebuilds a relaying session from its record, in this process's
+    /// configuration, and re-arms it: sends for what was pending, recvs (or
+    /// polls, if it was parked) on every side that has not ended.
+    pub fn import(
+        rec: SessionRecord,
+        snap: Arc<Snapshot>,
+        out: &mut Vec<Action>,
+    ) -> Result<Conn, RecordError> {
+        let lease = snap
+            .upstreams
+            .iter()
+            .find(|u| u.name == rec.upstream)
+            .and_then(|u| u.lease_on(rec.backend));
+        let mut c = Conn::accept(snap, rec.client_addr, &mut Vec::new());
+        c.recv = [RecvState::Off, RecvState::Off];
+        c.upload = Upload::Open;
+        c.lease = lease;
+        c.backend = Some(rec.backend);
+        c.status = Some(101);
+        c.route = rec.route.map(Arc::from);
+        c.path = rec.path.map(Into::into);
+        c.peer_eof = rec.peer_eof;
+        c.closer = rec.closer;
+        c.active = !rec.parked;
+        c.set_stage(Stage::Connecting { attempt: 0 });
+        c.set_stage(Stage::AwaitingResponse);
+        c.set_stage(Stage::Relaying);
+        for (i, f) in rec.flows.into_iter().enumerate() {
+            let flow = &mut c.flow[i];
+            flow.frames = FrameTracker::from_parts(&f.frame_header, f.frame_left)
+                .ok_or(RecordError::Invalid("frame state"))?;
+            flow.bytes = f.bytes;
+            flow.src_eof = f.src_eof;
+            flow.shut = f.shut;
+            if !f.pending.is_empty() {
+                flow.queue.push_back(Payload::owned(f.pending));
+            }
+        }
+        for side in [Side::Client, Side::Backend] {
+            c.kick(side, out);
+            let flow = &mut c.flow[side.idx()];
+            if flow.src_eof && flow.queue.is_empty() && !flow.shut {
+                flow.shut = true;
+                out.push(Action::ShutdownWrite(side));
+            }
+        }
+        for side in [Side::Client, Side::Backend] {
+            if c.wants_recv(side) && !c.peer_eof[side.idx()] {
+                if rec.parked {
+                    c.recv[side.idx()] = RecvState::Polling;
+                    out.push(Action::PollIn(side));
+                } else {
+                    c.ensure_recv(side, out);
+                }
+            }
+        }
+        Ok(c)
+    }
+}
+
+impl SessionRecord {
+    /// The record as bytes: magic, version, then each field in order
+    /// (integers little-endian, byte strings length-prefixed).
+    pub fn encode(&self) -> Vec<u8> {
+        let mut w = Vec::with_capacity(
+            64 + self
+                .flows
+                .iter()
+                .map(|f| f.pending.len() + 32)
+                .sum::<usize>(),
+        );
+        w.extend_from_slice(MAGIC);
+        w.extend_from_slice(&RECORD_VERSION.to_le_bytes());
+        put_addr(&mut w, self.client_addr);
+        put_bytes(&mut w, self.upstream.as_bytes());
+        put_addr(&mut w, self.backend);
+        put_opt_str(&mut w, self.route.as_deref());
+        put_opt_str(&mut w, self.path.as_deref());
+        for f in &self.flows {
+            put_bytes(&mut w, &f.pending);
+            put_bytes(&mut w, &f.frame_header);
+            w.extend_from_slice(&f.frame_left.to_le_bytes());
+            w.extend_from_slice(&f.bytes.to_le_bytes());
+            w.push(u8::from(f.src_eof) | u8::from(f.shut) << 1);
+        }
+        w.push(u8::from(self.peer_eof[0]) | u8::from(self.peer_eof[1]) << 1);
+        w.push(match self.closer {
+            None => 0,
+            Some(Closer::Client) => 1,
+            Some(Closer::Backend) => 2,
+            Some(Closer::Proxy) => 3,
+            Some(Closer::Drain) => 4,
+            Some(Closer::StalledPeer) => 5,
+            Some(Closer::Error) => 6,
+        });
+        w.push(u8::from(self.parked));
+        w
+    }
+
+    pub fn decode(data: &[u8]) -> Result<SessionRecord, RecordError> {
+        let mut r = Reader(data);
+        if r.take(4)? != MAGIC {
+            return Err(RecordError::Magic);
+        }
+        let version = u16::from_le_bytes(r.array()?);
+        if version != RECORD_VERSION {
+            return Err(RecordError::Version(version));
+        }
+        let client_addr = r.addr()?;
+        let upstream = r.string()?;
+        let backend = r.addr()?;
+        let route = r.opt_string()?;
+        let path = r.opt_string()?;
+        let mut flows: [FlowRecord; 2] = Default::default();
+        for f in &mut flows {
+            f.pending = r.bytes()?.to_vec();
+            f.frame_header = r.bytes()?.to_vec();
+            f.frame_left = u64::from_le_bytes(r.array()?);
+            f.bytes = u64::from_le_bytes(r.array()?);
+            let bits = r.byte()?;
+            f.src_eof = bits & 1 != 0;
+            f.shut = bits & 2 != 0;
+        }
+        let eof = r.byte()?;
+        let closer = match r.byte()? {
+            0 => None,
+            1 => Some(Closer::Client),
+            2 => Some(Closer::Backend),
+            3 => Some(Closer::Proxy),
+            4 => Some(Closer::Drain),
+            5 => Some(Closer::StalledPeer),
+            6 => Some(Closer::Error),
+            _ => return Err(RecordError::Invalid("closer")),
+        };
+        let parked = r.byte()? != 0;
+        if !r.0.is_empty() {
+            return Err(RecordError::Invalid("bytes after the record"));
+        }
+        Ok(SessionRecord {
+            client_addr,
+            upstream,
+            backend,
+            route,
+            path,
+            flows,
+            peer_eof: [eof & 1 != 0, eof & 2 != 0],
+            closer,
+            parked,
+        })
+    }
+}
+
+fn put_bytes(w: &mut Vec<u8>, b: &[u8]) {
+    w.extend_from_slice(&(b.len() as u32).to_le_bytes());
+    w.extend_from_slice(b);
+}
+
+fn put_opt_str(w: &mut Vec<u8>, s: Option<&str>) {
+    match s {
+        None => w.push(0),
+        Some(s) => {
+            w.push(1);
+            put_bytes(w, s.as_bytes());
+        }
+    }
+}
+
+fn put_addr(w: &mut Vec<u8>, a: SocketAddr) {
+    match a.ip() {
+        IpAddr::V4(ip) => {
+            w.push(4);
+            w.extend_from_slice(&ip.octets());
+        }
+        IpAddr::V6(ip) => {
+            w.push(6);
+            w.extend_from_slice(&ip.octets());
+        }
+    }
+    w.extend_from_slice(&a.port().to_le_bytes());
+}
+
+struct Reader<'a>(&'a [u8]);
+
+impl<'a> Reader<'a> {
+    fn take(&mut self, n: usize) -> Result<&'a [u8], RecordError> {
+        if self.0.len() < n {
+            return Err(RecordError::Truncated);
+        }
+        let (a, b) = self.0.split_at(n);
+        self.0 = b;
+        Ok(a)
+    }
+
+    fn array<const N: usize>(&mut self) -> Result<[u8; N], RecordError> {
+        Ok(self.take(N)?.try_into().expect("took N bytes"))
+    }
+
+    fn byte(&mut self) -> Result<u8, RecordError> {
+        Ok(self.take(1)?[0])
+    }
+
+    fn bytes(&mut self) -> Result<&'a [u8], RecordError> {
+        let n = u32::from_le_bytes(self.array()?) as usize;
+        self.take(n)
+    }
+
+    fn string(&mut self) -> Result<String, RecordError> {
+        String::from_utf8(self.bytes()?.to_vec()).map_err(|_| RecordError::Invalid("text"))
+    }
+
+    fn opt_string(&mut self) -> Result<Option<String>, RecordError> {
+        match self.byte()? {
+            0 => Ok(None),
+            1 => self.string().map(Some),
+            _ => Err(RecordError::Invalid("optional text")),
+        }
+    }
+
+    fn addr(&mut self) -> Result<SocketAddr, RecordError> {
+        let ip = match self.byte()? {
+            4 => IpAddr::from(self.array::<4>()?),
+            6 => IpAddr::from(self.array::<16>()?),
+            _ => return Err(RecordError::Invalid("address family")),
+        };
+        Ok(SocketAddr::new(ip, u16::from_le_bytes(self.array()?)))
+    }
+}
