@@ -885,4 +885,6 @@ thread_local! {
 }
 
 #[cfg(test)]
+mod prop_tests;
+#[cfg(test)]
 mod tests;
