@@ -82,10 +82,13 @@ impl Conn {
     /// nothing, for a session that cannot be exported now (not upgraded,
     /// closing, splicing).
     pub fn quiesce(&mut self, out: &mut Vec<Action>) -> bool {
+        // A transport with state of its own (TLS) would have to travel too;
+        // only plaintext sessions are exported for now.
         let exportable = matches!(
             self.state,
             State::Relaying(Relay::Upgraded { going_away: false })
-        ) && self.flow.iter().all(|f| f.splice == Splice::Off && !f.dead);
+        ) && self.transport.iter().all(Transport::in_place)
+            && self.flow.iter().all(|f| f.splice == Splice::Off && !f.dead);
         if !exportable {
             return false;
         }

@@ -20,23 +20,23 @@ impl Conn {
     /// Client bytes while its request is with the backend and no 101 has
     /// come: only the request's declared body goes on; bytes behind an
     /// upgrade head wait for the 101; anything else is dropped.
-    pub(super) fn client_bytes(&mut self, bid: u16, data: &[u8], out: &mut Vec<Action>) {
+    pub(super) fn client_bytes(&mut self, bid: Option<u16>, data: &[u8], out: &mut Vec<Action>) {
         let tracker = match &mut self.upload {
             Upload::Body(t) => t,
             Upload::HeldFor101 => {
                 // Arrived before the recv was stopped.
-                out.push(Action::Release(bid));
+                release(bid, out);
                 if let Some(hs) = try_hs_mut(&mut self.state) {
                     hs.early.extend_from_slice(data);
                 }
                 return;
             }
-            Upload::Complete | Upload::Open => return out.push(Action::Release(bid)),
+            Upload::Complete | Upload::Open => return release(bid, out),
         };
         let n = match tracker.feed(data) {
             Ok(n) => n,
             Err(why) => {
-                out.push(Action::Release(bid));
+                release(bid, out);
                 return self.bad_body(why, out);
             }
         };
@@ -45,16 +45,16 @@ impl Conn {
             hs.uploaded += n as u64;
         }
         if n == 0 {
-            out.push(Action::Release(bid));
+            release(bid, out);
         } else if matches!(self.stage(), Stage::Retrying { .. }) {
             // Held with the request until the next backend is connected.
-            out.push(Action::Release(bid));
+            release(bid, out);
             if !self.keep_for_replay(&data[..n]) {
                 return self.respond(Reject::BadGateway("backend failed before answering"), out);
             }
         } else {
             self.keep_for_replay(&data[..n]);
-            self.relay(Side::Client, bid, n, out);
+            self.relay(Side::Client, bid, &data[..n], out);
         }
         if done && self.stage() != Stage::Closing {
             self.upload_complete(out);
@@ -225,9 +225,7 @@ impl Conn {
             hs.replay = Some(forwarded.clone());
         }
         hs.request = Some(req);
-        self.flow[Side::Backend.idx()]
-            .queue
-            .push_back(Payload::owned(forwarded));
+        self.enqueue(Side::Backend, forwarded);
         self.upload = upload;
         if !matches!(self.upload, Upload::Body(_)) {
             self.stop_client_recv(out);
@@ -307,13 +305,13 @@ impl Conn {
                 to_client.limit = Some(want.saturating_sub(extra));
             }
         }
-        let mut payload = Payload::owned(data);
+        let mut data = data;
         if let Body::Length(n) = resp.body {
-            payload.truncate(resp.head_len + n.min(extra) as usize);
+            data.truncate(resp.head_len + n.min(extra) as usize);
         } else if resp.body == Body::None {
-            payload.truncate(resp.head_len);
+            data.truncate(resp.head_len);
         }
-        to_client.queue.push_back(payload);
+        self.enqueue(Side::Client, data);
         self.kick(Side::Client, out);
         if resp.body == Body::Upgraded {
             self.release_early(early, early_eof, out);
@@ -328,10 +326,9 @@ impl Conn {
     /// the backend first, then the client is read again.
     pub(super) fn release_early(&mut self, early: Vec<u8>, early_eof: bool, out: &mut Vec<Action>) {
         self.upload = Upload::Open;
-        let to_backend = &mut self.flow[Side::Backend.idx()];
         if !early.is_empty() {
-            to_backend.frames.feed(&early);
-            to_backend.queue.push_back(Payload::owned(early));
+            self.flow[Side::Backend.idx()].frames.feed(&early);
+            self.enqueue(Side::Backend, early);
             self.kick(Side::Backend, out);
         }
         if early_eof {
@@ -401,7 +398,7 @@ impl Conn {
             src_eof,
             ..Flow::default()
         };
-        flow.queue.push_back(Payload::owned(replay));
+        self.enqueue(Side::Backend, replay);
         self.recv[Side::Backend.idx()] = RecvState::Off;
         self.connect_next(attempt + 1, out);
     }
@@ -464,9 +461,7 @@ impl Conn {
         for flow in &mut self.flow {
             release_unsent(flow, out);
         }
-        self.flow[Side::Client.idx()]
-            .queue
-            .push_back(Payload::owned(reject.response()));
+        self.enqueue(Side::Client, reject.response());
         self.kick(Side::Client, out);
         out.push(Action::Timer(TimerKind::Linger, linger));
     }

@@ -66,6 +66,7 @@ mod queue;
 mod relay;
 mod serve;
 mod splice;
+mod transport;
 use body::BodyTracker;
 pub use export::{FlowRecord, RecordError, SessionRecord, RECORD_VERSION};
 use frames::FrameTracker;
@@ -75,6 +76,7 @@ pub use relay::{pool_quota, set_pool_quota};
 use relay::{release_unsent, Flow};
 use splice::Splice;
 pub use splice::SPLICE_CHUNK;
+pub use transport::Transport;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Side {
@@ -137,13 +139,6 @@ impl Payload {
                 *len -= n as u32;
             }
             Payload::Owned(o) => o.start += n,
-        }
-    }
-
-    fn truncate(&mut self, keep: usize) {
-        match self {
-            Payload::Ring { len, .. } | Payload::File { len, .. } => *len = (*len).min(keep as u32),
-            Payload::Owned(o) => o.data.truncate(o.start + keep),
         }
     }
 }
@@ -420,6 +415,9 @@ pub struct Conn {
     /// Indexed by destination side.
     flow: [Flow; 2],
     upload: Upload,
+    /// How bytes are carried on each side's socket (plaintext, or later
+    /// TLS); indexed by side.
+    transport: [Transport; 2],
     lease: Option<Lease>,
     /// `Some` once the session's HTTP status is known.
     pub status: Option<u16>,
@@ -484,6 +482,7 @@ impl Conn {
             recv: [RecvState::Armed, RecvState::Off],
             flow: Default::default(),
             upload: Upload::Complete,
+            transport: [Transport::Plain; 2],
             lease: None,
             status: None,
             closer: None,
@@ -583,6 +582,13 @@ impl Conn {
         self.stage() == Stage::ReadingHead && try_hs(&self.state).is_some_and(|h| h.head.is_empty())
     }
 
+    /// Queues bytes ringlb wrote (a head, an answer, a Close frame) for
+    /// `dst`, through its transport.
+    fn enqueue(&mut self, dst: Side, data: Vec<u8>) {
+        let wire = self.transport[dst.idx()].encode(data);
+        self.flow[dst.idx()].queue.push_back(Payload::owned(wire));
+    }
+
     /// Where `Payload::File { start, .. }` bytes live.
     pub fn file_ptr(&self, start: u32) -> *const u8 {
         self.serve().buf[start as usize..].as_ptr()
@@ -664,9 +670,20 @@ impl Conn {
     pub fn on_recv(&mut self, side: Side, bid: u16, data: &[u8], out: &mut Vec<Action>) {
         self.active = true;
         self.parking = [false, false];
+        // Through the side's transport: the buffer itself (plaintext), or
+        // a decoded copy, after which the buffer goes back at once.
+        let decoded;
+        let (bid, data) = match self.transport[side.idx()].decode(data) {
+            transport::Decoded::InPlace(d) => (Some(bid), d),
+            transport::Decoded::Owned(v) => {
+                out.push(Action::Release(bid));
+                decoded = v;
+                (None, &decoded[..])
+            }
+        };
         match (self.stage(), side) {
             (Stage::ReadingHead, Side::Client) => {
-                out.push(Action::Release(bid));
+                release(bid, out);
                 let hs = hs_mut(&mut self.state);
                 if self.requests > 0 && hs.head.is_empty() {
                     // A kept-alive connection's next request has begun.
@@ -681,7 +698,7 @@ impl Conn {
             (Stage::Serving, Side::Client) => {
                 // The next request, pipelined: kept for later, read no
                 // further than one head's worth.
-                out.push(Action::Release(bid));
+                release(bid, out);
                 let hs = hs_mut(&mut self.state);
                 hs.head.extend_from_slice(data);
                 if !self.wants_recv(Side::Client) && self.recv[0] == RecvState::Armed {
@@ -690,13 +707,13 @@ impl Conn {
                 }
             }
             (Stage::AwaitingResponse, Side::Backend) => {
-                out.push(Action::Release(bid));
+                release(bid, out);
                 let hs = hs_mut(&mut self.state);
                 hs.resp.extend_from_slice(data);
                 self.try_response(out);
             }
-            (Stage::Relaying, _) if self.going_away() => out.push(Action::Release(bid)),
-            (Stage::Retrying { .. }, Side::Backend) => out.push(Action::Release(bid)),
+            (Stage::Relaying, _) if self.going_away() => release(bid, out),
+            (Stage::Retrying { .. }, Side::Backend) => release(bid, out),
             (
                 Stage::Connecting { .. }
                 | Stage::AwaitingResponse
@@ -706,12 +723,12 @@ impl Conn {
             ) if self.upload != Upload::Open => self.client_bytes(bid, data, out),
             (Stage::Connecting { .. } | Stage::Relaying, _) => {
                 self.flow[side.other().idx()].frames.feed(data);
-                self.relay(side, bid, data.len(), out);
+                self.relay(side, bid, data, out);
                 self.consider_splice(side, out);
             }
             // Responding discards what the client still sends; Closing only
             // gives buffers back.
-            _ => out.push(Action::Release(bid)),
+            _ => release(bid, out),
         }
     }
 
@@ -874,6 +891,13 @@ impl Conn {
                 Payload::Ring { bid, .. } => Some(bid),
                 Payload::Owned(_) | Payload::File { .. } => None,
             })
+    }
+}
+
+/// Gives a provided buffer back, if the bytes still live in one.
+fn release(bid: Option<u16>, out: &mut Vec<Action>) {
+    if let Some(bid) = bid {
+        out.push(Action::Release(bid));
     }
 }
 

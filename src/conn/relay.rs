@@ -20,29 +20,44 @@ impl Conn {
         self.max_queue.min(POOL_QUOTA.with(|q| q.get()))
     }
 
-    pub(super) fn relay(&mut self, src: Side, bid: u16, len: usize, out: &mut Vec<Action>) {
+    /// Queues `data`, received from `src` (still in provided buffer `bid`
+    /// if `Some`), towards the other side: the buffer itself when both
+    /// transports carry bytes as they are (no copy), else an encoded copy.
+    pub(super) fn relay(
+        &mut self,
+        src: Side,
+        bid: Option<u16>,
+        data: &[u8],
+        out: &mut Vec<Action>,
+    ) {
         let dst = src.other();
-        let mut payload = Payload::Ring {
-            bid,
-            start: 0,
-            len: len as u32,
-        };
         let flow = &mut self.flow[dst.idx()];
         if flow.dead {
-            out.push(Action::Release(bid));
-            return;
+            return release(bid, out);
         }
+        let mut keep = data.len();
         if let Some(limit) = &mut flow.limit {
             // A non-101 response ends with its body; anything after is not ours to relay.
-            let keep = (*limit).min(len as u64);
-            *limit -= keep;
+            keep = (*limit).min(keep as u64) as usize;
+            *limit -= keep as u64;
             if keep == 0 {
-                out.push(Action::Release(bid));
+                release(bid, out);
                 self.maybe_finish(out);
                 return;
             }
-            payload.truncate(keep as usize);
         }
+        let payload = match bid {
+            Some(bid) if self.transport[dst.idx()].in_place() => Payload::Ring {
+                bid,
+                start: 0,
+                len: keep as u32,
+            },
+            _ => {
+                release(bid, out);
+                Payload::owned(self.transport[dst.idx()].encode(data[..keep].to_vec()))
+            }
+        };
+        let flow = &mut self.flow[dst.idx()];
         flow.queue.push_back(payload);
         self.kick(dst, out);
         let flow = &self.flow[dst.idx()];
@@ -317,9 +332,8 @@ impl Conn {
             (Side::Client, frames::close_going_away_to_client()),
             (Side::Backend, frames::close_going_away_to_backend()),
         ] {
-            let flow = &mut self.flow[dst.idx()];
-            flow.queue.push_back(Payload::owned(frame));
-            flow.src_eof = true;
+            self.enqueue(dst, frame);
+            self.flow[dst.idx()].src_eof = true;
             self.kick(dst, out);
         }
         for side in [Side::Client, Side::Backend] {

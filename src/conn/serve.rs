@@ -76,14 +76,18 @@ impl Conn {
             files::Next::Open(req) => out.push(Action::OpenFile(req)),
             files::Next::Read { at, len, offset } => out.push(Action::ReadFile { at, len, offset }),
             files::Next::Send { start, len } => {
-                let serve = self.serve();
-                self.status = Some(serve.status);
-                self.flow[Side::Client.idx()]
-                    .queue
-                    .push_back(Payload::File {
-                        start: start as u32,
-                        len: len as u32,
-                    });
+                self.status = Some(self.serve().status);
+                if self.transport[Side::Client.idx()].in_place() {
+                    self.flow[Side::Client.idx()]
+                        .queue
+                        .push_back(Payload::File {
+                            start: start as u32,
+                            len: len as u32,
+                        });
+                } else {
+                    let bytes = self.serve().buf[start..start + len].to_vec();
+                    self.enqueue(Side::Client, bytes);
+                }
                 self.kick(Side::Client, out);
             }
             files::Next::Splice { offset, len } => {

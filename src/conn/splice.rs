@@ -27,6 +27,7 @@ impl Conn {
             || self.status != Some(101)
             || self.going_away()
             || self.quiescing()
+            || !self.transport.iter().all(Transport::in_place)
             || flow.splice != Splice::Off
             || flow.dead
             || flow.src_eof

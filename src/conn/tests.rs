@@ -1075,3 +1075,66 @@ fn only_a_plain_upgraded_session_can_be_quiesced() {
     assert!(!c.quiesce(&mut out), "closing");
     assert!(out.is_empty());
 }
+
+fn xor(data: &[u8], k: u8) -> Vec<u8> {
+    data.iter().map(|b| b ^ k).collect()
+}
+
+/// A transforming transport on each side (as TLS will be): the handshake,
+/// routing and relay see plaintext, every byte on a socket is that side's
+/// encoding, buffers go back as soon as they are decoded, and nothing is
+/// spliced.
+#[test]
+fn the_transport_seam_carries_a_transforming_transport() {
+    let s = snap(&["127.0.0.1:9001"], "splice_min = 1");
+    let mut out = Vec::new();
+    let mut c = Conn::accept(s.clone(), client(), &mut out);
+    c.transport = [Transport::Xor(0x11), Transport::Xor(0x22)];
+    out.clear();
+    c.on_recv(Side::Client, 1, &xor(request().as_bytes(), 0x11), &mut out);
+    assert!(out.contains(&Action::Release(1)));
+    assert_eq!(c.stage(), Stage::Connecting { attempt: 0 });
+    c.on_recv_end(Side::Client, RecvEnd::Stopped, &mut out);
+    c.on_connect(Ok(()), &mut out);
+    let Some(Payload::Owned(o)) = c.front(Side::Backend) else {
+        panic!()
+    };
+    let head = String::from_utf8(xor(&o.data, 0x22)).unwrap();
+    assert!(head.starts_with("GET /x HTTP/1.1\r\n"), "{head}");
+    assert!(head.contains("X-Real-IP: 192.0.2.1\r\n"), "{head}");
+    let n = o.data.len();
+    c.on_send(Side::Backend, Ok(n), &mut out);
+    out.clear();
+    c.on_recv(
+        Side::Backend,
+        2,
+        &xor(response().as_bytes(), 0x22),
+        &mut out,
+    );
+    assert_eq!(c.stage(), Stage::Relaying, "the 101 was read as plaintext");
+    let Some(Payload::Owned(o)) = c.front(Side::Client) else {
+        panic!()
+    };
+    assert_eq!(xor(&o.data, 0x11), response().as_bytes());
+    let n = o.data.len();
+    c.on_send(Side::Client, Ok(n), &mut out);
+    out.clear();
+    // A big frame: with plain transports it would be spliced (splice_min 1).
+    let mut frame = vec![0x82u8, 0x80 | 126, 0x01, 0x00, 9, 9, 9, 9];
+    frame.extend(std::iter::repeat_n(0u8, 256));
+    c.on_recv(Side::Client, 3, &xor(&frame, 0x11), &mut out);
+    assert!(out.contains(&Action::Release(3)), "{out:?}");
+    assert!(
+        !out.iter()
+            .any(|a| matches!(a, Action::PollIn(_) | Action::Splice { .. })),
+        "no splice under a transforming transport: {out:?}"
+    );
+    let Some(Payload::Owned(o)) = c.front(Side::Backend) else {
+        panic!()
+    };
+    assert_eq!(xor(&o.data, 0x22), frame, "re-encoded for the backend");
+    assert!(
+        c.flow[Side::Backend.idx()].frames.at_boundary(),
+        "tracked in plaintext"
+    );
+}
