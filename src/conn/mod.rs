@@ -1,14 +1,18 @@
 //! One proxied connection as a sans-IO state machine.
 //!
 //! The shard feeds it completions (`on_*` methods) and executes the
-//! [`Action`]s it pushes; the machine never touches a socket. Stages, in
-//! order:
+//! [`Action`]s it pushes; the machine never touches a socket. The stage is
+//! a [`State`] enum whose variants hold what only that stage needs (the
+//! handshake state before relaying, the static answer while serving, the
+//! relay mode while relaying), so a field that means nothing in a stage
+//! does not exist there. Stages, in order:
 //!
 //! ```text
 //! ReadingHead ──► Connecting(n) ──► AwaitingResponse ──► Relaying ──► Closing
-//!      │               │ ▲ retry next backend  │               (both EOF / error /
-//!      │               └─┘                     │                response done)
-//!      └───────────────┴──────────► Responding ┘ (ringlb's own 4xx/5xx, then linger)
+//!   │  ▲            │ ▲ retry next backend  │  │           Upgraded / Response /
+//!   │  │            └─┘ (Retrying(n))       │  │           Quiescing (export)
+//!   ▼  │ keep-alive                         │  └─ non-101 answer done ─► Responding (linger)
+//! Serving (static)  └──────────────────────┴──────► Responding (ringlb's own 4xx/5xx, linger)
 //! ```
 //!
 //! - `ReadingHead`: client recv armed; bytes accumulate in a small head
@@ -22,30 +26,30 @@
 //!   relayed, and the connection ends with its body. The response timer
 //!   starts once the request body is in; while it is still arriving, an
 //!   upload timer only checks that it keeps moving.
+//! - `Relaying`: bytes move in provided buffers from one side's recv to the
+//!   other side's send, no copy (big frames by splice). No timer for a
+//!   WebSocket session (a non-101 answer has the send timer, as static
+//!   answers do). Backpressure, the pool quota, half-close and failures are
+//!   in `relay.rs`.
+//! - `Responding`: ringlb's own answer (or the end of a proxied non-101
+//!   one) is sent, the client's write half is shut, and what the client
+//!   still sends is discarded until it closes or the linger timer fires
+//!   (so it reads the answer instead of a reset).
+//! - `Closing`: the shard cancels every op and frees the slot when the
+//!   kernel has returned them all; completions that still arrive only give
+//!   their buffers back.
 //!
 //! What reaches the backend connection ([`Upload`]): exactly one head that
 //! ringlb wrote, plus that request's declared body (Content-Length, or
 //! chunked to its last chunk, tracked by `body.rs`), and after a 101 the
-//! client's frames. Bytes behind an upgrade head are held (the client recv
-//! stops; what it already read is kept) until the 101, and dropped on any
-//! other answer. Bytes behind a plain request's body (a pipelined request,
-//! say) are never forwarded: the client recv stops, and after the answer
-//! the connection is closed, lingering so the client reads the answer.
-//! - `Relaying`: bytes move in provided buffers from one side's recv to the
-//!   other side's send, no copy. No timer for a WebSocket session (a
-//!   non-101 answer has the send timer, as static answers do). A direction
-//!   whose queue holds `max_buffers_per_direction` buffers stops receiving
-//!   until it drains (backpressure). EOF on one side shuts down the other side's write
-//!   half once everything before it is sent. A reset or failed send ends
-//!   only the direction towards the failed peer; what that peer sent before
-//!   it went is still read and delivered (its last Close frame, typically),
-//!   and the session closes when its read side reports the end.
-//! - `Responding`: ringlb's own answer is sent, the client's write half is
-//!   shut, and what the client still sends is discarded until it closes or
-//!   the linger timer fires (so it reads the answer instead of a reset).
-//! - `Closing`: the shard cancels every op and frees the slot when the
-//!   kernel has returned them all; completions that still arrive only give
-//!   their buffers back.
+//! client's frames.
+//!
+//! Files: `action.rs` (what crosses to the shard), `handshake.rs` (head to
+//! answer: routing, pick, retries, upload), `relay.rs` (flows,
+//! backpressure, pool, stalls), `splice.rs` (big frames), `serve.rs`
+//! (static answers), `export.rs` (a session as a record, for hand-off),
+//! `transport.rs` (the seam a TLS session sits in), `body.rs`,
+//! `frames.rs`, `queue.rs`.
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -58,6 +62,7 @@ use crate::route;
 use crate::snapshot::Snapshot;
 use crate::upstream::{Lease, Rng};
 
+mod action;
 mod body;
 mod export;
 mod frames;
@@ -67,6 +72,7 @@ mod relay;
 mod serve;
 mod splice;
 mod transport;
+pub use action::{Action, Closer, Done, Owned, Payload, RecvEnd, Side, TimerKind};
 use body::BodyTracker;
 pub use export::{FlowRecord, RecordError, SessionRecord, RECORD_VERSION};
 use frames::FrameTracker;
@@ -77,201 +83,6 @@ use relay::{release_unsent, Flow};
 use splice::Splice;
 pub use splice::SPLICE_CHUNK;
 pub use transport::Transport;
-
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Side {
-    Client = 0,
-    Backend = 1,
-}
-
-impl Side {
-    pub fn other(self) -> Side {
-        match self {
-            Side::Client => Side::Backend,
-            Side::Backend => Side::Client,
-        }
-    }
-
-    pub fn idx(self) -> usize {
-        self as usize
-    }
-}
-
-/// Bytes waiting to be sent to one side.
-#[derive(Debug)]
-pub enum Payload {
-    /// Part of a provided buffer of the shard's ring, still owned by this
-    /// connection until sent.
-    Ring { bid: u16, start: u32, len: u32 },
-    /// Bytes ringlb wrote itself: a forwarded head, a relayed response head,
-    /// an error answer. Boxed so a queue slot stays 16 bytes.
-    Owned(Box<Owned>),
-    /// Part of the static answer's buffer ([`files::Serve::buf`]), which
-    /// does not change while this is queued.
-    File { start: u32, len: u32 },
-}
-
-#[derive(Debug)]
-pub struct Owned {
-    pub data: Vec<u8>,
-    /// How much was already sent.
-    pub start: usize,
-}
-
-impl Payload {
-    pub fn owned(data: Vec<u8>) -> Payload {
-        Payload::Owned(Box::new(Owned { data, start: 0 }))
-    }
-}
-
-impl Payload {
-    pub fn remaining(&self) -> usize {
-        match self {
-            Payload::Ring { len, .. } | Payload::File { len, .. } => *len as usize,
-            Payload::Owned(o) => o.data.len() - o.start,
-        }
-    }
-
-    fn advance(&mut self, n: usize) {
-        match self {
-            Payload::Ring { start, len, .. } | Payload::File { start, len } => {
-                *start += n as u32;
-                *len -= n as u32;
-            }
-            Payload::Owned(o) => o.start += n,
-        }
-    }
-}
-
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum TimerKind {
-    /// The head of request number `req` on this connection must be complete.
-    Handshake {
-        req: u32,
-    },
-    /// A kept-alive connection waits for request number `req`.
-    KeepAlive {
-        req: u32,
-    },
-    Connect {
-        attempt: u32,
-    },
-    /// The backend must answer; `seq` names the arming, so a timer from an
-    /// earlier attempt or phase never fires on a later one.
-    Response {
-        seq: u32,
-    },
-    /// The request body must keep arriving: it has moved since `mark` bytes.
-    Upload {
-        seq: u32,
-        mark: u64,
-    },
-    Linger,
-    /// An HTTP answer must have moved since `mark` bytes had gone to the
-    /// client; checked (and re-armed while answering) every `period_ms`.
-    Send {
-        period_ms: u32,
-        mark: u64,
-    },
-}
-
-/// What the shard must do for a connection.
-#[derive(Debug, PartialEq, Eq)]
-pub enum Action {
-    /// Arm a multishot recv on this side.
-    ArmRecv(Side),
-    /// Cancel this side's multishot recv (backpressure).
-    CancelRecv(Side),
-    /// Cancel the send in flight to this side; it comes back to
-    /// [`Conn::on_send_unpinned`] if it sent nothing.
-    CancelSend(Side),
-    /// Make closing this side's socket send a reset (SO_LINGER 0).
-    ResetOnClose(Side),
-    /// Cancel the readiness poll of a parked side; report with
-    /// [`Conn::on_poll_cancelled`].
-    CancelPoll(Side),
-    /// Send the front of this side's queue.
-    Send(Side),
-    /// Open a socket and connect it to this backend.
-    Connect(SocketAddr),
-    /// Cancel the connect in flight (its timer fired).
-    CancelConnect,
-    /// Close the backend socket now: its connect failed and no op uses it.
-    DropBackend,
-    /// Shut down the backend socket and cancel its ops; closed with the rest.
-    AbortBackend,
-    /// Shut down the backend socket, cancel its ops, and close it once none
-    /// is left; then call [`Conn::on_backend_released`].
-    ReleaseBackend,
-    ShutdownWrite(Side),
-    /// Give a provided buffer back to the ring.
-    Release(u16),
-    Timer(TimerKind, Duration),
-    /// The recv on this side ran out of provided buffers; call
-    /// [`Conn::on_buffers_available`] when there are some again.
-    Starved(Side),
-    /// Open a file for a static answer; report with [`Conn::on_file_open`].
-    OpenFile(Box<files::OpenReq>),
-    /// The file just opened is the one to read from (replacing any other).
-    AdoptFile,
-    /// Read from the adopted file into the static answer's buffer
-    /// ([`Conn::read_ptr`]); report with [`Conn::on_file_read`].
-    ReadFile {
-        at: usize,
-        len: usize,
-        offset: u64,
-    },
-    /// A request on a kept-alive connection is answered: log it.
-    RequestDone(Box<Done>),
-    /// Wait until `side` is readable (splice mode); then [`Conn::on_readable`].
-    PollIn(Side),
-    /// Wait until `side` is writable (splice mode); then [`Conn::on_writable`].
-    PollOut(Side),
-    /// Splice: move up to `read` bytes from `src` into the direction's pipe,
-    /// then everything in it (`pending` plus what came) on to the other
-    /// side; report with [`Conn::on_spliced`].
-    Splice {
-        src: Side,
-        read: usize,
-        pending: usize,
-    },
-    /// The direction towards `dst` is done splicing; its pipe is empty if
-    /// `reusable`, else it must be closed.
-    LeaveSplice {
-        dst: Side,
-        reusable: bool,
-    },
-    /// Static body: move up to `len` bytes of the open file at `offset` into
-    /// the client direction's pipe; report with [`Conn::on_file_spliced`].
-    FileToPipe {
-        offset: u64,
-        len: u32,
-    },
-    /// Static body: move up to `pending` bytes from the client direction's
-    /// pipe to the client, now and without blocking; report with
-    /// [`Conn::on_pipe_drained`].
-    PipeToClient {
-        pending: usize,
-    },
-    /// Read at most `want` bytes (a frame header) from `src` into the
-    /// direction's pipe; report with [`Conn::on_header`].
-    ReadHeader {
-        src: Side,
-        want: usize,
-    },
-    /// Tear the connection down.
-    Close,
-}
-
-/// One answered request, for the access log and metrics.
-#[derive(Debug, PartialEq, Eq)]
-pub struct Done {
-    pub status: u16,
-    pub route: Option<Arc<str>>,
-    pub path: Option<Box<str>>,
-    pub bytes_from_client: u64,
-    pub bytes_to_client: u64,
-}
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Stage {
@@ -381,29 +192,6 @@ enum RecvState {
     /// Parked: a one-shot readiness poll instead of a recv; the recv is
     /// armed again when it fires.
     Polling,
-}
-
-/// Why a multishot recv ended.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum RecvEnd {
-    Eof,
-    /// Ended without error (cancelled, or the kernel stopped it); re-arm if wanted.
-    Stopped,
-    NoBuffers,
-    Error(i32),
-}
-
-/// Who ended the session, for the access log.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Closer {
-    Client,
-    Backend,
-    Proxy,
-    /// ringlb closed it while shutting down.
-    Drain,
-    /// A peer took no byte for `stalled_peer_timeout` while bytes waited.
-    StalledPeer,
-    Error,
 }
 
 #[derive(Debug)]
