@@ -1,0 +1,113 @@
+//! Stage one of the configuration: the file as written. Every struct
+//! denies unknown fields, so a misspelt key is an error, never ignored;
+//! values stay spanned, so errors can name their line and column.
+
+use std::collections::BTreeMap;
+
+use serde::Deserialize;
+use toml::Spanned;
+
+// ---------------------------------------------------------------------------
+// Stage one: the file as written.
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(super) struct FileConfig {
+    pub(super) server: FileServer,
+    pub(super) admin: Option<FileAdmin>,
+    pub(super) log: Option<FileLog>,
+    #[serde(default)]
+    pub(super) route: Vec<FileRoute>,
+    #[serde(default)]
+    pub(super) upstream: BTreeMap<String, FileUpstream>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(super) struct FileServer {
+    pub(super) listen: Spanned<Vec<Spanned<String>>>,
+    pub(super) shards: Option<Spanned<i64>>,
+    pub(super) max_connections: Option<Spanned<i64>>,
+    pub(super) handshake_timeout: Option<Spanned<String>>,
+    pub(super) max_request_head: Option<Spanned<i64>>,
+    pub(super) max_headers: Option<Spanned<i64>>,
+    pub(super) tcp_keepalive: Option<Spanned<String>>,
+    pub(super) buffer_size: Option<Spanned<i64>>,
+    pub(super) buffers_per_shard: Option<Spanned<i64>>,
+    pub(super) max_buffers_per_direction: Option<Spanned<i64>>,
+    pub(super) linger_timeout: Option<Spanned<String>>,
+    pub(super) drain_timeout: Option<Spanned<String>>,
+    pub(super) backlog: Option<Spanned<i64>>,
+    pub(super) keepalive_timeout: Option<Spanned<String>>,
+    pub(super) send_timeout: Option<Spanned<String>>,
+    pub(super) keepalive_requests: Option<Spanned<i64>>,
+    pub(super) gzip_cache_size: Option<Spanned<i64>>,
+    pub(super) splice_min: Option<Spanned<i64>>,
+    pub(super) park_idle_after: Option<Spanned<String>>,
+    pub(super) forwarded_for: Option<Spanned<String>>,
+    pub(super) stalled_peer_timeout: Option<Spanned<String>>,
+    pub(super) tcp_user_timeout: Option<Spanned<String>>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(super) struct FileAdmin {
+    pub(super) listen: Spanned<String>,
+    pub(super) token_file: Option<Spanned<String>>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(super) struct FileLog {
+    pub(super) access: Option<Spanned<String>>,
+    pub(super) level: Option<Spanned<String>>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(super) struct FileRoute {
+    pub(super) path: Spanned<String>,
+    pub(super) upstream: Option<Spanned<String>>,
+    #[serde(rename = "static")]
+    pub(super) static_files: Option<Spanned<FileStatic>>,
+    #[serde(default)]
+    pub(super) strip_prefix: bool,
+    #[serde(default)]
+    pub(super) websocket_only: bool,
+    pub(super) response_timeout: Option<Spanned<String>>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(super) struct FileStatic {
+    pub(super) root: Spanned<String>,
+    pub(super) index: Option<Spanned<String>>,
+    pub(super) fallback: Option<Spanned<String>>,
+    pub(super) precompressed: Option<bool>,
+    pub(super) gzip: Option<bool>,
+    pub(super) gzip_min_length: Option<Spanned<i64>>,
+    pub(super) gzip_max_length: Option<Spanned<i64>>,
+    pub(super) gzip_types: Option<Vec<Spanned<String>>>,
+    pub(super) cache_control: Option<Spanned<String>>,
+    pub(super) follow_symlinks: Option<bool>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(super) struct FileUpstream {
+    pub(super) balance: Option<Spanned<String>>,
+    pub(super) connect_timeout: Option<Spanned<String>>,
+    pub(super) response_timeout: Option<Spanned<String>>,
+    pub(super) max_response_head: Option<Spanned<i64>>,
+    pub(super) max_fails: Option<Spanned<i64>>,
+    pub(super) fail_timeout: Option<Spanned<String>>,
+    pub(super) servers: Spanned<Vec<FileServerEntry>>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(super) struct FileServerEntry {
+    pub(super) addr: Spanned<String>,
+    pub(super) weight: Option<Spanned<i64>>,
+    pub(super) max_connections: Option<Spanned<i64>>,
+}

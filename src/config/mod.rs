@@ -1,0 +1,426 @@
+//! Configuration in two stages.
+//!
+//! Stage one is the file as written: structs that mirror the TOML with
+//! `deny_unknown_fields`, so a misspelt key is an error and not a silently
+//! ignored setting. Values that need checking beyond their TOML type are kept
+//! `Spanned`, so stage two can point at the exact line and column.
+//!
+//! Stage two is [`Config`]: typed (`Duration`, `SocketAddr`, `NonZero*`),
+//! cross-checked (routes name existing upstreams, no duplicate paths) and
+//! never clamped: a value out of range is rejected with a message naming the
+//! file, the position and the key.
+
+use std::fmt;
+use std::net::SocketAddr;
+use std::num::{NonZeroU32, NonZeroUsize};
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use toml::Spanned;
+
+mod file;
+mod validate;
+use file::FileConfig;
+pub use validate::parse_duration;
+use validate::validate;
+
+/// A configuration problem, already formatted as `file:line:col: key: what`.
+#[derive(Debug, thiserror::Error)]
+#[error("{0}")]
+pub struct ConfigError(String);
+
+impl ConfigError {
+    fn at(
+        src: &Source<'_>,
+        span: std::ops::Range<usize>,
+        key: &str,
+        msg: impl fmt::Display,
+    ) -> Self {
+        let (line, col) = line_col(src.text, span.start);
+        ConfigError(format!("{}:{line}:{col}: {key}: {msg}", src.name))
+    }
+
+    fn whole(src: &Source<'_>, msg: impl fmt::Display) -> Self {
+        ConfigError(format!("{}: {msg}", src.name))
+    }
+}
+
+struct Source<'a> {
+    name: String,
+    text: &'a str,
+}
+
+fn line_col(text: &str, offset: usize) -> (usize, usize) {
+    let before = &text[..offset.min(text.len())];
+    let line = before.matches('\n').count() + 1;
+    let col = before
+        .rfind('\n')
+        .map_or(before.len(), |nl| before.len() - nl - 1)
+        + 1;
+    (line, col)
+}
+
+// ---------------------------------------------------------------------------
+// Stage two: validated, typed.
+
+/// The whole validated configuration.
+#[derive(Debug, Clone)]
+pub struct Config {
+    pub server: ServerConfig,
+    pub admin: Option<AdminConfig>,
+    pub log: LogConfig,
+    pub routes: Vec<RouteConfig>,
+    /// Indexed by `RouteConfig::upstream`.
+    pub upstreams: Vec<UpstreamConfig>,
+    /// Where it was loaded from, if from a file.
+    pub source: Option<PathBuf>,
+}
+
+#[derive(Debug, Clone)]
+pub struct ServerConfig {
+    pub listen: Vec<SocketAddr>,
+    pub shards: NonZeroUsize,
+    pub max_connections: NonZeroUsize,
+    pub handshake_timeout: Duration,
+    pub max_request_head: NonZeroUsize,
+    /// Header lines in a request head; beyond it: 431.
+    pub max_headers: usize,
+    pub tcp_keepalive: Option<Duration>,
+    /// Size of one provided buffer; one recv completion fills at most one.
+    pub buffer_size: NonZeroU32,
+    /// Provided buffers per shard (a power of two, at most 32768).
+    pub buffers_per_shard: u16,
+    /// Backpressure: buffers queued towards one side before ringlb stops
+    /// reading from the other.
+    pub max_buffers_per_direction: NonZeroUsize,
+    /// After ringlb answers with an error, how long it keeps reading (and
+    /// discarding) so the client sees the answer rather than a reset.
+    pub linger_timeout: Duration,
+    /// On SIGTERM: how long established sessions may run before ringlb
+    /// closes them. `None`: until they end by themselves.
+    pub drain_timeout: Option<Duration>,
+    pub backlog: i32,
+    /// Idle time allowed between HTTP requests on a kept-alive connection.
+    /// Never applies to WebSocket sessions, which have no idle timeout.
+    pub keepalive_timeout: Duration,
+    /// An HTTP answer (a static file, or a proxied non-upgrade response)
+    /// whose client takes nothing for this long is abandoned, like nginx's
+    /// `send_timeout`. Never applies to WebSocket sessions.
+    pub send_timeout: Duration,
+    /// Requests served on one connection before ringlb closes it.
+    pub keepalive_requests: NonZeroU32,
+    /// Bytes of gzip output kept per shard for on-the-fly compression.
+    pub gzip_cache_size: usize,
+    /// A relayed WebSocket frame with at least this many payload bytes still
+    /// to come moves by splice(2) instead of through buffers; 0: never.
+    pub splice_min: u64,
+    /// A relaying session silent this long (up to twice this) is parked:
+    /// its recvs are swapped for readiness polls, which hold less kernel
+    /// memory. `None`: never.
+    pub park_idle_after: Option<Duration>,
+    /// What happens to an `X-Forwarded-For` the client sent.
+    pub forwarded_for: ForwardedFor,
+    /// A peer that takes no byte for this long while bytes wait for it is
+    /// closed. Not an idle timeout: a silent session with nothing pending
+    /// is never cut. `None`: never.
+    pub stalled_peer_timeout: Option<Duration>,
+    /// TCP_USER_TIMEOUT on both legs: unacknowledged data (or, on Linux
+    /// 5.11 and later, a zero window with data waiting) for this long ends
+    /// the connection. `None`: the kernel's default (about 15 minutes).
+    pub tcp_user_timeout: Option<Duration>,
+}
+
+/// `[server] forwarded_for`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ForwardedFor {
+    /// ringlb is the edge: the client's own `X-Forwarded-For` is dropped
+    /// and the backend sees only the address ringlb saw.
+    Replace,
+    /// Behind a trusted proxy: the client's list is kept and the address
+    /// ringlb saw is appended.
+    Append,
+}
+
+/// Where the access log goes: one JSON line per session, at its end.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum AccessLog {
+    Off,
+    Stderr,
+    File(PathBuf),
+}
+
+#[derive(Debug, Clone)]
+pub struct LogConfig {
+    pub access: AccessLog,
+    /// Daemon log filter (`RUST_LOG` syntax); `RUST_LOG` overrides it.
+    pub level: String,
+}
+
+impl Default for LogConfig {
+    fn default() -> Self {
+        LogConfig {
+            access: AccessLog::Off,
+            level: "info".into(),
+        }
+    }
+}
+
+#[derive(Debug, Clone)]
+pub struct AdminConfig {
+    pub listen: SocketAddr,
+    /// Every admin request except `GET /healthz` must carry
+    /// `Authorization: Bearer <token>`; `None`: no token asked.
+    pub token: Option<AdminToken>,
+}
+
+/// The admin bearer token, read from `admin.token_file`. Debug output never
+/// shows it, so it cannot leak into a log line that prints the config.
+#[derive(Clone, PartialEq, Eq)]
+pub struct AdminToken(std::sync::Arc<str>);
+
+impl fmt::Debug for AdminToken {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("AdminToken(<redacted>)")
+    }
+}
+
+impl AdminToken {
+    /// Compares in time independent of where `presented` differs, and of
+    /// its length: both sides are hashed first, then every byte of the
+    /// digests is compared.
+    pub fn matches(&self, presented: &str) -> bool {
+        use sha1::{Digest, Sha1};
+        let a = Sha1::digest(self.0.as_bytes());
+        let b = Sha1::digest(presented.as_bytes());
+        a.iter()
+            .zip(b.iter())
+            .fold(0u8, |acc, (x, y)| acc | (x ^ y))
+            == 0
+    }
+}
+
+#[derive(Debug, Clone)]
+pub struct RouteConfig {
+    pub path: std::sync::Arc<str>,
+    pub target: RouteTarget,
+    pub strip_prefix: bool,
+    pub websocket_only: bool,
+    /// Plain HTTP requests only: how long the backend may take to answer;
+    /// `None`: the upstream's `response_timeout`.
+    pub response_timeout: Option<Duration>,
+}
+
+#[derive(Debug, Clone)]
+pub enum RouteTarget {
+    /// Index into `Config::upstreams`.
+    Upstream(usize),
+    Static(std::sync::Arc<StaticConfig>),
+}
+
+impl RouteConfig {
+    pub fn upstream(&self) -> Option<usize> {
+        match self.target {
+            RouteTarget::Upstream(u) => Some(u),
+            RouteTarget::Static(_) => None,
+        }
+    }
+}
+
+/// A directory served as files (`static = { root = ... }`).
+#[derive(Debug)]
+pub struct StaticConfig {
+    pub root: PathBuf,
+    /// The root, opened once per configuration load; every file is opened
+    /// relative to it so a path can be checked to stay beneath it.
+    pub root_fd: std::os::fd::OwnedFd,
+    /// File served for a directory; `None`: directories are not served.
+    pub index: Option<String>,
+    /// URL path (under root) served with 200 when nothing else matches,
+    /// like nginx `try_files $uri $uri/ /index.html`.
+    pub fallback: Option<String>,
+    /// Serve `file.br` / `file.gz` when present and accepted.
+    pub precompressed: bool,
+    pub gzip: bool,
+    pub gzip_min_length: u64,
+    pub gzip_max_length: u64,
+    /// MIME types compressed on the fly; an entry ending in `/*` matches
+    /// the whole type.
+    pub gzip_types: Vec<String>,
+    pub cache_control: Option<String>,
+    /// Let symlinks lead outside root (they may always point inside it).
+    pub follow_symlinks: bool,
+}
+
+pub const DEFAULT_GZIP_TYPES: &[&str] = &[
+    "text/*",
+    "application/javascript",
+    "application/json",
+    "application/manifest+json",
+    "application/xml",
+    "application/wasm",
+    "image/svg+xml",
+];
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Balance {
+    LeastConn,
+}
+
+#[derive(Debug, Clone)]
+pub struct UpstreamConfig {
+    pub name: String,
+    pub balance: Balance,
+    pub connect_timeout: Duration,
+    /// From the forwarded request being sent until the backend's response
+    /// head is complete.
+    pub response_timeout: Duration,
+    pub max_response_head: NonZeroUsize,
+    /// Passive health (nginx semantics): this many failed connects within
+    /// `fail_timeout` mark a backend down for `fail_timeout`. 0: never.
+    pub max_fails: u32,
+    pub fail_timeout: Duration,
+    pub servers: Vec<ServerEntry>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ServerEntry {
+    pub addr: SocketAddr,
+    pub weight: NonZeroU32,
+    /// `None`: no limit.
+    pub max_connections: Option<NonZeroUsize>,
+}
+
+pub const DEFAULT_HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
+pub const DEFAULT_CONNECT_TIMEOUT: Duration = Duration::from_secs(3);
+pub const DEFAULT_RESPONSE_TIMEOUT: Duration = Duration::from_secs(30);
+pub const DEFAULT_MAX_HEAD: usize = 16 * 1024;
+pub const DEFAULT_MAX_HEADERS: usize = 100;
+pub const DEFAULT_MAX_CONNECTIONS: usize = 100_000;
+pub const DEFAULT_KEEPALIVE: Duration = Duration::from_secs(60);
+pub const DEFAULT_BUFFER_SIZE: u32 = 32 * 1024;
+pub const DEFAULT_BUFFERS_PER_SHARD: u16 = 1024;
+pub const DEFAULT_MAX_BUFFERS_PER_DIRECTION: usize = 8;
+pub const DEFAULT_LINGER: Duration = Duration::from_secs(2);
+pub const DEFAULT_BACKLOG: i32 = 4096;
+pub const DEFAULT_MAX_FAILS: u32 = 1;
+pub const DEFAULT_FAIL_TIMEOUT: Duration = Duration::from_secs(10);
+pub const DEFAULT_KEEPALIVE_TIMEOUT: Duration = Duration::from_secs(75);
+pub const DEFAULT_SEND_TIMEOUT: Duration = Duration::from_secs(60);
+pub const DEFAULT_KEEPALIVE_REQUESTS: u32 = 1000;
+pub const DEFAULT_GZIP_CACHE_SIZE: usize = 16 << 20;
+pub const DEFAULT_SPLICE_MIN: u64 = 64 * 1024;
+pub const DEFAULT_PARK_IDLE_AFTER: Duration = Duration::from_secs(5);
+pub const DEFAULT_GZIP_MIN_LENGTH: u64 = 256;
+/// Also the default `tcp_user_timeout`: on Linux 5.11+ the kernel ends a
+/// connection whose peer keeps a zero window for that long, so a shorter
+/// one would cut slow readers before ringlb's own rule does.
+pub const DEFAULT_STALLED_PEER_TIMEOUT: Duration = Duration::from_secs(300);
+pub const DEFAULT_GZIP_MAX_LENGTH: u64 = 1 << 20;
+
+impl Config {
+    /// Reads and validates a file.
+    pub fn load(path: &Path) -> Result<Config, ConfigError> {
+        let text = std::fs::read_to_string(path)
+            .map_err(|e| ConfigError(format!("{}: cannot read: {e}", path.display())))?;
+        let base = path.parent().unwrap_or(Path::new("."));
+        let mut cfg = Config::parse_in(&text, &path.display().to_string(), base)?;
+        cfg.source = Some(path.to_path_buf());
+        Ok(cfg)
+    }
+
+    /// Parses and validates TOML text; `name` is used in error messages.
+    pub fn parse(text: &str, name: &str) -> Result<Config, ConfigError> {
+        Config::parse_in(text, name, Path::new("."))
+    }
+
+    /// Like [`Config::parse`]; relative static roots are taken from `base`.
+    pub fn parse_in(text: &str, name: &str, base: &Path) -> Result<Config, ConfigError> {
+        let src = Source {
+            name: name.to_string(),
+            text,
+        };
+        let file: FileConfig = toml::from_str(text)
+            .map_err(|e| ConfigError(format!("{name}: {}", e.to_string().trim_end())))?;
+        validate(file, &src, base)
+    }
+
+    /// The configuration of `ringlb run --listen A --upstream B ...`: one
+    /// route `/` to one least-connections group.
+    pub fn quick(
+        listen: Vec<SocketAddr>,
+        upstreams: Vec<SocketAddr>,
+        shards: Option<NonZeroUsize>,
+    ) -> Config {
+        Config {
+            server: ServerConfig {
+                listen,
+                shards: shards.unwrap_or_else(default_shards),
+                ..ServerConfig::defaults()
+            },
+            admin: None,
+            log: LogConfig::default(),
+            routes: vec![RouteConfig {
+                path: "/".into(),
+                target: RouteTarget::Upstream(0),
+                strip_prefix: false,
+                websocket_only: false,
+                response_timeout: None,
+            }],
+            upstreams: vec![UpstreamConfig {
+                name: "default".into(),
+                balance: Balance::LeastConn,
+                connect_timeout: DEFAULT_CONNECT_TIMEOUT,
+                response_timeout: DEFAULT_RESPONSE_TIMEOUT,
+                max_response_head: NonZeroUsize::new(DEFAULT_MAX_HEAD).unwrap(),
+                max_fails: DEFAULT_MAX_FAILS,
+                fail_timeout: DEFAULT_FAIL_TIMEOUT,
+                servers: upstreams
+                    .into_iter()
+                    .map(|addr| ServerEntry {
+                        addr,
+                        weight: NonZeroU32::MIN,
+                        max_connections: None,
+                    })
+                    .collect(),
+            }],
+            source: None,
+        }
+    }
+}
+
+impl ServerConfig {
+    fn defaults() -> ServerConfig {
+        ServerConfig {
+            listen: Vec::new(),
+            shards: default_shards(),
+            max_connections: NonZeroUsize::new(DEFAULT_MAX_CONNECTIONS).unwrap(),
+            handshake_timeout: DEFAULT_HANDSHAKE_TIMEOUT,
+            max_request_head: NonZeroUsize::new(DEFAULT_MAX_HEAD).unwrap(),
+            max_headers: DEFAULT_MAX_HEADERS,
+            tcp_keepalive: Some(DEFAULT_KEEPALIVE),
+            buffer_size: NonZeroU32::new(DEFAULT_BUFFER_SIZE).unwrap(),
+            buffers_per_shard: DEFAULT_BUFFERS_PER_SHARD,
+            max_buffers_per_direction: NonZeroUsize::new(DEFAULT_MAX_BUFFERS_PER_DIRECTION)
+                .unwrap(),
+            linger_timeout: DEFAULT_LINGER,
+            drain_timeout: None,
+            backlog: DEFAULT_BACKLOG,
+            keepalive_timeout: DEFAULT_KEEPALIVE_TIMEOUT,
+            send_timeout: DEFAULT_SEND_TIMEOUT,
+            keepalive_requests: NonZeroU32::new(DEFAULT_KEEPALIVE_REQUESTS).unwrap(),
+            gzip_cache_size: DEFAULT_GZIP_CACHE_SIZE,
+            splice_min: DEFAULT_SPLICE_MIN,
+            park_idle_after: Some(DEFAULT_PARK_IDLE_AFTER),
+            forwarded_for: ForwardedFor::Replace,
+            stalled_peer_timeout: Some(DEFAULT_STALLED_PEER_TIMEOUT),
+            tcp_user_timeout: Some(DEFAULT_STALLED_PEER_TIMEOUT),
+        }
+    }
+}
+
+pub fn default_shards() -> NonZeroUsize {
+    std::thread::available_parallelism().unwrap_or(NonZeroUsize::MIN)
+}
+
+#[cfg(test)]
+mod tests;

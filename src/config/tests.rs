@@ -1,0 +1,228 @@
+use super::*;
+
+const MIN: &str = r#"
+[server]
+listen = ["127.0.0.1:8080"]
+
+[[route]]
+path = "/"
+upstream = "u"
+
+[upstream.u]
+servers = [{ addr = "127.0.0.1:9001" }]
+"#;
+
+fn err(text: &str) -> String {
+    Config::parse(text, "t.toml").unwrap_err().to_string()
+}
+
+#[test]
+fn minimal_gets_defaults() {
+    let c = Config::parse(MIN, "t.toml").unwrap();
+    assert_eq!(c.server.handshake_timeout, DEFAULT_HANDSHAKE_TIMEOUT);
+    assert_eq!(c.upstreams[0].servers[0].weight.get(), 1);
+    assert_eq!(c.routes[0].upstream(), Some(0));
+}
+
+#[test]
+fn unknown_key_names_key_and_position() {
+    let e = err(&MIN.replace("[server]\n", "[server]\nhandshake_timout = \"1s\"\n"));
+    assert!(e.starts_with("t.toml: "), "{e}");
+    assert!(e.contains("handshake_timout"), "{e}");
+    assert!(e.contains("line 3"), "{e}");
+}
+
+#[test]
+fn bad_duration_points_at_value() {
+    let e = err(&MIN.replace("[server]\n", "[server]\nhandshake_timeout = \"10x\"\n"));
+    assert!(
+        e.starts_with("t.toml:3:21: server.handshake_timeout:"),
+        "{e}"
+    );
+    assert!(e.contains("unknown unit"), "{e}");
+    let e = err(&MIN.replace("[server]\n", "[server]\nhandshake_timeout = \"0s\"\n"));
+    assert!(e.contains("longer than zero"), "{e}");
+    let e = err(&MIN.replace("[server]\n", "[server]\nsend_timeout = \"0ms\"\n"));
+    assert!(
+        e.contains("server.send_timeout: must be longer than zero"),
+        "{e}"
+    );
+    let e = err(&MIN.replace("[server]\n", "[server]\nsend_timeout = \"1200h\"\n"));
+    assert!(
+        e.contains("server.send_timeout: must be under 49 days"),
+        "{e}"
+    );
+    let c = Config::parse(
+        &MIN.replace("[server]\n", "[server]\nsend_timeout = \"90s\"\n"),
+        "t",
+    )
+    .unwrap();
+    assert_eq!(c.server.send_timeout, Duration::from_secs(90));
+}
+
+#[test]
+fn bad_address() {
+    let e = err(&MIN.replace("127.0.0.1:8080", "localhost:8080"));
+    assert!(e.starts_with("t.toml:3:11: server.listen:"), "{e}");
+    let e = err(&MIN.replace("127.0.0.1:9001", "nowhere"));
+    assert!(e.contains("upstream.u.servers.addr"), "{e}");
+}
+
+#[test]
+fn route_to_missing_upstream() {
+    let e = err(&MIN.replace("upstream = \"u\"", "upstream = \"nope\""));
+    assert!(e.contains("route.upstream: no [upstream.nope]"), "{e}");
+}
+
+#[test]
+fn out_of_range_values_are_rejected_not_clamped() {
+    for (k, v) in [
+        ("shards", "0"),
+        ("max_connections", "0"),
+        ("max_request_head", "10"),
+        ("buffers_per_shard", "1000"),
+        ("buffer_size", "10"),
+        ("forwarded_for", "\"trust\""),
+        ("stalled_peer_timeout", "\"0s\""),
+        ("stalled_peer_timeout", "\"soon\""),
+        ("tcp_user_timeout", "\"0s\""),
+        ("tcp_user_timeout", "\"100d\""),
+    ] {
+        let e = err(&MIN.replace("[server]\n", &format!("[server]\n{k} = {v}\n")));
+        assert!(e.contains(&format!("server.{k}")), "{k}: {e}");
+    }
+    let e = err(&MIN.replace(
+        "addr = \"127.0.0.1:9001\"",
+        "addr = \"127.0.0.1:9001\", weight = 0",
+    ));
+    assert!(
+        e.contains("upstream.u.servers.weight: 0 is out of range"),
+        "{e}"
+    );
+}
+
+#[test]
+fn duplicates_are_rejected() {
+    let e = err(&MIN.replace(
+        "servers = [{ addr = \"127.0.0.1:9001\" }]",
+        "servers = [{ addr = \"127.0.0.1:9001\" }, { addr = \"127.0.0.1:9001\" }]",
+    ));
+    assert!(e.contains("listed twice"), "{e}");
+    let e = err(&format!(
+        "{MIN}\n[[route]]\npath = \"/\"\nupstream = \"u\"\n"
+    ));
+    assert!(e.contains("routed twice"), "{e}");
+}
+
+#[test]
+fn no_routes_is_an_error() {
+    let e = err("[server]\nlisten = [\"127.0.0.1:1\"]\n");
+    assert!(e.contains("no [[route]]"), "{e}");
+}
+
+#[test]
+fn unknown_balance() {
+    let e = err(&MIN.replace(
+        "[upstream.u]\n",
+        "[upstream.u]\nbalance = \"round_robin\"\n",
+    ));
+    assert!(e.contains("upstream.u.balance"), "{e}");
+}
+
+#[test]
+fn durations() {
+    assert_eq!(parse_duration("250ms").unwrap(), Duration::from_millis(250));
+    assert_eq!(parse_duration("1.5s").unwrap(), Duration::from_millis(1500));
+    assert_eq!(parse_duration("2m").unwrap(), Duration::from_secs(120));
+    assert!(parse_duration("10").is_err());
+    assert!(parse_duration("s").is_err());
+}
+
+#[test]
+fn admin_port_must_not_overlap_a_listener() {
+    let with_admin = |listen: &str, admin: &str| {
+        MIN.replace("127.0.0.1:8080", listen) + &format!("\n[admin]\nlisten = \"{admin}\"\n")
+    };
+    for (listen, admin) in [
+        ("127.0.0.1:8080", "127.0.0.1:8080"),
+        ("0.0.0.0:8080", "127.0.0.1:8080"),
+        ("127.0.0.1:8080", "0.0.0.0:8080"),
+        ("127.0.0.1:8080", "[::]:8080"),
+        ("[::1]:8080", "[::]:8080"),
+    ] {
+        let e = err(&with_admin(listen, admin));
+        assert!(e.contains(": admin.listen: "), "{listen} {admin}: {e}");
+        assert!(e.contains(listen), "{e}");
+    }
+    for (listen, admin) in [
+        ("127.0.0.1:8080", "127.0.0.1:9090"),
+        ("127.0.0.1:8080", "127.0.0.2:8080"),
+        ("127.0.0.1:0", "127.0.0.1:0"),
+        ("[::]:8080", "127.0.0.1:8080"),
+    ] {
+        Config::parse(&with_admin(listen, admin), "t")
+            .unwrap_or_else(|e| panic!("{listen} {admin}: {e}"));
+    }
+}
+
+#[test]
+fn access_log_directory_must_exist() {
+    let dir = tempfile::tempdir().unwrap();
+    let log = |p: &Path| format!("{MIN}\n[log]\naccess = {:?}\n", p.display().to_string());
+    let missing = dir.path().join("nope/access.log");
+    let e = err(&log(&missing));
+    assert!(e.contains(": log.access: "), "{e}");
+    assert!(e.contains(&missing.display().to_string()), "{e}");
+    assert!(e.contains("does not exist"), "{e}");
+    let e = err(&log(dir.path()));
+    assert!(
+        e.contains("log.access") && e.contains("is a directory"),
+        "{e}"
+    );
+    let c = Config::parse(&log(&dir.path().join("access.log")), "t").unwrap();
+    assert_eq!(c.log.access, AccessLog::File(dir.path().join("access.log")));
+}
+
+#[test]
+fn admin_token_file() {
+    let dir = tempfile::tempdir().unwrap();
+    let with_token =
+        |p: &str| format!("{MIN}\n[admin]\nlisten = \"127.0.0.1:9090\"\ntoken_file = {p:?}\n");
+    let parse = |text: &str| Config::parse_in(text, "t.toml", dir.path());
+    let e = parse(&with_token("missing.token")).unwrap_err().to_string();
+    assert!(e.contains(": admin.token_file: "), "{e}");
+    assert!(e.contains("missing.token: cannot read"), "{e}");
+    for (content, why) in [
+        ("", "is empty"),
+        (" \n\t\n", "is empty"),
+        ("two words\n", "visible ASCII"),
+    ] {
+        std::fs::write(dir.path().join("bad.token"), content).unwrap();
+        let e = parse(&with_token("bad.token")).unwrap_err().to_string();
+        assert!(
+            e.contains("admin.token_file") && e.contains("bad.token"),
+            "{e}"
+        );
+        assert!(e.contains(why), "{content:?}: {e}");
+    }
+    // Relative to the config file's directory; trimmed.
+    std::fs::write(dir.path().join("good.token"), "  t0ken-xyz\n").unwrap();
+    let c = parse(&with_token("good.token")).unwrap();
+    let token = c.admin.unwrap().token.unwrap();
+    assert!(token.matches("t0ken-xyz"));
+    assert!(!token.matches("t0ken-xy"));
+    assert!(!token.matches("t0ken-xyz "));
+    assert!(!format!("{token:?}").contains("t0ken"));
+    let c = Config::parse(
+        &format!("{MIN}\n[admin]\nlisten = \"127.0.0.1:9090\"\n"),
+        "t",
+    )
+    .unwrap();
+    assert!(c.admin.unwrap().token.is_none());
+}
+
+#[test]
+fn line_col_counts_from_one() {
+    assert_eq!(line_col("ab\ncd", 0), (1, 1));
+    assert_eq!(line_col("ab\ncd", 4), (2, 2));
+}
