@@ -498,6 +498,99 @@ pub fn parse_response(
     }))
 }
 
+/// How a backend answer's body is framed, for a relay that must find its
+/// bytes (to compress them) rather than pass them through.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Framing {
+    Length(u64),
+    Chunked,
+    UntilClose,
+}
+
+/// Whether ringlb compresses this backend answer on the fly (nginx's
+/// `gzip_proxied any` with its defaults: status 200, 403 or 404, a listed
+/// type, no `Content-Encoding`, no range, not declared shorter than
+/// `min_length`), and if so the head to send instead: no length or
+/// transfer coding of the backend's, `Content-Encoding: gzip`,
+/// `Vary: Accept-Encoding`, a weak ETag (the bytes differ), chunked for an
+/// HTTP/1.1 client (`chunked_out`), and `Connection: close` (a proxied
+/// answer ends the client connection).
+pub fn gzip_head(
+    head: &[u8],
+    types: &[String],
+    min_length: u64,
+    chunked_out: bool,
+) -> Option<(Vec<u8>, Framing)> {
+    let mut storage = [httparse::EMPTY_HEADER; 128];
+    let mut r = httparse::Response::new(&mut storage);
+    let Ok(httparse::Status::Complete(_)) = r.parse(head) else {
+        return None;
+    };
+    let status = r.code?;
+    if !matches!(status, 200 | 403 | 404) {
+        return None;
+    }
+    let (mut mime, mut length, mut chunked) = (None, None, false);
+    for h in r.headers.iter() {
+        let v = std::str::from_utf8(h.value).ok()?.trim();
+        match h.name.to_ascii_lowercase().as_str() {
+            "content-encoding" if !v.eq_ignore_ascii_case("identity") => return None,
+            "content-range" => return None,
+            "content-type" => {
+                mime = Some(
+                    v.split(';')
+                        .next()
+                        .unwrap_or("")
+                        .trim()
+                        .to_ascii_lowercase(),
+                )
+            }
+            "content-length" => length = Some(v.parse::<u64>().ok()?),
+            "transfer-encoding" => chunked = has_token(h.value, "chunked"),
+            _ => {}
+        }
+    }
+    if !crate::files::headers::type_listed(types, mime.as_deref()?) {
+        return None;
+    }
+    if length.is_some_and(|n| n == 0 || n < min_length) {
+        return None;
+    }
+    let framing = match (chunked, length) {
+        (true, _) => Framing::Chunked,
+        (false, Some(n)) => Framing::Length(n),
+        (false, None) => Framing::UntilClose,
+    };
+    let mut out = format!(
+        "HTTP/1.{} {status} {}\r\n",
+        r.version.unwrap_or(1),
+        r.reason.unwrap_or("")
+    )
+    .into_bytes();
+    for h in r.headers.iter() {
+        let lname = h.name.to_ascii_lowercase();
+        if matches!(
+            lname.as_str(),
+            "content-length" | "transfer-encoding" | "connection" | "keep-alive"
+        ) {
+            continue;
+        }
+        out.extend_from_slice(h.name.as_bytes());
+        out.extend_from_slice(b": ");
+        if lname == "etag" && !h.value.starts_with(b"W/") {
+            out.extend_from_slice(b"W/");
+        }
+        out.extend_from_slice(h.value);
+        out.extend_from_slice(b"\r\n");
+    }
+    out.extend_from_slice(b"Content-Encoding: gzip\r\nVary: Accept-Encoding\r\n");
+    if chunked_out {
+        out.extend_from_slice(b"Transfer-Encoding: chunked\r\n");
+    }
+    out.extend_from_slice(b"Connection: close\r\n\r\n");
+    Some((out, framing))
+}
+
 /// `Sec-WebSocket-Accept` for a key (RFC 6455 §4.2.2).
 pub fn accept_key(key: &str) -> String {
     let mut h = Sha1::new();

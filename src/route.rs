@@ -138,6 +138,7 @@ mod tests {
             strip_prefix: strip,
             websocket_only: false,
             response_timeout: None,
+            gzip: None,
         }
     }
 

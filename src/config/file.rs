@@ -75,6 +75,9 @@ pub(super) struct FileRoute {
     #[serde(default)]
     pub(super) websocket_only: bool,
     pub(super) response_timeout: Option<Spanned<String>>,
+    pub(super) gzip: Option<bool>,
+    pub(super) gzip_types: Option<Vec<Spanned<String>>>,
+    pub(super) gzip_min_length: Option<Spanned<i64>>,
 }
 
 #[derive(Debug, Deserialize)]

@@ -208,6 +208,18 @@ pub struct RouteConfig {
     /// Plain HTTP requests only: how long the backend may take to answer;
     /// `None`: the upstream's `response_timeout`.
     pub response_timeout: Option<Duration>,
+    /// Compress the backend's plain-HTTP answers on the fly (nginx
+    /// `gzip_proxied any`); `None`: never.
+    pub gzip: Option<std::sync::Arc<ProxyGzip>>,
+}
+
+/// `gzip = true` on an upstream route.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ProxyGzip {
+    /// MIME types compressed; `text/*` style wildcards allowed.
+    pub types: Vec<String>,
+    /// Answers that declare fewer bytes than this pass untouched.
+    pub min_length: u64,
 }
 
 #[derive(Debug, Clone)]
@@ -365,6 +377,7 @@ impl Config {
                 strip_prefix: false,
                 websocket_only: false,
                 response_timeout: None,
+                gzip: None,
             }],
             upstreams: vec![UpstreamConfig {
                 name: "default".into(),

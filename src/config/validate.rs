@@ -370,6 +370,9 @@ pub(super) fn validate(
                     Some("websocket_only")
                 } else if r.response_timeout.is_some() {
                     Some("response_timeout")
+                } else if r.gzip.is_some() || r.gzip_types.is_some() || r.gzip_min_length.is_some()
+                {
+                    Some("gzip")
                 } else {
                     None
                 };
@@ -398,12 +401,27 @@ pub(super) fn validate(
             Some(v) => Some(duration(src, v, "route.response_timeout")?),
             None => None,
         };
+        let gzip = if r.gzip == Some(true) {
+            Some(std::sync::Arc::new(ProxyGzip {
+                types: match &r.gzip_types {
+                    Some(list) => mime_list(src, list, "route.gzip_types")?,
+                    None => DEFAULT_GZIP_TYPES.iter().map(|s| s.to_string()).collect(),
+                },
+                min_length: match &r.gzip_min_length {
+                    Some(v) => int_in(src, v, "route.gzip_min_length", 0, 1 << 40)? as u64,
+                    None => DEFAULT_GZIP_MIN_LENGTH,
+                },
+            }))
+        } else {
+            None
+        };
         routes.push(RouteConfig {
             path: path.as_str().into(),
             target,
             strip_prefix: r.strip_prefix,
             websocket_only: r.websocket_only,
             response_timeout,
+            gzip,
         });
     }
 
@@ -568,25 +586,7 @@ pub(super) fn static_config(
     };
     let gzip_types = match &f.gzip_types {
         None => DEFAULT_GZIP_TYPES.iter().map(|s| s.to_string()).collect(),
-        Some(list) => {
-            let mut out = Vec::new();
-            for t in list {
-                let v = t.get_ref().trim().to_ascii_lowercase();
-                if v.split('/').count() != 2 || v.contains(char::is_whitespace) {
-                    return Err(ConfigError::at(
-                        src,
-                        t.span(),
-                        "route.static.gzip_types",
-                        format!(
-                            "{:?} is not a MIME type like \"text/css\" or \"text/*\"",
-                            t.get_ref()
-                        ),
-                    ));
-                }
-                out.push(v);
-            }
-            out
-        }
+        Some(list) => mime_list(src, list, "route.static.gzip_types")?,
     };
     let cache_control = match &f.cache_control {
         Some(v) => {
@@ -616,6 +616,31 @@ pub(super) fn static_config(
         cache_control,
         follow_symlinks: f.follow_symlinks.unwrap_or(false),
     })
+}
+
+/// A list of MIME types, `text/*` wildcards allowed, lowercased.
+fn mime_list(
+    src: &Source<'_>,
+    list: &[Spanned<String>],
+    key: &str,
+) -> Result<Vec<String>, ConfigError> {
+    let mut out = Vec::new();
+    for t in list {
+        let v = t.get_ref().trim().to_ascii_lowercase();
+        if v.split('/').count() != 2 || v.contains(char::is_whitespace) {
+            return Err(ConfigError::at(
+                src,
+                t.span(),
+                key,
+                format!(
+                    "{:?} is not a MIME type like \"text/css\" or \"text/*\"",
+                    t.get_ref()
+                ),
+            ));
+        }
+        out.push(v);
+    }
+    Ok(out)
 }
 
 pub(super) fn socket_addr(

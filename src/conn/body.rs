@@ -77,23 +77,35 @@ impl BodyTracker {
     /// the body (the rest, if any, comes after the body's end), or why the
     /// framing is invalid.
     pub fn feed(&mut self, data: &[u8]) -> Result<usize, &'static str> {
+        self.feed_with(data, &mut |_| {})
+    }
+
+    /// [`BodyTracker::feed`], handing the body's content (chunk data, not
+    /// the chunked framing) to `content` as it goes by.
+    pub fn feed_with(
+        &mut self,
+        data: &[u8],
+        content: &mut dyn FnMut(&[u8]),
+    ) -> Result<usize, &'static str> {
         match self {
             BodyTracker::Length(n) => {
                 let take = (*n).min(data.len() as u64);
                 *n -= take;
+                content(&data[..take as usize]);
                 Ok(take as usize)
             }
-            BodyTracker::Chunked(c) => c.feed(data),
+            BodyTracker::Chunked(c) => c.feed(data, content),
         }
     }
 }
 
 impl Chunked {
-    fn feed(&mut self, data: &[u8]) -> Result<usize, &'static str> {
+    fn feed(&mut self, data: &[u8], content: &mut dyn FnMut(&[u8])) -> Result<usize, &'static str> {
         let mut i = 0;
         while i < data.len() {
             if let State::Data(left) = self.state {
                 let take = left.min((data.len() - i) as u64);
+                content(&data[i..i + take as usize]);
                 i += take as usize;
                 self.state = if left == take {
                     State::DataCr

@@ -218,6 +218,11 @@ impl Conn {
             _ => up.response_timeout,
         };
         self.route = Some(route.path.clone());
+        // Compress the answer if the route says so and the client takes it.
+        hs.gzip = route.gzip.clone().filter(|_| {
+            !req.is_upgrade()
+                && crate::files::headers::accept_encoding(req.header("accept-encoding")).gzip
+        });
 
         hs.head = Vec::new();
         // POST and PATCH are not idempotent: never sent twice (RFC 9110 §9.2.2).
@@ -283,14 +288,44 @@ impl Conn {
         let early = std::mem::take(&mut hs.early);
         let early_eof = hs.early_eof;
         let extra = (data.len() - resp.head_len) as u64;
+        let zip = match (&hs.gzip, resp.body) {
+            (Some(g), Body::Length(_) | Body::UntilClose) => http::gzip_head(
+                &data[..resp.head_len],
+                &g.types,
+                g.min_length,
+                req.minor >= 1,
+            ),
+            _ => None,
+        };
+        let chunked_out = req.minor >= 1;
         if resp.body != Body::Upgraded {
             let send_timeout = hs.snap.config.server.send_timeout;
             self.send_timer(send_timeout, out);
         }
         self.status = Some(resp.status);
         self.set_stage(Stage::Relaying);
+        if let Some((head, framing)) = zip {
+            // Compressed as it streams: the relay finds the body's end.
+            let mut g = Box::new(super::gzip::GzipRelay::new(framing, chunked_out));
+            let mut first = head;
+            match g.feed(&data[resp.head_len..]) {
+                Ok(bytes) => first.extend(bytes),
+                Err(_) => return self.close(Closer::Error, out),
+            }
+            let done = g.done;
+            self.state = State::Relaying(Relay::Response { gzip: Some(g) });
+            if done {
+                self.flow[Side::Client.idx()].limit = Some(0);
+            }
+            self.enqueue(Side::Client, first);
+            self.kick(Side::Client, out);
+            if self.upload == Upload::HeldFor101 {
+                self.upload = Upload::Complete;
+            }
+            return;
+        }
         if resp.body != Body::Upgraded {
-            self.state = State::Relaying(Relay::Response);
+            self.state = State::Relaying(Relay::Response { gzip: None });
         }
         let to_client = &mut self.flow[Side::Client.idx()];
         match resp.body {
@@ -532,6 +567,8 @@ pub(super) struct Handshake {
     pub(super) timer_seq: u32,
     /// Request body bytes received so far (for the upload timer).
     pub(super) uploaded: u64,
+    /// The route compresses answers and the client takes gzip.
+    pub(super) gzip: Option<Arc<crate::config::ProxyGzip>>,
     /// A send timer is pending for this connection. One serves every
     /// static answer on a kept-alive connection, so the shard's timer heap
     /// holds one per connection, not one per request.

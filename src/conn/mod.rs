@@ -66,6 +66,7 @@ mod action;
 mod body;
 mod export;
 mod frames;
+mod gzip;
 mod handshake;
 mod queue;
 mod relay;
@@ -171,14 +172,15 @@ fn serve_mut(state: &mut State) -> &mut files::Serve {
 }
 
 /// What a relaying session carries.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug)]
 enum Relay {
     /// Switched protocols: frames both ways until both sides close.
     /// `going_away`: ringlb sent Close 1001 both ways (shutdown) and drops
     /// whatever arrives while it waits for the peers to close.
     Upgraded { going_away: bool },
-    /// A non-101 answer: the session ends with its body.
-    Response,
+    /// A non-101 answer: the session ends with its body, compressed on
+    /// the way if the route says so.
+    Response { gzip: Option<Box<gzip::GzipRelay>> },
     /// Upgraded, and being taken out of this process (`export.rs`): what
     /// is in flight is cancelled and nothing is started again.
     Quiescing,
@@ -264,6 +266,7 @@ impl Conn {
                 early_eof: false,
                 timer_seq: 0,
                 uploaded: 0,
+                gzip: None,
                 send_timer: false,
             })),
             client_addr,
@@ -348,7 +351,7 @@ impl Conn {
 
     /// Relaying a non-101 answer, which ends the session with its body.
     fn finish_with_response(&self) -> bool {
-        matches!(self.state, State::Relaying(Relay::Response))
+        matches!(self.state, State::Relaying(Relay::Response { .. }))
     }
 
     pub fn backend_addr(&self) -> Option<SocketAddr> {

@@ -31,6 +31,26 @@ impl Conn {
         out: &mut Vec<Action>,
     ) {
         let dst = src.other();
+        if let State::Relaying(Relay::Response { gzip: Some(g) }) = &mut self.state {
+            // The answer is compressed on its way: what the backend sent is
+            // consumed here, its buffer given back at once.
+            release(bid, out);
+            let bytes = match g.feed(data) {
+                Ok(b) => b,
+                Err(_) => return self.close(Closer::Error, out),
+            };
+            let done = g.done;
+            if !bytes.is_empty() && !self.flow[dst.idx()].dead {
+                self.enqueue(dst, bytes);
+                self.kick(dst, out);
+            }
+            if done {
+                self.flow[dst.idx()].limit = Some(0);
+                self.maybe_finish(out);
+            }
+            self.backpressure(src, out);
+            return;
+        }
         let flow = &mut self.flow[dst.idx()];
         if flow.dead {
             return release(bid, out);
@@ -60,7 +80,13 @@ impl Conn {
         let flow = &mut self.flow[dst.idx()];
         flow.queue.push_back(payload);
         self.kick(dst, out);
-        let flow = &self.flow[dst.idx()];
+        self.backpressure(src, out);
+    }
+
+    /// Stops reading `src` while the direction it feeds holds its quota
+    /// (or its reader stalled).
+    fn backpressure(&mut self, src: Side, out: &mut Vec<Action>) {
+        let flow = &self.flow[src.other().idx()];
         if (flow.stalled || flow.queue.len() >= self.queue_limit())
             && self.recv[src.idx()] == RecvState::Armed
         {
@@ -229,6 +255,15 @@ impl Conn {
             }
             _ => {
                 let dst = side.other();
+                if let State::Relaying(Relay::Response { gzip: Some(g) }) = &mut self.state {
+                    // The backend closed: the end of a close-delimited body
+                    // (or a cut one); the compressed stream ends too.
+                    let rest = g.finish();
+                    if !rest.is_empty() && !self.flow[dst.idx()].dead {
+                        self.enqueue(dst, rest);
+                        self.kick(dst, out);
+                    }
+                }
                 let writable = dst == Side::Client || self.connected();
                 let flow = &mut self.flow[dst.idx()];
                 flow.src_eof = true;
