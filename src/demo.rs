@@ -107,15 +107,27 @@ fn echo(stream: TcpStream, count: &AtomicU64, greeting: &str) {
     }
 }
 
+/// `<temp dir>/ringlb-demo-<PID>` holds the page of the demo with that PID.
+pub const PAGE_DIR_PREFIX: &str = "ringlb-demo-";
+
 /// The page's directory: private to this process, removed on drop.
 struct PageDir(PathBuf);
 
 impl PageDir {
     fn create() -> std::io::Result<PageDir> {
         use std::os::unix::fs::DirBuilderExt;
-        let dir = std::env::temp_dir().join(format!("ringlb-demo-{}", std::process::id()));
-        // A leftover from an earlier process with the same PID (killed
-        // before it could clean up) is replaced.
+        let tmp = std::env::temp_dir();
+        // Demos killed before they could clean up (SIGKILL) leave their
+        // directory behind: remove those whose process is gone.
+        for entry in std::fs::read_dir(&tmp)?.flatten() {
+            let name = entry.file_name();
+            let pid = name.to_str().and_then(|n| n.strip_prefix(PAGE_DIR_PREFIX));
+            if pid.is_some_and(|p| p.parse::<u32>().is_ok() && !Path::new("/proc").join(p).exists())
+            {
+                let _ = std::fs::remove_dir_all(entry.path());
+            }
+        }
+        let dir = tmp.join(format!("{PAGE_DIR_PREFIX}{}", std::process::id()));
         let _ = std::fs::remove_dir_all(&dir);
         std::fs::DirBuilder::new().mode(0o700).create(&dir)?;
         std::fs::write(dir.join("index.html"), PAGE)?;
