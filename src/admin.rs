@@ -1,4 +1,5 @@
-//! The admin listener: `GET /metrics` (Prometheus text format 0.0.4),
+//! The admin listener: `GET /` (the dashboard, a self-contained page that
+//! polls `/status`), `GET /metrics` (Prometheus text format 0.0.4),
 //! `GET /status` (JSON), `GET /healthz` (`ok`),
 //! `POST /backends/{upstream}/{addr}/drain|undrain`.
 //!
@@ -8,7 +9,9 @@
 //! after a CORS preflight that ringlb never answers), and DNS rebinding can
 //! point a page's own host name at the admin address (so `Host` must name
 //! the admin listener itself, as an IP literal or `localhost`). An optional
-//! bearer token (`admin.token_file`) guards every request but `/healthz`.
+//! bearer token (`admin.token_file`) guards every request but `/healthz`
+//! and the dashboard page itself (static, it holds no data; its script asks
+//! for the token and sends it with every request it makes).
 //!
 //! Plain threads with blocking sockets, off the shards entirely: the admin
 //! API is queried a few times a minute. One thread accepts; each connection
@@ -33,6 +36,15 @@ use crate::stats::{BUCKETS, RESULTS};
 /// The header every request other than GET or HEAD must carry (any value;
 /// the docs say `X-Ringlb-Admin: 1`).
 pub const HEADER: &str = "X-Ringlb-Admin";
+
+/// The dashboard served at `GET /`: inline script and style, no request
+/// leaves the admin listener ([`DASHBOARD_CSP`] enforces it).
+pub const DASHBOARD: &str = include_str!("dashboard.html");
+
+/// Sent with the dashboard: scripts, styles and fetches only from the page
+/// itself and this listener, and no framing (a page that framed it could
+/// trick a click onto a drain button).
+pub const DASHBOARD_CSP: &str = "default-src 'none'; script-src 'unsafe-inline'; style-src 'unsafe-inline'; connect-src 'self'; img-src data:; base-uri 'none'; form-action 'none'; frame-ancestors 'none'";
 
 /// Admin connections served at once; the next one gets a quick 503.
 pub const MAX_CONNECTIONS: usize = 16;
@@ -199,6 +211,12 @@ fn serve(mut s: TcpStream, local: SocketAddr, control: &Control) -> std::io::Res
     if let Some((status, extra, body)) = refusal(&req, local, token.as_ref()) {
         return respond(&mut s, status, "text/plain", extra, body);
     }
+    if req.method == "GET" && req.path.split('?').next() == Some("/") {
+        let csp = format!(
+            "Content-Security-Policy: {DASHBOARD_CSP}\r\nX-Frame-Options: DENY\r\nCache-Control: no-cache\r\n"
+        );
+        return respond(&mut s, 200, "text/html; charset=utf-8", &csp, DASHBOARD);
+    }
     let (status, ctype, body) = handle(&req.method, &req.path, control);
     respond(&mut s, status, ctype, "", &body)
 }
@@ -226,7 +244,11 @@ fn refusal(
             let (scheme, rest) = v.split_once(' ')?;
             scheme.eq_ignore_ascii_case("bearer").then(|| rest.trim())
         });
-        if path != "/healthz" && !presented.is_some_and(|p| token.matches(p)) {
+        // The dashboard page is exempt: a browser cannot attach a bearer
+        // token to a navigation, and the page holds no data; every request
+        // its script makes carries the token the user entered.
+        let open = path == "/healthz" || (path == "/" && req.method == "GET");
+        if !open && !presented.is_some_and(|p| token.matches(p)) {
             return Some((
                 401,
                 "WWW-Authenticate: Bearer realm=\"ringlb admin\"\r\n",
@@ -293,7 +315,7 @@ pub fn handle(method: &str, path: &str, control: &Control) -> (u16, &'static str
         ("GET", "/status") => (200, "application/json", status(control)),
         ("GET", "/healthz") => (200, "text/plain", "ok\n".into()),
         ("POST", p) if p.starts_with("/backends/") => backend_action(p, control),
-        (_, "/metrics" | "/status" | "/healthz") => {
+        (_, "/" | "/metrics" | "/status" | "/healthz") => {
             (405, "text/plain", "method not allowed\n".into())
         }
         _ => (404, "text/plain", "not found\n".into()),
@@ -594,6 +616,21 @@ pub fn status(control: &Control) -> String {
         .enumerate()
         .map(|(i, s)| serde_json::json!({ "id": i, "active": s.active.get(), "accepted": s.accepted.get() }))
         .collect();
+    // The same sums /metrics exports, so the dashboard needs one request a
+    // second and no Prometheus parser.
+    let sum = |f: &dyn Fn(&crate::stats::ShardStats) -> u64| {
+        control.shards.iter().map(|s| f(s)).sum::<u64>()
+    };
+    let handshakes: serde_json::Map<String, serde_json::Value> = RESULTS
+        .iter()
+        .enumerate()
+        .map(|(i, r)| (r.to_string(), sum(&|s| s.handshakes[i].get()).into()))
+        .collect();
+    let closed: serde_json::Map<String, serde_json::Value> = crate::stats::CLOSE_REASONS
+        .iter()
+        .enumerate()
+        .map(|(i, r)| (r.to_string(), sum(&|s| s.closed[i].get()).into()))
+        .collect();
     let loaded = *control.loaded_at.lock().unwrap_or_else(|e| e.into_inner());
     let v = serde_json::json!({
         "version": env!("CARGO_PKG_VERSION"),
@@ -603,6 +640,12 @@ pub fn status(control: &Control) -> String {
         "connections": control.shared.clients.load(Ordering::Relaxed),
         "upstreams": upstreams,
         "shards": shards,
+        "handshakes": handshakes,
+        "sessions_closed": closed,
+        "bytes": {
+            "client_to_backend": sum(&|s| s.bytes_to_backend.get()),
+            "backend_to_client": sum(&|s| s.bytes_to_client.get()),
+        },
     });
     let mut text = serde_json::to_string_pretty(&v).unwrap_or_default();
     text.push('\n');

@@ -44,10 +44,15 @@ enum Cmd {
         #[arg(long, short)]
         config: PathBuf,
     },
-    /// Start two WebSocket echo backends and ringlb in front of them.
+    /// Start two WebSocket echo backends and ringlb in front of them, with a
+    /// page to open in a browser and the admin dashboard.
     Demo {
+        /// Where the demo page and its WebSocket endpoint (/ws) listen.
         #[arg(long, default_value = "127.0.0.1:8080")]
         listen: SocketAddr,
+        /// The admin listener (dashboard, /status, /metrics); port 0 picks a free one.
+        #[arg(long, default_value = "127.0.0.1:0")]
+        admin: SocketAddr,
     },
 }
 
@@ -104,9 +109,9 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             let server = Server::start(cfg)?;
             supervise(server, signals, config.as_deref())
         }
-        Cmd::Demo { listen } => {
+        Cmd::Demo { listen, admin } => {
             init_log("warn");
-            ringlb::demo::run(listen)
+            ringlb::demo::run(listen, admin)
         }
     }
 }

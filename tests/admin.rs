@@ -243,3 +243,102 @@ fn a_configured_token_is_required() {
     let (_, text) = get(admin, "/status", good);
     assert!(text.contains("\"draining\""), "{text}");
 }
+
+/// `GET /` is the dashboard: served without the token (a browser cannot
+/// attach one to a navigation; the page holds no data), with a policy that
+/// keeps it from loading anything from elsewhere or being framed; every
+/// other method is refused. `/status` carries the sums the dashboard draws,
+/// equal to the ones `/metrics` exports.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn dashboard_page_and_the_status_sums_it_reads() {
+    let secrets = tempfile::tempdir().unwrap();
+    let token_file = secrets.path().join("admin.token");
+    std::fs::write(&token_file, "t0ken\n").unwrap();
+    let b = Backend::start().await;
+    let proxy = Proxy::start(&format!(
+        "{}\n[admin]\nlisten = \"127.0.0.1:0\"\ntoken_file = {:?}\n",
+        config(&[b.addr], "", ""),
+        token_file
+    ));
+    let admin = proxy.admin.unwrap();
+    let (status, text) = get(admin, "/", "");
+    assert_eq!(status, 200, "{text}");
+    assert!(text.contains("Content-Type: text/html"), "{text}");
+    assert!(
+        text.contains("Content-Security-Policy: default-src 'none';")
+            && text.contains("connect-src 'self'")
+            && text.contains("frame-ancestors 'none'"),
+        "{text}"
+    );
+    assert!(text.contains("<title>ringlb dashboard</title>"), "{text}");
+    let (status, text) = raw(
+        admin,
+        &format!(
+            "GET / HTTP/1.1\r\nHost: evil.example:{}\r\n\r\n",
+            admin.port()
+        ),
+    );
+    assert_eq!(status, 403, "DNS rebinding gets no page either: {text}");
+    let (status, text) = raw(
+        admin,
+        &format!("POST / HTTP/1.1\r\nHost: {admin}\r\nX-Ringlb-Admin: 1\r\nAuthorization: Bearer t0ken\r\nContent-Length: 0\r\n\r\n"),
+    );
+    assert_eq!(status, 405, "{text}");
+
+    let mut ws = connect(&proxy.url("/")).await;
+    echo(&mut ws, "counted").await;
+    drop(ws);
+    let _ = raw_exchange(
+        proxy.addr(),
+        b"GET / HTTP/1.1\r\nHost: x\r\nUpgrade: websocket\r\n\r\n",
+    )
+    .await;
+    let auth = "Authorization: Bearer t0ken\r\n";
+    // Wait for the session's close to be counted, then compare: nothing
+    // else happens in between.
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let st = loop {
+        let (_, text) = get(admin, "/status", auth);
+        let body = text.split_once("\r\n\r\n").unwrap().1;
+        let st: serde_json::Value = serde_json::from_str(body).unwrap();
+        if st["sessions_closed"]["client"] == 1 {
+            break st;
+        }
+        assert!(Instant::now() < deadline, "{st}");
+        std::thread::sleep(Duration::from_millis(20));
+    };
+    let (_, metrics) = get(admin, "/metrics", auth);
+    let sample = |line: &str| -> u64 {
+        metrics
+            .lines()
+            .find_map(|l| l.strip_prefix(line)?.trim().parse().ok())
+            .unwrap_or_else(|| panic!("no {line} in {metrics}"))
+    };
+    assert_eq!(st["handshakes"]["101"], 1, "{st}");
+    assert_eq!(st["handshakes"]["400"], 1, "{st}");
+    for (result, n) in st["handshakes"].as_object().unwrap() {
+        assert_eq!(
+            n.as_u64().unwrap(),
+            sample(&format!("ringlb_handshakes_total{{result=\"{result}\"}}")),
+            "{result}"
+        );
+    }
+    for (reason, n) in st["sessions_closed"].as_object().unwrap() {
+        assert_eq!(
+            n.as_u64().unwrap(),
+            sample(&format!(
+                "ringlb_sessions_closed_total{{reason=\"{reason}\"}}"
+            )),
+            "{reason}"
+        );
+    }
+    for dir in ["client_to_backend", "backend_to_client"] {
+        let n = st["bytes"][dir].as_u64().unwrap();
+        assert!(n > 0, "{st}");
+        assert_eq!(
+            n,
+            sample(&format!("ringlb_bytes_total{{direction=\"{dir}\"}}")),
+            "{dir}"
+        );
+    }
+}

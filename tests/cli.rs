@@ -230,12 +230,19 @@ async fn demo_echoes_and_reports() {
         .unwrap();
     let mut stdout = BufReader::new(child.stdout.take().unwrap());
     let mut line = String::new();
+    // The banner: the page to open, then the WebSocket endpoint.
+    stdout.read_line(&mut line).unwrap();
+    assert!(line.contains("open http://"), "{line:?}");
+    line.clear();
     stdout.read_line(&mut line).unwrap();
     let url = line
         .split_whitespace()
         .find(|w| w.starts_with("ws://"))
         .unwrap_or_else(|| panic!("no ws:// URL in {line:?}"))
+        .trim_end_matches(',')
         .to_string();
+    assert!(url.ends_with("/ws"), "{url}");
+    // A plain WebSocket client (no demo subprotocol) gets a pure echo.
     let (mut ws, _) = tokio::time::timeout(
         Duration::from_secs(10),
         tokio_tungstenite::connect_async(&url),

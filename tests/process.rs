@@ -159,9 +159,9 @@ fn demo_on_a_taken_address_says_so() {
     stdout.read_line(&mut line).unwrap();
     let taken = line
         .split_whitespace()
-        .find_map(|w| w.strip_prefix("ws://"))
-        .unwrap_or_else(|| panic!("no ws:// URL in {line:?}"))
-        .trim_end_matches('/')
+        .find_map(|w| w.strip_prefix("http://"))
+        .and_then(|w| w.split('/').next())
+        .unwrap_or_else(|| panic!("no http:// URL in {line:?}"))
         .to_string();
     let second = run_refused(ringlb().args(["demo", "--listen", &taken]));
     first.kill().unwrap();
