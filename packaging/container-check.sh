@@ -116,6 +116,7 @@ say "== building ringlb and ringlb-load on the host"
 cargo build --release --locked -p ringlb -p ringlb-load
 cargo build --release --locked -p ringlb
 BIN="$REPO/target/release"
+say "== built [$(elapsed)]"
 
 # ---- 2. the Debian root ----
 # One imported root per day: mmdebstrap takes 10-20 s here (longer from a
