@@ -1,14 +1,25 @@
-# ringlb in a container: a Rust build stage, then a slim Debian runtime that
-# runs ringlb as the non-root user "ringlb".
+# ringlb in a container: a Rust build stage ("build"), then a slim Debian
+# runtime stage ("runtime", the default target) that runs ringlb as the
+# non-root user "ringlb".
 #
 #   docker build -t ringlb .
 #   docker run --rm --security-opt seccomp=config/docker-seccomp.json -p 8080:8080 ringlb
+#
+# packaging/container-check.sh builds this same runtime stage with podman and
+# no registry: RUNTIME_BASE names a locally imported Debian root, and the
+# named build context "build" (--build-context build=DIR, which replaces the
+# stage of that name in podman and in Docker's BuildKit) supplies a ringlb
+# binary built on the host at the path the build stage leaves it.
 #
 # Docker's default seccomp profile (Docker 25+) blocks io_uring; the profile
 # in config/docker-seccomp.json is that default plus the three io_uring
 # syscalls. The image serves the SPA example (examples/spa/dist) with
 # config/docker.toml; mount your own configuration and files over
 # /etc/ringlb/ringlb.toml and /srv/app. README.md, "Docker", has the rest.
+
+# The runtime's base image. Any Debian bookworm root works: the binary links
+# only glibc and libgcc_s, and the stage needs bash (HEALTHCHECK) and useradd.
+ARG RUNTIME_BASE=debian:bookworm-slim
 
 FROM rust:1-bookworm AS build
 WORKDIR /src
@@ -20,9 +31,11 @@ COPY loadtest ./loadtest
 # The same command .ci/run runs (tests/packaging.rs checks that it does).
 RUN cargo build --release --locked -p ringlb
 
-FROM debian:bookworm-slim
+FROM ${RUNTIME_BASE} AS runtime
 RUN useradd --system --no-create-home --home-dir /nonexistent \
         --shell /usr/sbin/nologin ringlb
+# packaging/container-check.sh's build context "build" has the host's binary
+# at this same path.
 COPY --from=build /src/target/release/ringlb /usr/local/bin/ringlb
 COPY config/docker.toml /etc/ringlb/ringlb.toml
 COPY examples/spa/dist /srv/app
@@ -39,5 +52,8 @@ HEALTHCHECK --interval=10s --timeout=3s --start-period=5s --retries=3 \
 # --stop-timeout at run) as long as server.drain_timeout. SIGHUP
 # (`docker kill -s HUP`) reloads /etc/ringlb/ringlb.toml.
 STOPSIGNAL SIGTERM
+# ringlb is PID 1, with no init: it handles TERM, INT and HUP itself (PID 1
+# gets no default signal actions) and starts no child processes, so there is
+# nothing to reap. `docker run --init` works too but is not needed.
 ENTRYPOINT ["/usr/local/bin/ringlb"]
 CMD ["run", "--config", "/etc/ringlb/ringlb.toml"]

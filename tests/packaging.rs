@@ -1,7 +1,9 @@
 //! Packaging: the Docker seccomp profile, the Dockerfile (and that CI runs
-//! its build command), the systemd unit. These files are not exercised by
-//! anything else on a machine without Docker or systemd, so their claims are
-//! checked here.
+//! its build command), packaging/container-check.sh's claim to build the
+//! Dockerfile's runtime stage, the SPA example's app image, the systemd
+//! unit. Only packaging/container-check.sh (podman, in CI) runs the image;
+//! these static checks are fast and need no container engine (the unit is
+//! verified with systemd-analyze where it is installed).
 
 use std::collections::BTreeSet;
 use std::path::{Path, PathBuf};
@@ -86,9 +88,13 @@ fn seccomp_profile_is_where_the_error_message_says() {
 /// Dockerfile instructions with continuation lines joined and comments
 /// dropped: (INSTRUCTION, arguments).
 fn dockerfile() -> Vec<(String, String)> {
+    instructions("Dockerfile")
+}
+
+fn instructions(rel: &str) -> Vec<(String, String)> {
     let mut out = Vec::new();
     let mut cur = String::new();
-    for line in read("Dockerfile").lines() {
+    for line in read(rel).lines() {
         let t = line.trim();
         if t.starts_with('#') || (t.is_empty() && cur.is_empty()) {
             continue;
@@ -222,6 +228,169 @@ fn dockerfile_is_consistent_with_its_inputs() {
             .any(|(i, a)| i == "EXPOSE" && a.split_whitespace().any(|p| p == port)),
         "EXPOSE {port}"
     );
+}
+
+// ---- packaging/container-check.sh and the SPA example's app image ----
+
+/// The stages of a Dockerfile: (FROM arguments, its instructions).
+fn stages(ins: &[(String, String)]) -> Vec<(String, Vec<(String, String)>)> {
+    let mut out: Vec<(String, Vec<(String, String)>)> = Vec::new();
+    for (i, a) in ins {
+        if i == "FROM" {
+            out.push((a.clone(), Vec::new()));
+        } else if let Some(last) = out.last_mut() {
+            last.1.push((i.clone(), a.clone()));
+        }
+    }
+    out
+}
+
+/// container-check.sh builds the Dockerfile's runtime stage, not a copy of
+/// it: `--target runtime` of the repository's Dockerfile, its base given as
+/// the RUNTIME_BASE argument, and the host's binary as the build context
+/// named after the build stage, at the path that stage leaves it.
+#[test]
+fn container_check_builds_the_dockerfiles_runtime_stage() {
+    let ins = dockerfile();
+    let global_args: Vec<&str> = ins
+        .iter()
+        .take_while(|(i, _)| i != "FROM")
+        .filter(|(i, _)| i == "ARG")
+        .map(|(_, a)| a.as_str())
+        .collect();
+    assert!(
+        global_args.contains(&"RUNTIME_BASE=debian:bookworm-slim"),
+        "ARG RUNTIME_BASE=debian:bookworm-slim before the first FROM: {global_args:?}"
+    );
+    let st = stages(&ins);
+    assert_eq!(st.len(), 2, "a build and a runtime stage");
+    let (build_from, build) = &st[0];
+    assert!(build_from.ends_with(" AS build"), "{build_from}");
+    // `docker build .` without --target builds the last stage.
+    let (runtime_from, runtime) = &st[1];
+    assert_eq!(runtime_from, "${RUNTIME_BASE} AS runtime");
+    let workdir = build
+        .iter()
+        .rev()
+        .find(|(i, _)| i == "WORKDIR")
+        .map(|(_, a)| a.trim_end_matches('/').to_string())
+        .expect("a WORKDIR in the build stage");
+    let bin = format!("{workdir}/target/release/ringlb");
+    let copy = runtime
+        .iter()
+        .find(|(i, a)| i == "COPY" && a.starts_with("--from="))
+        .map(|(_, a)| a.as_str())
+        .expect("the runtime stage copies the binary from the build stage");
+    assert_eq!(copy, format!("--from=build {bin} /usr/local/bin/ringlb"));
+
+    let script = read("packaging/container-check.sh");
+    for needle in [
+        "-f Dockerfile --target runtime",
+        "--build-arg \"RUNTIME_BASE=$ROOT_IMAGE\"",
+        "--build-context \"build=$WORK/build-stage\"",
+        "--isolation=chroot",
+        "mmdebstrap --variant=minbase",
+        "--security-opt seccomp=config/docker-seccomp.json",
+    ] {
+        assert!(
+            script.contains(needle),
+            "container-check.sh lacks {needle:?}"
+        );
+    }
+    assert!(
+        script.contains(&format!("\"$WORK/build-stage{bin}\"")),
+        "container-check.sh does not put the binary at the build stage's {bin}"
+    );
+    // The binary in the image is the one the Dockerfile's command builds.
+    let cmd = build
+        .iter()
+        .find(|(i, a)| i == "RUN" && a.starts_with("cargo build"))
+        .map(|(_, a)| a.as_str())
+        .unwrap();
+    assert!(
+        script.lines().any(|l| l.trim() == cmd),
+        "container-check.sh does not run {cmd:?}"
+    );
+}
+
+/// What container-check.sh looks for in ringlb's output is what ringlb
+/// says, so a reworded message fails here rather than late in CI.
+#[test]
+fn container_check_expects_what_ringlb_logs() {
+    let script = read("packaging/container-check.sh");
+    let probe = read("src/ring/probe.rs");
+    let main = read("src/main.rs");
+    for (text, src, file) in [
+        ("blocked by a seccomp filter", &probe, "src/ring/probe.rs"),
+        (
+            "--security-opt seccomp=config/docker-seccomp.json",
+            &probe,
+            "src/ring/probe.rs",
+        ),
+        ("draining: listeners closed", &main, "src/main.rs"),
+        ("drained; exiting", &main, "src/main.rs"),
+    ] {
+        assert!(
+            script.contains(text),
+            "container-check.sh no longer checks {text:?}"
+        );
+        assert!(src.contains(text), "{file} no longer says {text:?}");
+    }
+}
+
+/// CI runs the container check, after the tests.
+#[test]
+fn ci_runs_the_container_check() {
+    let ci = read(".ci/run");
+    let line = |needle: &str| {
+        ci.lines()
+            .position(|l| l.trim() == needle)
+            .unwrap_or_else(|| panic!(".ci/run has no line {needle:?}"))
+    };
+    assert!(
+        line("bash packaging/container-check.sh")
+            > line("cargo test --workspace 2>&1 | tee \"$TEST_LOG\"")
+    );
+}
+
+/// The SPA example's app image is built FROM the ringlb image, as the
+/// seed's was FROM its nginx base; both build scripts agree on the names.
+#[test]
+fn spa_app_image_builds_from_the_ringlb_image() {
+    let ins = instructions("examples/spa/Dockerfile");
+    assert!(ins.contains(&("ARG".into(), "RINGLB_IMAGE=ringlb:latest".into())));
+    let froms: Vec<&str> = ins
+        .iter()
+        .filter(|(i, _)| i == "FROM")
+        .map(|(_, a)| a.as_str())
+        .collect();
+    assert_eq!(froms.last(), Some(&"${RINGLB_IMAGE}"));
+    for (i, a) in &ins {
+        if i == "COPY" && !a.starts_with("--from") {
+            let src = a.split_whitespace().next().unwrap();
+            assert!(
+                repo().join("examples/spa").join(src).exists(),
+                "COPY {src}: missing"
+            );
+        }
+    }
+    let user = ins
+        .iter()
+        .rev()
+        .find(|(i, _)| i == "USER")
+        .map(|(_, a)| a.as_str());
+    assert_eq!(user, Some("ringlb"), "the app image runs as ringlb");
+    let sh = read("examples/spa/image_build.sh");
+    let ps1 = read("examples/spa/image_build.ps1");
+    for needle in [
+        "ringlb:latest",
+        "app-front:latest",
+        "RINGLB_IMAGE=",
+        "--format",
+    ] {
+        assert!(sh.contains(needle), "image_build.sh lacks {needle:?}");
+        assert!(ps1.contains(needle), "image_build.ps1 lacks {needle:?}");
+    }
 }
 
 // ---- packaging/ringlb.service ----
