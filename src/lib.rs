@@ -2,7 +2,9 @@
 //!
 //! Layout: `config` (two-stage TOML), `http` (heads), `route`, `upstream`
 //! (least connections), `conn` (the sans-IO connection state machine),
-//! `shard` (one thread, one ring), `ring` (every SQE and every `unsafe`),
+//! `shard` (one thread, one ring: loop, timers, commands), `driver` (owns
+//! what the kernel borrows; completions to events), `ring` (every SQE; with
+//! `driver`, the only `unsafe`),
 //! `server` (listeners and shard threads), `demo`.
 #![deny(unsafe_code)]
 
@@ -10,9 +12,10 @@ pub mod admin;
 pub mod config;
 pub mod conn;
 pub mod demo;
+pub(crate) mod driver;
 pub mod files;
 pub mod http;
-pub mod ring;
+pub(crate) mod ring;
 pub mod route;
 pub mod server;
 pub mod shard;

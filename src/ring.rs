@@ -1,25 +1,30 @@
-//! The only module that builds SQEs and the only one with `unsafe`.
+//! The only module that builds SQEs, and (with `driver`) the only one with
+//! `unsafe`.
 //!
-//! Ownership while the kernel holds a pointer:
-//! - Provided buffers live in one anonymous mapping owned by [`BufRing`]. The
-//!   kernel writes into a buffer only while it sits in the ring; a CQE hands
-//!   it to us, and [`BufRing::release`] hands it back. The shard drops the
-//!   `BufRing` only after its ring has been torn down (field order in
-//!   `Shard`), so the kernel never writes into unmapped memory.
-//! - Bytes a send reads and the address a connect reads are heap allocations
-//!   owned by the connection's slab slot (`Vec<u8>`, `Box<SockAddr>`); heap
-//!   data does not move when the slab grows. The shard frees a slot only
-//!   when every op it submitted for that slot has completed (it counts them),
-//!   and cancels and waits rather than freeing early.
-//! - A file read writes into the static answer's buffer (`files::Serve::buf`),
-//!   owned by the same slot and never resized while a read is in flight; an
-//!   `openat2` reads a path and an `OpenHow` boxed in the slot until its CQE.
-//! - Sockets are `OwnedFd`s in the same slot, closed under the same rule; a
-//!   `close()` with an op pending would not even send a FIN, which is why
-//!   the shard cancels first.
+//! Every function here that hands the kernel memory or a descriptor it
+//! keeps using after the call returns is an `unsafe fn` whose `# Safety`
+//! section states what the caller must keep alive, and until when. The
+//! caller that keeps those promises is `crate::driver::Driver`: it owns
+//! the ring, the provided-buffer ring, every slot's descriptors and the boxed
+//! memory ops point into, and frees or closes none of them while an op
+//! that uses it is in flight (it counts them, cancels, and on shutdown reaps
+//! every completion before anything is freed). Its module doc has the
+//! ownership table; `user_data` is built there too and is opaque here.
 //!
-//! `user_data` is built by the shard (see `shard::Ud`); this module treats it
-//! as opaque.
+//! What stays safe, and why:
+//! - [`BufRing::data`] checks at run time that the buffer was handed to us
+//!   by a completion and not yet given back (a per-buffer flag), so the
+//!   kernel cannot be writing into the bytes it returns. [`BufRing::release`]
+//!   stays `unsafe`: nothing here can see whether a send still reads it.
+//! - Cancels pass only a `user_data` or a descriptor number to match; the
+//!   kernel keeps neither.
+//! - [`Pipe`]'s methods and [`eventfd_signal`] are plain syscalls that are
+//!   over when they return.
+//!
+//! [`Uring`] counts every op from its push to its last completion (one
+//! without `IORING_CQE_F_MORE`), so a shutdown can wait until the kernel
+//! holds nothing: a ring's teardown on close is asynchronous and must never
+//! be what ends an op whose memory is about to be freed.
 //!
 //! [`probe`] exercises every feature the shards use once at startup.
 
@@ -68,6 +73,8 @@ pub enum Mode {
 pub struct Uring {
     ring: IoUring,
     pub mode: Mode,
+    /// Ops pushed whose last completion has not been read yet.
+    in_flight: usize,
 }
 
 impl Uring {
@@ -91,20 +98,33 @@ impl Uring {
             b.setup_cqsize(cq).setup_submit_all();
             f(&mut b);
             match b.build(entries) {
-                Ok(ring) => return Ok(Uring { ring, mode }),
+                Ok(ring) => {
+                    return Ok(Uring {
+                        ring,
+                        mode,
+                        in_flight: 0,
+                    })
+                }
                 Err(e) => last = Some(e),
             }
         }
         Err(last.unwrap_or_else(|| io::Error::other("io_uring setup failed")))
     }
 
+    /// Ops submitted (or queued) whose last completion has not been read.
+    pub fn in_flight(&self) -> usize {
+        self.in_flight
+    }
+
+    /// Queues `entry`. Not itself unsafe to call: every caller is one of the
+    /// `unsafe fn`s below (or a cancel), whose contract covers what the
+    /// entry points at.
     fn push(&mut self, entry: squeue::Entry) {
+        self.in_flight += 1;
         loop {
-            // SAFETY: every entry built below points only at memory that
-            // outlives the op, by the ownership rules in the module doc:
-            // provided buffers (owned by BufRing, dropped after the ring),
-            // heap data owned by a slab slot that is freed only after all its
-            // ops completed, and the eventfd buffer boxed inside the shard.
+            // SAFETY: the entry's pointers and descriptors are covered by
+            // the `# Safety` contract of the public function that built it
+            // (cancels carry none).
             let pushed = unsafe { self.ring.submission().push(&entry) };
             if pushed.is_ok() {
                 return;
@@ -120,7 +140,13 @@ impl Uring {
         }
     }
 
-    pub fn accept_multi(&mut self, listener: RawFd, ud: u64) {
+    /// A multishot accept on `listener`.
+    ///
+    /// # Safety
+    /// `listener` stays open, and names the same socket, until this op's last
+    /// completion (one without `IORING_CQE_F_MORE`): the kernel resolves the
+    /// number when it issues the SQE, which may be after this returns.
+    pub unsafe fn accept_multi(&mut self, listener: RawFd, ud: u64) {
         let e = opcode::AcceptMulti::new(types::Fd(listener))
             .flags(libc::SOCK_NONBLOCK | libc::SOCK_CLOEXEC)
             .build()
@@ -128,16 +154,26 @@ impl Uring {
         self.push(e);
     }
 
-    pub fn recv_multi(&mut self, fd: RawFd, bgid: u16, ud: u64) {
+    /// A multishot recv that picks buffers from group `bgid`.
+    ///
+    /// # Safety
+    /// `fd` stays open until the op's last completion, and the [`BufRing`]
+    /// registered as `bgid` on this ring is not dropped before then (the
+    /// kernel writes into its buffers at any time until that completion).
+    pub unsafe fn recv_multi(&mut self, fd: RawFd, bgid: u16, ud: u64) {
         let e = opcode::RecvMulti::new(types::Fd(fd), bgid)
             .build()
             .user_data(ud);
         self.push(e);
     }
 
-    /// Sends `len` bytes at `ptr`. The caller keeps that memory alive and
-    /// unmoved until this op's CQE (module doc).
-    pub fn send(&mut self, fd: RawFd, ptr: *const u8, len: usize, ud: u64) {
+    /// Sends `len` bytes at `ptr`.
+    ///
+    /// # Safety
+    /// `ptr..ptr + len` is readable and stays allocated, unmoved and
+    /// unwritten until this op's completion; `fd` stays open until then.
+    /// A cancelled send still reads until its completion says it is over.
+    pub unsafe fn send(&mut self, fd: RawFd, ptr: *const u8, len: usize, ud: u64) {
         let e = opcode::Send::new(types::Fd(fd), ptr, len as u32)
             .flags(libc::MSG_NOSIGNAL)
             .build()
@@ -145,27 +181,39 @@ impl Uring {
         self.push(e);
     }
 
-    /// Connects `fd` to `addr`; `addr` is boxed in the caller's slot until the CQE.
-    pub fn connect(&mut self, fd: RawFd, addr: &socket2::SockAddr, ud: u64) {
+    /// Connects `fd` to `addr`.
+    ///
+    /// # Safety
+    /// `addr` (the kernel keeps its pointer, not a copy, until it issues the
+    /// op) stays allocated and unmoved until this op's completion, and `fd`
+    /// stays open until then.
+    pub unsafe fn connect(&mut self, fd: RawFd, addr: &socket2::SockAddr, ud: u64) {
         let e = opcode::Connect::new(types::Fd(fd), addr.as_ptr().cast(), addr.len())
             .build()
             .user_data(ud);
         self.push(e);
     }
 
-    /// Cancels every op on `fd`.
-    /// `openat2` relative to `dir`. `path` and `how` must stay where they
-    /// are until the CQE (the shard boxes them in the connection's slot).
-    pub fn openat2(&mut self, dir: RawFd, path: &CStr, how: &types::OpenHow, ud: u64) {
+    /// `openat2` relative to `dir`.
+    ///
+    /// # Safety
+    /// `path` and `how` stay allocated and unmoved, and `dir` open, until
+    /// this op's completion. The completion's result is a new descriptor
+    /// that only its reader may adopt ([`adopt_fd`]).
+    pub unsafe fn openat2(&mut self, dir: RawFd, path: &CStr, how: &types::OpenHow, ud: u64) {
         let e = opcode::OpenAt2::new(types::Fd(dir), path.as_ptr(), how)
             .build()
             .user_data(ud);
         self.push(e);
     }
 
-    /// Reads a regular file at `offset` into `ptr..ptr+len`, which must stay
-    /// allocated and untouched until the CQE.
-    pub fn read(&mut self, fd: RawFd, ptr: *mut u8, len: usize, offset: u64, ud: u64) {
+    /// Reads a regular file at `offset` into `ptr..ptr + len`.
+    ///
+    /// # Safety
+    /// `ptr..ptr + len` is writable, stays allocated and unmoved, and is
+    /// neither read nor written by anyone else until this op's completion;
+    /// `fd` stays open until then.
+    pub unsafe fn read(&mut self, fd: RawFd, ptr: *mut u8, len: usize, offset: u64, ud: u64) {
         let e = opcode::Read::new(types::Fd(fd), ptr, len as u32)
             .offset(offset)
             .build()
@@ -176,9 +224,12 @@ impl Uring {
     /// Moves up to `len` bytes of regular file `fd` at `offset` into `pipe`
     /// (page references, no copy). From the page cache it completes at
     /// once; a read that must wait for the disk runs in the kernel's io-wq,
-    /// not on the shard thread. No user memory is involved; the file and the
-    /// pipe belong to the connection's slab slot, freed only after its ops.
-    pub fn splice_file(&mut self, fd: RawFd, offset: u64, pipe: &Pipe, len: u32, ud: u64) {
+    /// not on the shard thread.
+    ///
+    /// # Safety
+    /// `fd` and both ends of `pipe` stay open until this op's completion
+    /// (the io-wq worker resolves and uses them after this returns).
+    pub unsafe fn splice_file(&mut self, fd: RawFd, offset: u64, pipe: &Pipe, len: u32, ud: u64) {
         let e = opcode::Splice::new(
             types::Fd(fd),
             offset as i64,
@@ -192,13 +243,29 @@ impl Uring {
     }
 
     /// A one-shot readiness poll (`POLLIN`, `POLLOUT`, ...).
-    pub fn poll(&mut self, fd: RawFd, mask: u32, ud: u64) {
+    ///
+    /// # Safety
+    /// `fd` stays open until this op's completion.
+    pub unsafe fn poll(&mut self, fd: RawFd, mask: u32, ud: u64) {
         let e = opcode::PollAdd::new(types::Fd(fd), mask)
             .build()
             .user_data(ud);
         self.push(e);
     }
 
+    /// Reads 8 bytes from an eventfd into `buf`.
+    ///
+    /// # Safety
+    /// `buf` stays allocated, unmoved and untouched, and `fd` open, until
+    /// this op's completion.
+    pub unsafe fn read_eventfd(&mut self, fd: RawFd, buf: &mut [u8; 8], ud: u64) {
+        let e = opcode::Read::new(types::Fd(fd), buf.as_mut_ptr(), 8)
+            .build()
+            .user_data(ud);
+        self.push(e);
+    }
+
+    /// Cancels every op on `fd`. The kernel only compares the number.
     pub fn cancel_fd(&mut self, fd: RawFd, ud: u64) {
         let e = opcode::AsyncCancel2::new(types::CancelBuilder::fd(types::Fd(fd)).all())
             .build()
@@ -214,10 +281,11 @@ impl Uring {
         self.push(e);
     }
 
-    /// Reads 8 bytes from an eventfd into `buf`, which the caller keeps boxed
-    /// for the life of the ring.
-    pub fn read_eventfd(&mut self, fd: RawFd, buf: &mut [u8; 8], ud: u64) {
-        let e = opcode::Read::new(types::Fd(fd), buf.as_mut_ptr(), 8)
+    /// Cancels every op on the ring (`IORING_ASYNC_CANCEL_ANY`), for
+    /// shutdown. Ops the kernel cannot stop (a file read already in io-wq)
+    /// still complete by themselves.
+    pub fn cancel_all(&mut self, ud: u64) {
+        let e = opcode::AsyncCancel2::new(types::CancelBuilder::any())
             .build()
             .user_data(ud);
         self.push(e);
@@ -249,20 +317,58 @@ impl Uring {
         }
     }
 
+    /// Cancels every op, then reads completions (handing each to `each`)
+    /// until none is in flight or `limit` has passed. True if none is left:
+    /// only then may the memory those ops used be freed. The ring itself
+    /// is left usable.
+    pub fn quiesce(&mut self, cancel_ud: u64, limit: Duration, mut each: impl FnMut(Cqe)) -> bool {
+        if self.in_flight == 0 {
+            return true;
+        }
+        self.cancel_all(cancel_ud);
+        let deadline = std::time::Instant::now() + limit;
+        let mut batch = Vec::with_capacity(256);
+        while self.in_flight > 0 {
+            let left = deadline.saturating_duration_since(std::time::Instant::now());
+            if left.is_zero() {
+                break;
+            }
+            if let Err(e) = self.submit_and_wait(Some(left)) {
+                log::error!("io_uring wait failed while reaping for shutdown: {e}");
+                break;
+            }
+            self.completions(&mut batch);
+            for c in batch.drain(..) {
+                each(c);
+            }
+        }
+        self.in_flight == 0
+    }
+
     /// Moves up to `out.capacity()` completions into `out`.
     pub fn completions(&mut self, out: &mut Vec<Cqe>) {
         out.clear();
         let cap = out.capacity().max(64);
         for c in self.ring.completion().take(cap) {
-            out.push(Cqe {
+            let cqe = Cqe {
                 user_data: c.user_data(),
                 result: c.result(),
                 flags: c.flags(),
-            });
+            };
+            if !cqe.more() {
+                self.in_flight -= 1;
+            }
+            out.push(cqe);
         }
     }
 
-    pub fn buf_ring(&self, bgid: u16, entries: u16, buf_size: u32) -> io::Result<BufRing> {
+    /// Registers a provided-buffer ring as group `bgid`.
+    ///
+    /// # Safety
+    /// The returned [`BufRing`] is not dropped while any op that selects
+    /// from `bgid` on this ring is in flight (its drop unmaps the buffers
+    /// the kernel writes into), nor before this ring if such an op may be.
+    pub unsafe fn buf_ring(&self, bgid: u16, entries: u16, buf_size: u32) -> io::Result<BufRing> {
         BufRing::new(&self.ring, bgid, entries, buf_size)
     }
 }
@@ -281,6 +387,8 @@ pub struct BufRing {
     pub bgid: u16,
     /// Buffers we hold (between a CQE and `release`).
     held: usize,
+    /// Which buffers we hold: the kernel writes only into the others.
+    ours: Vec<bool>,
     entries: u16,
 }
 
@@ -316,7 +424,7 @@ impl Mapping {
 impl Drop for Mapping {
     fn drop(&mut self) {
         // SAFETY: `ptr`/`len` came from a successful mmap and are unmapped
-        // once; BufRing is dropped after its io_uring (module doc).
+        // once; by `Uring::buf_ring`'s contract no op uses them any more.
         unsafe {
             libc::munmap(self.ptr.cast(), self.len);
         }
@@ -330,8 +438,8 @@ impl BufRing {
             Mapping::anon(entries as usize * std::mem::size_of::<types::BufRingEntry>())?;
         let bufs = Mapping::anon(entries as usize * buf_size as usize)?;
         // SAFETY: the entry ring mapping is page aligned, sized for
-        // `entries`, and lives in this BufRing, which the shard drops only
-        // after the io_uring it is registered with.
+        // `entries`, and lives in this BufRing, which by `Uring::buf_ring`'s
+        // contract outlives every op that selects from it.
         unsafe {
             ring.submitter().register_buf_ring_with_flags(
                 entries_map.ptr as u64,
@@ -348,11 +456,14 @@ impl BufRing {
             tail: 0,
             bgid,
             held: entries as usize,
+            ours: vec![true; entries as usize],
             entries,
         };
         for bid in 0..entries {
             br.prefault(bid);
-            br.release(bid);
+            // SAFETY: no op has been submitted against this group yet, so
+            // nothing reads the buffer; it is ours (`ours` starts all true).
+            unsafe { br.release(bid) };
         }
         br.commit();
         Ok(br)
@@ -381,9 +492,18 @@ impl BufRing {
         self.entries as usize - self.held
     }
 
-    /// Records that a CQE handed us `bid`.
-    pub fn taken(&mut self, _bid: u16) {
+    /// Records that a CQE handed us `bid`. Panics if we already hold it:
+    /// the kernel never hands out a buffer twice, so the CQE was not real.
+    pub fn taken(&mut self, bid: u16) {
+        let ours = &mut self.ours[bid as usize];
+        assert!(!*ours, "buffer {bid} handed to us twice");
+        *ours = true;
         self.held += 1;
+    }
+
+    /// Whether we hold `bid` (taken and not yet released).
+    pub fn is_ours(&self, bid: u16) -> bool {
+        self.ours.get(bid as usize).copied().unwrap_or(false)
     }
 
     fn buf_ptr(&self, bid: u16) -> *mut u8 {
@@ -394,12 +514,19 @@ impl BufRing {
             .wrapping_add(bid as usize * self.buf_size as usize)
     }
 
-    /// The bytes a recv CQE delivered in `bid`.
+    /// The bytes a recv CQE delivered in `bid`. Safe because it checks
+    /// that we hold `bid`: the kernel writes only into buffers in the ring,
+    /// and `release` (which puts it back) needs `&mut self`, so it cannot
+    /// happen while the returned slice lives.
     pub fn data(&self, bid: u16, len: usize) -> &[u8] {
         assert!(bid <= self.mask && len <= self.buf_size as usize);
-        // SAFETY: the CQE gave `bid` to us, so the kernel no longer writes
-        // to it until `release`; `len` bytes were written by the kernel and
-        // lie inside the mapping.
+        assert!(
+            self.is_ours(bid),
+            "reading buffer {bid}, which the kernel holds"
+        );
+        // SAFETY: we hold `bid` (checked), so the kernel does not write to
+        // it until `release`; `len` bytes lie inside the mapping, and the
+        // mapping lives as long as `self`.
         unsafe { std::slice::from_raw_parts(self.buf_ptr(bid), len) }
     }
 
@@ -410,7 +537,17 @@ impl BufRing {
     }
 
     /// Gives `bid` back to the kernel; visible after [`BufRing::commit`].
-    pub fn release(&mut self, bid: u16) {
+    /// Panics if we do not hold it (a double release would let two recvs
+    /// write into one buffer).
+    ///
+    /// # Safety
+    /// No op in flight reads `bid` any more: a send from it has completed
+    /// (or was cancelled and its completion arrived). Once released, the
+    /// kernel may write into it at any time.
+    pub unsafe fn release(&mut self, bid: u16) {
+        let ours = &mut self.ours[bid as usize];
+        assert!(*ours, "releasing buffer {bid}, which the kernel holds");
+        *ours = false;
         let idx = (self.tail & self.mask) as usize;
         let base = self.entries_map.ptr.cast::<types::BufRingEntry>();
         // SAFETY: `idx` < entries, inside the entry mapping. The slot at the
@@ -440,11 +577,16 @@ impl BufRing {
     }
 }
 
-/// Takes ownership of a socket an accept CQE returned.
-pub fn adopt_fd(fd: RawFd) -> OwnedFd {
+/// Takes ownership of a descriptor a completion (accept, openat2) or a
+/// syscall just returned.
+///
+/// # Safety
+/// `fd` is a descriptor the kernel just created for us that nothing else
+/// owns or will close: adopting it twice, or one that another owner holds,
+/// closes it under that owner (and then whatever file reuses the number).
+pub unsafe fn adopt_fd(fd: RawFd) -> OwnedFd {
     assert!(fd >= 0);
-    // SAFETY: the kernel just created this descriptor for us in an accept
-    // completion; nothing else owns it.
+    // SAFETY: the caller's contract: nothing else owns `fd`.
     unsafe { OwnedFd::from_raw_fd(fd) }
 }
 
@@ -455,7 +597,8 @@ pub fn eventfd() -> io::Result<OwnedFd> {
     if fd < 0 {
         return Err(io::Error::last_os_error());
     }
-    Ok(adopt_fd(fd))
+    // SAFETY: eventfd(2) just created `fd` and it is adopted once, here.
+    Ok(unsafe { adopt_fd(fd) })
 }
 
 pub fn eventfd_signal(fd: &OwnedFd) {

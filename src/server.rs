@@ -189,6 +189,12 @@ impl Server {
         }
     }
 
+    /// Each shard's counters; they outlive the server (the shutdown test
+    /// reads `ops_in_flight` after `stop`).
+    pub fn shard_stats(&self) -> Vec<Arc<ShardStats>> {
+        self.control.shards.clone()
+    }
+
     /// Client connections currently open, all shards.
     pub fn active_connections(&self) -> u64 {
         self.control.shards.iter().map(|s| s.active.get()).sum()

@@ -92,6 +92,12 @@ pub struct ShardStats {
     /// Sends whose bytes were moved out of the shared pool because their
     /// reader took nothing while the pool ran low.
     pub unpinned: Counter,
+    /// Completions for a slot that is gone or has a newer generation:
+    /// never delivered (their buffers go back to the pool). Should stay 0.
+    pub stale_completions: Counter,
+    /// io_uring ops submitted and not yet completed (a gauge); 0 once the
+    /// shard has shut down and reaped everything.
+    pub ops_in_flight: Counter,
     /// Provided buffers free in the shard's ring (a gauge).
     pub buffers_free: Counter,
     /// Cumulative per bucket is computed on read; here each bucket counts

@@ -14,6 +14,7 @@
 //! back to `COOP_TASKRUN` (5.19), then to plain.
 
 use std::io;
+use std::mem::ManuallyDrop;
 use std::net::{Ipv4Addr, Ipv6Addr, SocketAddr, TcpListener};
 use std::os::fd::{AsRawFd, OwnedFd};
 use std::time::{Duration, Instant};
@@ -54,6 +55,8 @@ pub enum Feature {
 }
 
 impl Feature {
+    // Every feature, for the tests that check each one's message.
+    #[cfg(test)]
     pub const ALL: [Feature; 10] = [
         Feature::Setup,
         Feature::Opcodes,
@@ -251,15 +254,17 @@ const UD_SEND: u64 = 4;
 const UD_POLL: u64 = 5;
 const UD_CANCEL_CONN: u64 = 6;
 const UD_CANCEL_LISTENER: u64 = 7;
+const UD_CANCEL_ALL: u64 = 8;
 
 /// What the kernel may read or write while the probe's ops are in flight.
-/// Field order is drop order: the ring goes first, so if a step fails with
-/// ops still pending, their memory outlives them (ring.rs module doc).
+/// A step that fails can leave ops pending; dropping the rig cancels them
+/// and reaps their completions before the buffers and the address are
+/// freed (and leaks both if the kernel does not let go in time).
 struct Rig {
     uring: Uring,
-    bufs: BufRing,
+    bufs: ManuallyDrop<BufRing>,
     /// Read by the connect op.
-    peer: Box<SockAddr>,
+    peer: ManuallyDrop<Box<SockAddr>>,
     /// Completions read but not yet asked for.
     seen: Vec<Cqe>,
 }
@@ -300,9 +305,11 @@ fn exercise() -> Result<String, Failure> {
     }
 
     simulated(Feature::BufRing)?;
-    let bufs = uring
-        .buf_ring(0, 4, 64)
-        .map_err(|e| Failure::os(Feature::BufRing, &e))?;
+    // SAFETY: the BufRing goes into the rig below before any op selects
+    // from it, and the rig drops it only once no op is in flight
+    // (`Drop for Rig`). If building the rig fails first, no op exists.
+    let bufs =
+        unsafe { uring.buf_ring(0, 4, 64) }.map_err(|e| Failure::os(Feature::BufRing, &e))?;
 
     let listener = loopback_listener().map_err(|e| {
         Failure::other(
@@ -319,23 +326,28 @@ fn exercise() -> Result<String, Failure> {
         None,
     )
     .map_err(|e| Failure::os(Feature::Connect, &e))?;
+    // Declared after the listener and the client socket, so it drops (and
+    // reaps every op on them) before they close.
     let mut rig = Rig {
         uring,
-        bufs,
-        peer: Box::new(addr.into()),
+        bufs: ManuallyDrop::new(bufs),
+        peer: ManuallyDrop::new(Box::new(addr.into())),
         seen: Vec::new(),
     };
 
     simulated(Feature::AcceptMulti)?;
-    rig.uring.accept_multi(listener.as_raw_fd(), UD_ACCEPT);
+    // SAFETY: `listener` outlives `rig`, whose drop reaps the accept.
+    unsafe { rig.uring.accept_multi(listener.as_raw_fd(), UD_ACCEPT) };
     simulated(Feature::Connect)?;
-    // The address is boxed in the rig, which outlives the ring.
-    rig.uring.connect(client.as_raw_fd(), &rig.peer, UD_CONNECT);
+    // SAFETY: the address is boxed in the rig and freed only after every op
+    // is reaped; `client` outlives the rig.
+    unsafe { rig.uring.connect(client.as_raw_fd(), &rig.peer, UD_CONNECT) };
     let accepted = rig.wait(UD_ACCEPT, Feature::AcceptMulti)?;
     if accepted.result < 0 {
         return Err(Failure::errno(Feature::AcceptMulti, -accepted.result));
     }
-    let conn: OwnedFd = adopt_fd(accepted.result);
+    // SAFETY: the accept just created this descriptor; it is adopted once.
+    let conn: OwnedFd = unsafe { adopt_fd(accepted.result) };
     if !accepted.more() {
         return Err(Failure::other(
             Feature::AcceptMulti,
@@ -348,12 +360,22 @@ fn exercise() -> Result<String, Failure> {
     }
 
     simulated(Feature::RecvMulti)?;
-    rig.uring
-        .recv_multi(conn.as_raw_fd(), rig.bufs.bgid, UD_RECV);
+    // SAFETY: the buffer ring lives in the rig until every op is reaped.
+    // `conn` is declared after the rig and so closes before it: an early
+    // close is only a descriptor the kernel still references until the
+    // rig's cancel, never memory, and on success the recv is cancelled
+    // (below) before `conn` goes.
+    unsafe {
+        rig.uring
+            .recv_multi(conn.as_raw_fd(), rig.bufs.bgid, UD_RECV)
+    };
     simulated(Feature::Send)?;
-    // PING is static: it outlives the op whatever happens to the probe.
-    rig.uring
-        .send(client.as_raw_fd(), PING.as_ptr(), PING.len(), UD_SEND);
+    // SAFETY: PING is static, so it outlives the op whatever happens to the
+    // probe; `client` outlives the rig.
+    unsafe {
+        rig.uring
+            .send(client.as_raw_fd(), PING.as_ptr(), PING.len(), UD_SEND)
+    };
     let sent = rig.wait(UD_SEND, Feature::Send)?;
     if sent.result != PING.len() as i32 {
         return Err(send_failure(sent.result));
@@ -370,7 +392,8 @@ fn exercise() -> Result<String, Failure> {
     };
     rig.bufs.taken(bid);
     let data_ok = rig.bufs.data(bid, got.result as usize) == PING;
-    rig.bufs.release(bid);
+    // SAFETY: no op reads the buffer: its bytes were only compared above.
+    unsafe { rig.bufs.release(bid) };
     rig.bufs.commit();
     if !data_ok {
         return Err(Failure::other(
@@ -386,8 +409,11 @@ fn exercise() -> Result<String, Failure> {
     }
 
     simulated(Feature::PollAdd)?;
-    rig.uring
-        .poll(conn.as_raw_fd(), libc::POLLOUT as u32, UD_POLL);
+    // SAFETY: as for the recv on `conn` above.
+    unsafe {
+        rig.uring
+            .poll(conn.as_raw_fd(), libc::POLLOUT as u32, UD_POLL)
+    };
     let polled = rig.wait(UD_POLL, Feature::PollAdd)?;
     if polled.result < 0 {
         return Err(Failure::errno(Feature::PollAdd, -polled.result));
@@ -448,6 +474,31 @@ fn send_failure(result: i32) -> Failure {
             Feature::Send,
             format!("sent {result} of {} bytes", PING.len()),
         )
+    }
+}
+
+impl Drop for Rig {
+    fn drop(&mut self) {
+        let reaped = self.uring.quiesce(UD_CANCEL_ALL, STEP_TIMEOUT, |c| {
+            // A connection accepted after the step that failed.
+            if c.user_data == UD_ACCEPT && c.result >= 0 {
+                // SAFETY: the accept created it; nothing else saw it.
+                drop(unsafe { adopt_fd(c.result) });
+            }
+        });
+        if reaped {
+            // SAFETY: each field is dropped once, here, and never used
+            // again; no op is in flight, so the kernel holds neither.
+            unsafe {
+                ManuallyDrop::drop(&mut self.bufs);
+                ManuallyDrop::drop(&mut self.peer);
+            }
+        } else {
+            log::warn!(
+                "io_uring probe: {} ops still in flight after cancelling; leaking their memory",
+                self.uring.in_flight()
+            );
+        }
     }
 }
 
