@@ -86,11 +86,18 @@ fn stop_reaps_every_op_and_leaks_no_descriptor() {
             .recv_timeout(Duration::from_secs(10))
             .expect("the backend got every session");
     }
+    // The mid-head clients may still be in the accept queue: wait (bounded)
+    // until every session has its op armed.
     let stats = server.shard_stats();
-    let in_flight: u64 = stats.iter().map(|s| s.ops_in_flight.get()).sum();
+    let in_flight = || -> u64 { stats.iter().map(|s| s.ops_in_flight.get()).sum() };
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    while in_flight() < (WAITING + MID_HEAD) as u64 && std::time::Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(10));
+    }
     assert!(
-        in_flight >= (WAITING + MID_HEAD) as u64,
-        "sessions have ops in flight before the stop: {in_flight}"
+        in_flight() >= (WAITING + MID_HEAD) as u64,
+        "sessions have ops in flight before the stop: {}",
+        in_flight()
     );
 
     // 5.
