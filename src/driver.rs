@@ -119,6 +119,16 @@ enum Retired {
     Pipe(Pipe),
 }
 
+/// Descriptors given up while an op may still use them, closed once their
+/// side's ops are all back.
+#[derive(Default)]
+struct Retirees {
+    /// Backend sockets (a retry replaced them, or the connection dropped them).
+    backend: Vec<Retired>,
+    /// Files and pipes, after a file op.
+    file: Vec<Retired>,
+}
+
 struct Slot<T> {
     data: T,
     gen: u32,
@@ -141,10 +151,9 @@ struct Slot<T> {
     release_backend: bool,
     /// The pipe of each direction that is splicing, by destination side.
     pipes: [Option<Pipe>; 2],
-    /// Backend sockets given up with ops in flight.
-    retired_backend: Vec<Retired>,
-    /// Files and pipes given up with a file op in flight.
-    retired_file: Vec<Retired>,
+    /// What was given up with ops still in flight. Rare, so one pointer
+    /// per slot rather than two vectors (idle memory counts per session).
+    retired: Option<Box<Retirees>>,
     closing: bool,
 }
 
@@ -165,12 +174,20 @@ impl<T> Slot<T> {
 
     /// Drops what was retired once nothing can use it.
     fn settle(&mut self) {
+        let Some(r) = &mut self.retired else { return };
         if self.inflight[Side::Backend.idx()] == 0 {
-            self.retired_backend.clear();
+            r.backend.clear();
         }
         if self.inflight_file == 0 {
-            self.retired_file.clear();
+            r.file.clear();
         }
+        if r.backend.is_empty() && r.file.is_empty() {
+            self.retired = None;
+        }
+    }
+
+    fn retirees(&mut self) -> &mut Retirees {
+        self.retired.get_or_insert_with(Box::default)
     }
 
     fn idle(&self) -> bool {
@@ -288,8 +305,7 @@ impl<T> Driver<T> {
             open_req: None,
             release_backend: false,
             pipes: [None, None],
-            retired_backend: Vec::new(),
-            retired_file: Vec::new(),
+            retired: None,
             closing: false,
         });
         assert!(key <= u32::MAX as usize);
@@ -530,7 +546,7 @@ impl<T> Driver<T> {
         let fd = sock.as_raw_fd();
         if let Some(old) = s.backend.replace(sock) {
             if s.inflight[Side::Backend.idx()] > 0 {
-                s.retired_backend.push(Retired::Socket(old));
+                s.retirees().backend.push(Retired::Socket(old));
             }
         }
         s.inflight[Side::Backend.idx()] += 1;
@@ -551,7 +567,7 @@ impl<T> Driver<T> {
         debug_assert_eq!(s.inflight[Side::Backend.idx()], 0);
         if let Some(fd) = s.backend.take() {
             if s.inflight[Side::Backend.idx()] > 0 {
-                s.retired_backend.push(Retired::Socket(fd));
+                s.retirees().backend.push(Retired::Socket(fd));
             }
         }
     }

@@ -1138,3 +1138,25 @@ fn the_transport_seam_carries_a_transforming_transport() {
         "tracked in plaintext"
     );
 }
+
+/// Every relaying session pays for these while idle (the idle benchmark's
+/// proxy RSS per session, under 1 KB, is a target): a field that grows
+/// them should be a decision, not an accident.
+#[test]
+fn per_session_state_stays_small() {
+    assert!(
+        std::mem::size_of::<Conn>() <= 440,
+        "Conn is {} bytes",
+        std::mem::size_of::<Conn>()
+    );
+    assert!(
+        std::mem::size_of::<Flow>() <= 104,
+        "Flow is {} bytes",
+        std::mem::size_of::<Flow>()
+    );
+    assert!(
+        std::mem::size_of::<State>() <= 24,
+        "State is {} bytes",
+        std::mem::size_of::<State>()
+    );
+}

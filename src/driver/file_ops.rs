@@ -52,7 +52,7 @@ impl<T> Driver<T> {
     fn set_file(s: &mut Slot<T>, new: Option<File>) {
         if let Some(old) = std::mem::replace(&mut s.file, new) {
             if s.inflight_file > 0 {
-                s.retired_file.push(Retired::File(old));
+                s.retirees().file.push(Retired::File(old));
             }
         }
     }
@@ -206,7 +206,7 @@ impl<T> Driver<T> {
         };
         if dst == Side::Client && s.inflight_file > 0 {
             // A file splice may still fill it.
-            s.retired_file.push(Retired::Pipe(p));
+            s.retirees().file.push(Retired::Pipe(p));
         } else if reusable && self.spare_pipes.len() < SPARE_PIPES {
             self.spare_pipes.push(p);
         }
