@@ -20,6 +20,8 @@ const WS_GUID: &[u8] = b"258EAFA5-E914-47DA-95CA-C5AB0DC85B11";
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Reject {
     BadRequest(&'static str),
+    /// Refused by a route's policy (an `Origin` not allowed).
+    Forbidden(&'static str),
     /// Sec-WebSocket-Version is not 13.
     UpgradeVersion,
     /// Route is WebSocket-only and the request is not an upgrade.
@@ -38,6 +40,7 @@ impl Reject {
         match self {
             Reject::BadRequest(_) => 400,
             Reject::NotFound => 404,
+            Reject::Forbidden(_) => 403,
             Reject::RequestTimeout => 408,
             Reject::UpgradeVersion | Reject::UpgradeRequired => 426,
             Reject::HeadTooLarge => 431,
@@ -51,6 +54,7 @@ impl Reject {
     pub fn response(self) -> Vec<u8> {
         let (reason, extra, body): (&str, &str, &str) = match self {
             Reject::BadRequest(why) => ("Bad Request", "", why),
+            Reject::Forbidden(why) => ("Forbidden", "", why),
             Reject::NotFound => ("Not Found", "", "no route for this path"),
             Reject::UpgradeVersion => (
                 "Upgrade Required",

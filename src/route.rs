@@ -49,6 +49,28 @@ pub fn rewrite_target(route: &RouteConfig, target: &str) -> String {
     }
 }
 
+/// Whether a WebSocket upgrade with this `Origin` header may go on.
+/// Patterns and the header compare as `scheme://host[:port]`, without
+/// case; `*.example.com` takes any subdomain of example.com, not
+/// example.com itself, and the scheme and port must match exactly.
+pub fn origin_allowed(policy: &crate::config::OriginPolicy, origin: Option<&[u8]>) -> bool {
+    let Some(origin) = origin else {
+        return policy.allow_missing;
+    };
+    let Ok(origin) = std::str::from_utf8(origin) else {
+        return false;
+    };
+    let origin = origin.trim().to_ascii_lowercase();
+    policy.allowed.iter().any(|p| match p.split_once("://*.") {
+        None => *p == origin,
+        Some((scheme, suffix)) => origin
+            .strip_prefix(scheme)
+            .and_then(|o| o.strip_prefix("://"))
+            .and_then(|host| host.strip_suffix(suffix))
+            .is_some_and(|sub| sub.ends_with('.') && sub.len() > 1 && !sub.contains(['/', ':'])),
+    })
+}
+
 /// The request target with dot segments removed from its path (RFC 3986
 /// §5.2.4), `%2e` counting as a dot, so routing and the backend see the same
 /// path: `/public/../admin` is routed as `/admin`, as nginx does, and a
@@ -139,7 +161,43 @@ mod tests {
             websocket_only: false,
             response_timeout: None,
             gzip: None,
+            origins: None,
         }
+    }
+
+    #[test]
+    fn origins_match_exactly_or_by_subdomain() {
+        let p = crate::config::OriginPolicy {
+            allowed: vec![
+                "https://app.example.com".into(),
+                "https://*.example.org:8443".into(),
+            ],
+            allow_missing: false,
+        };
+        let ok = |o: &str| origin_allowed(&p, Some(o.as_bytes()));
+        assert!(ok("https://app.example.com"));
+        assert!(ok("HTTPS://App.Example.com"));
+        assert!(ok("https://a.example.org:8443"));
+        assert!(ok("https://a.b.example.org:8443"));
+        for bad in [
+            "http://app.example.com",
+            "https://app.example.com:444",
+            "https://evil.com",
+            "https://app.example.com.evil.com",
+            "https://example.org:8443",
+            "https://evilexample.org:8443",
+            "https://a.example.org",
+            "https://a.example.org:84430",
+            "null",
+        ] {
+            assert!(!ok(bad), "{bad} allowed");
+        }
+        assert!(!origin_allowed(&p, None));
+        let open = crate::config::OriginPolicy {
+            allow_missing: true,
+            ..p
+        };
+        assert!(origin_allowed(&open, None));
     }
 
     #[test]

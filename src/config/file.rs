@@ -78,6 +78,8 @@ pub(super) struct FileRoute {
     pub(super) gzip: Option<bool>,
     pub(super) gzip_types: Option<Vec<Spanned<String>>>,
     pub(super) gzip_min_length: Option<Spanned<i64>>,
+    pub(super) allowed_origins: Option<Vec<Spanned<String>>>,
+    pub(super) allow_missing_origin: Option<bool>,
 }
 
 #[derive(Debug, Deserialize)]

@@ -211,6 +211,20 @@ pub struct RouteConfig {
     /// Compress the backend's plain-HTTP answers on the fly (nginx
     /// `gzip_proxied any`); `None`: never.
     pub gzip: Option<std::sync::Arc<ProxyGzip>>,
+    /// Which `Origin`s may open a WebSocket on this route; `None`: any.
+    pub origins: Option<std::sync::Arc<OriginPolicy>>,
+}
+
+/// `allowed_origins` on a route: a browser page on another site cannot
+/// open a WebSocket here with the user's cookies (cross-site WebSocket
+/// hijacking); ringlb answers 403 before any backend sees it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct OriginPolicy {
+    /// `scheme://host[:port]`, lowercase; a host may start with `*.`,
+    /// which matches any subdomain (not the domain itself).
+    pub allowed: Vec<String>,
+    /// Let in clients that send no `Origin` (non-browser clients).
+    pub allow_missing: bool,
 }
 
 /// `gzip = true` on an upstream route.
@@ -378,6 +392,7 @@ impl Config {
                 websocket_only: false,
                 response_timeout: None,
                 gzip: None,
+                origins: None,
             }],
             upstreams: vec![UpstreamConfig {
                 name: "default".into(),

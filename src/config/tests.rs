@@ -226,3 +226,39 @@ fn line_col_counts_from_one() {
     assert_eq!(line_col("ab\ncd", 0), (1, 1));
     assert_eq!(line_col("ab\ncd", 4), (2, 2));
 }
+
+#[test]
+fn route_origin_and_gzip_keys() {
+    let route = |extra: &str| {
+        MIN.replace(
+            "upstream = \"u\"\n",
+            &format!("upstream = \"u\"\n{extra}\n"),
+        )
+    };
+    let c = Config::parse(
+        &route("allowed_origins = [\"https://App.example.com\", \"https://*.example.com:8443\"]\ngzip = true"),
+        "t.toml",
+    )
+    .unwrap();
+    let o = c.routes[0].origins.as_ref().unwrap();
+    assert_eq!(
+        o.allowed,
+        ["https://app.example.com", "https://*.example.com:8443"]
+    );
+    assert!(o.allow_missing);
+    assert!(c.routes[0].gzip.is_some());
+    for bad in [
+        "app.example.com",
+        "ftp://app.example.com",
+        "https://app.example.com/",
+        "https://app.*.com",
+        "https://*",
+    ] {
+        let e = err(&route(&format!("allowed_origins = [\"{bad}\"]")));
+        assert!(e.contains("route.allowed_origins"), "{bad}: {e}");
+    }
+    let e = err(&route("allow_missing_origin = false"));
+    assert!(e.contains("route.allow_missing_origin"), "{e}");
+    let e = err(&route("gzip = true\ngzip_types = [\"json\"]"));
+    assert!(e.contains("route.gzip_types"), "{e}");
+}

@@ -373,6 +373,8 @@ pub(super) fn validate(
                 } else if r.gzip.is_some() || r.gzip_types.is_some() || r.gzip_min_length.is_some()
                 {
                     Some("gzip")
+                } else if r.allowed_origins.is_some() || r.allow_missing_origin.is_some() {
+                    Some("allowed_origins")
                 } else {
                     None
                 };
@@ -415,6 +417,27 @@ pub(super) fn validate(
         } else {
             None
         };
+        let origins = match &r.allowed_origins {
+            None if r.allow_missing_origin.is_some() => {
+                return Err(ConfigError::at(
+                    src,
+                    r.path.span(),
+                    "route.allow_missing_origin",
+                    "only means something with allowed_origins",
+                ))
+            }
+            None => None,
+            Some(list) => {
+                let mut allowed = Vec::new();
+                for o in list {
+                    allowed.push(origin_pattern(src, o)?);
+                }
+                Some(std::sync::Arc::new(OriginPolicy {
+                    allowed,
+                    allow_missing: r.allow_missing_origin.unwrap_or(true),
+                }))
+            }
+        };
         routes.push(RouteConfig {
             path: path.as_str().into(),
             target,
@@ -422,6 +445,7 @@ pub(super) fn validate(
             websocket_only: r.websocket_only,
             response_timeout,
             gzip,
+            origins,
         });
     }
 
@@ -616,6 +640,34 @@ pub(super) fn static_config(
         cache_control,
         follow_symlinks: f.follow_symlinks.unwrap_or(false),
     })
+}
+
+/// One `allowed_origins` entry: `scheme://host[:port]` as browsers send it
+/// (no path, no trailing slash), lowercased; the host may start with `*.`.
+fn origin_pattern(src: &Source<'_>, v: &Spanned<String>) -> Result<String, ConfigError> {
+    let o = v.get_ref().trim().to_ascii_lowercase();
+    let bad = |why: &str| {
+        Err(ConfigError::at(
+            src,
+            v.span(),
+            "route.allowed_origins",
+            format!("{:?}: {why}; write it as a browser sends it, like \"https://app.example.com\" or \"https://*.example.com:8443\"", v.get_ref()),
+        ))
+    };
+    let Some((scheme, rest)) = o.split_once("://") else {
+        return bad("no scheme");
+    };
+    if !matches!(scheme, "http" | "https") {
+        return bad("the scheme must be http or https");
+    }
+    if rest.is_empty() || rest.contains(['/', '?', '#', ' ']) {
+        return bad("an origin has no path");
+    }
+    let host = rest.strip_prefix("*.").unwrap_or(rest);
+    if host.is_empty() || host.contains('*') {
+        return bad("a wildcard may only be a leading \"*.\"");
+    }
+    Ok(o)
 }
 
 /// A list of MIME types, `text/*` wildcards allowed, lowercased.

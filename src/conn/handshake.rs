@@ -174,6 +174,11 @@ impl Conn {
         if route.websocket_only && !req.is_upgrade() {
             return self.respond(Reject::UpgradeRequired, out);
         }
+        if let Some(policy) = route.origins.as_deref().filter(|_| req.is_upgrade()) {
+            if !route::origin_allowed(policy, req.header("origin")) {
+                return self.respond(Reject::Forbidden("origin not allowed"), out);
+            }
+        }
         let upstream = match &route.target {
             RouteTarget::Upstream(u) => *u,
             RouteTarget::Static(site) => {
