@@ -548,6 +548,13 @@ pub fn metrics(control: &Control) -> String {
             sum(&|s| s.closed[i].get())
         );
     }
+    let snap = control.snapshot();
+    let _ = writeln!(
+        out,
+        "# HELP ringlb_admission_rejected_total Connections refused by admission control: rate (an upgrade over server.max_handshakes_per_second, answered 503 with Retry-After), per_ip (over server.max_connections_per_ip, answered 429).\n# TYPE ringlb_admission_rejected_total counter\nringlb_admission_rejected_total{{reason=\"rate\"}} {}\nringlb_admission_rejected_total{{reason=\"per_ip\"}} {}",
+        snap.admission.rejected_rate.load(Ordering::Relaxed),
+        snap.admission.rejected_per_ip.load(Ordering::Relaxed)
+    );
     let _ = writeln!(out, "# HELP ringlb_sends_unpinned_total Sends moved out of the shared buffer pool because their reader took nothing while the pool ran low.\n# TYPE ringlb_sends_unpinned_total counter\nringlb_sends_unpinned_total {}", sum(&|s| s.unpinned.get()));
     let _ = writeln!(out, "# HELP ringlb_stale_completions_total io_uring completions for a connection slot that was gone or reused: never delivered, their buffers returned. Anything but 0 is a bug.\n# TYPE ringlb_stale_completions_total counter\nringlb_stale_completions_total {}", sum(&|s| s.stale_completions.get()));
     let _ = writeln!(out, "# HELP ringlb_ops_in_flight io_uring operations submitted and not yet completed, per shard.\n# TYPE ringlb_ops_in_flight gauge");

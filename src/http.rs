@@ -30,6 +30,13 @@ pub enum Reject {
     NotFound,
     BadGateway(&'static str),
     ServiceUnavailable,
+    /// Over the upgrade budget (admission control): come back in this many
+    /// seconds.
+    Busy {
+        retry_after: u32,
+    },
+    /// Over the connections allowed from one address.
+    TooManyRequests,
     GatewayTimeout,
     /// The request body stopped arriving while the backend waited for it.
     RequestTimeout,
@@ -45,13 +52,15 @@ impl Reject {
             Reject::UpgradeVersion | Reject::UpgradeRequired => 426,
             Reject::HeadTooLarge => 431,
             Reject::BadGateway(_) => 502,
-            Reject::ServiceUnavailable => 503,
+            Reject::ServiceUnavailable | Reject::Busy { .. } => 503,
+            Reject::TooManyRequests => 429,
             Reject::GatewayTimeout => 504,
         }
     }
 
     /// The whole response ringlb sends; every one closes the connection.
     pub fn response(self) -> Vec<u8> {
+        let retry: String;
         let (reason, extra, body): (&str, &str, &str) = match self {
             Reject::BadRequest(why) => ("Bad Request", "", why),
             Reject::Forbidden(why) => ("Forbidden", "", why),
@@ -73,6 +82,19 @@ impl Reject {
             ),
             Reject::BadGateway(why) => ("Bad Gateway", "", why),
             Reject::ServiceUnavailable => ("Service Unavailable", "", "over capacity"),
+            Reject::Busy { retry_after } => {
+                retry = format!("Retry-After: {retry_after}\r\n");
+                (
+                    "Service Unavailable",
+                    &retry,
+                    "too many new sessions; retry later",
+                )
+            }
+            Reject::TooManyRequests => (
+                "Too Many Requests",
+                "",
+                "too many connections from this address",
+            ),
             Reject::GatewayTimeout => ("Gateway Timeout", "", "backend did not answer in time"),
             Reject::RequestTimeout => ("Request Timeout", "", "the request body stopped arriving"),
         };

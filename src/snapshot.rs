@@ -17,6 +17,9 @@ pub struct Snapshot {
     /// name and address. If a later reload brings one back, it gets its old
     /// state, so its live count still includes those sessions.
     retired: Vec<(String, SocketAddr, Arc<BackendState>)>,
+    /// Admission state (upgrade budget, per-address counts): one for the
+    /// life of the process, carried from snapshot to snapshot.
+    pub admission: Arc<crate::admission::Admission>,
 }
 
 impl Snapshot {
@@ -63,6 +66,7 @@ impl Snapshot {
             upstreams,
             config,
             retired,
+            admission: previous.map_or_else(Arc::default, |p| p.admission.clone()),
         })
     }
 }

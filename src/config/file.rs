@@ -47,6 +47,10 @@ pub(super) struct FileServer {
     pub(super) forwarded_for: Option<Spanned<String>>,
     pub(super) stalled_peer_timeout: Option<Spanned<String>>,
     pub(super) tcp_user_timeout: Option<Spanned<String>>,
+    pub(super) max_handshakes_per_second: Option<Spanned<i64>>,
+    pub(super) handshake_burst: Option<Spanned<i64>>,
+    pub(super) retry_after_max: Option<Spanned<String>>,
+    pub(super) max_connections_per_ip: Option<Spanned<i64>>,
 }
 
 #[derive(Debug, Deserialize)]

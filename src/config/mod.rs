@@ -128,6 +128,15 @@ pub struct ServerConfig {
     /// 5.11 and later, a zero window with data waiting) for this long ends
     /// the connection. `None`: the kernel's default (about 15 minutes).
     pub tcp_user_timeout: Option<Duration>,
+    /// WebSocket upgrades per second passed on to backends, across all
+    /// shards, with `handshake_burst` at once; over it: 503 with
+    /// `Retry-After`. `None`: no limit.
+    pub max_handshakes_per_second: Option<NonZeroU32>,
+    pub handshake_burst: NonZeroU32,
+    /// `Retry-After` on a 503 over the budget is jittered between 1 s and this.
+    pub retry_after_max: Duration,
+    /// Client connections from one address, across all shards; over it: 429.
+    pub max_connections_per_ip: Option<NonZeroU32>,
 }
 
 /// `[server] forwarded_for`.
@@ -442,6 +451,10 @@ impl ServerConfig {
             forwarded_for: ForwardedFor::Replace,
             stalled_peer_timeout: Some(DEFAULT_STALLED_PEER_TIMEOUT),
             tcp_user_timeout: Some(DEFAULT_STALLED_PEER_TIMEOUT),
+            max_handshakes_per_second: None,
+            handshake_burst: NonZeroU32::MIN,
+            retry_after_max: Duration::from_secs(10),
+            max_connections_per_ip: None,
         }
     }
 }

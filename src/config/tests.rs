@@ -87,6 +87,10 @@ fn out_of_range_values_are_rejected_not_clamped() {
         ("stalled_peer_timeout", "\"soon\""),
         ("tcp_user_timeout", "\"0s\""),
         ("tcp_user_timeout", "\"100d\""),
+        ("max_handshakes_per_second", "0"),
+        ("handshake_burst", "10"),
+        ("retry_after_max", "\"500ms\""),
+        ("max_connections_per_ip", "0"),
     ] {
         let e = err(&MIN.replace("[server]\n", &format!("[server]\n{k} = {v}\n")));
         assert!(e.contains(&format!("server.{k}")), "{k}: {e}");

@@ -164,6 +164,41 @@ pub(super) fn validate(
             Some(d)
         };
     }
+    if let Some(v) = &s.max_handshakes_per_second {
+        let n = int_in(src, v, "server.max_handshakes_per_second", 1, 1_000_000)?;
+        server.max_handshakes_per_second = NonZeroU32::new(n as u32);
+        // A second's worth at once unless told otherwise.
+        server.handshake_burst = NonZeroU32::new(n as u32).unwrap();
+    }
+    if let Some(v) = &s.handshake_burst {
+        if server.max_handshakes_per_second.is_none() {
+            return Err(ConfigError::at(
+                src,
+                v.span(),
+                "server.handshake_burst",
+                "only means something with max_handshakes_per_second",
+            ));
+        }
+        server.handshake_burst =
+            NonZeroU32::new(int_in(src, v, "server.handshake_burst", 1, 1_000_000)? as u32)
+                .unwrap();
+    }
+    if let Some(v) = &s.retry_after_max {
+        let d = duration(src, v, "server.retry_after_max")?;
+        if d < Duration::from_secs(1) || d > Duration::from_secs(3600) {
+            return Err(ConfigError::at(
+                src,
+                v.span(),
+                "server.retry_after_max",
+                "must be between 1s and 1h (Retry-After is in whole seconds)",
+            ));
+        }
+        server.retry_after_max = d;
+    }
+    if let Some(v) = &s.max_connections_per_ip {
+        server.max_connections_per_ip =
+            NonZeroU32::new(int_in(src, v, "server.max_connections_per_ip", 1, 10_000_000)? as u32);
+    }
     if let Some(v) = &s.splice_min {
         server.splice_min = int_in(src, v, "server.splice_min", 0, 1 << 40)? as u64;
     }

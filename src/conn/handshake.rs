@@ -179,6 +179,22 @@ impl Conn {
                 return self.respond(Reject::Forbidden("origin not allowed"), out);
             }
         }
+        let server = &hs.snap.config.server;
+        if let (Some(rate), true) = (server.max_handshakes_per_second, req.is_upgrade()) {
+            let burst = server.handshake_burst.get();
+            if let Err(wait) =
+                hs.snap
+                    .admission
+                    .admit_upgrade(rate.get(), burst, crate::admission::now_us())
+            {
+                // Whole seconds, spread between what the budget needs and
+                // retry_after_max, so refused clients do not return together.
+                let max = server.retry_after_max.as_secs().max(1) as u32;
+                let least = (wait.as_secs_f64().ceil() as u32).clamp(1, max);
+                let retry_after = least + RNG.with(|r| r.borrow_mut().below(max - least + 1));
+                return self.respond(Reject::Busy { retry_after }, out);
+            }
+        }
         let upstream = match &route.target {
             RouteTarget::Upstream(u) => *u,
             RouteTarget::Static(site) => {

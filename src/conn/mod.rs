@@ -294,6 +294,19 @@ impl Conn {
         }
     }
 
+    /// A connection from an address that has `max_connections_per_ip`
+    /// already: answer 429 and close.
+    pub fn over_ip_cap(
+        snap: Arc<Snapshot>,
+        client_addr: SocketAddr,
+        out: &mut Vec<Action>,
+    ) -> Conn {
+        let mut c = Conn::accept(snap, client_addr, &mut Vec::new());
+        c.recv = [RecvState::Off, RecvState::Off];
+        c.respond(Reject::TooManyRequests, out);
+        c
+    }
+
     /// A connection accepted over capacity: answer 503 and close.
     pub fn over_capacity(
         snap: Arc<Snapshot>,

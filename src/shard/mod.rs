@@ -87,6 +87,8 @@ struct Session {
     started: Instant,
     /// Accept to the answer (ours or the backend's); `None` until known.
     handshake: Option<Duration>,
+    /// Counted against `max_connections_per_ip`; released with the session.
+    ip_counted: bool,
 }
 
 // SAFETY: every pointer lent here is to heap memory the connection owns,
@@ -409,8 +411,15 @@ impl Shard {
         let over = self.shared.clients.fetch_add(1, Ordering::Relaxed)
             >= self.snap.config.server.max_connections.get();
 
+        // Per-address cap: counted only when configured, released with
+        // the session (`ip_counted`).
+        let cap = self.snap.config.server.max_connections_per_ip;
+        let ip_counted =
+            !over && cap.is_some_and(|c| self.snap.admission.acquire_ip(peer.ip(), c.get()));
         let conn = if over {
             Conn::over_capacity(self.snap.clone(), peer, &mut self.actions)
+        } else if cap.is_some() && !ip_counted {
+            Conn::over_ip_cap(self.snap.clone(), peer, &mut self.actions)
         } else {
             Conn::accept(self.snap.clone(), peer, &mut self.actions)
         };
@@ -420,6 +429,7 @@ impl Shard {
                 conn,
                 started: Instant::now(),
                 handshake: None,
+                ip_counted,
             },
         );
         self.exec(key);
@@ -591,10 +601,14 @@ impl Shard {
         if s.conn.status == Some(101) {
             self.stats.closed[stats::close_reason(s.conn.closer)].add(1);
         }
+        let client_ip = s.conn.client_addr.ip();
         for bid in s.conn.into_buffers() {
             self.driver.release(bid);
         }
         self.shared.clients.fetch_sub(1, Ordering::Relaxed);
+        if s.ip_counted {
+            self.snap.admission.release_ip(client_ip);
+        }
     }
 
     fn on_wake(&mut self) {
