@@ -31,6 +31,10 @@ pub struct Admission {
     per_ip: [Mutex<HashMap<IpAddr, u32>>; 64],
     pub rejected_rate: AtomicU64,
     pub rejected_per_ip: AtomicU64,
+    /// PROXY protocol refusals: untrusted, missing, malformed.
+    pub proxy_refused: [AtomicU64; 3],
+    /// When a refusal was last logged (ms), to log at most one a second.
+    proxy_logged_ms: AtomicU64,
 }
 
 impl Default for Admission {
@@ -40,6 +44,8 @@ impl Default for Admission {
             per_ip: std::array::from_fn(|_| Mutex::default()),
             rejected_rate: AtomicU64::new(0),
             rejected_per_ip: AtomicU64::new(0),
+            proxy_refused: Default::default(),
+            proxy_logged_ms: AtomicU64::new(0),
         }
     }
 }
@@ -101,6 +107,31 @@ impl Admission {
         let mut h = std::hash::DefaultHasher::new();
         ip.hash(&mut h);
         &self.per_ip[(h.finish() % 64) as usize]
+    }
+}
+
+/// Reasons in [`Admission::proxy_refused`], in order.
+pub const PROXY_REFUSALS: [&str; 3] = ["untrusted", "missing", "malformed"];
+
+impl Admission {
+    /// Counts a connection closed for its PROXY header, and logs it, at
+    /// most once a second (a misconfigured tier would log every connection).
+    pub fn proxy_refused(&self, reason: &str, peer: std::net::SocketAddr, why: &str) {
+        let i = PROXY_REFUSALS
+            .iter()
+            .position(|r| *r == reason)
+            .unwrap_or(2);
+        self.proxy_refused[i].fetch_add(1, Ordering::Relaxed);
+        let now = now_ms();
+        let last = self.proxy_logged_ms.load(Ordering::Relaxed);
+        if now.saturating_sub(last) >= 1000
+            && self
+                .proxy_logged_ms
+                .compare_exchange(last, now, Ordering::Relaxed, Ordering::Relaxed)
+                .is_ok()
+        {
+            log::warn!("{peer}: closed: {why} (PROXY protocol; logged at most once a second)");
+        }
     }
 }
 

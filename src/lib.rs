@@ -16,6 +16,7 @@ pub mod demo;
 pub(crate) mod driver;
 pub mod files;
 pub mod http;
+pub mod proxy_protocol;
 pub(crate) mod ring;
 pub mod route;
 pub mod server;

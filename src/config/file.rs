@@ -51,6 +51,8 @@ pub(super) struct FileServer {
     pub(super) handshake_burst: Option<Spanned<i64>>,
     pub(super) retry_after_max: Option<Spanned<String>>,
     pub(super) max_connections_per_ip: Option<Spanned<i64>>,
+    pub(super) proxy_protocol: Option<bool>,
+    pub(super) trusted_proxies: Option<Vec<Spanned<String>>>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -110,6 +112,7 @@ pub(super) struct FileUpstream {
     pub(super) max_response_head: Option<Spanned<i64>>,
     pub(super) max_fails: Option<Spanned<i64>>,
     pub(super) fail_timeout: Option<Spanned<String>>,
+    pub(super) send_proxy_protocol: Option<Spanned<String>>,
     pub(super) servers: Spanned<Vec<FileServerEntry>>,
 }
 

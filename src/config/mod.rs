@@ -137,6 +137,9 @@ pub struct ServerConfig {
     pub retry_after_max: Duration,
     /// Client connections from one address, across all shards; over it: 429.
     pub max_connections_per_ip: Option<NonZeroU32>,
+    /// Accept PROXY protocol headers (v1 and v2) from these sources, and
+    /// require one from them; `None`: PROXY protocol off.
+    pub trusted_proxies: Option<Vec<Cidr>>,
 }
 
 /// `[server] forwarded_for`.
@@ -314,7 +317,43 @@ pub struct UpstreamConfig {
     /// `fail_timeout` mark a backend down for `fail_timeout`. 0: never.
     pub max_fails: u32,
     pub fail_timeout: Duration,
+    /// Send the client's address to the backends in a PROXY header.
+    pub send_proxy_protocol: Option<ProxyVersion>,
     pub servers: Vec<ServerEntry>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ProxyVersion {
+    V1,
+    V2,
+}
+
+/// An address range, `10.0.0.0/8` (a bare address is a single host).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Cidr {
+    pub net: std::net::IpAddr,
+    pub prefix: u8,
+}
+
+impl Cidr {
+    pub fn contains(&self, ip: std::net::IpAddr) -> bool {
+        use std::net::IpAddr;
+        match (self.net, ip.to_canonical()) {
+            (IpAddr::V4(n), IpAddr::V4(a)) => {
+                let mask = u32::MAX
+                    .checked_shl(32 - u32::from(self.prefix))
+                    .unwrap_or(0);
+                u32::from(n) & mask == u32::from(a) & mask
+            }
+            (IpAddr::V6(n), IpAddr::V6(a)) => {
+                let mask = u128::MAX
+                    .checked_shl(128 - u32::from(self.prefix))
+                    .unwrap_or(0);
+                u128::from(n) & mask == u128::from(a) & mask
+            }
+            _ => false,
+        }
+    }
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -411,6 +450,7 @@ impl Config {
                 max_response_head: NonZeroUsize::new(DEFAULT_MAX_HEAD).unwrap(),
                 max_fails: DEFAULT_MAX_FAILS,
                 fail_timeout: DEFAULT_FAIL_TIMEOUT,
+                send_proxy_protocol: None,
                 servers: upstreams
                     .into_iter()
                     .map(|addr| ServerEntry {
@@ -455,6 +495,7 @@ impl ServerConfig {
             handshake_burst: NonZeroU32::MIN,
             retry_after_max: Duration::from_secs(10),
             max_connections_per_ip: None,
+            trusted_proxies: None,
         }
     }
 }

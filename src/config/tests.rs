@@ -91,6 +91,7 @@ fn out_of_range_values_are_rejected_not_clamped() {
         ("handshake_burst", "10"),
         ("retry_after_max", "\"500ms\""),
         ("max_connections_per_ip", "0"),
+        ("trusted_proxies", "[\"10.0.0.0/8\"]"),
     ] {
         let e = err(&MIN.replace("[server]\n", &format!("[server]\n{k} = {v}\n")));
         assert!(e.contains(&format!("server.{k}")), "{k}: {e}");
@@ -265,4 +266,40 @@ fn route_origin_and_gzip_keys() {
     assert!(e.contains("route.allow_missing_origin"), "{e}");
     let e = err(&route("gzip = true\ngzip_types = [\"json\"]"));
     assert!(e.contains("route.gzip_types"), "{e}");
+}
+
+#[test]
+fn proxy_protocol_keys() {
+    let c = Config::parse(
+        &MIN.replace(
+            "[server]\n",
+            "[server]\nproxy_protocol = true\ntrusted_proxies = [\"10.0.0.0/8\", \"192.0.2.7\", \"2001:db8::/32\"]\n",
+        ),
+        "t.toml",
+    )
+    .unwrap();
+    let nets = c.server.trusted_proxies.unwrap();
+    assert!(nets[0].contains("10.9.8.7".parse().unwrap()));
+    assert!(!nets[0].contains("11.0.0.1".parse().unwrap()));
+    assert!(nets[1].contains("192.0.2.7".parse().unwrap()));
+    assert!(!nets[1].contains("192.0.2.8".parse().unwrap()));
+    assert!(nets[2].contains("2001:db8:1::5".parse().unwrap()));
+    assert!(
+        nets[0].contains("::ffff:10.1.2.3".parse().unwrap()),
+        "IPv4-mapped"
+    );
+    for bad in ["10.0.0.0/33", "10.0.0/8", "host.example"] {
+        let e = err(&MIN.replace(
+            "[server]\n",
+            &format!("[server]\nproxy_protocol = true\ntrusted_proxies = [\"{bad}\"]\n"),
+        ));
+        assert!(e.contains("server.trusted_proxies"), "{bad}: {e}");
+    }
+    let e = err(&MIN.replace("[server]\n", "[server]\nproxy_protocol = true\n"));
+    assert!(
+        e.contains("server.trusted_proxies"),
+        "names what is missing: {e}"
+    );
+    let e = err(&MIN.replace("servers = [", "send_proxy_protocol = \"v3\"\nservers = ["));
+    assert!(e.contains("send_proxy_protocol"), "{e}");
 }

@@ -199,6 +199,32 @@ pub(super) fn validate(
         server.max_connections_per_ip =
             NonZeroU32::new(int_in(src, v, "server.max_connections_per_ip", 1, 10_000_000)? as u32);
     }
+    match (s.proxy_protocol, &s.trusted_proxies) {
+        (Some(true), Some(list)) => {
+            let mut nets = Vec::new();
+            for v in list {
+                nets.push(cidr(src, v)?);
+            }
+            server.trusted_proxies = Some(nets);
+        }
+        (Some(true), None) => {
+            return Err(ConfigError::at(
+                src,
+                s.listen.span(),
+                "server.trusted_proxies",
+                "proxy_protocol = true needs trusted_proxies: the addresses of the L4 tier allowed to say whose a connection is",
+            ))
+        }
+        (_, Some(list)) if !list.is_empty() => {
+            return Err(ConfigError::at(
+                src,
+                list[0].span(),
+                "server.trusted_proxies",
+                "only means something with proxy_protocol = true",
+            ))
+        }
+        _ => {}
+    }
     if let Some(v) = &s.splice_min {
         server.splice_min = int_in(src, v, "server.splice_min", 0, 1 << 40)? as u64;
     }
@@ -348,6 +374,21 @@ pub(super) fn validate(
             max_response_head,
             max_fails,
             fail_timeout,
+            send_proxy_protocol: match &u.send_proxy_protocol {
+                None => None,
+                Some(v) => Some(match v.get_ref().as_str() {
+                    "v1" => ProxyVersion::V1,
+                    "v2" => ProxyVersion::V2,
+                    _ => {
+                        return Err(ConfigError::at(
+                            src,
+                            v.span(),
+                            &key("send_proxy_protocol"),
+                            "give \"v1\" or \"v2\"",
+                        ))
+                    }
+                }),
+            },
             servers,
         });
     }
@@ -703,6 +744,32 @@ fn origin_pattern(src: &Source<'_>, v: &Spanned<String>) -> Result<String, Confi
         return bad("a wildcard may only be a leading \"*.\"");
     }
     Ok(o)
+}
+
+/// `10.0.0.0/8`, `2001:db8::/32`, or one address.
+fn cidr(src: &Source<'_>, v: &Spanned<String>) -> Result<Cidr, ConfigError> {
+    let bad = || {
+        ConfigError::at(
+            src,
+            v.span(),
+            "server.trusted_proxies",
+            format!(
+                "{:?} is not an address or a range like \"10.0.0.0/8\"",
+                v.get_ref()
+            ),
+        )
+    };
+    let (ip, prefix) = match v.get_ref().trim().split_once('/') {
+        Some((ip, p)) => (ip, Some(p)),
+        None => (v.get_ref().trim(), None),
+    };
+    let net: std::net::IpAddr = ip.parse().map_err(|_| bad())?;
+    let max = if net.is_ipv4() { 32 } else { 128 };
+    let prefix = match prefix {
+        None => max,
+        Some(p) => p.parse::<u8>().ok().filter(|p| *p <= max).ok_or_else(bad)?,
+    };
+    Ok(Cidr { net, prefix })
 }
 
 /// A list of MIME types, `text/*` wildcards allowed, lowercased.

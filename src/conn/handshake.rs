@@ -226,7 +226,22 @@ impl Conn {
             }
         };
         let append_xff = hs.snap.config.server.forwarded_for == crate::config::ForwardedFor::Append;
-        let forwarded = http::forward_head(&req, &target, ip, append_xff, &extra[..body_part]);
+        let mut forwarded = http::forward_head(&req, &target, ip, append_xff, &extra[..body_part]);
+        if let Some(v) = hs.snap.config.upstreams[upstream].send_proxy_protocol {
+            // The backend learns the client's address from this header, in
+            // front of the head (and of every resend of it).
+            let dst = hs.local_addr.unwrap_or(self.client_addr);
+            let mut h = match v {
+                crate::config::ProxyVersion::V1 => {
+                    crate::proxy_protocol::encode_v1(self.client_addr, dst)
+                }
+                crate::config::ProxyVersion::V2 => {
+                    crate::proxy_protocol::encode_v2(self.client_addr, dst)
+                }
+            };
+            h.extend_from_slice(&forwarded);
+            forwarded = h;
+        }
         if upload == Upload::HeldFor101 {
             hs.early = extra;
         }
@@ -562,6 +577,16 @@ pub(super) enum Upload {
     Open,
 }
 
+/// PROXY protocol on the client side of a connection not yet read.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(super) enum ProxyIn {
+    Off,
+    /// From a trusted L4 tier: a header must come first.
+    Required,
+    /// From anyone else: a header is refused.
+    Refused,
+}
+
 /// State only needed until the session is relaying; dropped after.
 #[derive(Debug)]
 pub(super) struct Handshake {
@@ -590,6 +615,10 @@ pub(super) struct Handshake {
     pub(super) uploaded: u64,
     /// The route compresses answers and the client takes gzip.
     pub(super) gzip: Option<Arc<crate::config::ProxyGzip>>,
+    /// A PROXY header is still to be read (or refused) before the head.
+    pub(super) proxy_in: ProxyIn,
+    /// The address the client connected to (for a PROXY header to backends).
+    pub(super) local_addr: Option<SocketAddr>,
     /// A send timer is pending for this connection. One serves every
     /// static answer on a kept-alive connection, so the shard's timer heap
     /// holds one per connection, not one per request.

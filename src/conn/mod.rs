@@ -77,7 +77,7 @@ pub use action::{Action, Closer, Done, Owned, Payload, RecvEnd, Side, TimerKind}
 use body::BodyTracker;
 pub use export::{FlowRecord, RecordError, SessionRecord, RECORD_VERSION};
 use frames::FrameTracker;
-use handshake::{Handshake, Upload};
+use handshake::{Handshake, ProxyIn, Upload};
 use queue::Queue;
 pub use relay::{pool_quota, set_pool_quota};
 use relay::{release_unsent, Flow};
@@ -212,6 +212,9 @@ pub struct Conn {
     /// `Some` once the session's HTTP status is known.
     pub status: Option<u16>,
     pub closer: Option<Closer>,
+    /// Counted against `max_connections_per_ip` (as `client_addr`); the
+    /// shard gives the place back when the connection ends.
+    pub ip_counted: bool,
     /// EOF seen from each side.
     peer_eof: [bool; 2],
     /// The route prefix matched, for the access log.
@@ -267,6 +270,8 @@ impl Conn {
                 timer_seq: 0,
                 uploaded: 0,
                 gzip: None,
+                proxy_in: ProxyIn::Off,
+                local_addr: None,
                 send_timer: false,
             })),
             client_addr,
@@ -277,6 +282,7 @@ impl Conn {
             lease: None,
             status: None,
             closer: None,
+            ip_counted: false,
             peer_eof: [false, false],
             route: None,
             path: None,
@@ -292,6 +298,68 @@ impl Conn {
             active: true,
             parking: [false, false],
         }
+    }
+
+    /// PROXY protocol is on: a connection from a trusted L4 tier must start
+    /// with a header (`trusted`), any other must not.
+    pub fn expect_proxy_header(&mut self, trusted: bool) {
+        if let Some(hs) = try_hs_mut(&mut self.state) {
+            hs.proxy_in = if trusted {
+                ProxyIn::Required
+            } else {
+                ProxyIn::Refused
+            };
+        }
+    }
+
+    /// The address the client connected to, for a PROXY header to backends.
+    pub fn set_local_addr(&mut self, addr: SocketAddr) {
+        if let Some(hs) = try_hs_mut(&mut self.state) {
+            hs.local_addr = Some(addr);
+        }
+    }
+
+    /// Reads a PROXY header off the front of the head buffer; false: wait
+    /// for more, or the connection was refused.
+    fn try_proxy_header(&mut self, out: &mut Vec<Action>) -> bool {
+        use crate::proxy_protocol::{parse, Header, Parsed};
+        let hs = hs_mut(&mut self.state);
+        let refuse = match (parse(&hs.head), hs.proxy_in) {
+            (Ok(Parsed::Partial), _) => return false,
+            (Ok(Parsed::Absent), ProxyIn::Refused) => {
+                hs.proxy_in = ProxyIn::Off;
+                return true;
+            }
+            (Ok(Parsed::Absent), _) => ("missing", "no PROXY header from a trusted source"),
+            (Ok(Parsed::Header(..)), ProxyIn::Refused) => {
+                ("untrusted", "a PROXY header from an untrusted source")
+            }
+            (Ok(Parsed::Header(h, n)), _) => {
+                hs.head.drain(..n);
+                hs.proxy_in = ProxyIn::Off;
+                let snap = hs.snap.clone();
+                if let Header::Proxy { src, .. } = h {
+                    self.client_addr = src;
+                }
+                // The real client is known now: it is the one counted.
+                if let Some(cap) = snap.config.server.max_connections_per_ip {
+                    if !snap.admission.acquire_ip(self.client_addr.ip(), cap.get()) {
+                        self.respond(Reject::TooManyRequests, out);
+                        return false;
+                    }
+                    self.ip_counted = true;
+                }
+                return true;
+            }
+            (Err(why), _) => ("malformed", why),
+        };
+        let (reason, why) = refuse;
+        hs.snap
+            .admission
+            .proxy_refused(reason, self.client_addr, why);
+        self.closer = Some(Closer::Proxy);
+        self.close_now(out);
+        false
     }
 
     /// A connection from an address that has `max_connections_per_ip`
@@ -497,6 +565,9 @@ impl Conn {
                     ));
                 }
                 hs.head.extend_from_slice(data);
+                if hs.proxy_in != ProxyIn::Off && !self.try_proxy_header(out) {
+                    return;
+                }
                 self.try_head(out);
             }
             (Stage::Serving, Side::Client) => {

@@ -87,8 +87,6 @@ struct Session {
     started: Instant,
     /// Accept to the answer (ours or the backend's); `None` until known.
     handshake: Option<Duration>,
-    /// Counted against `max_connections_per_ip`; released with the session.
-    ip_counted: bool,
 }
 
 // SAFETY: every pointer lent here is to heap memory the connection owns,
@@ -411,25 +409,45 @@ impl Shard {
         let over = self.shared.clients.fetch_add(1, Ordering::Relaxed)
             >= self.snap.config.server.max_connections.get();
 
+        let server = &self.snap.config.server;
+        // Behind a trusted L4 tier the peer is the tier; the client's
+        // address comes in the PROXY header, and is counted then.
+        let trusted = server
+            .trusted_proxies
+            .as_ref()
+            .map(|nets| nets.iter().any(|n| n.contains(peer.ip())));
         // Per-address cap: counted only when configured, released with
-        // the session (`ip_counted`).
-        let cap = self.snap.config.server.max_connections_per_ip;
+        // the session (`Conn::ip_counted`).
+        let cap = server
+            .max_connections_per_ip
+            .filter(|_| trusted != Some(true));
         let ip_counted =
             !over && cap.is_some_and(|c| self.snap.admission.acquire_ip(peer.ip(), c.get()));
-        let conn = if over {
+        let mut conn = if over {
             Conn::over_capacity(self.snap.clone(), peer, &mut self.actions)
         } else if cap.is_some() && !ip_counted {
             Conn::over_ip_cap(self.snap.clone(), peer, &mut self.actions)
         } else {
             Conn::accept(self.snap.clone(), peer, &mut self.actions)
         };
+        conn.ip_counted = ip_counted;
+        if let Some(trusted) = trusted {
+            conn.expect_proxy_header(trusted);
+        }
+        // getsockname only when some upstream will be sent a PROXY header.
+        let sends_proxy =
+            (self.snap.config.upstreams.iter()).any(|u| u.send_proxy_protocol.is_some());
+        if sends_proxy {
+            if let Some(local) = sock.local_addr().ok().and_then(|a| a.as_socket()) {
+                conn.set_local_addr(local);
+            }
+        }
         let key = self.driver.insert(
             fd,
             Session {
                 conn,
                 started: Instant::now(),
                 handshake: None,
-                ip_counted,
             },
         );
         self.exec(key);
@@ -601,12 +619,12 @@ impl Shard {
         if s.conn.status == Some(101) {
             self.stats.closed[stats::close_reason(s.conn.closer)].add(1);
         }
-        let client_ip = s.conn.client_addr.ip();
+        let (client_ip, ip_counted) = (s.conn.client_addr.ip(), s.conn.ip_counted);
         for bid in s.conn.into_buffers() {
             self.driver.release(bid);
         }
         self.shared.clients.fetch_sub(1, Ordering::Relaxed);
-        if s.ip_counted {
+        if ip_counted {
             self.snap.admission.release_ip(client_ip);
         }
     }
