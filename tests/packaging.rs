@@ -467,3 +467,150 @@ fn systemd_unit_verifies() {
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(out.status.success() && err.trim().is_empty(), "{err}");
 }
+
+// ---- deploy/kubernetes ----
+// deploy/kubernetes/validate.sh (in CI) checks the manifests against the
+// Kubernetes schemas and runs `ringlb check`; these are the cross-file
+// claims no schema can see.
+
+/// The lines under `key:` (the first line that reads `key:` once trimmed),
+/// as long as they are indented deeper than it.
+fn yaml_block(text: &str, key: &str) -> String {
+    let lines: Vec<&str> = text.lines().collect();
+    let start = lines
+        .iter()
+        .position(|l| l.trim() == format!("{key}:"))
+        .unwrap_or_else(|| panic!("no {key}:"));
+    let indent = |l: &str| l.len() - l.trim_start().len();
+    let base = indent(lines[start]);
+    lines[start + 1..]
+        .iter()
+        .take_while(|l| l.trim().is_empty() || indent(l) > base)
+        .map(|l| format!("{}\n", l.trim()))
+        .collect()
+}
+
+/// The value of the first `key: value` line.
+fn yaml_value(text: &str, key: &str) -> String {
+    text.lines()
+        .find_map(|l| l.trim().strip_prefix(&format!("{key}: ")))
+        .unwrap_or_else(|| panic!("no {key}: value"))
+        .trim()
+        .to_string()
+}
+
+/// deploy/kubernetes/ringlb.toml, loaded as the pod loads it (admin.token
+/// from the Secret next to it); configmap.yaml must embed it verbatim.
+fn kubernetes_config() -> ringlb::config::Config {
+    let toml = read("deploy/kubernetes/ringlb.toml");
+    let cm = read("deploy/kubernetes/configmap.yaml");
+    let (_, body) = cm
+        .split_once("  ringlb.toml: |\n")
+        .expect("configmap.yaml has data.ringlb.toml as a block");
+    let embedded: String = body
+        .lines()
+        .map(|l| format!("{}\n", l.strip_prefix("    ").unwrap_or(l)))
+        .collect();
+    assert_eq!(
+        embedded, toml,
+        "configmap.yaml's ringlb.toml differs from deploy/kubernetes/ringlb.toml \
+         (bash deploy/kubernetes/validate.sh --write-configmap)"
+    );
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::write(dir.path().join("ringlb.toml"), &toml).unwrap();
+    std::fs::write(dir.path().join("admin.token"), "t\n").unwrap();
+    ringlb::config::Config::load(&dir.path().join("ringlb.toml")).unwrap_or_else(|e| panic!("{e}"))
+}
+
+#[test]
+fn kubernetes_pods_probe_healthz_run_confined_and_outlast_the_drain() {
+    let config = kubernetes_config();
+    let admin = config
+        .admin
+        .as_ref()
+        .expect("an admin listener for the probes")
+        .listen;
+    // The kubelet probes the pod IP with Host POD_IP:port; ringlb answers
+    // that only on an unspecified bind.
+    assert!(admin.ip().is_unspecified(), "admin.listen {admin}");
+    let drain = config
+        .server
+        .drain_timeout
+        .expect("a drain_timeout, or the grace period cannot cover it");
+    let linger = config.server.linger_timeout;
+    let readme = read("deploy/kubernetes/README.md");
+    for file in [
+        "deploy/kubernetes/deployment.yaml",
+        "deploy/kubernetes/daemonset.yaml",
+    ] {
+        let m = read(file);
+        // Seccomp: the Localhost profile the README installs, made from
+        // config/docker-seccomp.json.
+        let sc = yaml_block(&m, "seccompProfile");
+        assert!(sc.contains("type: Localhost\n"), "{file}: {sc}");
+        let profile = yaml_value(&sc, "localhostProfile");
+        assert!(
+            readme.contains(&profile),
+            "README.md does not say how to install {profile}"
+        );
+        assert!(readme.contains("config/docker-seccomp.json"));
+        assert_eq!(yaml_value(&m, "runAsNonRoot"), "true", "{file}");
+        assert_ne!(yaml_value(&m, "runAsUser"), "0", "{file}");
+        // Probes: GET /healthz on the admin port.
+        assert!(
+            m.contains(&format!("containerPort: {}\n", admin.port())),
+            "{file}"
+        );
+        let port_name = yaml_block(&m, "ports")
+            .lines()
+            .collect::<Vec<_>>()
+            .windows(2)
+            .find(|w| w[1] == format!("containerPort: {}", admin.port()))
+            .map(|w| w[0].trim_start_matches("- name: ").to_string())
+            .unwrap_or_else(|| panic!("{file}: no named admin port"));
+        for probe in ["readinessProbe", "livenessProbe"] {
+            let p = yaml_block(&m, probe);
+            assert!(
+                p.contains("httpGet:\npath: /healthz\n"),
+                "{file} {probe}: {p}"
+            );
+            assert_eq!(yaml_value(&p, "port"), port_name, "{file} {probe}");
+        }
+        // SIGTERM comes after preStop; the grace period covers both, then
+        // the drain and the linger.
+        let pre_stop = yaml_block(&m, "preStop");
+        let sleep: u64 = pre_stop
+            .split("[\"sleep\", \"")
+            .nth(1)
+            .and_then(|s| s.split('"').next())
+            .and_then(|s| s.parse().ok())
+            .unwrap_or_else(|| panic!("{file}: preStop is not [\"sleep\", \"N\"]: {pre_stop}"));
+        let grace: u64 = yaml_value(&m, "terminationGracePeriodSeconds")
+            .parse()
+            .unwrap();
+        let needed = std::time::Duration::from_secs(sleep) + drain + linger;
+        assert!(
+            std::time::Duration::from_secs(grace) > needed,
+            "{file}: terminationGracePeriodSeconds {grace} <= preStop {sleep}s + drain_timeout {drain:?} + linger_timeout {linger:?}"
+        );
+    }
+    let svc = read("deploy/kubernetes/service.yaml");
+    assert_eq!(yaml_value(&svc, "type"), "LoadBalancer");
+    assert_eq!(yaml_value(&svc, "externalTrafficPolicy"), "Local");
+    assert_eq!(
+        yaml_value(&read("deploy/kubernetes/pdb.yaml"), "kind"),
+        "PodDisruptionBudget"
+    );
+}
+
+/// CI validates the manifests, after the container check.
+#[test]
+fn ci_validates_the_kubernetes_manifests() {
+    let ci = read(".ci/run");
+    let line = |needle: &str| {
+        ci.lines()
+            .position(|l| l.trim() == needle)
+            .unwrap_or_else(|| panic!(".ci/run has no line {needle:?}"))
+    };
+    assert!(line("bash deploy/kubernetes/validate.sh") > line("bash packaging/container-check.sh"));
+}
