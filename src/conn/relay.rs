@@ -200,6 +200,12 @@ impl Conn {
         if flow.splice != Splice::Off {
             return false;
         }
+        // No recv on a backend socket that is not connected (yet, or any
+        // more): a buffer wait from a socket a retry replaced must not arm
+        // one on the new socket while it connects (found by prop_tests).
+        if src == Side::Backend && !self.connected() {
+            return false;
+        }
         match self.stage() {
             Stage::Closing => false,
             Stage::Responding => src == Side::Client,
