@@ -395,9 +395,9 @@ fn run_case(kinds: (u8, u8), seed: u64, len: usize) -> Result<(), TestCaseError>
 /// Cases proptest found, kept so they run every time.
 #[test]
 fn found_cases() {
-    for (kinds, seed, len) in [((4, 0), 7515641637231662108, 11)] {
-        run_case(kinds, seed, len).unwrap();
-    }
+    // A backend recv that starved before a retry was re-armed on the new
+    // backend socket while it connected.
+    run_case((4, 0), 7515641637231662108, 11).unwrap();
 }
 
 proptest! {
