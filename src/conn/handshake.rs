@@ -24,11 +24,17 @@ impl Conn {
         let tracker = match &mut self.upload {
             Upload::Body(t) => t,
             Upload::HeldFor101 => {
-                // Arrived before the recv was stopped.
+                // Arrived before the recv was stopped. Held in memory until
+                // the 101, so bounded like a head: a client has no business
+                // sending more than that before the backend has answered.
                 release(bid, out);
-                if let Some(hs) = try_hs_mut(&mut self.state) {
-                    hs.early.extend_from_slice(data);
+                let Some(hs) = try_hs_mut(&mut self.state) else {
+                    return;
+                };
+                if hs.early.len() + data.len() > hs.snap.config.server.max_request_head.get() {
+                    return self.bad_body("too many bytes before the backend's 101", out);
                 }
+                hs.early.extend_from_slice(data);
                 return;
             }
             Upload::Complete | Upload::Open => return release(bid, out),

@@ -1160,3 +1160,21 @@ fn per_session_state_stays_small() {
         std::mem::size_of::<State>()
     );
 }
+
+/// Bytes behind an upgrade head are held in memory until the 101; a client
+/// that pushes more than a head's worth before the cancel of its recv lands
+/// gets 400 instead of making ringlb hold them.
+#[test]
+fn bytes_held_for_the_101_are_bounded() {
+    let s = snap(&["127.0.0.1:9001"], "max_request_head = 1024");
+    let mut out = Vec::new();
+    let mut c = Conn::accept(s.clone(), client(), &mut out);
+    c.on_recv(Side::Client, 1, request().as_bytes(), &mut out);
+    c.on_recv(Side::Client, 2, &[0u8; 600], &mut out);
+    assert_eq!(c.stage(), Stage::Connecting { attempt: 0 });
+    out.clear();
+    c.on_recv(Side::Client, 3, &[0u8; 600], &mut out);
+    assert_eq!(c.stage(), Stage::Responding);
+    assert_eq!(c.status, Some(400));
+    assert!(out.contains(&Action::Release(3)), "{out:?}");
+}
