@@ -110,6 +110,7 @@ impl Feature {
     }
 
     /// Its name in `RINGLB_TEST_FAULT=probe-missing-<key>` (debug builds).
+    #[cfg(debug_assertions)]
     pub fn key(self) -> &'static str {
         match self {
             Feature::Setup => "setup",
