@@ -192,6 +192,7 @@ fn supervise(
                 closing = true;
             }
         }
+        server.poll_discovery();
         std::thread::sleep(Duration::from_millis(50));
     }
 }
