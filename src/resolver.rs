@@ -499,3 +499,153 @@ pub fn status_json(state: &DnsState, named: &[crate::config::NamedServer]) -> se
         })
         .collect()
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config::Config;
+    use crate::snapshot::Snapshot;
+    use crate::upstream::Rng;
+
+    fn target() -> NameTarget {
+        NameTarget::Host {
+            host: "pods.test".into(),
+            port: 9000,
+        }
+    }
+
+    fn entry() -> Entry {
+        Entry {
+            due: Instant::now(),
+            failures: 0,
+            addrs: None,
+            logged_at: None,
+            unlogged: 0,
+        }
+    }
+
+    fn a(s: &str) -> SocketAddr {
+        s.parse().unwrap()
+    }
+
+    #[test]
+    fn ttl_is_clamped_and_failures_back_off_keeping_the_set() {
+        let s = ResolverSettings {
+            min_interval: Duration::from_secs(1),
+            max_interval: Duration::from_secs(10),
+            ..ResolverSettings::default()
+        };
+        let state = DnsState::default();
+        let mut e = entry();
+        let t0 = Instant::now();
+        let set = vec![a("127.0.0.1:9000")];
+        for (ttl, want) in [(3600, 10), (0, 1), (4, 4)] {
+            let until = Instant::now() + Duration::from_secs(ttl);
+            record(&target(), &mut e, Ok((set.clone(), until)), &s, &state);
+            let d = e.due.saturating_duration_since(t0).as_secs_f64();
+            assert!((d - want as f64).abs() < 0.5, "ttl {ttl}: due in {d}");
+        }
+        // Failures: 1 s, 2 s, 4 s, 8 s, then the ceiling; the set stays.
+        for want in [1, 2, 4, 8, 10, 10] {
+            let t = Instant::now();
+            record(
+                &target(),
+                &mut e,
+                Err((Outcome::Error, "x".into())),
+                &s,
+                &state,
+            );
+            let d = e.due.saturating_duration_since(t).as_secs_f64();
+            assert!((d - want as f64).abs() < 0.5, "due in {d}, want {want}");
+            assert_eq!(e.addrs.as_deref(), Some(&set[..]));
+        }
+        record(
+            &target(),
+            &mut e,
+            Err((Outcome::Empty, "nx".into())),
+            &s,
+            &state,
+        );
+        let st = state.names()[&target()].clone();
+        assert_eq!(st.lookups, [3, 1, 6]);
+        assert_eq!(st.addresses, set);
+        assert!(st.resolved);
+        assert_eq!(st.last_error.as_deref(), Some("nx"));
+        // Logged once for the whole run of failures (bounded rate).
+        assert_eq!(e.unlogged, 6);
+    }
+
+    #[test]
+    fn a_new_set_keeps_states_and_retires_gone_addresses() {
+        let cfg = Config::parse(
+            "[server]\nlisten = [\"127.0.0.1:0\"]\n[[route]]\npath = \"/\"\nupstream = \"u\"\n[upstream.u]\nservers = [{ addr = \"127.0.0.1:8000\" }, { addr = \"pods.test:9000\", weight = 2, max_connections = 7 }, { addr = \"again.test:9000\" }]\n",
+            "t",
+        )
+        .unwrap();
+        let s0 = Snapshot::new(cfg);
+        assert_eq!(
+            s0.upstreams[0].backends.len(),
+            1,
+            "names add nothing until resolved"
+        );
+        let mut d = Discovered::default();
+        d.0.insert(target(), vec![a("127.0.0.1:9000"), a("127.0.0.2:9000")]);
+        // Another name giving an address already present adds no second backend.
+        d.0.insert(
+            NameTarget::Host {
+                host: "again.test".into(),
+                port: 9000,
+            },
+            vec![a("127.0.0.2:9000")],
+        );
+        let s1 = Snapshot::rediscovered(&s0, Arc::new(d));
+        let u = &s1.upstreams[0];
+        let addrs: Vec<SocketAddr> = u.backends.iter().map(|b| b.addr).collect();
+        assert_eq!(
+            addrs,
+            [
+                a("127.0.0.1:8000"),
+                a("127.0.0.1:9000"),
+                a("127.0.0.2:9000")
+            ]
+        );
+        assert_eq!(u.backends[1].weight, 2);
+        assert_eq!(u.backends[1].max_connections, Some(7));
+        let changes = crate::server::backend_changes(&s0, &s1);
+        assert_eq!(changes.len(), 1);
+        assert_eq!(changes[0].added, [a("127.0.0.1:9000"), a("127.0.0.2:9000")]);
+        assert!(changes[0].removed.is_empty());
+
+        // A session on .1; then .1 leaves the answer and .3 joins.
+        let mut rng = Rng::new(1);
+        let lease = u.lease_on(a("127.0.0.1:9000")).unwrap();
+        let kept = u.backends[2].state.clone();
+        let mut d = Discovered::default();
+        d.0.insert(target(), vec![a("127.0.0.2:9000"), a("127.0.0.3:9000")]);
+        let s2 = Snapshot::rediscovered(&s1, Arc::new(d));
+        let u2 = &s2.upstreams[0];
+        assert!(
+            Arc::ptr_eq(&u2.backends[1].state, &kept),
+            "an address that stays keeps its state"
+        );
+        assert_eq!(s2.retired_in("u"), [(a("127.0.0.1:9000"), 1)]);
+        for _ in 0..6 {
+            let (i, _l) = u2.pick(&[], &mut rng).unwrap();
+            assert_ne!(
+                u2.backends[i].addr,
+                a("127.0.0.1:9000"),
+                "a gone address takes no new session"
+            );
+        }
+        let changes = crate::server::backend_changes(&s1, &s2);
+        assert_eq!(changes[0].added, [a("127.0.0.3:9000")]);
+        assert_eq!(changes[0].removed, [a("127.0.0.1:9000")]);
+        // Its last session ends: it is forgotten at the next change.
+        drop(lease);
+        let s3 = Snapshot::rediscovered(&s2, s2.discovered.clone());
+        assert!(s3.retired_in("u").is_empty());
+        // A reload keeps the last sets until DNS answers again.
+        let s4 = Snapshot::reload(s3.config.clone(), Some(&s3));
+        assert_eq!(s4.upstreams[0].backends.len(), 3);
+    }
+}
