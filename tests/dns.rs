@@ -176,6 +176,49 @@ async fn addresses_added_and_removed_while_sessions_run() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_and_aaaa_addresses_are_each_a_backend() {
+    let mut pair = None;
+    for _ in 0..20 {
+        let v4 = Backend::start().await;
+        let port = v4.addr.port();
+        if std::net::TcpListener::bind(("::1", port)).is_ok() {
+            pair = Some((
+                v4,
+                Backend::start_on(format!("[::1]:{port}").parse().unwrap()).await,
+            ));
+            break;
+        }
+        v4.kill();
+    }
+    let (v4, v6) = pair.expect("a port free on 127.0.0.1 and ::1");
+    let dns = DnsServer::start();
+    dns.set_addrs("dual.test", &[ip("127.0.0.1"), ip("::1")], 30);
+    let proxy = Proxy::start(&config(
+        &dns,
+        &format!(
+            "{{ addr = \"dual.test:{}\", max_connections = 1 }}",
+            v4.addr.port()
+        ),
+        "",
+    ));
+    let want = vec![v4.addr.to_string(), v6.addr.to_string()];
+    wait_until("both families", || addresses(&proxy) == want).await;
+    wait_until("backends in /status", || {
+        status(&proxy)["upstreams"][0]["backends"]
+            .as_array()
+            .unwrap()
+            .len()
+            == 2
+    })
+    .await;
+    // max_connections applies per address: one session each, a third is refused.
+    let _a = connect(&proxy.url("/")).await;
+    let _b = connect(&proxy.url("/")).await;
+    assert_eq!((v4.active(), v6.active()), (1, 1));
+    assert_eq!(upgrade_status(&proxy).await, 502);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn ttl_is_honoured_within_bounds() {
     let dns = DnsServer::start();
     dns.set_addrs("ttl2.test", &[ip("127.0.0.1")], 2);
@@ -474,7 +517,7 @@ async fn no_shard_waits_for_a_stalled_nameserver() {
     // A shard that waited for DNS would take a whole 1 s timeout; the
     // bound is far below that and generous for a loaded machine.
     assert!(
-        s99 < Duration::from_millis(300).max(b99 * 5),
+        s99 < Duration::from_millis(500).max(b99 * 5),
         "p99 {s99:?} while DNS stalls, {b99:?} before"
     );
     assert_eq!(
