@@ -280,7 +280,7 @@ fn run(rx: mpsc::Receiver<Msg>, updates: mpsc::Sender<Arc<Discovered>>, state: A
 fn record(
     name: &NameTarget,
     e: &mut Entry,
-    res: Result<(Vec<SocketAddr>, Instant), (Outcome, String)>,
+    res: Result<Found, (Outcome, String)>,
     s: &ResolverSettings,
     state: &DnsState,
 ) {
@@ -288,7 +288,11 @@ fn record(
     let mut st = state.lock();
     let st = st.entry(name.clone()).or_default();
     match res {
-        Ok((addrs, valid_until)) => {
+        Ok(Found {
+            addrs,
+            until: valid_until,
+            total,
+        }) => {
             st.lookups[0] += 1;
             let ttl = valid_until.saturating_duration_since(now);
             e.due = now + ttl.clamp(s.min_interval, s.max_interval);
@@ -320,6 +324,12 @@ fn record(
                     gone.join(", "),
                     e.due - now
                 );
+                if total > addrs.len() {
+                    log::warn!(
+                        "dns: {name} gives {total} addresses; only the first {} are backends (resolver.max_addresses)",
+                        addrs.len()
+                    );
+                }
             }
             st.addresses = addrs.clone();
             st.resolved = true;
@@ -381,7 +391,7 @@ async fn lookup(
     r: &TokioResolver,
     name: &NameTarget,
     s: &ResolverSettings,
-) -> Result<(Vec<SocketAddr>, Instant), (Outcome, String)> {
+) -> Result<Found, (Outcome, String)> {
     // hickory bounds each query by `timeout`; this bounds the whole lookup
     // (an SRV set with many targets, several nameservers) in case it does not.
     let servers = s.nameservers.as_ref().map_or(3, Vec::len) as u32;
@@ -397,7 +407,27 @@ async fn lookup(
     if addrs.is_empty() {
         return Err((Outcome::Empty, "the answer has no address".into()));
     }
-    Ok((addrs, until))
+    // Every address is a backend that each pick looks at: a runaway answer
+    // (a misconfigured zone, a hostile nameserver) must not make thousands.
+    // `record` says so when the set changes.
+    let total = addrs.len();
+    addrs.truncate(s.max_addresses);
+    Ok(Found {
+        addrs,
+        until,
+        total,
+    })
+}
+
+/// A successful lookup.
+#[derive(Debug)]
+struct Found {
+    /// Sorted, at most `max_addresses`.
+    addrs: Vec<SocketAddr>,
+    /// When the answer's smallest TTL runs out.
+    until: Instant,
+    /// Addresses in the answer, before `max_addresses`.
+    total: usize,
 }
 
 async fn lookup_inner(
@@ -541,7 +571,12 @@ mod tests {
         let set = vec![a("127.0.0.1:9000")];
         for (ttl, want) in [(3600, 10), (0, 1), (4, 4)] {
             let until = Instant::now() + Duration::from_secs(ttl);
-            record(&target(), &mut e, Ok((set.clone(), until)), &s, &state);
+            let found = Found {
+                addrs: set.clone(),
+                until,
+                total: 1,
+            };
+            record(&target(), &mut e, Ok(found), &s, &state);
             let d = e.due.saturating_duration_since(t0).as_secs_f64();
             assert!((d - want as f64).abs() < 0.5, "ttl {ttl}: due in {d}");
         }

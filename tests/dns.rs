@@ -558,3 +558,35 @@ fn check_accepts_names_without_resolving_them() {
     );
     assert!(t.elapsed() < Duration::from_secs(5));
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_runaway_answer_is_capped_at_max_addresses() {
+    let dns = DnsServer::start();
+    let many: Vec<IpAddr> = (1..=40).map(|i| ip(&format!("127.0.1.{i}"))).collect();
+    dns.set_addrs("many.test", &many, 30);
+    let proxy = Proxy::start(&config(
+        &dns,
+        r#"{ addr = "many.test:9" }"#,
+        "max_addresses = 3",
+    ));
+    wait_until("resolved", || name_status(&proxy, 0)["resolved"] == true).await;
+    // 40 A records do not fit a 512-byte datagram: the answer came over TCP.
+    assert!(dns.tcp_queries() >= 1);
+    // The lowest three, in address order.
+    assert_eq!(
+        addresses(&proxy),
+        ["127.0.1.1:9", "127.0.1.2:9", "127.0.1.3:9"]
+    );
+    proxy.wait_log(
+        "many.test:9 gives 40 addresses; only the first 3 are backends (resolver.max_addresses)",
+        Duration::from_secs(5),
+    );
+    wait_until("three backends", || {
+        status(&proxy)["upstreams"][0]["backends"]
+            .as_array()
+            .unwrap()
+            .len()
+            == 3
+    })
+    .await;
+}

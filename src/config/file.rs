@@ -30,6 +30,7 @@ pub(super) struct FileResolver {
     pub(super) resolve_min_interval: Option<Spanned<String>>,
     pub(super) resolve_max_interval: Option<Spanned<String>>,
     pub(super) timeout: Option<Spanned<String>>,
+    pub(super) max_addresses: Option<Spanned<i64>>,
 }
 
 #[derive(Debug, Deserialize)]

@@ -369,11 +369,15 @@ pub struct ResolverSettings {
     pub max_interval: Duration,
     /// How long one query waits for a nameserver's answer.
     pub timeout: Duration,
+    /// Addresses one name may contribute (the lowest, in address order);
+    /// the rest of an answer is ignored, with a log line.
+    pub max_addresses: usize,
 }
 
 pub const DEFAULT_RESOLVE_MIN_INTERVAL: Duration = Duration::from_secs(1);
 pub const DEFAULT_RESOLVE_MAX_INTERVAL: Duration = Duration::from_secs(300);
 pub const DEFAULT_RESOLVE_TIMEOUT: Duration = Duration::from_secs(5);
+pub const DEFAULT_RESOLVE_MAX_ADDRESSES: usize = 256;
 
 impl Default for ResolverSettings {
     fn default() -> Self {
@@ -382,6 +386,7 @@ impl Default for ResolverSettings {
             min_interval: DEFAULT_RESOLVE_MIN_INTERVAL,
             max_interval: DEFAULT_RESOLVE_MAX_INTERVAL,
             timeout: DEFAULT_RESOLVE_TIMEOUT,
+            max_addresses: DEFAULT_RESOLVE_MAX_ADDRESSES,
         }
     }
 }

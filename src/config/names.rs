@@ -5,7 +5,7 @@
 //! resolve its names yet (a CI runner, a pod before its Service exists).
 
 use super::file::{FileResolver, FileServerEntry};
-use super::validate::{duration, socket_addr};
+use super::validate::{duration, int_in, socket_addr};
 use super::*;
 
 /// Where one `servers` entry finds its backends.
@@ -200,6 +200,9 @@ pub(super) fn resolver_config(
     if let Some(v) = &r.timeout {
         out.timeout = duration(src, v, "resolver.timeout")?;
     }
+    if let Some(v) = &r.max_addresses {
+        out.max_addresses = int_in(src, v, "resolver.max_addresses", 1, 10_000)? as usize;
+    }
     Ok(out)
 }
 
@@ -325,7 +328,7 @@ servers = [{ addr = "127.0.0.1:9001" }]
     fn resolver_section() {
         let c = with_servers(
             r#"{ addr = "b:1" }"#,
-            "\n[resolver]\nnameservers = [\"127.0.0.1:5353\", \"[::1]:53\"]\nresolve_min_interval = \"2s\"\nresolve_max_interval = \"1m\"\ntimeout = \"500ms\"\n",
+            "\n[resolver]\nnameservers = [\"127.0.0.1:5353\", \"[::1]:53\"]\nresolve_min_interval = \"2s\"\nresolve_max_interval = \"1m\"\ntimeout = \"500ms\"\nmax_addresses = 3\n",
         )
         .unwrap();
         let r = &c.resolver;
@@ -341,6 +344,7 @@ servers = [{ addr = "127.0.0.1:9001" }]
         assert_eq!(r.min_interval, Duration::from_secs(2));
         assert_eq!(r.max_interval, Duration::from_secs(60));
         assert_eq!(r.timeout, Duration::from_millis(500));
+        assert_eq!(r.max_addresses, 3);
         for (body, key) in [
             ("nameservers = []", "resolver.nameservers"),
             ("nameservers = [\"dns.example:53\"]", "resolver.nameservers"),
@@ -361,6 +365,7 @@ servers = [{ addr = "127.0.0.1:9001" }]
                 "resolver.resolve_max_interval",
             ),
             ("timeout = \"soon\"", "resolver.timeout"),
+            ("max_addresses = 0", "resolver.max_addresses"),
             ("ttl = \"1s\"", "ttl"),
         ] {
             let e = with_servers(r#"{ addr = "b:1" }"#, &format!("\n[resolver]\n{body}\n"))

@@ -1,13 +1,16 @@
-//! A DNS server on loopback for the discovery tests: UDP on 127.0.0.1 port
-//! 0, answers A, AAAA and SRV from records the test sets (with their TTL),
-//! SERVFAIL or NXDOMAIN on request, and a stall switch under which it reads
+//! A DNS server on loopback for the discovery tests: UDP and TCP on one
+//! 127.0.0.1 port (a UDP answer too big for the client gets TC set, as a
+//! real server does, so the client asks again over TCP). It answers A,
+//! AAAA and SRV from records the test sets (with their TTL), SERVFAIL or
+//! NXDOMAIN on request, and has a stall switch under which it reads
 //! queries and answers none. Every query is logged with its arrival time,
 //! so a test can see when ringlb asked. Messages are parsed and built with
 //! hickory-proto; the server logic is ours.
 #![allow(dead_code)]
 
 use std::collections::HashMap;
-use std::net::{IpAddr, SocketAddr, UdpSocket};
+use std::io::{Read, Write};
+use std::net::{IpAddr, SocketAddr, TcpListener, TcpStream, UdpSocket};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -36,6 +39,7 @@ struct State {
     stall: AtomicBool,
     stop: AtomicBool,
     queries: Mutex<Vec<(String, RecordType, Instant)>>,
+    tcp_queries: std::sync::atomic::AtomicUsize,
 }
 
 pub struct DnsServer {
@@ -49,11 +53,32 @@ fn key(name: &str) -> String {
 
 impl DnsServer {
     pub fn start() -> DnsServer {
-        let sock = UdpSocket::bind("127.0.0.1:0").unwrap();
+        // UDP and TCP on one port, as a nameserver is reached (TCP for
+        // answers too big for a datagram).
+        let (sock, tcp) = (0..20)
+            .find_map(|_| {
+                let sock = UdpSocket::bind("127.0.0.1:0").ok()?;
+                let tcp = TcpListener::bind(sock.local_addr().ok()?).ok()?;
+                Some((sock, tcp))
+            })
+            .expect("a port free for UDP and TCP within 20 tries");
         sock.set_read_timeout(Some(Duration::from_millis(50)))
             .unwrap();
+        tcp.set_nonblocking(true).unwrap();
         let addr = sock.local_addr().unwrap();
         let state = Arc::new(State::default());
+        let st = state.clone();
+        std::thread::spawn(move || {
+            while !st.stop.load(Ordering::Relaxed) {
+                match tcp.accept() {
+                    Ok((conn, _)) => {
+                        let st = st.clone();
+                        std::thread::spawn(move || serve_tcp(conn, &st));
+                    }
+                    Err(_) => std::thread::sleep(Duration::from_millis(10)),
+                }
+            }
+        });
         let st = state.clone();
         std::thread::spawn(move || {
             let mut buf = [0u8; 1500];
@@ -61,22 +86,29 @@ impl DnsServer {
                 let Ok((n, peer)) = sock.recv_from(&mut buf) else {
                     continue;
                 };
-                let Ok(q) = Message::from_vec(&buf[..n]) else {
+                let Some(q) = received(&st, &buf[..n]) else {
                     continue;
                 };
-                if let Some(query) = q.queries().first() {
-                    st.queries.lock().unwrap().push((
-                        key(&query.name().to_ascii()),
-                        query.query_type(),
-                        Instant::now(),
-                    ));
-                }
-                if st.stall.load(Ordering::Relaxed) {
+                let Some(mut bytes) = answer(&st, &q) else {
                     continue;
+                };
+                // Too big for a datagram (RFC 1035 4.2.1: 512 bytes, or the
+                // client's EDNS size): the header alone, with TC set, sends
+                // the client to TCP.
+                let max = q
+                    .extensions()
+                    .as_ref()
+                    .map_or(512, |e| e.max_payload().max(512));
+                if bytes.len() > usize::from(max) {
+                    let mut t = Message::new();
+                    t.set_id(q.id())
+                        .set_message_type(MessageType::Response)
+                        .set_op_code(q.op_code())
+                        .set_truncated(true)
+                        .add_queries(q.queries().to_vec());
+                    bytes = t.to_vec().unwrap();
                 }
-                if let Some(bytes) = answer(&st, &q) {
-                    let _ = sock.send_to(&bytes, peer);
-                }
+                let _ = sock.send_to(&bytes, peer);
             }
         });
         DnsServer { addr, state }
@@ -119,6 +151,11 @@ impl DnsServer {
         self.state.stall.store(on, Ordering::Relaxed);
     }
 
+    /// Queries that came over TCP.
+    pub fn tcp_queries(&self) -> usize {
+        self.state.tcp_queries.load(Ordering::Relaxed)
+    }
+
     /// When `name` was asked for `rtype`.
     pub fn queries(&self, name: &str, rtype: RecordType) -> Vec<Instant> {
         let k = key(name);
@@ -136,6 +173,49 @@ impl DnsServer {
 impl Drop for DnsServer {
     fn drop(&mut self) {
         self.state.stop.store(true, Ordering::Relaxed);
+    }
+}
+
+/// Logs a query; `None` if it cannot be parsed or the server stalls.
+fn received(st: &State, bytes: &[u8]) -> Option<Message> {
+    let q = Message::from_vec(bytes).ok()?;
+    if let Some(query) = q.queries().first() {
+        st.queries.lock().unwrap().push((
+            key(&query.name().to_ascii()),
+            query.query_type(),
+            Instant::now(),
+        ));
+    }
+    (!st.stall.load(Ordering::Relaxed)).then_some(q)
+}
+
+/// DNS over TCP: each message with a two-byte length in front (RFC 1035
+/// 4.2.2); the connection ends when the client closes it, after 5 s
+/// without a query, or after 100 queries.
+fn serve_tcp(mut conn: TcpStream, st: &State) {
+    let _ = conn.set_nonblocking(false);
+    let _ = conn.set_read_timeout(Some(Duration::from_secs(5)));
+    for _ in 0..100 {
+        let mut len = [0u8; 2];
+        if conn.read_exact(&mut len).is_err() {
+            return;
+        }
+        let mut buf = vec![0u8; usize::from(u16::from_be_bytes(len))];
+        if conn.read_exact(&mut buf).is_err() {
+            return;
+        }
+        st.tcp_queries.fetch_add(1, Ordering::Relaxed);
+        let Some(q) = received(st, &buf) else {
+            continue;
+        };
+        let Some(bytes) = answer(st, &q) else {
+            continue;
+        };
+        let mut out = (bytes.len() as u16).to_be_bytes().to_vec();
+        out.extend_from_slice(&bytes);
+        if conn.write_all(&out).is_err() {
+            return;
+        }
     }
 }
 
