@@ -17,6 +17,7 @@ pub(crate) mod driver;
 pub mod files;
 pub mod http;
 pub mod proxy_protocol;
+pub mod resolver;
 pub(crate) mod ring;
 pub mod route;
 pub mod server;
