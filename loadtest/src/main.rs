@@ -439,6 +439,9 @@ fn run_load(
     };
     params["tls"] = serde_json::json!(tls_wanted);
     params["tls_resume"] = serde_json::json!(tls_wanted && !c.no_tls_resume);
+    if tls_wanted {
+        params["tls_provider"] = serde_json::json!(tls::PROVIDER);
+    }
     if let Some(h) = &plan.http {
         if h.requests == Some(0) {
             anyhow::bail!("--requests must be at least 1");

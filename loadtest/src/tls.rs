@@ -38,16 +38,19 @@ use std::sync::Arc;
 
 /// The crypto provider of the load tool: the one place to change it.
 ///
-/// `ring`, like the proxy's default, so that both ends of a benchmark use the
-/// same primitives. Switching means changing this function and the `rustls`
-/// features in `loadtest/Cargo.toml` (e.g. `aws_lc_rs` instead of `ring`).
+/// `ring` by default; the cargo feature `aws-lc-rs` switches to aws-lc-rs
+/// (`cargo build --release -p ringlb-load --features aws-lc-rs`). The
+/// provider only decides the load tool's own CPU: what a server pays is set by
+/// what is negotiated, which is the same with either.
 ///
 /// Key exchange: X25519 first, then P-256, then P-384, the order browsers
 /// offer the classical groups in (rustls's `ring` default puts P-384 first,
-/// which would make every server pay for a P-384 exchange). The key share
-/// sent is for the first group only.
+/// which would make every server pay for a P-384 exchange; its `aws-lc-rs`
+/// default starts with a post-quantum hybrid the benchmark anchors do not
+/// have). The key share is sent for the first group only.
+#[cfg(not(feature = "aws-lc-rs"))]
 // rustls deprecates ring's provider only because it has no post-quantum key
-// exchange; browsers' classical fallback, X25519, is what is measured here.
+// exchange; browsers' classical choice, X25519, is what is measured here.
 #[allow(deprecated)]
 pub fn provider() -> CryptoProvider {
     use rustls::crypto::ring::{default_provider, kx_group};
@@ -55,6 +58,22 @@ pub fn provider() -> CryptoProvider {
     p.kx_groups = vec![kx_group::X25519, kx_group::SECP256R1, kx_group::SECP384R1];
     p
 }
+
+/// See the `ring` variant above.
+#[cfg(feature = "aws-lc-rs")]
+pub fn provider() -> CryptoProvider {
+    use rustls::crypto::aws_lc_rs::{default_provider, kx_group};
+    let mut p = default_provider();
+    p.kx_groups = vec![kx_group::X25519, kx_group::SECP256R1, kx_group::SECP384R1];
+    p
+}
+
+/// The provider's name, for the run's parameters.
+pub const PROVIDER: &str = if cfg!(feature = "aws-lc-rs") {
+    "aws-lc-rs"
+} else {
+    "ring"
+};
 
 /// What the command line asked for.
 #[derive(Debug, Clone, Default)]

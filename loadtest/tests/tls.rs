@@ -46,12 +46,11 @@ impl Pki {
             .distinguished_name
             .push(rcgen::DnType::CommonName, "ringlb-load test CA");
         let ca_cert = ca_params.self_signed(&ca_key).unwrap();
-        let issuer = rcgen::Issuer::new(ca_params, ca_key);
         let leaf_key = rcgen::KeyPair::generate().unwrap();
         let names: Vec<String> = names.iter().map(|s| s.to_string()).collect();
         let leaf = rcgen::CertificateParams::new(names)
             .unwrap()
-            .signed_by(&leaf_key, &issuer)
+            .signed_by(&leaf_key, &ca_cert, &ca_key)
             .unwrap();
         let ca_pem = dir.join("ca.pem");
         std::fs::write(&ca_pem, ca_cert.pem()).unwrap();
