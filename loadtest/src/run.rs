@@ -250,12 +250,9 @@ async fn open_conn(ctx: &Ctx, gidx: u64) -> Option<Conn> {
         let sock = client::connect(&cfg.target, src).await?;
         let s = match &cfg.tls {
             None => Stream::Plain(sock),
-            Some(t) => {
-                let mut core = TlsCore::new(t, tls_in_cap(cfg.size))?;
-                tls::handshake(&sock, &mut core).await?;
-                ctx.res.borrow_mut().record_tls(&core.info());
-                Stream::tls(sock, core)
-            }
+            // Boxed: the TLS session would otherwise be part of every
+            // connection task's state, plain ones included, for its whole life.
+            Some(t) => Box::pin(tls_open(ctx, t, sock)).await?,
         };
         client::handshake(&s, &cfg.target, seed, &mut reader).await?;
         Ok::<_, ErrKind>(s)
@@ -280,6 +277,18 @@ async fn open_conn(ctx: &Ctx, gidx: u64) -> Option<Conn> {
             None
         }
     }
+}
+
+/// The TLS handshake on a connected socket; counts it in the results.
+async fn tls_open(
+    ctx: &Ctx,
+    t: &TlsClient,
+    sock: tokio::net::TcpStream,
+) -> Result<Stream, ErrKind> {
+    let mut core = TlsCore::new(t, tls_in_cap(ctx.cfg.size))?;
+    tls::handshake(&sock, &mut core).await?;
+    ctx.res.borrow_mut().record_tls(&core.info());
+    Ok(Stream::tls(sock, core))
 }
 
 /// Sends one frame and reads its echo, concurrently, so that a message larger
