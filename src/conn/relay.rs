@@ -370,8 +370,14 @@ impl Conn {
         self.state = State::Relaying(Relay::Upgraded { going_away: true });
         self.closer = Some(Closer::Drain);
         for (dst, frame) in [
-            (Side::Client, frames::close_going_away_to_client()),
-            (Side::Backend, frames::close_going_away_to_backend()),
+            (
+                Side::Client,
+                frames::close_to_client(frames::CLOSE_GOING_AWAY),
+            ),
+            (
+                Side::Backend,
+                frames::close_to_backend(frames::CLOSE_GOING_AWAY),
+            ),
         ] {
             self.enqueue(dst, frame);
             self.flow[dst.idx()].src_eof = true;

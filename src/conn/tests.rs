@@ -581,7 +581,7 @@ fn drain_between_frames_sends_close_1001_both_ways() {
         panic!()
     };
     let data = &o.data;
-    assert_eq!(&data[..4], &[0x88, 22, 0x03, 0xe9]);
+    assert_eq!(&data[..4], &[0x88, 20, 0x03, 0xe9]);
     let Some(Payload::Owned(o)) = c.front(Side::Backend) else {
         panic!()
     };
