@@ -302,6 +302,8 @@ impl SessionRecord {
             Some(Closer::Drain) => 4,
             Some(Closer::StalledPeer) => 5,
             Some(Closer::Error) => 6,
+            Some(Closer::Rebalance) => 7,
+            Some(Closer::Shutdown) => 8,
         });
         w.push(u8::from(self.parked));
         w
@@ -341,6 +343,8 @@ impl SessionRecord {
             4 => Some(Closer::Drain),
             5 => Some(Closer::StalledPeer),
             6 => Some(Closer::Error),
+            7 => Some(Closer::Rebalance),
+            8 => Some(Closer::Shutdown),
             _ => return Err(RecordError::Invalid("closer")),
         };
         let parked = r.byte()? != 0;

@@ -33,8 +33,6 @@ pub struct FrameTracker {
     left: u64,
 }
 
-// The clean close (next commit) uses the message boundaries.
-#[allow(dead_code)]
 impl FrameTracker {
     /// True between two frames (nothing of a next frame seen yet).
     pub fn at_boundary(&self) -> bool {

@@ -27,6 +27,7 @@ impl Conn {
             || self.status != Some(101)
             || self.going_away()
             || self.quiescing()
+            || self.close_wanted().is_some()
             || !self.transport.iter().all(Transport::in_place)
             || flow.splice != Splice::Off
             || flow.dead
@@ -92,6 +93,15 @@ impl Conn {
             return;
         };
         let left = flow.frames.payload_left();
+        if in_pipe == 0
+            && self.close_wanted().is_some_and(|(_, frames_ok)| {
+                flow.frames.at_message_boundary() || (frames_ok && flow.frames.at_boundary())
+            })
+        {
+            // A clean close waits for this direction: back to buffers at
+            // this boundary, so a Close can be queued behind it.
+            return self.leave_splice(src, None, out);
+        }
         if left > 0 {
             let read = left.min(SPLICE_CHUNK.saturating_sub(in_pipe) as u64) as usize;
             out.push(Action::Splice {
@@ -219,6 +229,7 @@ impl Conn {
             None if self.wants_recv(src) => self.ensure_recv(src, out),
             None => {}
         }
+        self.try_clean_close(out);
     }
 
     /// A splice step moved `got` bytes in from `src` (`None`: none asked)

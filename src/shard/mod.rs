@@ -39,7 +39,7 @@ use std::time::{Duration, Instant};
 
 use socket2::{Domain, SockRef, Socket, TcpKeepalive, Type};
 
-use crate::conn::{Action, Conn, Payload, Side, Stage, TimerKind};
+use crate::conn::{Action, CloseKind, Closer, Conn, Payload, Side, Stage, TimerKind};
 use crate::driver::{Driver, Event, Lender, Lent, Op, Routed};
 use crate::ring::{self, BufRing};
 use crate::snapshot::Snapshot;
@@ -617,7 +617,16 @@ impl Shard {
             self.log_session(&s);
         }
         if s.conn.status == Some(101) {
-            self.stats.closed[stats::close_reason(s.conn.closer)].add(1);
+            let reason = stats::close_reason(s.conn.closer);
+            self.stats.closed[reason].add(1);
+            if let Some(b) = s.conn.backend_state() {
+                b.count_close(reason);
+            }
+            match s.conn.close_kind {
+                Some(CloseKind::Frame) => self.stats.clean_close_fallbacks[0].add(1),
+                Some(CloseKind::Fin) => self.stats.clean_close_fallbacks[1].add(1),
+                Some(CloseKind::Message) | None => {}
+            }
         }
         let (client_ip, ip_counted) = (s.conn.client_addr.ip(), s.conn.ip_counted);
         for bid in s.conn.into_buffers() {
@@ -678,9 +687,16 @@ impl Shard {
                         .into_iter()
                         .filter(|k| !self.driver.is_closing(*k))
                         .collect();
+                    // The deadline: the clean close with no wait for a
+                    // message boundary (any frame boundary will do, FIN
+                    // after linger_timeout).
                     for key in keys {
                         if let Some(s) = self.driver.get_mut(key) {
-                            s.conn.drain_close(&mut self.actions);
+                            s.conn.request_close(
+                                Closer::Shutdown,
+                                Duration::ZERO,
+                                &mut self.actions,
+                            );
                             self.exec(key);
                         }
                     }
