@@ -253,6 +253,7 @@ impl Server {
             .collect();
 
         let snap = Snapshot::reload(config, Some(&old));
+        crate::pacing::backends_changed(&old, &snap);
         for ((s, socks), log) in self.shards.iter().zip(per_shard).zip(logs) {
             let _ = s.commands.send(Command::Reload(snap.clone()));
             let _ = s.commands.send(Command::AccessLog(AccessLogWriter(log)));

@@ -44,12 +44,19 @@ impl Snapshot {
             .upstreams
             .iter()
             .map(|u| {
-                Upstream::new(u, &|addr| {
+                let mut up = Upstream::new(u, &|addr| {
                     known
                         .iter()
                         .find(|(n, a, _)| *n == u.name && *a == addr)
                         .map(|(_, _, s)| s.clone())
-                })
+                });
+                // A rebalance under way goes on across the reload.
+                if let Some(p) =
+                    previous.and_then(|p| p.upstreams.iter().find(|o| o.name == u.name))
+                {
+                    up.state = p.state.clone();
+                }
+                up
             })
             .collect();
         let in_use = |name: &str, addr: SocketAddr| {

@@ -141,6 +141,10 @@ pub struct Upstream {
     pub response_timeout: Duration,
     pub max_response_head: usize,
     pub health: HealthPolicy,
+    /// `rebalance = { threshold, rate }`; off when `None`.
+    pub rebalance: Option<crate::config::Rebalance>,
+    /// Rebalance state; a reload carries it over by upstream name.
+    pub state: Arc<crate::pacing::UpstreamState>,
 }
 
 impl Upstream {
@@ -172,6 +176,8 @@ impl Upstream {
                 max_fails: cfg.max_fails,
                 fail_timeout: cfg.fail_timeout,
             },
+            rebalance: cfg.rebalance,
+            state: Arc::default(),
         }
     }
 
@@ -323,6 +329,8 @@ mod tests {
                 max_fails: 1,
                 fail_timeout: Duration::from_secs(10),
             },
+            rebalance: None,
+            state: Arc::default(),
         }
     }
 

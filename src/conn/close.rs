@@ -98,6 +98,15 @@ impl Conn {
         true
     }
 
+    /// A relaying WebSocket session that nobody is closing yet.
+    pub fn can_close_cleanly(&self) -> bool {
+        self.status == Some(101)
+            && matches!(
+                self.state,
+                State::Relaying(Relay::Upgraded { going_away: false })
+            )
+    }
+
     /// A clean close is wanted and has not happened yet.
     pub(super) fn close_wanted(&self) -> Option<(Closer, bool)> {
         match self.state {

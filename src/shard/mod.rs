@@ -25,7 +25,8 @@
 //! cancels and reaps every op before anything is freed (`Driver::shutdown`).
 //!
 //! Files: `access_log.rs` (one JSON line per request or session),
-//! `sweeps.rs` (timers, idle/stall/unpin sweeps, starved recvs).
+//! `sweeps.rs` (timers, idle/stall/unpin sweeps, starved recvs),
+//! `pacing.rs` (paced closes: drain at a rate, rebalance, paced shutdown).
 
 use std::cmp::Reverse;
 use std::collections::{BinaryHeap, VecDeque};
@@ -46,6 +47,7 @@ use crate::snapshot::Snapshot;
 use crate::stats::{self, ShardStats};
 
 mod access_log;
+mod pacing;
 mod sweeps;
 
 /// Copies bytes `start..start + len` of provided buffer `bid` out of the pool.
@@ -77,6 +79,9 @@ pub enum Command {
 pub struct Shared {
     /// Client connections across all shards, for `server.max_connections`.
     pub clients: AtomicUsize,
+    /// The paced shutdown's budget (`server.drain_close_rate`), a GCRA
+    /// cell shared by all shards (`crate::pacing`).
+    pub shutdown_tat_us: std::sync::atomic::AtomicU64,
 }
 
 /// What the shard keeps per connection; the driver's slot holds it.
@@ -140,6 +145,8 @@ enum TimerTarget {
     StallSweep,
     /// The pool runs low: move stalled directions' buffers out of it.
     Unpin,
+    /// Paced closes (drain at a rate, rebalance, paced shutdown).
+    Pacing,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -253,6 +260,7 @@ impl Shard {
         }
         self.schedule_sweep();
         self.schedule_stall_sweep();
+        self.schedule_pacing(crate::pacing::IDLE_CHECK);
         self.driver.arm_wake();
         while !self.stopping {
             if self.draining && self.driver.is_empty() && self.driver.no_listeners() {

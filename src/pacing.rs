@@ -1,0 +1,213 @@
+//! Paced closes: how fast ringlb moves live sessions, and which upstreams
+//! want moving. The shards do the closing (`shard/pacing.rs`); this holds
+//! what they share.
+//!
+//! **One budget per purpose, shared by all shards, lock-free.** Each paced
+//! purpose has one atomic cell: a backend being drained at a rate
+//! ([`BackendState::close_tat_us`]), an upstream being rebalanced
+//! ([`UpstreamState::tat_us`]), the paced shutdown (`Shared`). A shard's
+//! pacing sweep (every [`TICK`] while there is work) takes one token per
+//! session it closes with a compare-and-swap on the cell, so the rate holds
+//! across shards whatever the number of shards and however sessions are
+//! spread over them, and a shard that has no session of that backend takes
+//! no token (the others get them). The main thread is not involved: a
+//! quota handed out per shard would idle on a shard whose sessions of that
+//! backend are gone while another still has some.
+//!
+//! **Jitter.** Each token moves the cell by the interval times a random
+//! factor in [0.5, 1.5), so the closes (and the reconnects they cause) do
+//! not fall on a fixed grid; the mean rate is the configured one.
+//!
+//! **Catch-up is bounded** to one sweep's worth ([`TICK`]): a cell left
+//! behind (no work for a while) never releases a burst.
+
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::time::Duration;
+
+use crate::snapshot::Snapshot;
+use crate::upstream::{BackendState, Rng, Upstream};
+
+/// How often a shard with pacing work sweeps its sessions.
+pub const TICK: Duration = Duration::from_millis(20);
+/// How often a shard without pacing work looks whether some started
+/// (an admin request, a reload, a backend back up).
+pub const IDLE_CHECK: Duration = Duration::from_millis(100);
+
+/// Takes one token from a GCRA cell at `rate` per second; false: none now.
+pub fn take(cell: &AtomicU64, rate: u32, now_us: u64, rng: &mut Rng) -> bool {
+    let interval = 1_000_000 / u64::from(rate.max(1));
+    let window = TICK.as_micros() as u64;
+    let mut tat = cell.load(Ordering::Relaxed);
+    loop {
+        if tat > now_us {
+            return false;
+        }
+        // Jitter in [0.5, 1.5) of the interval; never zero.
+        let step = (interval / 2 + interval * u64::from(rng.below(1024)) / 1024).max(1);
+        let next = tat.max(now_us.saturating_sub(window)) + step;
+        match cell.compare_exchange_weak(tat, next, Ordering::Relaxed, Ordering::Relaxed) {
+            Ok(_) => return true,
+            Err(seen) => tat = seen,
+        }
+    }
+}
+
+/// Per upstream, what survives reloads: whether it is being rebalanced,
+/// its close budget, and which backends were up when last looked at.
+#[derive(Debug, Default)]
+pub struct UpstreamState {
+    pub rebalancing: AtomicBool,
+    pub tat_us: AtomicU64,
+    /// Bit i: backend i was up (and not draining) at the last look.
+    pub up_mask: AtomicU64,
+}
+
+impl UpstreamState {
+    /// Starts a rebalance (if the upstream has one configured); returns
+    /// whether one was started now.
+    pub fn trigger(&self, u: &Upstream, why: &str) -> bool {
+        if u.rebalance.is_none() {
+            return false;
+        }
+        let started = !self.rebalancing.swap(true, Ordering::Relaxed);
+        if started {
+            log::info!("upstream {}: rebalancing ({why})", u.name);
+        }
+        started
+    }
+}
+
+/// A new snapshot replaced `old`: every upstream whose backend set gained
+/// an address starts rebalancing (a backend added by a reload, or by
+/// re-resolution: whoever builds a new snapshot calls this).
+pub fn backends_changed(old: &Snapshot, new: &Snapshot) {
+    for u in &new.upstreams {
+        let before = old.upstreams.iter().find(|o| o.name == u.name);
+        let added = u
+            .backends
+            .iter()
+            .filter(|b| before.is_none_or(|o| !o.backends.iter().any(|ob| ob.addr == b.addr)))
+            .count();
+        if added > 0 && before.is_some() {
+            u.state.trigger(
+                u,
+                &format!("{added} backend(s) added by a new configuration"),
+            );
+        }
+    }
+}
+
+/// Looks for backends that came back (up again after being down or
+/// drained) and starts a rebalance of their upstream. Cheap: a few atomics
+/// per backend; the shards call it on their idle check.
+pub fn watch_health(snap: &Snapshot) {
+    for u in &snap.upstreams {
+        let mut mask = 0u64;
+        for (i, b) in u.backends.iter().enumerate().take(64) {
+            if b.is_up() && !b.is_draining() {
+                mask |= 1 << i;
+            }
+        }
+        let was = u.state.up_mask.swap(mask, Ordering::Relaxed);
+        // The first look (nothing recorded yet) is no change.
+        if was != 0 && mask & !was != 0 {
+            u.state.trigger(u, "a backend is back up");
+        }
+    }
+}
+
+/// Where a rebalance stands for one upstream: `Some(i)`, the backend to
+/// take a session from next (the one most over its weighted share, and
+/// over it), while some backend is outside `share × (1 ± threshold)`;
+/// `None` when all are within it (the rebalance is done).
+///
+/// Only backends that take new sessions (up, not draining) count: the
+/// fair share is of the sessions they hold, by weight.
+pub fn rebalance_victim(u: &Upstream) -> Option<usize> {
+    let r = u.rebalance?;
+    let eligible: Vec<(usize, f64, f64)> = u
+        .backends
+        .iter()
+        .enumerate()
+        .filter(|(_, b)| b.is_up() && !b.is_draining())
+        .map(|(i, b)| (i, b.active() as f64, f64::from(b.weight)))
+        .collect();
+    let total: f64 = eligible.iter().map(|e| e.1).sum();
+    let weights: f64 = eligible.iter().map(|e| e.2).sum();
+    if eligible.len() < 2 || total == 0.0 {
+        return None;
+    }
+    let share = |w: f64| total * w / weights;
+    let outside = eligible.iter().any(|&(_, n, w)| {
+        let s = share(w);
+        n > s * (1.0 + r.threshold) || n < s * (1.0 - r.threshold)
+    });
+    if !outside {
+        return None;
+    }
+    eligible
+        .iter()
+        .filter(|&&(_, n, w)| n > share(w))
+        .max_by(|a, b| (a.1 / a.2).total_cmp(&(b.1 / b.2)))
+        .map(|&(i, _, _)| i)
+}
+
+/// Paced drain of one backend: stop at zero sessions. Returns true for the
+/// one caller that saw it finish (it logs).
+pub fn drain_finished(u: &Upstream, b: &crate::upstream::Backend) -> bool {
+    let rate = b.state.close_rate.load(Ordering::Relaxed);
+    if rate == 0 || b.active() > 0 {
+        return false;
+    }
+    if b.state
+        .close_rate
+        .compare_exchange(rate, 0, Ordering::Relaxed, Ordering::Relaxed)
+        .is_ok()
+    {
+        log::info!(
+            "backend {} of upstream {}: paced drain done, no session left",
+            b.addr,
+            u.name
+        );
+        return true;
+    }
+    false
+}
+
+/// Whether a backend is being drained at a rate now.
+pub fn close_rate(b: &BackendState) -> u32 {
+    b.close_rate.load(Ordering::Relaxed)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn tokens_come_at_the_rate_with_jitter_and_no_burst() {
+        let cell = AtomicU64::new(0);
+        let mut rng = Rng::new(5);
+        // 50/s for 10 s, asked every 20 ms (a sweep): about 500 tokens,
+        // never more than 3 in one sweep, gaps not all equal.
+        let mut got = Vec::new();
+        let t0 = 10_000_000u64;
+        for tick in 0..500u64 {
+            let now = t0 + tick * 20_000;
+            let mut n = 0;
+            while take(&cell, 50, now, &mut rng) {
+                n += 1;
+                got.push(now);
+            }
+            assert!(n <= 3, "a burst of {n} at tick {tick}");
+        }
+        assert!((480..=520).contains(&got.len()), "{}", got.len());
+        // After a long pause, one sweep's worth at most.
+        let later = t0 + 100_000_000;
+        let burst = (0..100)
+            .take_while(|_| take(&cell, 50, later, &mut rng))
+            .count();
+        assert!(burst <= 3, "{burst}");
+        let gaps: std::collections::HashSet<u64> = got.windows(2).map(|w| w[1] - w[0]).collect();
+        assert!(gaps.len() > 1, "no jitter");
+    }
+}
