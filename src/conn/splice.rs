@@ -93,13 +93,7 @@ impl Conn {
             return;
         };
         let left = flow.frames.payload_left();
-        if in_pipe == 0
-            && self.close_wanted().is_some_and(|(_, frames_ok)| {
-                flow.frames.at_message_boundary() || (frames_ok && flow.frames.at_boundary())
-            })
-        {
-            // A clean close waits for this direction: back to buffers at
-            // this boundary, so a Close can be queued behind it.
+        if in_pipe == 0 && self.close_waits_on_splice(src.other()) {
             return self.leave_splice(src, None, out);
         }
         if left > 0 {
@@ -290,10 +284,23 @@ impl Conn {
             out.push(Action::PollOut(dst));
         } else if end.is_some() {
             self.splice_flush(src, out);
+        } else if self.close_waits_on_splice(dst) {
+            // The pipe is empty at a boundary and a clean close waits for
+            // this direction: back to buffers now, not at the next byte.
+            self.leave_splice(src, None, out);
         } else {
             // Next: more payload, or the next frame's header.
             out.push(Action::PollIn(src));
         }
+    }
+
+    /// A clean close waits for the direction towards `dst`, which is
+    /// splicing and sits at a boundary it can close at: it should go back
+    /// to buffers, so a Close can be queued behind what it moved.
+    fn close_waits_on_splice(&self, dst: Side) -> bool {
+        let f = &self.flow[dst.idx()].frames;
+        self.close_wanted()
+            .is_some_and(|(_, frames_ok)| f.at_message_boundary() || (frames_ok && f.at_boundary()))
     }
 
     /// A source that was being spliced ended, and everything it sent is out.
