@@ -481,3 +481,72 @@ async fn paced_sigterm_closes_at_the_rate_then_exits() {
     assert!(st.success(), "{st:?}");
     assert!(t0.elapsed() < Duration::from_secs(8), "{:?}", t0.elapsed());
 }
+
+/// A child process whose stdout lines are read on a thread; killed by PID
+/// on drop.
+struct Peer {
+    child: std::process::Child,
+    lines: std::sync::mpsc::Receiver<String>,
+}
+
+impl Peer {
+    fn spawn(args: &[&str]) -> Peer {
+        // Debian's python3, which has python3-websockets (.ci/run installs it).
+        let mut child = std::process::Command::new("/usr/bin/python3")
+            .arg(concat!(
+                env!("CARGO_MANIFEST_DIR"),
+                "/tests/python/deflate_peer.py"
+            ))
+            .args(args)
+            .stdout(std::process::Stdio::piped())
+            .spawn()
+            .expect("spawn /usr/bin/python3 (apt-get install python3-websockets)");
+        let out = child.stdout.take().unwrap();
+        let (tx, lines) = std::sync::mpsc::channel();
+        std::thread::spawn(move || {
+            use std::io::BufRead;
+            for l in std::io::BufReader::new(out).lines().map_while(Result::ok) {
+                let _ = tx.send(l);
+            }
+        });
+        Peer { child, lines }
+    }
+
+    /// The next line starting with `prefix` (bounded: 20 s).
+    fn expect(&self, prefix: &str) -> String {
+        loop {
+            let l = self
+                .lines
+                .recv_timeout(Duration::from_secs(20))
+                .unwrap_or_else(|_| panic!("no line starting with {prefix:?}"));
+            if let Some(rest) = l.strip_prefix(prefix) {
+                return rest.trim().to_string();
+            }
+        }
+    }
+}
+
+impl Drop for Peer {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// permessage-deflate negotiated end to end (Python `websockets` on both
+/// ends): the compressed messages arrive intact, the drain's Close frames
+/// (control frames carry no RSV1 bit) are taken by both: 1012 at the
+/// client, 1001 at the backend, with no protocol error.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn permessage_deflate_sessions_close_cleanly() {
+    let server = Peer::spawn(&["server"]);
+    let port: u16 = server.expect("listening").parse().unwrap();
+    let backend: SocketAddr = ([127, 0, 0, 1], port).into();
+    let proxy = Proxy::start(&with_admin(&[backend], "", ""));
+    let client = Peer::spawn(&["client", &proxy.url("/"), "20"]);
+    assert_eq!(client.expect("ready"), "permessage-deflate");
+    let path = format!("/backends/u/{backend}/drain?close_rate=10");
+    assert_eq!(proxy.admin("POST", &path).0, 200);
+    assert_eq!(client.expect("client-close"), "1012 20");
+    assert_eq!(server.expect("backend-close"), "1001 permessage-deflate");
+}
