@@ -210,4 +210,92 @@ mod tests {
         let gaps: std::collections::HashSet<u64> = got.windows(2).map(|w| w[1] - w[0]).collect();
         assert!(gaps.len() > 1, "no jitter");
     }
+
+    fn snap(servers: &[(u16, u32)], rebalance: &str) -> std::sync::Arc<Snapshot> {
+        let list: Vec<String> = servers
+            .iter()
+            .map(|(p, w)| format!("{{ addr = \"127.0.0.1:{p}\", weight = {w} }}"))
+            .collect();
+        let toml = format!(
+            "[server]\nlisten = [\"127.0.0.1:1\"]\n[[route]]\npath = \"/\"\nupstream = \"u\"\n[upstream.u]\n{rebalance}\nservers = [{}]\n",
+            list.join(",")
+        );
+        Snapshot::new(crate::config::Config::parse(&toml, "test").unwrap())
+    }
+
+    /// Holds `n` leases on backend `i`.
+    fn hold(s: &Snapshot, i: usize, n: usize) -> Vec<crate::upstream::Lease> {
+        let u = &s.upstreams[0];
+        (0..n)
+            .map(|_| u.lease_on(u.backends[i].addr).unwrap())
+            .collect()
+    }
+
+    #[test]
+    fn the_victim_is_the_most_over_its_weighted_share_until_all_are_within() {
+        let r = "rebalance = { threshold = 0.25, rate = 10 }";
+        let s = snap(&[(9001, 1), (9002, 1), (9003, 1)], r);
+        let u = &s.upstreams[0];
+        let _a = hold(&s, 0, 150);
+        let mut b = hold(&s, 1, 160);
+        assert_eq!(rebalance_victim(u), Some(1), "C is empty: B is most over");
+        // 112, 113, 75: C at the edge of the band, nobody over it: done.
+        b.truncate(113);
+        drop(_a);
+        let _a = hold(&s, 0, 112);
+        let _c = hold(&s, 2, 75);
+        assert_eq!(rebalance_victim(u), None);
+        // Weights: 2:1 means 200:100 is fair.
+        let w = snap(&[(9001, 2), (9002, 1)], r);
+        let _x = hold(&w, 0, 200);
+        let _y = hold(&w, 1, 100);
+        assert_eq!(rebalance_victim(&w.upstreams[0]), None);
+        let _z = hold(&w, 1, 100);
+        assert_eq!(rebalance_victim(&w.upstreams[0]), Some(1));
+        // Draining or down backends are left out of the shares.
+        w.upstreams[0].backends[0]
+            .state
+            .draining
+            .store(true, Ordering::Relaxed);
+        assert_eq!(
+            rebalance_victim(&w.upstreams[0]),
+            None,
+            "one left: nothing to even"
+        );
+        // Off without a rebalance configured.
+        assert_eq!(
+            rebalance_victim(&snap(&[(9001, 1), (9002, 1)], "").upstreams[0]),
+            None
+        );
+    }
+
+    #[test]
+    fn triggers_a_new_backend_and_one_back_up() {
+        let r = "rebalance = { rate = 10 }";
+        let old = snap(&[(9001, 1), (9002, 1)], r);
+        let same = snap(&[(9002, 1), (9001, 1)], r);
+        backends_changed(&old, &same);
+        assert!(!same.upstreams[0].state.rebalancing.load(Ordering::Relaxed));
+        let more = snap(&[(9001, 1), (9002, 1), (9003, 1)], r);
+        backends_changed(&old, &more);
+        assert!(more.upstreams[0].state.rebalancing.load(Ordering::Relaxed));
+        // Without rebalance configured nothing starts.
+        let off = snap(&[(9001, 1), (9002, 1), (9003, 1)], "");
+        backends_changed(&old, &off);
+        assert!(!off.upstreams[0].state.rebalancing.load(Ordering::Relaxed));
+        // Up, then down, then up again: the return triggers it.
+        let s = snap(&[(9001, 1), (9002, 1)], r);
+        let st = &s.upstreams[0].state;
+        watch_health(&s);
+        assert!(
+            !st.rebalancing.load(Ordering::Relaxed),
+            "the first look is no change"
+        );
+        s.upstreams[0].backends[1].state.set_down(true);
+        watch_health(&s);
+        assert!(!st.rebalancing.load(Ordering::Relaxed));
+        s.upstreams[0].backends[1].state.set_down(false);
+        watch_health(&s);
+        assert!(st.rebalancing.load(Ordering::Relaxed));
+    }
 }

@@ -363,7 +363,13 @@ async fn a_fragmented_message_defers_the_close_until_it_is_complete() {
 
 async fn fragmented_message_then_close(server_extra: &str, spliced: bool) {
     let a = Streamer::start(None).await;
-    let proxy = Proxy::start(&with_admin(&[a.addr], server_extra, ""));
+    let dir = tempfile::tempdir().unwrap();
+    let log = dir.path().join("access.log");
+    let proxy = Proxy::start(&format!(
+        "{}\n[log]\naccess = \"{}\"\n",
+        with_admin(&[a.addr], server_extra, ""),
+        log.display()
+    ));
     let mut s = TcpStream::connect(proxy.addr()).await.unwrap();
     s.write_all(upgrade_request("/", "").as_bytes())
         .await
@@ -400,6 +406,16 @@ async fn fragmented_message_then_close(server_extra: &str, spliced: bool) {
     let st = status(&proxy);
     assert_eq!(st["clean_close_fallbacks"]["frame"], 0, "{st}");
     assert_eq!(st["clean_close_fallbacks"]["fin"], 0, "{st}");
+    // The access log line says why and how it was closed.
+    drop(s);
+    wait_until("the session's access log line", || {
+        std::fs::read_to_string(&log).is_ok_and(|t| t.contains("\"closed_by\""))
+    })
+    .await;
+    let text = std::fs::read_to_string(&log).unwrap();
+    let line: serde_json::Value = serde_json::from_str(text.lines().next().unwrap()).unwrap();
+    assert_eq!(line["closed_by"], "drain", "{line}");
+    assert_eq!(line["close"], "message", "{line}");
 }
 
 /// A message that never ends: after close_boundary_timeout the close
