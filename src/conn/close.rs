@@ -56,15 +56,32 @@ impl Conn {
     /// `boundary_wait`: how long to wait for a moment between messages
     /// before any frame boundary will do (zero: at once; the drain
     /// deadline uses that). Returns false if the session was already being
-    /// closed. A session that is not relaying an upgrade is closed at once.
+    /// closed (a zero wait still hurries a close that waits for a message
+    /// boundary: the deadline does not wait for close_boundary_timeout). A
+    /// session that is not relaying an upgrade is closed at once.
     pub fn request_close(
         &mut self,
         why: Closer,
         boundary_wait: Duration,
         out: &mut Vec<Action>,
     ) -> bool {
-        match &self.state {
+        match self.state {
             State::Relaying(Relay::Upgraded { going_away: false }) => {}
+            State::Relaying(Relay::CloseWanted {
+                why,
+                frames_ok: false,
+            }) if boundary_wait.is_zero() => {
+                self.state = State::Relaying(Relay::CloseWanted {
+                    why,
+                    frames_ok: true,
+                });
+                out.push(Action::Timer(
+                    TimerKind::CloseBoundary { fin: true },
+                    self.linger,
+                ));
+                self.try_clean_close(out);
+                return false;
+            }
             State::Relaying(Relay::Upgraded { going_away: true } | Relay::CloseWanted { .. })
             | State::Closing => return false,
             _ => {

@@ -721,6 +721,54 @@ fn clean_close_falls_back_to_frames_then_fin() {
     assert_eq!(c.closer, Some(Closer::Shutdown));
 }
 
+/// A paced close waiting for a message boundary is hurried by the drain
+/// deadline: frame boundaries do from then on.
+#[test]
+fn the_deadline_hurries_a_close_waiting_for_a_message_boundary() {
+    let s = snap(&["127.0.0.1:9001"], "");
+    let mut c = relaying(&s);
+    let mut out = Vec::new();
+    c.on_recv(Side::Client, 40, &masked(0x01, b"open"), &mut out);
+    assert!(c.request_close(Closer::Shutdown, Duration::from_secs(30), &mut out));
+    out.clear();
+    assert!(!c.request_close(Closer::Shutdown, Duration::ZERO, &mut out));
+    assert_eq!(c.close_kind, Some(CloseKind::Frame), "{out:?}");
+}
+
+/// A parked session (polls instead of recvs) closes cleanly: the Close
+/// frames go out at once, and each peer's reply wakes its poll.
+#[test]
+fn a_parked_session_closes_cleanly() {
+    let s = snap(&["127.0.0.1:9001"], "");
+    let mut c = relaying(&s);
+    let mut out = Vec::new();
+    assert!(!c.idle_sweep(&mut out), "active since the last sweep");
+    assert!(c.idle_sweep(&mut out));
+    c.on_recv_end(Side::Client, RecvEnd::Stopped, &mut out);
+    c.on_recv_end(Side::Backend, RecvEnd::Stopped, &mut out);
+    assert!(out.contains(&Action::PollIn(Side::Backend)));
+    out.clear();
+    assert!(c.request_close(Closer::Rebalance, Duration::from_secs(30), &mut out));
+    assert!(out.contains(&Action::Send(Side::Client)), "{out:?}");
+    assert!(out.contains(&Action::Send(Side::Backend)), "{out:?}");
+    assert!(
+        !out.iter().any(|a| matches!(a, Action::ArmRecv(_))),
+        "{out:?}"
+    );
+    flush(&mut c, Side::Client, &mut out);
+    flush(&mut c, Side::Backend, &mut out);
+    for side in [Side::Client, Side::Backend] {
+        out.clear();
+        c.on_readable(side, &mut out);
+        assert_eq!(out, vec![Action::ArmRecv(side)]);
+        c.on_recv(side, 50, &[0x88, 0x00], &mut out);
+        assert!(out.ends_with(&[Action::Release(50)]));
+        c.on_recv_end(side, RecvEnd::Eof, &mut out);
+    }
+    assert!(out.ends_with(&[Action::Close]), "{out:?}");
+    assert_eq!(c.closer, Some(Closer::Rebalance));
+}
+
 /// close_boundary_timeout without a message boundary: frame boundaries do.
 #[test]
 fn clean_close_boundary_timeout_then_frames() {
