@@ -7,7 +7,9 @@
 scaleout: N sessions (full: 5000) held by clients that reconnect when
   closed (bench/wsclients.py), through the target to two echo backends; then
   a third backend is added (ringlb: SIGHUP with `rebalance` on; nginx:
-  SIGHUP; HAProxy: master-worker reload, SIGUSR2). Sampled every 0.5 s:
+  SIGHUP; HAProxy: master-worker reload, SIGUSR2); 2 s later a few new
+  sessions (full: 100) open, which go to C everywhere (the reload took:
+  only the established sessions differ). Sampled every 0.5 s:
   established sessions per backend (`ss`), and the clients' new connections
   per second. nginx and HAProxy never move an established session; ringlb
   moves them at the configured rate until all three are within the
@@ -45,10 +47,10 @@ from procutil import Child, StartError, established_on_port, free_port, wait_tcp
 from run import find_binary, log  # noqa: E402
 from targets import find_program, render  # noqa: E402
 
-FULL = {"sessions": 5000, "threshold": 0.25, "rebalance_rate": 100, "before": 5, "after": 60,
+FULL = {"sessions": 5000, "probe": 100, "threshold": 0.25, "rebalance_rate": 100, "before": 5, "after": 60,
         "drain_sessions": 2000, "drain_rate": 200, "drain_after": 30, "connect_rate": 1000,
         "workers": 2}
-QUICK = {"sessions": 300, "threshold": 0.25, "rebalance_rate": 50, "before": 2, "after": 10,
+QUICK = {"sessions": 300, "probe": 10, "threshold": 0.25, "rebalance_rate": 50, "before": 2, "after": 10,
          "drain_sessions": 200, "drain_rate": 50, "drain_after": 8, "connect_rate": 500,
          "workers": 2}
 CUT_RATE = 1_000_000
@@ -227,9 +229,16 @@ def scaleout(run: Run, target: str) -> dict:
         t_add = time.monotonic() - t0
         log(f"{target}: {p['sessions']} sessions on A and B; adding C")
         proxy.reconfigure(ports)
-        time.sleep(p["after"])
+        # New sessions after the reload show that it took (they go to C
+        # everywhere); only the established ones differ.
+        time.sleep(2)
+        t_probe = time.monotonic() - t0
+        probe = Clients(run, f"{tag}-probe", proxy.port, p["probe"])
+        started.append(probe)
+        time.sleep(max(0.0, p["after"] - 2))
         sampler.stop()
         rec = {"scenario": "scaleout", "target": target, "params": p, "t_add": t_add,
+               "t_probe": t_probe, "probe": probe.last(),
                "backends": ["A", "B", "C"], "samples": sampler.samples,
                "clients": [dict(line, t=round(line["t"] + (clients.t_start - t0), 3))
                            for line in clients.lines]}
@@ -292,7 +301,8 @@ def report(out: str, recs: list[dict]) -> None:
         p = scale[0]["params"]
         lines += ["## Scale-out", "",
                   f"{p['sessions']} sessions on backends A and B, then C added "
-                  f"(ringlb: rebalance threshold {p['threshold']}, rate {p['rebalance_rate']}/s).", "",
+                  f"(ringlb: rebalance threshold {p['threshold']}, rate {p['rebalance_rate']}/s); "
+                  f"{p['probe']} new sessions 2 s after C was added.", "",
                   "| target | A, B, C at the end | sessions moved (Close frames) | peak new connections/s after C |",
                   "|---|---|---|---|"]
         for r in scale:
