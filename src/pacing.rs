@@ -122,15 +122,24 @@ pub fn watch_health(snap: &Snapshot) {
 /// `None` when all are within it (the rebalance is done).
 ///
 /// Only backends that take new sessions (up, not draining) count: the
-/// fair share is of the sessions they hold, by weight.
+/// fair share is of the sessions they hold, by weight. A backend at its
+/// `max_connections` is never "under" (it cannot take more), and a session
+/// is moved only if the backend its client will land on (the least loaded
+/// other one that is not full) is left less loaded than the victim was:
+/// otherwise the client would come back, or churn between two backends,
+/// for ever.
 pub fn rebalance_victim(u: &Upstream) -> Option<usize> {
     let r = u.rebalance?;
-    let eligible: Vec<(usize, f64, f64)> = u
+    // (index, active, weight, full)
+    let eligible: Vec<(usize, f64, f64, bool)> = u
         .backends
         .iter()
         .enumerate()
         .filter(|(_, b)| b.is_up() && !b.is_draining())
-        .map(|(i, b)| (i, b.active() as f64, f64::from(b.weight)))
+        .map(|(i, b)| {
+            let full = b.max_connections.is_some_and(|m| b.active() >= m);
+            (i, b.active() as f64, f64::from(b.weight), full)
+        })
         .collect();
     let total: f64 = eligible.iter().map(|e| e.1).sum();
     let weights: f64 = eligible.iter().map(|e| e.2).sum();
@@ -138,18 +147,24 @@ pub fn rebalance_victim(u: &Upstream) -> Option<usize> {
         return None;
     }
     let share = |w: f64| total * w / weights;
-    let outside = eligible.iter().any(|&(_, n, w)| {
+    let outside = eligible.iter().any(|&(_, n, w, full)| {
         let s = share(w);
-        n > s * (1.0 + r.threshold) || n < s * (1.0 - r.threshold)
+        n > s * (1.0 + r.threshold) || (n < s * (1.0 - r.threshold) && !full)
     });
     if !outside {
         return None;
     }
-    eligible
+    let &(victim, n, w, _) = eligible
         .iter()
-        .filter(|&&(_, n, w)| n > share(w))
-        .max_by(|a, b| (a.1 / a.2).total_cmp(&(b.1 / b.2)))
-        .map(|&(i, _, _)| i)
+        .filter(|&&(_, n, w, _)| n > share(w))
+        .max_by(|a, b| (a.1 / a.2).total_cmp(&(b.1 / b.2)))?;
+    // Where its client lands: the least loaded other backend with room.
+    let lands = eligible
+        .iter()
+        .filter(|&&(i, _, _, full)| i != victim && !full)
+        .map(|&(_, n2, w2, _)| (n2 + 1.0) / w2)
+        .min_by(|a, b| a.total_cmp(b))?;
+    (lands < n / w).then_some(victim)
 }
 
 /// Paced drain of one backend: stop at zero sessions. Returns true for the
@@ -261,6 +276,38 @@ mod tests {
             rebalance_victim(&w.upstreams[0]),
             None,
             "one left: nothing to even"
+        );
+        // A full backend under its share cannot take more: the others are
+        // evened out among themselves, and nothing churns between them.
+        let full = Upstream::new(
+            &crate::config::Config::parse(
+                "[server]\nlisten = [\"127.0.0.1:1\"]\n[[route]]\npath = \"/\"\nupstream = \"u\"\n[upstream.u]\nrebalance = { threshold = 0.1, rate = 5 }\nservers = [{ addr = \"127.0.0.1:9001\" }, { addr = \"127.0.0.1:9002\" }, { addr = \"127.0.0.1:9003\", max_connections = 50 }]\n",
+                "test",
+            )
+            .unwrap()
+            .upstreams[0],
+            &|_| None,
+        );
+        let lease = |i: usize, n: usize| -> Vec<_> {
+            (0..n)
+                .map(|_| full.lease_on(full.backends[i].addr).unwrap())
+                .collect()
+        };
+        let (_p, _q, _r) = (lease(0, 150), lease(1, 100), lease(2, 50));
+        assert_eq!(rebalance_victim(&full), Some(0), "150 vs 100: move to B");
+        drop(_p);
+        let (_p, _s) = (lease(0, 126), lease(1, 24));
+        assert_eq!(
+            rebalance_victim(&full),
+            Some(0),
+            "126 and 124: one more move"
+        );
+        drop(_p);
+        let _p = lease(0, 125);
+        assert_eq!(
+            rebalance_victim(&full),
+            None,
+            "125 and 125 with C full: a move would only swap them"
         );
         // Off without a rebalance configured.
         assert_eq!(
