@@ -153,6 +153,27 @@ async fn scale_out_rebalances_at_the_rate_until_all_are_within_the_threshold() {
     assert_eq!(f.closes.lock().unwrap().len(), closes.len());
     let (_, st) = f.proxy.admin("GET", "/status");
     assert!(st.contains("\"rebalancing\": false"), "{st}");
+
+    // C drained at a rate: its clients reconnect to A and B. Undrained, C
+    // starts a rebalance, and sessions come back to it.
+    let c = f.backends[2].addr;
+    let (code, body) = f
+        .proxy
+        .admin("POST", &format!("/backends/u/{c}/drain?close_rate=100"));
+    assert_eq!(code, 200, "{body}");
+    wait_until("C drained, its clients back on A and B", || {
+        f.backends[2].active() == 0 && f.backends[0].active() + f.backends[1].active() == N
+    })
+    .await;
+    let (code, _) = f.proxy.admin("POST", &format!("/backends/u/{c}/undrain"));
+    assert_eq!(code, 200);
+    f.proxy
+        .wait_log(&format!("backend {c} undrained"), Duration::from_secs(5));
+    wait_until("all three within 100 +- 25 again", || {
+        let n: Vec<usize> = f.backends.iter().map(|b| b.active()).collect();
+        n.iter().sum::<usize>() == N && n.iter().all(|c| (75..=125).contains(c))
+    })
+    .await;
     assert!(t0.elapsed() < Duration::from_secs(45));
 }
 
