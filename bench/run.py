@@ -100,6 +100,14 @@ def find_binary(name: str, bin_dir: str | None) -> str | None:
     return None
 
 
+INDEP_DIR = os.path.join(HERE, "indep-load")
+
+
+def indep_binary() -> str | None:
+    p = os.path.join(INDEP_DIR, "target", "release", "indep-load")
+    return p if os.access(p, os.X_OK) else None
+
+
 def tool_help(load_bin: str, mode: str) -> str:
     if mode not in _HELP_CACHE:
         try:
@@ -227,6 +235,8 @@ def load_cmd(ctx: Ctx, scenario: str, p: dict, url: str, json_path: str, hist_pa
                 "--expect-length", str(STATIC_FILES[p["file"]]), "--hist", hist_path]
     mode = {"pingpong": "pingpong", PIN_SCENARIO: "pingpong", "rate": "rate",
             "handshake": "handshake", "bulk": "bulk", "idle": "idle"}[scenario]
+    if mode in ("pingpong", "rate") and ctx.bins.get("client"):
+        lb = ctx.bins["client"]  # --client indep: the independent load tool
     cmd = [lb, mode, "--url", url, "--json", json_path]
     if mode in ("pingpong", "rate", "bulk"):
         cmd += ["--connections", str(p["connections"]), "--size", str(p["size"]),
@@ -341,6 +351,9 @@ def measure(ctx: Ctx, scenario: str, target: str, rep: int) -> dict:
         if proxy_roots:
             roots["proxy"] = proxy_roots
         perf = start_perf(ctx, scenario, p, tag, proxy_pids)
+        pstat = start_perf_stat(ctx, scenario, p, tag, proxy_pids)
+        if pstat is not None:
+            roots["perf_stat"] = [pstat.pid]
         if perf is not None:
             # perf's own CPU is not another process's: keep it out of "foreign"
             roots["perf"] = [perf.pid]
@@ -354,6 +367,8 @@ def measure(ctx: Ctx, scenario: str, target: str, rep: int) -> dict:
         sampler.stop()
         if perf is not None:
             rec["perf"] = finish_perf(ctx, perf, tag)
+        if pstat is not None:
+            rec["perf_stat"] = finish_perf_stat(ctx, pstat, tag)
         rec["busy_during"] = sorted(sampler.busy_seen)
         if rc is None:
             load.stop()
@@ -426,6 +441,52 @@ def start_perf(ctx: Ctx, scenario: str, p: dict, tag: str, proxy_pids: list[int]
     if delay > 0:
         cmd[2:2] = ["-D", str(int(delay * 1000))]
     return Child("perf", cmd, os.path.join(ctx.logs, f"{tag}-perf.log"))
+
+
+# Counted per proxy over the measured window by `--perf-stat`: wake-ups
+# (context switches), every syscall, and the two that wait for events.
+PERF_STAT_EVENTS = ["context-switches", "cpu-migrations", "raw_syscalls:sys_enter",
+                    "syscalls:sys_enter_io_uring_enter", "syscalls:sys_enter_epoll_wait",
+                    "syscalls:sys_enter_epoll_pwait", "task-clock"]
+
+
+def start_perf_stat(ctx: Ctx, scenario: str, p: dict, tag: str, proxy_pids: list[int]) -> Child | None:
+    """`--perf-stat`: count PERF_STAT_EVENTS in the proxy's processes over the
+    same window as the CPU figures (after the warm-up, for duration - 1 s).
+    Counting costs far less than `perf record`, but not nothing: compare
+    counted runs with counted runs."""
+    if not ctx.args.perf_stat or not proxy_pids or scenario not in ("pingpong", "rate", PIN_SCENARIO, "bulk"):
+        return None
+    delay = p.get("warmup", 0) + 0.75
+    secs = max(1.0, p["duration"] - 1.0)
+    out = os.path.join(ctx.work, f"{tag}.perfstat.csv")
+    cmd = [ctx.bins["perf"], "stat", "-x", ",", "-o", out, "-D", str(int(delay * 1000)),
+           "-e", ",".join(PERF_STAT_EVENTS), "-p", ",".join(map(str, proxy_pids)),
+           "--", "sleep", f"{delay + secs:.2f}"]
+    return Child("perf-stat", cmd, os.path.join(ctx.logs, f"{tag}-perfstat.log"))
+
+
+def finish_perf_stat(ctx: Ctx, pstat: Child, tag: str) -> dict | None:
+    """Event counts and the seconds they were counted over."""
+    if pstat.wait(60) is None:
+        pstat.stop()
+        return None
+    path = os.path.join(ctx.work, f"{tag}.perfstat.csv")
+    counts: dict = {}
+    try:
+        with open(path) as f:
+            for line in f:
+                parts = line.strip().split(",")
+                if len(parts) < 3 or line.startswith("#"):
+                    continue
+                try:
+                    counts[parts[2]] = float(parts[0])
+                except ValueError:
+                    counts[parts[2]] = None  # "<not counted>" / "<not supported>"
+    except OSError:
+        return None
+    # task-clock is in ms of CPU; the window length is what -D/sleep gave
+    return {"events": counts}
 
 
 def finish_perf(ctx: Ctx, perf: Child, tag: str) -> str | None:
@@ -551,6 +612,12 @@ def main(argv=None) -> int:
                     help="record the proxy with `perf record -g` for SECONDS of each load; text "
                          "reports go to <out>/perf/ (perf costs CPU: such a run is for profiles, "
                          "not for ratios)")
+    ap.add_argument("--perf-stat", action="store_true",
+                    help="count context switches and syscalls (io_uring_enter, epoll_wait) in the "
+                         "proxy over each message run's window with `perf stat` (needs tracefs)")
+    ap.add_argument("--client", choices=["ringlb-load", "indep"], default="ringlb-load",
+                    help="load tool for pingpong/rate: ringlb-load, or indep (bench/indep-load, "
+                         "tokio-tungstenite; built by --build or `cargo build --release` there)")
     ap.add_argument("--skip-missing", action="store_true",
                     help="drop targets whose program is not installed instead of stopping")
     args = ap.parse_args(argv)
@@ -574,7 +641,7 @@ def main(argv=None) -> int:
     if PIN_SCENARIO in scenarios and (os.cpu_count() or 1) < 2:
         ap.error("--pin needs at least 2 CPUs")
 
-    progs, missing = check_tools(names, PIN_SCENARIO in scenarios, bool(args.perf))
+    progs, missing = check_tools(names, PIN_SCENARIO in scenarios, bool(args.perf or args.perf_stat))
     if missing:
         pkgs = " ".join(sorted(set(missing)))
         msg = (f"Missing tools: {pkgs}.\n"
@@ -594,7 +661,18 @@ def main(argv=None) -> int:
         if r.returncode != 0:
             print("cargo build failed", file=sys.stderr)
             return 4
+    if args.build and args.client == "indep":
+        r = subprocess.run(["cargo", "build", "--release"], cwd=INDEP_DIR)
+        if r.returncode != 0:
+            print("cargo build of bench/indep-load failed", file=sys.stderr)
+            return 4
     bins = dict(progs)
+    if args.client == "indep":
+        bins["client"] = indep_binary()
+        if not bins["client"]:
+            print("bench/indep-load is not built: (cd bench/indep-load && cargo build --release)",
+                  file=sys.stderr)
+            return 4
     bins["ringlb-load"] = find_binary("ringlb-load", args.bin_dir)
     bins["ringlb"] = find_binary("ringlb", args.bin_dir)
     if args.base_bin:

@@ -721,7 +721,32 @@ pub fn metrics(control: &Control) -> String {
         "ringlb_config_reloads_total{{result=\"error\"}} {}",
         control.reloads_failed.load(Ordering::Relaxed)
     );
+    crate::resolver::write_metrics(&control.dns, &mut out);
     out
+}
+
+/// DNS discovery's part of an upstream in `/status`: its names (what each
+/// resolved to, when, the last error) and the addresses that left the pick
+/// while sessions still use them.
+fn dns_status(
+    v: &mut serde_json::Value,
+    control: &Control,
+    snap: &crate::snapshot::Snapshot,
+    upstream: &str,
+) {
+    let Some(cfg) = snap.config.upstreams.iter().find(|c| c.name == upstream) else {
+        return;
+    };
+    if !cfg.named.is_empty() {
+        v["names"] = crate::resolver::status_json(&control.dns, &cfg.named);
+    }
+    let retired = snap.retired_in(upstream);
+    if !retired.is_empty() {
+        v["retired"] = retired
+            .iter()
+            .map(|(a, n)| serde_json::json!({ "addr": a.to_string(), "active": n }))
+            .collect();
+    }
 }
 
 pub fn status(control: &Control) -> String {
@@ -758,12 +783,14 @@ pub fn status(control: &Control) -> String {
                     })
                 })
                 .collect();
-            serde_json::json!({
+            let mut v = serde_json::json!({
                 "name": u.name,
                 "backends": backends,
                 "rebalancing": u.state.rebalancing.load(Ordering::Relaxed),
                 "rebalance": u.rebalance.map(|r| serde_json::json!({ "threshold": r.threshold, "rate": r.rate.get() })),
-            })
+            });
+            dns_status(&mut v, control, &snap, &u.name);
+            v
         })
         .collect();
     let shards: Vec<serde_json::Value> = control

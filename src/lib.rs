@@ -19,6 +19,7 @@ pub mod files;
 pub mod http;
 pub mod pacing;
 pub mod proxy_protocol;
+pub mod resolver;
 pub(crate) mod ring;
 pub mod route;
 pub mod server;

@@ -246,6 +246,32 @@ impl Upstream {
 }
 
 impl Upstream {
+    /// Adds a backend for every address the upstream's names resolved to
+    /// (`cfg.named`), each with its server entry's weight and limit. An
+    /// address already present (a fixed server, or another name's) is not
+    /// added twice: the first entry that gives it wins. `known` is as in
+    /// [`Upstream::new`], so an address that stays keeps its live count.
+    pub fn add_named(
+        &mut self,
+        cfg: &UpstreamConfig,
+        discovered: &crate::resolver::Discovered,
+        known: &dyn Fn(SocketAddr) -> Option<Arc<BackendState>>,
+    ) {
+        for n in &cfg.named {
+            for &addr in discovered.get(&n.target) {
+                if self.backends.iter().any(|b| b.addr == addr) {
+                    continue;
+                }
+                let max = n.max_connections.map(|m| m.get());
+                let mut b = Backend::new(addr, n.weight.get(), max);
+                if let Some(state) = known(addr) {
+                    b.state = state;
+                }
+                self.backends.push(Arc::new(b));
+            }
+        }
+    }
+
     /// A lease on the backend at `addr`, whatever its state: for a session
     /// that already exists (taken over from another process), which must
     /// be counted, not placed.

@@ -20,6 +20,17 @@ pub(super) struct FileConfig {
     pub(super) route: Vec<FileRoute>,
     #[serde(default)]
     pub(super) upstream: BTreeMap<String, FileUpstream>,
+    pub(super) resolver: Option<FileResolver>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(super) struct FileResolver {
+    pub(super) nameservers: Option<Spanned<Vec<Spanned<String>>>>,
+    pub(super) resolve_min_interval: Option<Spanned<String>>,
+    pub(super) resolve_max_interval: Option<Spanned<String>>,
+    pub(super) timeout: Option<Spanned<String>>,
+    pub(super) max_addresses: Option<Spanned<i64>>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -129,7 +140,9 @@ pub(super) struct FileRebalance {
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub(super) struct FileServerEntry {
-    pub(super) addr: Spanned<String>,
+    /// `IP:port`, or `host:port` (resolved, see `names.rs`).
+    pub(super) addr: Option<Spanned<String>>,
+    pub(super) srv: Option<Spanned<String>>,
     pub(super) weight: Option<Spanned<i64>>,
     pub(super) max_connections: Option<Spanned<i64>>,
 }

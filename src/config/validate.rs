@@ -3,6 +3,7 @@
 //! column and key; nothing is clamped silently.
 
 use super::file::*;
+use super::names;
 use super::*;
 
 pub(super) fn validate(
@@ -338,14 +339,31 @@ pub(super) fn validate(
             ));
         }
         let mut servers: Vec<ServerEntry> = Vec::new();
+        let mut named: Vec<NamedServer> = Vec::new();
         for e in u.servers.get_ref() {
-            let addr = socket_addr(src, &e.addr, &key("servers.addr"))?;
-            if servers.iter().any(|s| s.addr == addr) {
+            let target = names::server_target(src, e, &key, u.servers.span())?;
+            let (span, what) = match (&e.addr, &e.srv) {
+                (Some(a), _) => (a.span(), "servers.addr"),
+                (_, Some(s)) => (s.span(), "servers.srv"),
+                _ => (u.servers.span(), "servers"),
+            };
+            let twice = match &target {
+                names::Target::Fixed(addr) => servers.iter().any(|s| s.addr == *addr),
+                names::Target::Named(t) => named.iter().any(|n| n.target == *t),
+            };
+            if twice {
                 return Err(ConfigError::at(
                     src,
-                    e.addr.span(),
-                    &key("servers.addr"),
-                    format!("{addr} is listed twice"),
+                    span,
+                    &key(what),
+                    format!(
+                        "{:?} is listed twice",
+                        e.addr
+                            .as_ref()
+                            .or(e.srv.as_ref())
+                            .map(|v| v.get_ref().as_str())
+                            .unwrap_or("")
+                    ),
                 ));
             }
             let weight = match &e.weight {
@@ -366,11 +384,18 @@ pub(super) fn validate(
                 ),
                 None => None,
             };
-            servers.push(ServerEntry {
-                addr,
-                weight,
-                max_connections,
-            });
+            match target {
+                names::Target::Fixed(addr) => servers.push(ServerEntry {
+                    addr,
+                    weight,
+                    max_connections,
+                }),
+                names::Target::Named(target) => named.push(NamedServer {
+                    target,
+                    weight,
+                    max_connections,
+                }),
+            }
         }
         names.push(name);
         upstreams.push(UpstreamConfig {
@@ -422,6 +447,7 @@ pub(super) fn validate(
                 }
             },
             servers,
+            named,
         });
     }
 
@@ -563,6 +589,7 @@ pub(super) fn validate(
         log,
         routes,
         upstreams,
+        resolver: names::resolver_config(src, file.resolver.as_ref())?,
         source: None,
     })
 }
