@@ -4,6 +4,8 @@
 //! rate until all three hold 100 ± 25; with it off, nothing moves.
 
 mod common;
+#[path = "common/dns.rs"]
+mod dns_server;
 
 use std::net::SocketAddr;
 use std::sync::{Arc, Mutex};
@@ -187,4 +189,67 @@ async fn without_rebalance_nothing_moves() {
     let (code, body) = f.proxy.admin("POST", "/upstreams/u/rebalance");
     assert_eq!(code, 409, "{body}");
     assert!(body.contains("rebalance"), "{body}");
+}
+
+/// A DNS answer that adds a backend starts a rebalance like a reload does.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_dns_answer_that_adds_a_backend_starts_a_rebalance() {
+    const M: usize = 60;
+    // Three echo backends at one port on 127.0.0.1, .2 and .3, as the pods
+    // behind one name are.
+    let mut found = None;
+    for _ in 0..20 {
+        let first = Backend::start().await;
+        let port = first.addr.port();
+        let free =
+            (2..=3).all(|i| std::net::TcpListener::bind((format!("127.0.0.{i}"), port)).is_ok());
+        if !free {
+            first.kill();
+            continue;
+        }
+        let mut v = vec![first];
+        for i in 2..=3 {
+            v.push(Backend::start_on(format!("127.0.0.{i}:{port}").parse().unwrap()).await);
+        }
+        found = Some(v);
+        break;
+    }
+    let b = found.expect("a port free on 127.0.0.1..3");
+    let port = b[0].addr.port();
+    let ip = |s: &str| s.parse::<std::net::IpAddr>().unwrap();
+    let dns = dns_server::DnsServer::start();
+    dns.set_addrs("pods.test", &[ip("127.0.0.1"), ip("127.0.0.2")], 1);
+    let proxy = Proxy::start(&format!(
+        "[server]\nlisten = [\"127.0.0.1:0\"]\nshards = 2\n\n[admin]\nlisten = \"127.0.0.1:0\"\n\n[[route]]\npath = \"/\"\nupstream = \"u\"\n\n[upstream.u]\nrebalance = {{ threshold = 0.25, rate = 50 }}\nservers = [{{ addr = \"pods.test:{port}\" }}]\n\n[resolver]\nnameservers = [\"{}\"]\nresolve_min_interval = \"100ms\"\n",
+        dns.addr
+    ));
+    wait_until("two backends in /status", || {
+        let (_, body) = proxy.admin("GET", "/status");
+        let st: serde_json::Value = serde_json::from_str(&body).unwrap();
+        st["upstreams"][0]["backends"].as_array().unwrap().len() == 2
+    })
+    .await;
+    let closes: Closes = Arc::default();
+    let until = Instant::now() + Duration::from_secs(30);
+    for _ in 0..M {
+        client(proxy.url("/"), closes.clone(), until);
+    }
+    wait_until("60 sessions on .1 and .2", || {
+        b[0].active() + b[1].active() == M
+    })
+    .await;
+    dns.set_addrs(
+        "pods.test",
+        &[ip("127.0.0.1"), ip("127.0.0.2"), ip("127.0.0.3")],
+        1,
+    );
+    proxy.wait_log("backends added [127.0.0.3", Duration::from_secs(10));
+    proxy.wait_log("rebalancing (1 backend(s) added", Duration::from_secs(5));
+    wait_until("all three within 20 +- 5", || {
+        let n: Vec<usize> = b.iter().map(|b| b.active()).collect();
+        n.iter().sum::<usize>() == M && n.iter().all(|c| (15..=25).contains(c))
+    })
+    .await;
+    let moved = closes.lock().unwrap().len();
+    assert!((15..=25).contains(&moved), "{moved} moved");
 }
