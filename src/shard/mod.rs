@@ -189,6 +189,10 @@ pub struct Shard {
     log_dirty: bool,
     /// An unpin sweep is scheduled.
     unpin_pending: bool,
+    /// Sessions the pacing sweep may close, oldest first, and when that
+    /// list was made (`pacing.rs`).
+    pacing_list: Vec<pacing::Candidate>,
+    pacing_listed: Option<Instant>,
 }
 
 pub struct ShardInit {
@@ -235,6 +239,8 @@ impl Shard {
             access_log: init.access_log,
             log_dirty: false,
             unpin_pending: false,
+            pacing_list: Vec::new(),
+            pacing_listed: None,
         })
     }
 
