@@ -252,11 +252,13 @@ impl Server {
         for change in backend_changes(old, &snap) {
             self.backends_changed(&change);
         }
+        // Added backends start a rebalance of their upstream (if it has one).
+        crate::pacing::backends_changed(old, &snap);
     }
 
-    /// An upstream's backend set changed (a reload or a DNS answer). The
-    /// hook for whatever acts on that: today it logs; rebalancing onto
-    /// added backends belongs here.
+    /// An upstream's backend set changed (a reload or a DNS answer): logged
+    /// here; [`Server::publish`] then starts a rebalance onto added
+    /// backends (`pacing::backends_changed`).
     fn backends_changed(&self, c: &BackendChange) {
         let list = |v: &[SocketAddr]| {
             v.iter()

@@ -72,6 +72,12 @@ impl Snapshot {
                 };
                 let mut up = Upstream::new(u, &known);
                 up.add_named(u, &discovered, &known);
+                // A rebalance under way goes on across the reload.
+                if let Some(p) =
+                    previous.and_then(|p| p.upstreams.iter().find(|o| o.name == u.name))
+                {
+                    up.state = p.state.clone();
+                }
                 up
             })
             .collect();

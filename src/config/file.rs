@@ -64,6 +64,8 @@ pub(super) struct FileServer {
     pub(super) max_connections_per_ip: Option<Spanned<i64>>,
     pub(super) proxy_protocol: Option<bool>,
     pub(super) trusted_proxies: Option<Vec<Spanned<String>>>,
+    pub(super) close_boundary_timeout: Option<Spanned<String>>,
+    pub(super) drain_close_rate: Option<Spanned<i64>>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -124,7 +126,15 @@ pub(super) struct FileUpstream {
     pub(super) max_fails: Option<Spanned<i64>>,
     pub(super) fail_timeout: Option<Spanned<String>>,
     pub(super) send_proxy_protocol: Option<Spanned<String>>,
+    pub(super) rebalance: Option<FileRebalance>,
     pub(super) servers: Spanned<Vec<FileServerEntry>>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(super) struct FileRebalance {
+    pub(super) threshold: Option<Spanned<f64>>,
+    pub(super) rate: Spanned<i64>,
 }
 
 #[derive(Debug, Deserialize)]

@@ -143,7 +143,27 @@ pub struct ServerConfig {
     /// Accept PROXY protocol headers (v1 and v2) from these sources, and
     /// require one from them; `None`: PROXY protocol off.
     pub trusted_proxies: Option<Vec<Cidr>>,
+    /// A clean close (drain, rebalance, paced shutdown) waits this long
+    /// for both directions to be between messages; then any frame
+    /// boundary will do, and after `linger_timeout` more, FIN.
+    pub close_boundary_timeout: Duration,
+    /// On SIGTERM, close sessions cleanly at this many per second (across
+    /// shards) from the start, instead of only at `drain_timeout`.
+    pub drain_close_rate: Option<NonZeroU32>,
 }
+
+/// `[upstream.X] rebalance`: a backend holding more than
+/// `(1 + threshold)` times its weighted fair share of the upstream's
+/// sessions sheds them at `rate` per second (for the whole upstream), by
+/// the clean close, until every backend is within the threshold.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct Rebalance {
+    pub threshold: f64,
+    pub rate: NonZeroU32,
+}
+
+/// Default `close_boundary_timeout`.
+pub const DEFAULT_CLOSE_BOUNDARY_TIMEOUT: Duration = Duration::from_secs(30);
 
 /// `[server] forwarded_for`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -322,6 +342,8 @@ pub struct UpstreamConfig {
     pub fail_timeout: Duration,
     /// Send the client's address to the backends in a PROXY header.
     pub send_proxy_protocol: Option<ProxyVersion>,
+    /// Off when `None`.
+    pub rebalance: Option<Rebalance>,
     pub servers: Vec<ServerEntry>,
     /// Servers given by name (`addr = "host:port"` or `srv`): each
     /// address they resolve to is a backend with the entry's weight and
@@ -534,6 +556,7 @@ impl Config {
                 max_fails: DEFAULT_MAX_FAILS,
                 fail_timeout: DEFAULT_FAIL_TIMEOUT,
                 send_proxy_protocol: None,
+                rebalance: None,
                 servers: upstreams
                     .into_iter()
                     .map(|addr| ServerEntry {
@@ -575,6 +598,8 @@ impl ServerConfig {
             park_idle_after: Some(DEFAULT_PARK_IDLE_AFTER),
             forwarded_for: ForwardedFor::Replace,
             stalled_peer_timeout: Some(DEFAULT_STALLED_PEER_TIMEOUT),
+            close_boundary_timeout: DEFAULT_CLOSE_BOUNDARY_TIMEOUT,
+            drain_close_rate: None,
             tcp_user_timeout: Some(DEFAULT_STALLED_PEER_TIMEOUT),
             max_handshakes_per_second: None,
             handshake_burst: NonZeroU32::MIN,

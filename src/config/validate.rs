@@ -97,6 +97,13 @@ pub(super) fn validate(
             Some(duration(src, v, "server.drain_timeout")?)
         };
     }
+    if let Some(v) = &s.close_boundary_timeout {
+        server.close_boundary_timeout = duration(src, v, "server.close_boundary_timeout")?;
+    }
+    if let Some(v) = &s.drain_close_rate {
+        server.drain_close_rate =
+            NonZeroU32::new(int_in(src, v, "server.drain_close_rate", 1, 1_000_000)? as u32);
+    }
     if let Some(v) = &s.backlog {
         server.backlog = int_in(src, v, "server.backlog", 1, 1 << 20)? as i32;
     }
@@ -413,6 +420,31 @@ pub(super) fn validate(
                         ))
                     }
                 }),
+            },
+            rebalance: match &u.rebalance {
+                None => None,
+                Some(r) => {
+                    let threshold = match &r.threshold {
+                        None => 0.25,
+                        Some(t) => {
+                            let v = *t.get_ref();
+                            if !(v > 0.0 && v <= 10.0) {
+                                return Err(ConfigError::at(
+                                    src,
+                                    t.span(),
+                                    &key("rebalance.threshold"),
+                                    format!("{v} is out of range: give a fraction above 0 and at most 10 (0.25: shed above 125 % of the fair share)"),
+                                ));
+                            }
+                            v
+                        }
+                    };
+                    let rate = int_in(src, &r.rate, &key("rebalance.rate"), 1, 1_000_000)?;
+                    Some(super::Rebalance {
+                        threshold,
+                        rate: NonZeroU32::new(rate as u32).unwrap(),
+                    })
+                }
             },
             servers,
             named,
