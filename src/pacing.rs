@@ -94,6 +94,19 @@ pub fn backends_changed(old: &Snapshot, new: &Snapshot) {
                 &format!("{added} backend(s) added by a new configuration"),
             );
         }
+        if let (Some(r), Some(o)) = (u.rebalance, before) {
+            for b in &o.backends {
+                let (addr, live) = (b.addr, b.active());
+                if live > 0 && !u.backends.iter().any(|nb| nb.addr == addr) {
+                    log::info!(
+                        "upstream {}: backend {addr} removed with {live} live session(s); \
+                         closing them cleanly at up to {}/s (rebalance is on)",
+                        u.name,
+                        r.rate
+                    );
+                }
+            }
+        }
     }
 }
 

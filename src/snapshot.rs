@@ -100,6 +100,19 @@ impl Snapshot {
         })
     }
 
+    /// The states of this upstream's retired backends that still carry
+    /// sessions (for the pacing sweep, which empties them when the upstream
+    /// rebalances).
+    pub fn retired_states<'a>(
+        &'a self,
+        upstream: &'a str,
+    ) -> impl Iterator<Item = &'a Arc<BackendState>> + 'a {
+        self.retired
+            .iter()
+            .filter(move |(n, _, s)| n == upstream && s.active() > 0)
+            .map(|(_, _, s)| s)
+    }
+
     /// Backends of this upstream that left the configuration (a reload, or
     /// DNS) while sessions still use them: (address, live sessions).
     pub fn retired_in(&self, upstream: &str) -> Vec<(SocketAddr, usize)> {

@@ -192,12 +192,9 @@ async fn without_rebalance_nothing_moves() {
 }
 
 /// A DNS answer that adds a backend starts a rebalance like a reload does.
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_dns_answer_that_adds_a_backend_starts_a_rebalance() {
-    const M: usize = 60;
-    // Three echo backends at one port on 127.0.0.1, .2 and .3, as the pods
-    // behind one name are.
-    let mut found = None;
+/// Three echo backends at one port on 127.0.0.1, .2 and .3, as the pods
+/// behind one name are.
+async fn three_pods() -> Vec<Backend> {
     for _ in 0..20 {
         let first = Backend::start().await;
         let port = first.addr.port();
@@ -211,18 +208,29 @@ async fn a_dns_answer_that_adds_a_backend_starts_a_rebalance() {
         for i in 2..=3 {
             v.push(Backend::start_on(format!("127.0.0.{i}:{port}").parse().unwrap()).await);
         }
-        found = Some(v);
-        break;
+        return v;
     }
-    let b = found.expect("a port free on 127.0.0.1..3");
+    panic!("no port free on 127.0.0.1..3 in 20 tries");
+}
+
+/// A proxy whose upstream is the name `pods.test` (answered by `dns`),
+/// rebalancing at 50/s.
+fn pods_proxy(dns: &dns_server::DnsServer, port: u16) -> Proxy {
+    Proxy::start(&format!(
+        "[server]\nlisten = [\"127.0.0.1:0\"]\nshards = 2\n\n[admin]\nlisten = \"127.0.0.1:0\"\n\n[[route]]\npath = \"/\"\nupstream = \"u\"\n\n[upstream.u]\nrebalance = {{ threshold = 0.25, rate = 50 }}\nservers = [{{ addr = \"pods.test:{port}\" }}]\n\n[resolver]\nnameservers = [\"{}\"]\nresolve_min_interval = \"100ms\"\n",
+        dns.addr
+    ))
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_dns_answer_that_adds_a_backend_starts_a_rebalance() {
+    const M: usize = 60;
+    let b = three_pods().await;
     let port = b[0].addr.port();
     let ip = |s: &str| s.parse::<std::net::IpAddr>().unwrap();
     let dns = dns_server::DnsServer::start();
     dns.set_addrs("pods.test", &[ip("127.0.0.1"), ip("127.0.0.2")], 1);
-    let proxy = Proxy::start(&format!(
-        "[server]\nlisten = [\"127.0.0.1:0\"]\nshards = 2\n\n[admin]\nlisten = \"127.0.0.1:0\"\n\n[[route]]\npath = \"/\"\nupstream = \"u\"\n\n[upstream.u]\nrebalance = {{ threshold = 0.25, rate = 50 }}\nservers = [{{ addr = \"pods.test:{port}\" }}]\n\n[resolver]\nnameservers = [\"{}\"]\nresolve_min_interval = \"100ms\"\n",
-        dns.addr
-    ));
+    let proxy = pods_proxy(&dns, port);
     wait_until("two backends in /status", || {
         let (_, body) = proxy.admin("GET", "/status");
         let st: serde_json::Value = serde_json::from_str(&body).unwrap();
@@ -252,4 +260,60 @@ async fn a_dns_answer_that_adds_a_backend_starts_a_rebalance() {
     .await;
     let moved = closes.lock().unwrap().len();
     assert!((15..=25).contains(&moved), "{moved} moved");
+}
+
+/// A pod that leaves the DNS answer (scaled in, or evicted) in an upstream
+/// that rebalances: it has no share any more, so its sessions are closed
+/// cleanly (1012) at the rebalance rate and reconnect to the others;
+/// nothing else moves. (Without `rebalance` they keep relaying:
+/// tests/dns.rs.)
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_backend_gone_from_dns_is_emptied_at_the_rebalance_rate() {
+    const M: usize = 60;
+    let b = three_pods().await;
+    let port = b[0].addr.port();
+    let ip = |s: &str| s.parse::<std::net::IpAddr>().unwrap();
+    let all = [ip("127.0.0.1"), ip("127.0.0.2"), ip("127.0.0.3")];
+    let dns = dns_server::DnsServer::start();
+    dns.set_addrs("pods.test", &all, 1);
+    let proxy = pods_proxy(&dns, port);
+    wait_until("three backends in /status", || {
+        let (_, body) = proxy.admin("GET", "/status");
+        let st: serde_json::Value = serde_json::from_str(&body).unwrap();
+        st["upstreams"][0]["backends"].as_array().unwrap().len() == 3
+    })
+    .await;
+    let closes: Closes = Arc::default();
+    let until = Instant::now() + Duration::from_secs(30);
+    for _ in 0..M {
+        client(proxy.url("/"), closes.clone(), until);
+    }
+    wait_until("20 sessions on each pod", || {
+        b.iter().all(|b| b.active() == M / 3)
+    })
+    .await;
+    assert!(
+        closes.lock().unwrap().is_empty(),
+        "nothing moves while balanced"
+    );
+    let on_gone = b[2].active();
+    dns.set_addrs("pods.test", &all[..2], 1);
+    proxy.wait_log("backend 127.0.0.3", Duration::from_secs(10));
+    proxy.wait_log("closing them cleanly", Duration::from_secs(5));
+    wait_until("the gone pod empty, its clients on the other two", || {
+        b[2].active() == 0 && b[0].active() + b[1].active() == M
+    })
+    .await;
+    let c = closes.lock().unwrap().clone();
+    assert_eq!(c.len(), on_gone, "exactly the gone pod's sessions moved");
+    assert!(c.iter().all(|(_, code)| *code == Some(1012)), "{c:?}");
+    // 20 closes at 50/s take about 0.4 s; all at once would be one burst.
+    let span = c.last().unwrap().0 - c.first().unwrap().0;
+    assert!(span >= Duration::from_millis(250), "paced: {span:?}");
+    let (_, metrics) = proxy.admin("GET", "/metrics");
+    // A backend no longer configured is counted on the line without labels.
+    let line = format!(
+        "ringlb_sessions_closed_total{{upstream=\"\",backend=\"\",reason=\"drain\"}} {on_gone}"
+    );
+    assert!(metrics.contains(&line), "{line} in\n{metrics}");
 }

@@ -46,6 +46,15 @@ enum Work<'a> {
         state: &'a Arc<BackendState>,
         rate: u32,
     },
+    /// A backend that left the configuration (a reload, or DNS) with
+    /// sessions on it, in an upstream that rebalances: it has no share, so
+    /// its sessions move off at the upstream's rate, from the same budget
+    /// as the rebalance (the clients must land somewhere either way).
+    Retired {
+        upstream: usize,
+        state: &'a Arc<BackendState>,
+        rate: u32,
+    },
 }
 
 impl Shard {
@@ -103,6 +112,15 @@ impl Shard {
                     work.push(Work::Drain {
                         state: &b.state,
                         rate,
+                    });
+                }
+            }
+            if let Some(r) = u.rebalance {
+                for state in snap.retired_states(&u.name) {
+                    work.push(Work::Retired {
+                        upstream: ui,
+                        state,
+                        rate: r.rate.get(),
                     });
                 }
             }
@@ -165,6 +183,16 @@ impl Shard {
                     &snap.upstreams[*upstream].state.tat_us,
                     *rate,
                     Closer::Rebalance,
+                    Some(Arc::as_ptr(state) as usize),
+                ),
+                Work::Retired {
+                    upstream,
+                    state,
+                    rate,
+                } => (
+                    &snap.upstreams[*upstream].state.tat_us,
+                    *rate,
+                    Closer::Drain,
                     Some(Arc::as_ptr(state) as usize),
                 ),
             };
