@@ -23,4 +23,5 @@ pub mod server;
 pub mod shard;
 pub mod snapshot;
 pub mod stats;
+pub mod tls;
 pub mod upstream;

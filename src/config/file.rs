@@ -20,6 +20,26 @@ pub(super) struct FileConfig {
     pub(super) route: Vec<FileRoute>,
     #[serde(default)]
     pub(super) upstream: BTreeMap<String, FileUpstream>,
+    pub(super) tls: Option<Spanned<FileTls>>,
+}
+
+/// `[tls]`: TLS termination (src/tls).
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(super) struct FileTls {
+    pub(super) listen: Spanned<Vec<Spanned<String>>>,
+    pub(super) certificates: Spanned<Vec<Spanned<FileCert>>>,
+    pub(super) min_version: Option<Spanned<String>>,
+    pub(super) alpn: Option<Vec<Spanned<String>>>,
+    pub(super) session_tickets: Option<bool>,
+    pub(super) ticket_rotation: Option<Spanned<String>>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(super) struct FileCert {
+    pub(super) cert: Spanned<String>,
+    pub(super) key: Spanned<String>,
 }
 
 #[derive(Debug, Deserialize)]

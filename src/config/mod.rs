@@ -19,6 +19,7 @@ use std::time::Duration;
 use toml::Spanned;
 
 mod file;
+mod tls;
 mod validate;
 use file::FileConfig;
 pub use validate::parse_duration;
@@ -74,6 +75,8 @@ pub struct Config {
     pub upstreams: Vec<UpstreamConfig>,
     /// Where it was loaded from, if from a file.
     pub source: Option<PathBuf>,
+    /// `[tls]`: TLS termination on its own listeners; `None`: off.
+    pub tls: Option<crate::tls::TlsConfig>,
 }
 
 #[derive(Debug, Clone)]
@@ -461,6 +464,7 @@ impl Config {
                     .collect(),
             }],
             source: None,
+            tls: None,
         }
     }
 }

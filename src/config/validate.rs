@@ -525,6 +525,19 @@ pub(super) fn validate(
         });
     }
 
+    let tls = match &file.tls {
+        Some(t) => Some(super::tls::tls_config(src, t, &server.listen, base)?),
+        None => None,
+    };
+    if let (Some(t), Some(a)) = (&tls, &admin) {
+        if let Some(l) = t.listen.iter().find(|l| ports_overlap(a.listen, **l)) {
+            return Err(ConfigError::whole(
+                src,
+                format!("admin.listen: {} takes the same port as tls.listen {l}; give the admin API a port of its own", a.listen),
+            ));
+        }
+    }
+
     Ok(Config {
         server,
         admin,
@@ -532,6 +545,7 @@ pub(super) fn validate(
         routes,
         upstreams,
         source: None,
+        tls,
     })
 }
 

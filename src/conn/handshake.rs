@@ -232,7 +232,9 @@ impl Conn {
             }
         };
         let append_xff = hs.snap.config.server.forwarded_for == crate::config::ForwardedFor::Append;
-        let mut forwarded = http::forward_head(&req, &target, ip, append_xff, &extra[..body_part]);
+        let https = self.transport[Side::Client.idx()].tls().is_some();
+        let mut forwarded =
+            http::forward_head_proto(&req, &target, ip, append_xff, &extra[..body_part], https);
         if let Some(v) = hs.snap.config.upstreams[upstream].send_proxy_protocol {
             // The backend learns the client's address from this header, in
             // front of the head (and of every resend of it).

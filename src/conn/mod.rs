@@ -72,6 +72,7 @@ mod queue;
 mod relay;
 mod serve;
 mod splice;
+mod tls;
 mod transport;
 pub use action::{Action, Closer, Done, Owned, Payload, RecvEnd, Side, TimerKind};
 use body::BodyTracker;
@@ -83,6 +84,7 @@ pub use relay::{pool_quota, set_pool_quota};
 use relay::{release_unsent, Flow};
 use splice::Splice;
 pub use splice::SPLICE_CHUNK;
+pub use tls::TlsInfo;
 pub use transport::Transport;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -278,7 +280,7 @@ impl Conn {
             recv: [RecvState::Armed, RecvState::Off],
             flow: Default::default(),
             upload: Upload::Complete,
-            transport: [Transport::Plain; 2],
+            transport: [Transport::Plain, Transport::Plain],
             lease: None,
             status: None,
             closer: None,
@@ -298,6 +300,45 @@ impl Conn {
             active: true,
             parking: [false, false],
         }
+    }
+
+    /// Accepted on a `[tls]` listener: the client side speaks TLS, starting
+    /// with its handshake (under the handshake timer already running).
+    /// False if rustls could not start a session (the shard closes it).
+    pub fn start_tls(&mut self, config: Arc<rustls::ServerConfig>) -> bool {
+        match tls::TlsSession::new(config) {
+            Some(s) => {
+                self.transport[Side::Client.idx()] = Transport::Tls(Box::new(s));
+                true
+            }
+            None => false,
+        }
+    }
+
+    /// The client's TLS session, once it has one.
+    pub fn tls_info(&self) -> Option<&TlsInfo> {
+        self.transport[Side::Client.idx()].tls().map(|s| s.info())
+    }
+
+    /// After a TLS side decoded: sends what its handshake wrote, and closes
+    /// the connection if the session failed. False: closed.
+    fn after_tls(&mut self, side: Side, out: &mut Vec<Action>) -> bool {
+        let Some(s) = self.transport[side.idx()].tls_mut() else {
+            return true;
+        };
+        let reply = s.take_reply();
+        let failed = s.status == tls::Status::Failed;
+        if let Some(wire) = reply {
+            self.flow[side.idx()].queue.push_back(Payload::owned(wire));
+            self.kick(side, out);
+        }
+        if failed {
+            log::debug!("{}: TLS failed; closing", self.client_addr);
+            self.closer = Some(Closer::Proxy);
+            self.close_now(out);
+            return false;
+        }
+        true
     }
 
     /// PROXY protocol is on: a connection from a trusted L4 tier must start
@@ -549,6 +590,13 @@ impl Conn {
             transport::Decoded::InPlace(d) => (Some(bid), d),
             transport::Decoded::Owned(v) => {
                 out.push(Action::Release(bid));
+                if !self.after_tls(side, out) {
+                    return;
+                }
+                if v.is_empty() {
+                    // A TLS handshake step, or a record not yet whole.
+                    return;
+                }
                 decoded = v;
                 (None, &decoded[..])
             }
@@ -671,6 +719,9 @@ impl Conn {
     pub fn on_timer(&mut self, kind: TimerKind, out: &mut Vec<Action>) {
         match (kind, self.stage()) {
             (TimerKind::Handshake { req }, Stage::ReadingHead) if req == self.requests => {
+                if let Some(s) = self.transport[Side::Client.idx()].tls_mut() {
+                    s.timed_out = s.handshaking();
+                }
                 self.closer = Some(Closer::Proxy);
                 self.status = Some(408);
                 self.close_now(out);

@@ -404,6 +404,8 @@ impl Conn {
         if !quiet {
             return false;
         }
+        // A TLS side keeps only its key bytes while parked.
+        self.transport.iter_mut().for_each(Transport::idle);
         for side in [Side::Client, Side::Backend] {
             self.recv[side.idx()] = RecvState::Cancelling;
             self.parking[side.idx()] = true;

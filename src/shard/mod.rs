@@ -60,6 +60,8 @@ pub enum Command {
     Reload(Arc<Snapshot>),
     /// Start accepting on these (new listen addresses after a reload).
     AddListeners(Vec<TcpListener>),
+    /// The bound addresses of the `[tls]` listeners (after a reload).
+    TlsListeners(Vec<SocketAddr>),
     /// Stop accepting on these addresses.
     RemoveListeners(Vec<SocketAddr>),
     /// Stop accepting; exit once the last session has ended.
@@ -182,6 +184,8 @@ pub struct Shard {
     log_dirty: bool,
     /// An unpin sweep is scheduled.
     unpin_pending: bool,
+    /// Bound addresses of the listeners whose connections speak TLS.
+    tls_addrs: Vec<SocketAddr>,
 }
 
 pub struct ShardInit {
@@ -193,6 +197,8 @@ pub struct ShardInit {
     pub wake: OwnedFd,
     pub commands: Receiver<Command>,
     pub access_log: Option<Box<dyn Write + Send>>,
+    /// Which of `listeners` (by bound address) are `[tls]` listeners.
+    pub tls_addrs: Vec<SocketAddr>,
 }
 
 impl Shard {
@@ -228,6 +234,7 @@ impl Shard {
             access_log: init.access_log,
             log_dirty: false,
             unpin_pending: false,
+            tls_addrs: init.tls_addrs,
         })
     }
 
@@ -373,7 +380,7 @@ impl Shard {
         }
         let ok = res.is_ok();
         if let Ok(Some(fd)) = res {
-            self.new_conn(fd);
+            self.new_conn(fd, listener);
         }
         if rearm && !self.stopping {
             if ok {
@@ -391,7 +398,7 @@ impl Shard {
         }
     }
 
-    fn new_conn(&mut self, fd: OwnedFd) {
+    fn new_conn(&mut self, fd: OwnedFd, listener: usize) {
         // Test builds only (tests/process.rs): die the way a bug would.
         #[cfg(debug_assertions)]
         if crate::server::test_fault("shard-panic-after-accept") {
@@ -431,6 +438,15 @@ impl Shard {
             Conn::accept(self.snap.clone(), peer, &mut self.actions)
         };
         conn.ip_counted = ip_counted;
+        if !self.tls_addrs.is_empty() && !over && conn.stage() == crate::conn::Stage::ReadingHead {
+            let on_tls = (self.driver.listeners())
+                .any(|(i, _, addr)| i == listener && self.tls_addrs.contains(&addr));
+            if let (true, Some(tls)) = (on_tls, &self.snap.config.tls) {
+                if !conn.start_tls(tls.server.clone()) {
+                    return;
+                }
+            }
+        }
         if let Some(trusted) = trusted {
             conn.expect_proxy_header(trusted);
         }
@@ -648,6 +664,7 @@ impl Shard {
                         self.driver.arm_accept(i);
                     }
                 }
+                Command::TlsListeners(addrs) => self.tls_addrs = addrs,
                 Command::RemoveListeners(addrs) => {
                     let gone: Vec<usize> = self
                         .driver

@@ -1,0 +1,564 @@
+//! A TLS session on the client side of a connection, behind the transport
+//! seam. Two phases:
+//!
+//! ```text
+//! Handshaking(rustls ServerConnection) ──client Finished──► Records(keys + sequence numbers)
+//!        │ not TLS / TLS error / timeout / client gone
+//!        ▼
+//!      failed (the connection closes; counted once, in Drop if not before)
+//! ```
+//!
+//! - `Handshaking`: ciphertext from the provided buffers is cut into whole
+//!   records here and fed to rustls one record at a time, so that the
+//!   moment the handshake completes nothing after it sits inside rustls.
+//!   What rustls writes (ServerHello..Finished, tickets) is taken by the
+//!   connection and sent to the client. The connection's handshake timer
+//!   runs across this phase, so `handshake_timeout` covers TLS too.
+//! - `Records`: rustls hands over the traffic keys and sequence numbers
+//!   (`dangerous_extract_secrets`, the same record kTLS would take) and is
+//!   dropped. From then on the session is ~150 bytes: key bytes, IVs and
+//!   sequence numbers for each direction, the AEAD contexts built from
+//!   them while bytes move and dropped when the session parks, and a
+//!   partial-record buffer that exists only while a record is cut across
+//!   receives. So an idle TLS WebSocket holds no plaintext or ciphertext
+//!   buffer. A kTLS path would hand this same record to the kernel.
+//!
+//! Record protection follows RFC 8446 §5.2-5.3 (TLS 1.3: nonce = IV xor
+//! sequence, inner content type) and RFC 5288 / RFC 7905 (TLS 1.2 AES-GCM
+//! with an explicit nonce, ChaCha20-Poly1305 without). After the handshake
+//! only application data and alerts are accepted: a KeyUpdate (which would
+//! need the traffic secret, not only the key) or a renegotiation attempt
+//! ends the session, as it would under kTLS.
+
+use std::sync::Arc;
+use std::time::Instant;
+
+use aws_lc_rs::aead::{self, Aad, LessSafeKey, Nonce, UnboundKey};
+use rustls::{ConnectionTrafficSecrets, ProtocolVersion, ServerConnection};
+
+use crate::tls::{HandshakeResult, STATS};
+
+/// Largest TLS record body accepted (RFC 8446 §5.2: 2^14 + 256; RFC 5246
+/// allows 2^14 + 2048 for TLS 1.2 ciphertext).
+const MAX_RECORD: usize = (1 << 14) + 2048;
+const MAX_PLAINTEXT: usize = 1 << 14;
+const HEADER: usize = 5;
+const TAG: usize = 16;
+
+const CT_ALERT: u8 = 21;
+const CT_HANDSHAKE: u8 = 22;
+const CT_APPDATA: u8 = 23;
+
+/// What a TLS session learned, for the access log.
+#[derive(Debug, Clone, Default)]
+pub struct TlsInfo {
+    /// `TLSv1_3` style, as rustls names it.
+    pub version: Option<ProtocolVersion>,
+    pub suite: Option<rustls::CipherSuite>,
+    pub sni: Option<Box<str>>,
+    pub resumed: bool,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(super) enum Status {
+    Ok,
+    /// The client sent close_notify: what follows is ignored; its FIN ends
+    /// the connection as on plaintext.
+    PeerClosed,
+    /// Not TLS, a TLS error, or a record that fails to open: close.
+    Failed,
+}
+
+pub struct TlsSession {
+    phase: Phase,
+    /// A record cut across receives; empty (no allocation) otherwise.
+    partial: Vec<u8>,
+    /// Handshake bytes for the client, taken by the connection.
+    reply: Vec<u8>,
+    info: Box<TlsInfo>,
+    pub(super) status: Status,
+    started: Instant,
+    /// The handshake was counted (done, or failed); else Drop counts it.
+    counted: bool,
+    /// The handshake timer fired: Drop counts a timeout.
+    pub(super) timed_out: bool,
+}
+
+enum Phase {
+    Handshaking(Box<ServerConnection>),
+    Records(Records),
+    Failed,
+}
+
+impl std::fmt::Debug for TlsSession {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let phase = match self.phase {
+            Phase::Handshaking(_) => "handshaking",
+            Phase::Records(_) => "records",
+            Phase::Failed => "failed",
+        };
+        f.debug_struct("TlsSession")
+            .field("phase", &phase)
+            .field("partial", &self.partial.len())
+            .field("status", &self.status)
+            .finish_non_exhaustive()
+    }
+}
+
+impl Drop for TlsSession {
+    fn drop(&mut self) {
+        if !self.counted {
+            let why = if self.timed_out {
+                HandshakeResult::Timeout
+            } else {
+                HandshakeResult::Closed
+            };
+            STATS.count(why, self.info.version);
+        }
+    }
+}
+
+impl TlsSession {
+    pub fn new(config: Arc<rustls::ServerConfig>) -> Option<TlsSession> {
+        let conn = ServerConnection::new(config).ok()?;
+        Some(TlsSession {
+            phase: Phase::Handshaking(Box::new(conn)),
+            partial: Vec::new(),
+            reply: Vec::new(),
+            info: Box::default(),
+            status: Status::Ok,
+            started: Instant::now(),
+            counted: false,
+            timed_out: false,
+        })
+    }
+
+    pub fn info(&self) -> &TlsInfo {
+        &self.info
+    }
+
+    pub(super) fn handshaking(&self) -> bool {
+        matches!(self.phase, Phase::Handshaking(_))
+    }
+
+    /// Handshake bytes waiting for the client.
+    pub(super) fn take_reply(&mut self) -> Option<Vec<u8>> {
+        (!self.reply.is_empty()).then(|| std::mem::take(&mut self.reply))
+    }
+
+    /// The session went quiet: keep only key bytes.
+    pub(super) fn idle(&mut self) {
+        if let Phase::Records(r) = &mut self.phase {
+            r.rx.cached = None;
+            r.tx.cached = None;
+        }
+        if self.partial.is_empty() {
+            self.partial = Vec::new();
+        }
+    }
+
+    fn fail(&mut self, why: HandshakeResult) {
+        if !self.counted {
+            self.counted = true;
+            STATS.count(why, self.info.version);
+        }
+        self.status = Status::Failed;
+        self.phase = Phase::Failed;
+        self.partial = Vec::new();
+    }
+
+    /// Ciphertext in, plaintext out (empty while handshaking). Check
+    /// `status` and `take_reply` after.
+    pub(super) fn decode(&mut self, data: &[u8]) -> Vec<u8> {
+        if self.status != Status::Ok {
+            return Vec::new();
+        }
+        let mut buf = std::mem::take(&mut self.partial);
+        buf.extend_from_slice(data);
+        let mut at = 0;
+        let mut plain = Vec::new();
+        if self.handshaking() {
+            at = self.handshake(&buf);
+        }
+        if let Phase::Records(r) = &mut self.phase {
+            plain.reserve(buf.len() - at);
+            match r.open_all(&buf[at..], &mut plain) {
+                Ok((used, closed)) => {
+                    at += used;
+                    if closed {
+                        self.status = Status::PeerClosed;
+                    }
+                }
+                Err(()) => {
+                    self.fail(HandshakeResult::Failed);
+                    return Vec::new();
+                }
+            }
+        }
+        if self.status != Status::Ok {
+            return plain;
+        }
+        if at < buf.len() {
+            buf.drain(..at);
+            buf.shrink_to_fit();
+            self.partial = buf;
+        }
+        plain
+    }
+
+    /// Feeds whole handshake-phase records to rustls; returns how many
+    /// bytes of `buf` were consumed.
+    fn handshake(&mut self, buf: &[u8]) -> usize {
+        let mut at = 0;
+        loop {
+            let Phase::Handshaking(conn) = &mut self.phase else {
+                return at;
+            };
+            let rest = &buf[at..];
+            if rest.first().is_some_and(|b| *b != CT_HANDSHAKE) && conn.protocol_version().is_none()
+            {
+                // Before any version is agreed only a ClientHello may come:
+                // this is plaintext HTTP (or anything else) on the TLS port.
+                self.fail(HandshakeResult::NotTls);
+                return buf.len();
+            }
+            let len = match whole_record(rest) {
+                Some(0) => return at,
+                Some(n) => n,
+                None => {
+                    self.fail(HandshakeResult::Failed);
+                    return buf.len();
+                }
+            };
+            let mut rd = &rest[..len];
+            let res = conn.read_tls(&mut rd).map_err(|_| ()).and_then(|_| {
+                conn.process_new_packets().map(|_| ()).map_err(|e| {
+                    log::debug!("TLS handshake failed: {e}");
+                })
+            });
+            // An alert rustls wants to send is dropped: the connection
+            // closes at once, and an attacker learns nothing from it.
+            if res.is_err() {
+                self.fail(HandshakeResult::Failed);
+                return buf.len();
+            }
+            at += len;
+            while conn.wants_write() {
+                if conn.write_tls(&mut self.reply).is_err() {
+                    break;
+                }
+            }
+            if !conn.is_handshaking() {
+                if self.finish().is_err() {
+                    self.fail(HandshakeResult::Failed);
+                    return buf.len();
+                }
+                return at;
+            }
+        }
+    }
+
+    /// The client's Finished was processed: keep keys, drop rustls.
+    fn finish(&mut self) -> Result<(), ()> {
+        let Phase::Handshaking(conn) = std::mem::replace(&mut self.phase, Phase::Failed) else {
+            return Err(());
+        };
+        self.info.version = conn.protocol_version();
+        self.info.suite = conn.negotiated_cipher_suite().map(|s| s.suite());
+        self.info.sni = conn.server_name().map(Into::into);
+        self.info.resumed = conn.handshake_kind() == Some(rustls::HandshakeKind::Resumed);
+        let tls13 = self.info.version == Some(ProtocolVersion::TLSv1_3);
+        let secrets = conn.dangerous_extract_secrets().map_err(|e| {
+            log::warn!("TLS: cannot take the session keys from rustls: {e}");
+        })?;
+        let (rx_seq, rx) = secrets.rx;
+        let (tx_seq, tx) = secrets.tx;
+        self.phase = Phase::Records(Records {
+            tls13,
+            rx: Dir::new(rx, rx_seq)?,
+            tx: Dir::new(tx, tx_seq)?,
+        });
+        self.counted = true;
+        let result = if self.info.resumed {
+            HandshakeResult::Resumed
+        } else {
+            HandshakeResult::Full
+        };
+        STATS.count(result, self.info.version);
+        STATS.took(self.started.elapsed());
+        Ok(())
+    }
+
+    /// Plaintext in, records out.
+    pub(super) fn encode(&mut self, data: Vec<u8>) -> Vec<u8> {
+        match &mut self.phase {
+            Phase::Records(r) => r.seal_all(&data),
+            // Nothing is written to a client before its handshake is done;
+            // a failed session closes and its queue is never sent.
+            Phase::Handshaking(_) | Phase::Failed => Vec::new(),
+        }
+    }
+}
+
+/// The length of the record at the front of `buf`: `Some(0)` while it is
+/// not all there, `None` for a length no record may have.
+fn whole_record(buf: &[u8]) -> Option<usize> {
+    if buf.len() < HEADER {
+        return Some(0);
+    }
+    let len = usize::from(u16::from_be_bytes([buf[3], buf[4]]));
+    if len > MAX_RECORD {
+        return None;
+    }
+    Some(if buf.len() >= HEADER + len {
+        HEADER + len
+    } else {
+        0
+    })
+}
+
+struct Records {
+    tls13: bool,
+    rx: Dir,
+    tx: Dir,
+}
+
+/// One direction's key material.
+struct Dir {
+    alg: &'static aead::Algorithm,
+    key: [u8; 32],
+    key_len: u8,
+    /// TLS 1.3 and ChaCha20: the IV xored with the sequence number. TLS 1.2
+    /// AES-GCM: the first 4 bytes are the salt.
+    iv: [u8; 12],
+    /// TLS 1.2 AES-GCM: records carry an explicit nonce.
+    explicit: bool,
+    seq: u64,
+    /// Built from `key` while bytes move; dropped when the session idles.
+    cached: Option<LessSafeKey>,
+}
+
+impl Dir {
+    fn new(s: ConnectionTrafficSecrets, seq: u64) -> Result<Dir, ()> {
+        let (alg, key, iv, explicit): (_, &[u8], &[u8], bool) = match &s {
+            ConnectionTrafficSecrets::Aes128Gcm { key, iv } => {
+                (&aead::AES_128_GCM, key.as_ref(), iv.as_ref(), true)
+            }
+            ConnectionTrafficSecrets::Aes256Gcm { key, iv } => {
+                (&aead::AES_256_GCM, key.as_ref(), iv.as_ref(), true)
+            }
+            ConnectionTrafficSecrets::Chacha20Poly1305 { key, iv } => {
+                (&aead::CHACHA20_POLY1305, key.as_ref(), iv.as_ref(), false)
+            }
+            _ => return Err(()),
+        };
+        if key.len() > 32 || iv.len() != 12 {
+            return Err(());
+        }
+        let mut k = [0u8; 32];
+        k[..key.len()].copy_from_slice(key);
+        let mut v = [0u8; 12];
+        v.copy_from_slice(iv);
+        Ok(Dir {
+            alg,
+            key: k,
+            key_len: key.len() as u8,
+            iv: v,
+            explicit,
+            seq,
+            cached: None,
+        })
+    }
+
+    fn key(&mut self) -> Result<&LessSafeKey, ()> {
+        if self.cached.is_none() {
+            let k = UnboundKey::new(self.alg, &self.key[..usize::from(self.key_len)])
+                .map_err(|_| ())?;
+            self.cached = Some(LessSafeKey::new(k));
+        }
+        self.cached.as_ref().ok_or(())
+    }
+
+    fn xor_nonce(&self) -> [u8; 12] {
+        let mut n = self.iv;
+        for (b, s) in n[4..].iter_mut().zip(self.seq.to_be_bytes()) {
+            *b ^= s;
+        }
+        n
+    }
+}
+
+impl Drop for Dir {
+    fn drop(&mut self) {
+        // Key bytes do not outlive the session in freed memory.
+        self.key.iter_mut().for_each(|b| *b = 0);
+        self.iv.iter_mut().for_each(|b| *b = 0);
+    }
+}
+
+impl Records {
+    /// Opens every whole record in `buf` into `plain`. Returns the bytes
+    /// consumed and whether close_notify came; `Err` ends the session.
+    fn open_all(&mut self, buf: &[u8], plain: &mut Vec<u8>) -> Result<(usize, bool), ()> {
+        let mut at = 0;
+        loop {
+            let rest = &buf[at..];
+            let len = match whole_record(rest) {
+                None => return Err(()),
+                Some(0) => return Ok((at, false)),
+                Some(n) => n,
+            };
+            let typ = rest[0];
+            let body = &rest[HEADER..len];
+            let start = plain.len();
+            let inner = self.open(typ, &rest[..HEADER], body, plain)?;
+            at += len;
+            match inner {
+                CT_APPDATA => {}
+                CT_ALERT => {
+                    let alert = plain.split_off(start);
+                    // close_notify (warning or fatal level, description 0).
+                    if alert.len() == 2 && alert[1] == 0 {
+                        return Ok((buf.len(), true));
+                    }
+                    return Err(());
+                }
+                _ => {
+                    // Post-handshake messages (KeyUpdate, a renegotiating
+                    // ClientHello) cannot be followed without rustls.
+                    log::debug!("TLS: post-handshake message of type {inner}; closing");
+                    return Err(());
+                }
+            }
+        }
+    }
+
+    /// Opens one record, appending its plaintext to `plain`; returns the
+    /// content type.
+    fn open(&mut self, typ: u8, header: &[u8], body: &[u8], plain: &mut Vec<u8>) -> Result<u8, ()> {
+        let start = plain.len();
+        let d = &mut self.rx;
+        let tls13 = self.tls13;
+        let (nonce, ct) = if tls13 || !d.explicit {
+            (d.xor_nonce(), body)
+        } else {
+            if body.len() < 8 {
+                return Err(());
+            }
+            let mut n = [0u8; 12];
+            n[..4].copy_from_slice(&d.iv[..4]);
+            n[4..].copy_from_slice(&body[..8]);
+            (n, &body[8..])
+        };
+        if ct.len() < TAG {
+            return Err(());
+        }
+        plain.extend_from_slice(ct);
+        let seq = d.seq;
+        let key = d.key()?;
+        let opened = if tls13 {
+            if typ != CT_APPDATA {
+                return Err(());
+            }
+            key.open_in_place(
+                Nonce::assume_unique_for_key(nonce),
+                Aad::from(header),
+                &mut plain[start..],
+            )
+        } else {
+            let mut aad = [0u8; 13];
+            aad[..8].copy_from_slice(&seq.to_be_bytes());
+            aad[8] = typ;
+            aad[9..11].copy_from_slice(&header[1..3]);
+            aad[11..].copy_from_slice(&((ct.len() - TAG) as u16).to_be_bytes());
+            key.open_in_place(
+                Nonce::assume_unique_for_key(nonce),
+                Aad::from(aad),
+                &mut plain[start..],
+            )
+        }
+        .map_err(|_| ())?
+        .len();
+        d.seq += 1;
+        plain.truncate(start + opened);
+        if !tls13 {
+            return Ok(typ);
+        }
+        // TLS 1.3: zero padding, then the real content type.
+        while let Some(&b) = plain.last() {
+            plain.pop();
+            if plain.len() < start {
+                return Err(());
+            }
+            if b != 0 {
+                return Ok(b);
+            }
+        }
+        Err(())
+    }
+
+    fn seal_all(&mut self, data: &[u8]) -> Vec<u8> {
+        let per = HEADER + 8 + 1 + TAG;
+        let n = data.len().div_ceil(MAX_PLAINTEXT).max(1);
+        let mut out = Vec::with_capacity(data.len() + n * per);
+        for chunk in data.chunks(MAX_PLAINTEXT) {
+            if self.seal(chunk, &mut out).is_err() {
+                // Only if aws-lc cannot build a key: nothing sensible can go out.
+                return Vec::new();
+            }
+        }
+        out
+    }
+
+    fn seal(&mut self, chunk: &[u8], out: &mut Vec<u8>) -> Result<(), ()> {
+        let d = &mut self.tx;
+        let tls13 = self.tls13;
+        let explicit = !tls13 && d.explicit;
+        let body_len = chunk.len() + usize::from(tls13) + usize::from(explicit) * 8 + TAG;
+        let start = out.len();
+        out.push(CT_APPDATA);
+        out.extend_from_slice(&[3, 3]);
+        out.extend_from_slice(&(body_len as u16).to_be_bytes());
+        let nonce = if explicit {
+            // The sequence number is a unique explicit nonce for this key.
+            let mut n = [0u8; 12];
+            n[..4].copy_from_slice(&d.iv[..4]);
+            n[4..].copy_from_slice(&d.seq.to_be_bytes());
+            out.extend_from_slice(&d.seq.to_be_bytes());
+            n
+        } else {
+            d.xor_nonce()
+        };
+        let at = out.len();
+        out.extend_from_slice(chunk);
+        if tls13 {
+            out.push(CT_APPDATA);
+        }
+        let seq = d.seq;
+        let key = d.key()?;
+        let tag = if tls13 {
+            let mut header = [0u8; HEADER];
+            header.copy_from_slice(&out[start..start + HEADER]);
+            key.seal_in_place_separate_tag(
+                Nonce::assume_unique_for_key(nonce),
+                Aad::from(header),
+                &mut out[at..],
+            )
+        } else {
+            let mut aad = [0u8; 13];
+            aad[..8].copy_from_slice(&seq.to_be_bytes());
+            aad[8] = CT_APPDATA;
+            aad[9..11].copy_from_slice(&[3, 3]);
+            aad[11..].copy_from_slice(&(chunk.len() as u16).to_be_bytes());
+            key.seal_in_place_separate_tag(
+                Nonce::assume_unique_for_key(nonce),
+                Aad::from(aad),
+                &mut out[at..],
+            )
+        }
+        .map_err(|_| ())?;
+        out.extend_from_slice(tag.as_ref());
+        d.seq += 1;
+        Ok(())
+    }
+}

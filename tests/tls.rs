@@ -1,0 +1,453 @@
+//! TLS termination (`[tls]`): wss:// through ringlb with real clients that
+//! verify against a CA made here (rcgen), TLS 1.2 and 1.3, SNI, byte-exact
+//! relaying, reload of certificates, hostile input on the TLS port.
+
+mod common;
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Duration;
+
+use common::*;
+use futures_util::{SinkExt, StreamExt};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpStream;
+use tokio_rustls::rustls;
+use tokio_tungstenite::tungstenite::Message;
+
+/// A CA and leaf certificates it signed, written as PEM files.
+struct Pki {
+    dir: tempfile::TempDir,
+    ca: rcgen::Certificate,
+    ca_key: rcgen::KeyPair,
+}
+
+impl Pki {
+    fn new() -> Pki {
+        let ca_key = rcgen::KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256).unwrap();
+        let mut p = rcgen::CertificateParams::new(Vec::<String>::new()).unwrap();
+        p.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
+        p.distinguished_name
+            .push(rcgen::DnType::CommonName, "ringlb test CA");
+        let ca = p.self_signed(&ca_key).unwrap();
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::write(dir.path().join("ca.pem"), ca.pem()).unwrap();
+        Pki { dir, ca, ca_key }
+    }
+
+    /// Issues a certificate for `names` as `<file>.pem` / `<file>.key`;
+    /// returns its DER.
+    fn issue(&self, file: &str, names: &[&str]) -> Vec<u8> {
+        self.issue_valid(file, names, None)
+    }
+
+    fn issue_valid(&self, file: &str, names: &[&str], expired: Option<()>) -> Vec<u8> {
+        let key = rcgen::KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256).unwrap();
+        let mut p =
+            rcgen::CertificateParams::new(names.iter().map(|s| s.to_string()).collect::<Vec<_>>())
+                .unwrap();
+        if expired.is_some() {
+            p.not_before = rcgen::date_time_ymd(2020, 1, 1);
+            p.not_after = rcgen::date_time_ymd(2021, 1, 1);
+        }
+        let cert = p.signed_by(&key, &self.ca, &self.ca_key).unwrap();
+        std::fs::write(self.path(&format!("{file}.pem")), cert.pem()).unwrap();
+        std::fs::write(self.path(&format!("{file}.key")), key.serialize_pem()).unwrap();
+        cert.der().to_vec()
+    }
+
+    fn path(&self, name: &str) -> PathBuf {
+        self.dir.path().join(name)
+    }
+
+    fn roots(&self) -> rustls::RootCertStore {
+        let mut roots = rustls::RootCertStore::empty();
+        roots.add(self.ca.der().clone()).unwrap();
+        roots
+    }
+}
+
+/// The `[tls]` section for these certificate files (first is the default).
+fn tls_section(pki: &Pki, files: &[&str], extra: &str) -> String {
+    let certs: Vec<String> = files
+        .iter()
+        .map(|f| {
+            format!(
+                "{{ cert = \"{}\", key = \"{}\" }}",
+                pki.path(&format!("{f}.pem")).display(),
+                pki.path(&format!("{f}.key")).display()
+            )
+        })
+        .collect();
+    format!(
+        "\n[tls]\nlisten = [\"127.0.0.1:0\"]\ncertificates = [{}]\n{extra}\n",
+        certs.join(", ")
+    )
+}
+
+/// ringlb with a plaintext and a TLS listener in front of `backends`.
+fn start(
+    pki: &Pki,
+    backends: &[SocketAddr],
+    files: &[&str],
+    server_extra: &str,
+) -> (Proxy, SocketAddr) {
+    let cfg = config(backends, server_extra, "") + &tls_section(pki, files, "");
+    start_cfg(&cfg)
+}
+
+fn start_cfg(cfg: &str) -> (Proxy, SocketAddr) {
+    let proxy = Proxy::start(cfg);
+    let line = proxy.wait_log("shards, TLS)", Duration::from_secs(10));
+    let addr = line
+        .split("listening on ")
+        .nth(1)
+        .and_then(|r| r.split_whitespace().next())
+        .unwrap()
+        .parse()
+        .unwrap();
+    (proxy, addr)
+}
+
+fn client_config(
+    pki: &Pki,
+    versions: &[&'static rustls::SupportedProtocolVersion],
+) -> Arc<rustls::ClientConfig> {
+    let provider = Arc::new(rustls::crypto::aws_lc_rs::default_provider());
+    let mut c = rustls::ClientConfig::builder_with_provider(provider)
+        .with_protocol_versions(versions)
+        .unwrap()
+        .with_root_certificates(pki.roots())
+        .with_no_client_auth();
+    c.alpn_protocols = vec![b"http/1.1".to_vec()];
+    Arc::new(c)
+}
+
+type TlsWs = tokio_tungstenite::WebSocketStream<tokio_rustls::client::TlsStream<TcpStream>>;
+
+/// A verified TLS connection to `addr` as `name`.
+async fn tls_connect(
+    cfg: Arc<rustls::ClientConfig>,
+    addr: SocketAddr,
+    name: &str,
+) -> std::io::Result<tokio_rustls::client::TlsStream<TcpStream>> {
+    let tcp = TcpStream::connect(addr).await?;
+    let name = rustls::pki_types::ServerName::try_from(name.to_string()).unwrap();
+    tokio::time::timeout(
+        Duration::from_secs(10),
+        tokio_rustls::TlsConnector::from(cfg).connect(name, tcp),
+    )
+    .await
+    .expect("TLS handshake timed out")
+}
+
+async fn wss(cfg: Arc<rustls::ClientConfig>, addr: SocketAddr, name: &str) -> TlsWs {
+    let tls = tls_connect(cfg, addr, name).await.expect("TLS handshake");
+    let (ws, resp) = tokio::time::timeout(
+        Duration::from_secs(10),
+        tokio_tungstenite::client_async(format!("wss://{name}/"), tls),
+    )
+    .await
+    .expect("upgrade timed out")
+    .expect("upgrade failed");
+    assert_eq!(resp.status(), 101);
+    ws
+}
+
+async fn echo_tls(ws: &mut TlsWs, msg: Message) {
+    ws.send(msg.clone()).await.unwrap();
+    loop {
+        let m = tokio::time::timeout(Duration::from_secs(20), ws.next())
+            .await
+            .expect("no echo within 20 s")
+            .expect("stream ended")
+            .expect("websocket error");
+        if m.is_text() || m.is_binary() {
+            assert!(m == msg, "echo differs ({} bytes sent)", msg.len());
+            return;
+        }
+    }
+}
+
+fn metric(body: &str, line_start: &str) -> u64 {
+    body.lines()
+        .find(|l| l.starts_with(line_start))
+        .and_then(|l| l.rsplit(' ').next())
+        .and_then(|v| v.parse().ok())
+        .unwrap_or_else(|| panic!("no metric {line_start}"))
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn wss_echo_over_tls13_and_tls12_verifying_the_ca() {
+    let pki = Pki::new();
+    pki.issue("a", &["a.test", "localhost"]);
+    let b = Backend::start().await;
+    let admin = "\n[admin]\nlisten = \"127.0.0.1:0\"\n";
+    let cfg = config(&[b.addr], "", "") + &tls_section(&pki, &["a"], "") + admin;
+    let (proxy, tls_addr) = start_cfg(&cfg);
+    for (v, label) in [
+        (&rustls::version::TLS13, "TLSv1_3"),
+        (&rustls::version::TLS12, "TLSv1_2"),
+    ] {
+        let mut ws = wss(client_config(&pki, &[v]), tls_addr, "a.test").await;
+        assert_eq!(
+            ws.get_ref()
+                .get_ref()
+                .1
+                .protocol_version()
+                .map(|v| format!("{v:?}"))
+                .as_deref(),
+            Some(label)
+        );
+        for i in 0..20 {
+            echo_tls(&mut ws, Message::Text(format!("hello {label} {i}"))).await;
+        }
+        echo_tls(&mut ws, Message::Binary(vec![7u8; 200_000])).await;
+        let (_, headers) = b.last_request();
+        let proto = headers
+            .iter()
+            .find(|(n, _)| n == "x-forwarded-proto")
+            .map(|(_, v)| v.as_str());
+        assert_eq!(
+            proto,
+            Some("https"),
+            "the backend must be told the client came over TLS"
+        );
+        ws.close(None).await.unwrap();
+    }
+    // The plaintext listener still says http.
+    let mut ws = connect(&proxy.url("/")).await;
+    echo(&mut ws, "plain").await;
+    let (_, headers) = b.last_request();
+    let proto = headers
+        .iter()
+        .find(|(n, _)| n == "x-forwarded-proto")
+        .map(|(_, v)| v.as_str());
+    assert_eq!(proto, Some("http"));
+    let (_, m) = proxy.admin("GET", "/metrics");
+    assert_eq!(
+        metric(
+            &m,
+            "ringlb_tls_handshakes_total{result=\"full\",version=\"1.3\"}"
+        ),
+        1
+    );
+    assert_eq!(
+        metric(
+            &m,
+            "ringlb_tls_handshakes_total{result=\"full\",version=\"1.2\"}"
+        ),
+        1
+    );
+    assert_eq!(metric(&m, "ringlb_tls_handshake_duration_seconds_count"), 2);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sni_picks_the_matching_certificate_and_unknown_names_get_the_default() {
+    let pki = Pki::new();
+    let a = pki.issue("a", &["a.test"]);
+    let b_der = pki.issue("b", &["b.test", "*.wild.test"]);
+    let backend = Backend::start().await;
+    let (_proxy, tls_addr) = start(&pki, &[backend.addr], &["a", "b"], "");
+    // Only the certificate is checked here, so this client accepts any name
+    // signed by the CA; the test asserts which certificate was presented.
+    for (name, want) in [
+        ("a.test", &a),
+        ("b.test", &b_der),
+        ("x.wild.test", &b_der),
+        ("unknown.test", &a),
+    ] {
+        let cfg = client_config_any_name(&pki);
+        let tls = tls_connect(cfg, tls_addr, name).await.expect("handshake");
+        let got = tls.get_ref().1.peer_certificates().unwrap()[0].to_vec();
+        assert!(&got == want, "SNI {name}: wrong certificate");
+    }
+    // And a verifying client for b.test works end to end.
+    let mut ws = wss(
+        client_config(&pki, &[&rustls::version::TLS13]),
+        tls_addr,
+        "b.test",
+    )
+    .await;
+    echo_tls(&mut ws, Message::Text("sni".into())).await;
+}
+
+/// Verifies the chain against the CA but not the name, to see which
+/// certificate an unknown SNI gets.
+fn client_config_any_name(pki: &Pki) -> Arc<rustls::ClientConfig> {
+    #[derive(Debug)]
+    struct AnyName(Arc<rustls::client::WebPkiServerVerifier>);
+    impl rustls::client::danger::ServerCertVerifier for AnyName {
+        fn verify_server_cert(
+            &self,
+            end_entity: &rustls::pki_types::CertificateDer<'_>,
+            intermediates: &[rustls::pki_types::CertificateDer<'_>],
+            _name: &rustls::pki_types::ServerName<'_>,
+            ocsp: &[u8],
+            now: rustls::pki_types::UnixTime,
+        ) -> Result<rustls::client::danger::ServerCertVerified, rustls::Error> {
+            // Checked as if for a name every test certificate has not: the
+            // chain must verify; a name mismatch is the one error allowed.
+            match self.0.verify_server_cert(
+                end_entity,
+                intermediates,
+                &rustls::pki_types::ServerName::try_from("a.test").unwrap(),
+                ocsp,
+                now,
+            ) {
+                Ok(v) => Ok(v),
+                Err(rustls::Error::InvalidCertificate(
+                    rustls::CertificateError::NotValidForName,
+                ))
+                | Err(rustls::Error::InvalidCertificate(
+                    rustls::CertificateError::NotValidForNameContext { .. },
+                )) => Ok(rustls::client::danger::ServerCertVerified::assertion()),
+                Err(e) => Err(e),
+            }
+        }
+        fn verify_tls12_signature(
+            &self,
+            m: &[u8],
+            c: &rustls::pki_types::CertificateDer<'_>,
+            d: &rustls::DigitallySignedStruct,
+        ) -> Result<rustls::client::danger::HandshakeSignatureValid, rustls::Error> {
+            self.0.verify_tls12_signature(m, c, d)
+        }
+        fn verify_tls13_signature(
+            &self,
+            m: &[u8],
+            c: &rustls::pki_types::CertificateDer<'_>,
+            d: &rustls::DigitallySignedStruct,
+        ) -> Result<rustls::client::danger::HandshakeSignatureValid, rustls::Error> {
+            self.0.verify_tls13_signature(m, c, d)
+        }
+        fn supported_verify_schemes(&self) -> Vec<rustls::SignatureScheme> {
+            self.0.supported_verify_schemes()
+        }
+    }
+    let provider = Arc::new(rustls::crypto::aws_lc_rs::default_provider());
+    let inner = rustls::client::WebPkiServerVerifier::builder_with_provider(
+        Arc::new(pki.roots()),
+        provider.clone(),
+    )
+    .build()
+    .unwrap();
+    let c = rustls::ClientConfig::builder_with_provider(provider)
+        .with_safe_default_protocol_versions()
+        .unwrap()
+        .dangerous()
+        .with_custom_certificate_verifier(Arc::new(AnyName(inner)))
+        .with_no_client_auth();
+    Arc::new(c)
+}
+
+/// Reads until EOF or error (bounded); true if the connection ended.
+async fn closed_within(s: &mut TcpStream, within: Duration) -> (bool, Vec<u8>) {
+    let mut got = Vec::new();
+    let mut buf = [0u8; 4096];
+    let res = tokio::time::timeout(within, async {
+        loop {
+            match s.read(&mut buf).await {
+                Ok(0) | Err(_) => return,
+                Ok(n) => got.extend_from_slice(&buf[..n]),
+            }
+        }
+    })
+    .await;
+    (res.is_ok(), got)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn hostile_bytes_on_the_tls_port_are_closed_cleanly_and_counted() {
+    let pki = Pki::new();
+    pki.issue("a", &["a.test"]);
+    let b = Backend::start().await;
+    let admin = "\n[admin]\nlisten = \"127.0.0.1:0\"\n";
+    let cfg = config(&[b.addr], "handshake_timeout = \"1s\"", "")
+        + &tls_section(&pki, &["a"], "")
+        + admin;
+    let (proxy, tls_addr) = start_cfg(&cfg);
+    // Plaintext HTTP: closed at once, nothing answered.
+    let mut s = TcpStream::connect(tls_addr).await.unwrap();
+    s.write_all(upgrade_request("/", "").as_bytes())
+        .await
+        .unwrap();
+    let (closed, got) = closed_within(&mut s, Duration::from_millis(900)).await;
+    assert!(
+        closed && got.is_empty(),
+        "plaintext HTTP: closed {closed}, got {got:?}"
+    );
+    // Garbage that looks like a handshake record but is not one.
+    let mut s = TcpStream::connect(tls_addr).await.unwrap();
+    let mut junk = vec![0x16, 0x03, 0x01, 0x00, 0x40];
+    junk.extend(std::iter::repeat_n(0xee, 0x40));
+    s.write_all(&junk).await.unwrap();
+    let (closed, _) = closed_within(&mut s, Duration::from_millis(900)).await;
+    assert!(closed, "garbage ClientHello not closed");
+    // A record length no record may have.
+    let mut s = TcpStream::connect(tls_addr).await.unwrap();
+    s.write_all(&[0x16, 0x03, 0x01, 0xff, 0xff]).await.unwrap();
+    let (closed, _) = closed_within(&mut s, Duration::from_millis(900)).await;
+    assert!(closed, "oversized record not closed");
+    // A truncated ClientHello and a slowloris (one byte at a time) are
+    // closed at handshake_timeout, while a real client is served meanwhile.
+    let start = std::time::Instant::now();
+    let mut trunc = TcpStream::connect(tls_addr).await.unwrap();
+    trunc
+        .write_all(&[0x16, 0x03, 0x01, 0x02, 0x00, 0x01, 0x00])
+        .await
+        .unwrap();
+    let slow = tokio::spawn(async move {
+        let mut s = TcpStream::connect(tls_addr).await.unwrap();
+        let hello = [
+            0x16u8, 0x03, 0x01, 0x01, 0x00, 0x01, 0x00, 0x00, 0xfc, 0x03, 0x03,
+        ];
+        for b in hello.iter().cycle().take(40) {
+            if s.write_all(&[*b]).await.is_err() {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        closed_within(&mut s, Duration::from_secs(5)).await.0
+    });
+    let mut ws = wss(
+        client_config(&pki, &[&rustls::version::TLS13]),
+        tls_addr,
+        "a.test",
+    )
+    .await;
+    echo_tls(&mut ws, Message::Text("unaffected".into())).await;
+    let (closed, _) = closed_within(&mut trunc, Duration::from_secs(5)).await;
+    let took = start.elapsed();
+    assert!(closed, "truncated ClientHello not closed");
+    assert!(
+        took >= Duration::from_millis(900) && took < Duration::from_secs(4),
+        "closed after {took:?}, not at handshake_timeout (1 s)"
+    );
+    assert!(slow.await.unwrap(), "slowloris handshake not closed");
+    echo_tls(&mut ws, Message::Text("still unaffected".into())).await;
+    let (_, m) = proxy.admin("GET", "/metrics");
+    assert_eq!(
+        metric(
+            &m,
+            "ringlb_tls_handshakes_total{result=\"not_tls\",version=\"none\"}"
+        ),
+        1
+    );
+    assert_eq!(
+        metric(
+            &m,
+            "ringlb_tls_handshakes_total{result=\"failed\",version=\"none\"}"
+        ),
+        2
+    );
+    assert_eq!(
+        metric(
+            &m,
+            "ringlb_tls_handshakes_total{result=\"timeout\",version=\"none\"}"
+        ),
+        2
+    );
+    let _ = Path::new("");
+}
