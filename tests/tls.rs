@@ -451,3 +451,295 @@ async fn hostile_bytes_on_the_tls_port_are_closed_cleanly_and_counted() {
     );
     let _ = Path::new("");
 }
+
+/// Completes the upgrade, then echoes raw bytes until EOF.
+async fn raw_echo_backend() -> SocketAddr {
+    let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = l.local_addr().unwrap();
+    tokio::spawn(async move {
+        while let Ok((mut s, _)) = l.accept().await {
+            tokio::spawn(async move {
+                let _ = read_head(&mut s).await;
+                s.write_all(switching_protocols().as_bytes()).await.unwrap();
+                let mut buf = vec![0u8; 256 * 1024];
+                loop {
+                    match s.read(&mut buf).await {
+                        Ok(0) | Err(_) => break,
+                        Ok(n) => {
+                            if s.write_all(&buf[..n]).await.is_err() {
+                                return;
+                            }
+                        }
+                    }
+                }
+                let _ = s.shutdown().await;
+            });
+        }
+    });
+    addr
+}
+
+/// An upgraded raw TLS stream through ringlb.
+async fn upgraded_tls(
+    cfg: Arc<rustls::ClientConfig>,
+    addr: SocketAddr,
+) -> tokio_rustls::client::TlsStream<TcpStream> {
+    let mut s = tls_connect(cfg, addr, "a.test").await.expect("handshake");
+    s.write_all(upgrade_request("/", "").as_bytes())
+        .await
+        .unwrap();
+    let mut head = Vec::new();
+    let mut b = [0u8; 1];
+    while !head.ends_with(b"\r\n\r\n") {
+        assert_eq!(s.read(&mut b).await.unwrap(), 1, "closed in the 101");
+        head.push(b[0]);
+    }
+    assert_eq!(status_of(&head), 101);
+    s
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn byte_exact_relaying_over_tls_for_every_frame_size_including_4_mib() {
+    let pki = Pki::new();
+    pki.issue("a", &["a.test"]);
+    let (_proxy, tls_addr) = start(&pki, &[raw_echo_backend().await], &["a"], "");
+    for v in [&rustls::version::TLS13, &rustls::version::TLS12] {
+        let s = upgraded_tls(client_config(&pki, &[v]), tls_addr).await;
+        let (mut r, mut w) = tokio::io::split(s);
+        for len in [
+            0,
+            1,
+            125,
+            126,
+            127,
+            65535,
+            65536,
+            65537,
+            3 * 1024 * 1024 + 7,
+            4 << 20,
+        ] {
+            let mut f = client_frame(0x2, &vec![0u8; len]);
+            // Varied bytes, so a misplaced or repeated record shows.
+            let n = f.len();
+            for (i, b) in f[n - len..].iter_mut().enumerate() {
+                *b = (i % 251) as u8;
+            }
+            let sent = f.clone();
+            let writer = tokio::spawn(async move {
+                w.write_all(&sent).await.unwrap();
+                w.flush().await.unwrap();
+                w
+            });
+            let mut got = vec![0u8; f.len()];
+            tokio::time::timeout(Duration::from_secs(30), r.read_exact(&mut got))
+                .await
+                .expect("echo timed out")
+                .unwrap();
+            assert!(got == f, "{len}-byte frame differs after the round trip");
+            w = writer.await.unwrap();
+        }
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sighup_loads_new_certificates_and_open_sessions_keep_echoing() {
+    let pki = Pki::new();
+    let old = pki.issue("a", &["a.test"]);
+    let b = Backend::start().await;
+    let (proxy, tls_addr) = start(&pki, &[b.addr], &["a"], "");
+    let cfg = client_config(&pki, &[&rustls::version::TLS13]);
+    let mut open = wss(cfg.clone(), tls_addr, "a.test").await;
+    echo_tls(&mut open, Message::Text("before".into())).await;
+    let first = tls_connect(cfg.clone(), tls_addr, "a.test").await.unwrap();
+    assert!(first.get_ref().1.peer_certificates().unwrap()[0].as_ref() == old.as_slice());
+    // A certbot-style renewal: the same paths get a new certificate and key.
+    let new = pki.issue("a", &["a.test"]);
+    assert!(new != old);
+    proxy.signal("HUP");
+    let mut seen_new = false;
+    for _ in 0..100 {
+        let s = tls_connect(cfg.clone(), tls_addr, "a.test").await.unwrap();
+        if s.get_ref().1.peer_certificates().unwrap()[0].as_ref() == new.as_slice() {
+            seen_new = true;
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert!(
+        seen_new,
+        "new handshakes did not get the renewed certificate"
+    );
+    for i in 0..10 {
+        echo_tls(&mut open, Message::Text(format!("after reload {i}"))).await;
+    }
+    // A bad renewal (key of another certificate) is refused; the running
+    // certificate stays.
+    let other = Pki::new();
+    other.issue("x", &["a.test"]);
+    std::fs::copy(other.path("x.key"), pki.path("a.key")).unwrap();
+    proxy.signal("HUP");
+    proxy.wait_log("does not match the certificate", Duration::from_secs(10));
+    let s = tls_connect(cfg, tls_addr, "a.test").await.unwrap();
+    assert!(s.get_ref().1.peer_certificates().unwrap()[0].as_ref() == new.as_slice());
+    echo_tls(&mut open, Message::Text("after a refused reload".into())).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_ticket_from_one_connection_resumes_on_the_next() {
+    let pki = Pki::new();
+    pki.issue("a", &["a.test"]);
+    let b = Backend::start().await;
+    let admin = "\n[admin]\nlisten = \"127.0.0.1:0\"\n";
+    let cfg = config(&[b.addr], "", "") + &tls_section(&pki, &["a"], "") + admin;
+    let (proxy, tls_addr) = start_cfg(&cfg);
+    let client = client_config(&pki, &[&rustls::version::TLS13]);
+    // Two shards: several connections, so resumption crosses shards.
+    for i in 0..6 {
+        let mut ws = wss(client.clone(), tls_addr, "a.test").await;
+        echo_tls(&mut ws, Message::Text(format!("r{i}"))).await;
+        let resumed =
+            ws.get_ref().get_ref().1.handshake_kind() == Some(rustls::HandshakeKind::Resumed);
+        assert_eq!(resumed, i > 0, "connection {i}");
+        ws.close(None).await.unwrap();
+    }
+    let (_, m) = proxy.admin("GET", "/metrics");
+    assert_eq!(
+        metric(
+            &m,
+            "ringlb_tls_handshakes_total{result=\"resumed\",version=\"1.3\"}"
+        ),
+        5
+    );
+}
+
+#[test]
+fn check_names_the_file_for_unreadable_mismatched_and_expired_certificates() {
+    let pki = Pki::new();
+    pki.issue("good", &["a.test"]);
+    pki.issue_valid("old", &["a.test"], Some(()));
+    pki.issue("other", &["b.test"]);
+    let base = "[server]\nlisten = [\"127.0.0.1:0\"]\n[[route]]\npath = \"/\"\nupstream = \"u\"\n[upstream.u]\nservers = [{ addr = \"127.0.0.1:1\" }]\n";
+    let cases = [
+        (
+            format!(
+                "{{ cert = \"{}\", key = \"{}\" }}",
+                pki.path("missing.pem").display(),
+                pki.path("good.key").display()
+            ),
+            "missing.pem: cannot read certificate",
+        ),
+        (
+            format!(
+                "{{ cert = \"{}\", key = \"{}\" }}",
+                pki.path("good.pem").display(),
+                pki.path("other.key").display()
+            ),
+            "other.key: the private key does not match the certificate",
+        ),
+        (
+            format!(
+                "{{ cert = \"{}\", key = \"{}\" }}",
+                pki.path("old.pem").display(),
+                pki.path("old.key").display()
+            ),
+            "old.pem: the certificate expired at 2021-01-01",
+        ),
+        (
+            format!(
+                "{{ cert = \"{}\", key = \"{}\" }}",
+                pki.path("good.key").display(),
+                pki.path("good.key").display()
+            ),
+            "good.key: no certificate in the file",
+        ),
+    ];
+    for (cert, want) in cases {
+        let text = format!("{base}\n[tls]\nlisten = [\"127.0.0.1:0\"]\ncertificates = [{cert}]\n");
+        let path = pki.path("check.toml");
+        std::fs::write(&path, &text).unwrap();
+        let out = std::process::Command::new(env!("CARGO_BIN_EXE_ringlb"))
+            .args(["check", "--config"])
+            .arg(&path)
+            .output()
+            .unwrap();
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(!out.status.success(), "check passed for {want}");
+        assert!(
+            err.contains(want) && err.contains("tls.certificates"),
+            "want {want:?} in {err}"
+        );
+    }
+    for (extra, want) in [
+        ("min_version = \"1.1\"", "tls.min_version"),
+        ("alpn = [\"\"]", "tls.alpn"),
+        (
+            "session_tickets = false\nticket_rotation = \"1h\"",
+            "tls.ticket_rotation",
+        ),
+        ("ticket_rotation = \"0s\"", "tls.ticket_rotation"),
+    ] {
+        let text = format!(
+            "{base}\n[tls]\nlisten = [\"127.0.0.1:0\"]\ncertificates = [{{ cert = \"{}\", key = \"{}\" }}]\n{extra}\n",
+            pki.path("good.pem").display(),
+            pki.path("good.key").display()
+        );
+        let err = ringlb::config::Config::parse(&text, "t.toml")
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains(want), "want {want:?} in {err}");
+    }
+}
+
+/// config/ringlb.toml documents [tls] commented out; uncommented, with
+/// generated certificates, it loads.
+#[test]
+fn the_shipped_config_tls_section_loads_uncommented() {
+    let pki = Pki::new();
+    pki.issue("a", &["example.com"]);
+    let root = Path::new(env!("CARGO_MANIFEST_DIR"));
+    let text = std::fs::read_to_string(root.join("config/ringlb.toml")).unwrap();
+    let mut out = String::new();
+    let mut in_tls = false;
+    for line in text.lines() {
+        if line == "# [tls]" {
+            in_tls = true;
+        } else if in_tls && line.starts_with('[') {
+            in_tls = false;
+        }
+        let key = line.strip_prefix("# ").filter(|l| {
+            in_tls
+                && (l.starts_with("[tls]")
+                    || l.starts_with("  {")
+                    || *l == "]"
+                    || l.split_once(" = ").is_some_and(|(k, _)| {
+                        k.chars().all(|c| c.is_ascii_lowercase() || c == '_')
+                    }))
+        });
+        match key {
+            Some(l) if l.starts_with("  {") => out.push_str(&format!(
+                "  {{ cert = \"{}\", key = \"{}\" }},\n",
+                pki.path("a.pem").display(),
+                pki.path("a.key").display()
+            )),
+            Some(l) => {
+                out.push_str(l);
+                out.push('\n');
+            }
+            None => {
+                out.push_str(line);
+                out.push('\n');
+            }
+        }
+    }
+    assert!(
+        out.contains("\n[tls]\n"),
+        "no [tls] block found to uncomment"
+    );
+    let cfg = ringlb::config::Config::parse_in(&out, "ringlb.toml", &root.join("config"))
+        .unwrap_or_else(|e| panic!("{e}"));
+    let tls = cfg.tls.expect("[tls] parsed");
+    assert_eq!(tls.listen, vec!["0.0.0.0:8443".parse().unwrap()]);
+    assert_eq!(tls.alpn, vec!["http/1.1".to_string()]);
+    assert_eq!(tls.ticket_rotation, Some(Duration::from_secs(6 * 3600)));
+    assert_eq!(tls.certificates[0].names, vec!["example.com".to_string()]);
+}
