@@ -743,3 +743,49 @@ fn the_shipped_config_tls_section_loads_uncommented() {
     assert_eq!(tls.ticket_rotation, Some(Duration::from_secs(6 * 3600)));
     assert_eq!(tls.certificates[0].names, vec!["example.com".to_string()]);
 }
+
+async fn open_tls(cfg: &Arc<rustls::ClientConfig>, addr: SocketAddr, n: usize) -> Vec<TlsWs> {
+    let mut out = Vec::with_capacity(n);
+    for i in 0..n {
+        let mut ws = wss(cfg.clone(), addr, "a.test").await;
+        echo_tls(&mut ws, Message::Binary(vec![i as u8; 64])).await;
+        out.push(ws);
+    }
+    out
+}
+
+/// 2000 idle TLS WebSocket sessions: no thread added, and ringlb's RSS per
+/// session within the issue's target (2 KB), measured once they parked.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn idle_tls_sessions_add_no_thread_and_stay_under_2_kb_each() {
+    const N: usize = 2000;
+    let pki = Pki::new();
+    pki.issue("a", &["a.test"]);
+    let b = Backend::start().await;
+    let (proxy, tls_addr) = start(&pki, &[b.addr], &["a"], "park_idle_after = \"200ms\"");
+    let cfg = client_config(&pki, &[&rustls::version::TLS13]);
+    // Warm-up: allocator arenas and the slab grow in steps.
+    let warm = open_tls(&cfg, tls_addr, 200).await;
+    drop(warm);
+    wait_until("warm-up sessions gone", || b.active() == 0).await;
+    let threads_before = proxy.status_field("Threads:");
+    let rss_before = proxy.status_field("VmRSS:");
+    let mut held = open_tls(&cfg, tls_addr, N).await;
+    assert_eq!(b.active(), N);
+    // Silent for more than twice park_idle_after: every session parked.
+    tokio::time::sleep(Duration::from_millis(700)).await;
+    let threads_after = proxy.status_field("Threads:");
+    let rss_after = proxy.status_field("VmRSS:");
+    let per = (rss_after.saturating_sub(rss_before) * 1024) as f64 / N as f64;
+    eprintln!(
+        "ringlb threads {threads_before} -> {threads_after}; RSS {rss_before} kB -> {rss_after} kB = {per:.0} B per idle TLS session ({N})"
+    );
+    assert_eq!(
+        threads_before, threads_after,
+        "threads grew with idle TLS sessions"
+    );
+    assert!(per <= 2048.0, "{per:.0} B of RSS per idle TLS session");
+    for (i, ws) in held.iter_mut().enumerate().step_by(97) {
+        echo_tls(ws, Message::Text(format!("still {i}"))).await;
+    }
+}
