@@ -789,3 +789,63 @@ async fn idle_tls_sessions_add_no_thread_and_stay_under_2_kb_each() {
         echo_tls(ws, Message::Text(format!("still {i}"))).await;
     }
 }
+
+/// Python's `websockets` (Debian's python3-websockets, on /usr/bin/python3)
+/// over wss://, verifying the test CA, pinned to TLS 1.3 and then 1.2.
+const PY_CLIENT: &str = r#"
+import asyncio, ssl, sys
+import websockets
+
+async def main(port, ca):
+    for version in (ssl.TLSVersion.TLSv1_3, ssl.TLSVersion.TLSv1_2):
+        ctx = ssl.create_default_context(cafile=ca)
+        ctx.minimum_version = version
+        ctx.maximum_version = version
+        async with websockets.connect(f"wss://a.test:{port}/", ssl=ctx, host="127.0.0.1", port=int(port), server_hostname="a.test") as ws:
+            got = ws.transport.get_extra_info("ssl_object").version()
+            for i in range(5):
+                msg = f"python {got} {i}"
+                await ws.send(msg)
+                back = await asyncio.wait_for(ws.recv(), 10)
+                assert back == msg, (back, msg)
+            big = bytes(range(256)) * 4096
+            await ws.send(big)
+            assert await asyncio.wait_for(ws.recv(), 10) == big
+            print("ok", got)
+
+asyncio.run(main(sys.argv[1], sys.argv[2]))
+"#;
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn python_websockets_over_wss_tls13_and_tls12() {
+    let pki = Pki::new();
+    pki.issue("a", &["a.test"]);
+    let b = Backend::start().await;
+    let (_proxy, tls_addr) = start(&pki, &[b.addr], &["a"], "");
+    let ca = pki.path("ca.pem");
+    let port = tls_addr.port().to_string();
+    // The client bounds itself (10 s per answer); the timeout bounds the rest.
+    let run = tokio::task::spawn_blocking(move || {
+        std::process::Command::new("/usr/bin/python3")
+            .arg("-c")
+            .arg(PY_CLIENT)
+            .arg(port)
+            .arg(ca)
+            .output()
+    });
+    let out = tokio::time::timeout(Duration::from_secs(60), run)
+        .await
+        .expect("python client timed out")
+        .unwrap()
+        .expect("run /usr/bin/python3 (python3-websockets, installed by .ci/run)");
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "python client failed: {stdout}{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(
+        stdout.contains("ok TLSv1.3") && stdout.contains("ok TLSv1.2"),
+        "{stdout}"
+    );
+}
