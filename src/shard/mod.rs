@@ -443,6 +443,14 @@ impl Shard {
                 .any(|(i, _, addr)| i == listener && self.tls_addrs.contains(&addr));
             if let (true, Some(tls)) = (on_tls, &self.snap.config.tls) {
                 if !conn.start_tls(tls.server.clone()) {
+                    // rustls refused to start a session (never with a
+                    // configuration that loaded): close, and give back
+                    // what this connection was counted as.
+                    log::warn!("shard {}: cannot start a TLS session; closing", self.id);
+                    self.shared.clients.fetch_sub(1, Ordering::Relaxed);
+                    if ip_counted {
+                        self.snap.admission.release_ip(peer.ip());
+                    }
                     return;
                 }
             }
