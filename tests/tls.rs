@@ -849,3 +849,101 @@ async fn python_websockets_over_wss_tls13_and_tls12() {
         "{stdout}"
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_proxy_header_in_front_of_the_tls_handshake_names_the_client() {
+    let pki = Pki::new();
+    pki.issue("a", &["a.test"]);
+    let b = Backend::start().await;
+    let extra = "proxy_protocol = true\ntrusted_proxies = [\"127.0.0.0/8\"]";
+    let (_proxy, tls_addr) = start(&pki, &[b.addr], &["a"], extra);
+    let cfg = client_config(&pki, &[&rustls::version::TLS13]);
+    let name = rustls::pki_types::ServerName::try_from("a.test").unwrap();
+    // The header and the ClientHello in one segment, as an L4 tier sends them.
+    let mut tcp = TcpStream::connect(tls_addr).await.unwrap();
+    tcp.write_all(b"PROXY TCP4 198.51.100.7 192.0.2.1 40000 443\r\n")
+        .await
+        .unwrap();
+    let tls = tokio_rustls::TlsConnector::from(cfg.clone())
+        .connect(name.clone(), tcp)
+        .await
+        .unwrap();
+    let (mut ws, _) = tokio_tungstenite::client_async("wss://a.test/", tls)
+        .await
+        .unwrap();
+    echo_tls(&mut ws, Message::Text("via the tier".into())).await;
+    let (_, headers) = b.last_request();
+    let xff = headers
+        .iter()
+        .find(|(n, _)| n == "x-forwarded-for")
+        .map(|(_, v)| v.as_str());
+    assert_eq!(xff, Some("198.51.100.7"));
+    // From the trusted tier without a header: refused, no handshake.
+    let tcp = TcpStream::connect(tls_addr).await.unwrap();
+    let res = tokio::time::timeout(
+        Duration::from_secs(5),
+        tokio_rustls::TlsConnector::from(cfg).connect(name, tcp),
+    )
+    .await
+    .expect("not closed");
+    assert!(
+        res.is_err(),
+        "a TLS handshake without the required PROXY header succeeded"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn over_capacity_on_the_tls_port_closes_without_a_plaintext_answer() {
+    let pki = Pki::new();
+    pki.issue("a", &["a.test"]);
+    let b = Backend::start().await;
+    let (_proxy, tls_addr) = start(&pki, &[b.addr], &["a"], "max_connections = 1");
+    let cfg = client_config(&pki, &[&rustls::version::TLS13]);
+    let mut first = wss(cfg, tls_addr, "a.test").await;
+    let mut s = TcpStream::connect(tls_addr).await.unwrap();
+    let (closed, got) = closed_within(&mut s, Duration::from_secs(5)).await;
+    assert!(
+        closed && got.is_empty(),
+        "over capacity: closed {closed}, got {got:?}"
+    );
+    echo_tls(&mut first, Message::Text("the first is unaffected".into())).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_access_log_has_tls_version_cipher_and_sni() {
+    let pki = Pki::new();
+    pki.issue("a", &["a.test"]);
+    let b = Backend::start().await;
+    let dir = tempfile::tempdir().unwrap();
+    let log = dir.path().join("access.log");
+    let cfg = config(&[b.addr], "", "")
+        + &tls_section(&pki, &["a"], "")
+        + &format!("\n[log]\naccess = \"{}\"\n", log.display());
+    let (_proxy, tls_addr) = start_cfg(&cfg);
+    let mut ws = wss(
+        client_config(&pki, &[&rustls::version::TLS12]),
+        tls_addr,
+        "a.test",
+    )
+    .await;
+    echo_tls(&mut ws, Message::Text("logged".into())).await;
+    ws.close(None).await.unwrap();
+    drop(ws);
+    let mut line = String::new();
+    wait_until("an access log line", || {
+        line = std::fs::read_to_string(&log).unwrap_or_default();
+        line.contains("\"status\":101")
+    })
+    .await;
+    let v: serde_json::Value = serde_json::from_str(line.lines().last().unwrap()).unwrap();
+    assert_eq!(v["tls"]["version"], "TLSv1_2", "{line}");
+    assert_eq!(v["tls"]["sni"], "a.test", "{line}");
+    assert!(
+        v["tls"]["cipher"]
+            .as_str()
+            .unwrap()
+            .starts_with("TLS_ECDHE_ECDSA_WITH_"),
+        "{line}"
+    );
+    assert_eq!(v["tls"]["resumed"], false);
+}

@@ -344,6 +344,10 @@ impl Conn {
     /// PROXY protocol is on: a connection from a trusted L4 tier must start
     /// with a header (`trusted`), any other must not.
     pub fn expect_proxy_header(&mut self, trusted: bool) {
+        if let Some(s) = self.transport[Side::Client.idx()].tls_mut() {
+            // In front of the TLS handshake, in plaintext.
+            s.expect_proxy = trusted;
+        }
         if let Some(hs) = try_hs_mut(&mut self.state) {
             hs.proxy_in = if trusted {
                 ProxyIn::Required
@@ -413,6 +417,22 @@ impl Conn {
         let mut c = Conn::accept(snap, client_addr, &mut Vec::new());
         c.recv = [RecvState::Off, RecvState::Off];
         c.respond(Reject::TooManyRequests, out);
+        c
+    }
+
+    /// A connection on a TLS listener over capacity (`over`) or over the
+    /// per-address cap: closed at once, counted as 503 or 429.
+    pub fn refused_tls(
+        snap: Arc<Snapshot>,
+        client_addr: SocketAddr,
+        over: bool,
+        out: &mut Vec<Action>,
+    ) -> Conn {
+        let mut c = Conn::accept(snap, client_addr, &mut Vec::new());
+        c.recv = [RecvState::Off, RecvState::Off];
+        c.status = Some(if over { 503 } else { 429 });
+        c.closer = Some(Closer::Proxy);
+        c.close_now(out);
         c
     }
 

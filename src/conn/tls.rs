@@ -82,6 +82,9 @@ pub struct TlsSession {
     counted: bool,
     /// The handshake timer fired: Drop counts a timeout.
     pub(super) timed_out: bool,
+    /// A PROXY protocol header comes first, in plaintext (a trusted L4
+    /// tier); it is passed up as is for the connection to read.
+    pub(super) expect_proxy: bool,
 }
 
 enum Phase {
@@ -130,6 +133,7 @@ impl TlsSession {
             started: Instant::now(),
             counted: false,
             timed_out: false,
+            expect_proxy: false,
         })
     }
 
@@ -177,8 +181,23 @@ impl TlsSession {
         buf.extend_from_slice(data);
         let mut at = 0;
         let mut plain = Vec::new();
-        if self.handshaking() {
-            at = self.handshake(&buf);
+        if self.expect_proxy {
+            use crate::proxy_protocol::{parse, Parsed};
+            // The header, whole, goes up as plaintext; anything that is not
+            // one goes up as it is, for the connection to refuse.
+            at = match parse(&buf) {
+                Ok(Parsed::Partial) => {
+                    self.partial = buf;
+                    return Vec::new();
+                }
+                Ok(Parsed::Header(_, n)) => n,
+                Ok(Parsed::Absent) | Err(_) => buf.len(),
+            };
+            self.expect_proxy = false;
+            plain.extend_from_slice(&buf[..at]);
+        }
+        if self.handshaking() && at < buf.len() {
+            at += self.handshake(&buf[at..]);
         }
         if let Phase::Records(r) = &mut self.phase {
             plain.reserve(buf.len() - at);

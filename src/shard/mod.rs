@@ -430,7 +430,16 @@ impl Shard {
             .filter(|_| trusted != Some(true));
         let ip_counted =
             !over && cap.is_some_and(|c| self.snap.admission.acquire_ip(peer.ip(), c.get()));
-        let mut conn = if over {
+        let tls = (self.snap.config.tls.as_ref()).filter(|_| {
+            !self.tls_addrs.is_empty()
+                && (self.driver.listeners())
+                    .any(|(i, _, addr)| i == listener && self.tls_addrs.contains(&addr))
+        });
+        let refused = over || (cap.is_some() && !ip_counted);
+        let mut conn = if refused && tls.is_some() {
+            // A plaintext 503 or 429 means nothing to a TLS client: close.
+            Conn::refused_tls(self.snap.clone(), peer, over, &mut self.actions)
+        } else if over {
             Conn::over_capacity(self.snap.clone(), peer, &mut self.actions)
         } else if cap.is_some() && !ip_counted {
             Conn::over_ip_cap(self.snap.clone(), peer, &mut self.actions)
@@ -438,21 +447,17 @@ impl Shard {
             Conn::accept(self.snap.clone(), peer, &mut self.actions)
         };
         conn.ip_counted = ip_counted;
-        if !self.tls_addrs.is_empty() && !over && conn.stage() == crate::conn::Stage::ReadingHead {
-            let on_tls = (self.driver.listeners())
-                .any(|(i, _, addr)| i == listener && self.tls_addrs.contains(&addr));
-            if let (true, Some(tls)) = (on_tls, &self.snap.config.tls) {
-                if !conn.start_tls(tls.server.clone()) {
-                    // rustls refused to start a session (never with a
-                    // configuration that loaded): close, and give back
-                    // what this connection was counted as.
-                    log::warn!("shard {}: cannot start a TLS session; closing", self.id);
-                    self.shared.clients.fetch_sub(1, Ordering::Relaxed);
-                    if ip_counted {
-                        self.snap.admission.release_ip(peer.ip());
-                    }
-                    return;
+        if let (Some(tls), false) = (tls, refused) {
+            if !conn.start_tls(tls.server.clone()) {
+                // rustls refused to start a session (never with a
+                // configuration that loaded): close, and give back what
+                // this connection was counted as.
+                log::warn!("shard {}: cannot start a TLS session; closing", self.id);
+                self.shared.clients.fetch_sub(1, Ordering::Relaxed);
+                if ip_counted {
+                    self.snap.admission.release_ip(peer.ip());
                 }
+                return;
             }
         }
         if let Some(trusted) = trusted {
