@@ -688,6 +688,30 @@ fn check_names_the_file_for_unreadable_mismatched_and_expired_certificates() {
             .to_string();
         assert!(err.contains(want), "want {want:?} in {err}");
     }
+    let up = "[server]\nlisten = [\"127.0.0.1:0\"]\n[[route]]\npath = \"/\"\nupstream = \"u\"\n[upstream.u]\nservers = [{ addr = \"127.0.0.1:1\" }]\n";
+    for (extra, want) in [
+        (
+            format!(
+                "tls = {{ server_name = \"b.test\", ca = \"{}\" }}",
+                pki.path("nope.pem").display()
+            ),
+            "nope.pem: cannot read CA certificates",
+        ),
+        (
+            "tls = { server_name = \"not a name\" }".to_string(),
+            "is not a DNS name or IP address",
+        ),
+        (
+            "tls = { server_name = \"b.test\" }\nsend_proxy_protocol = \"v2\"".to_string(),
+            "upstream.u.tls",
+        ),
+        ("tls = { server = \"b.test\" }".to_string(), "unknown field"),
+    ] {
+        let err = ringlb::config::Config::parse(&format!("{up}{extra}\n"), "t.toml")
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains(want), "want {want:?} in {err}");
+    }
 }
 
 /// config/ringlb.toml documents [tls] commented out; uncommented, with
@@ -735,6 +759,16 @@ fn the_shipped_config_tls_section_loads_uncommented() {
         out.contains("\n[tls]\n"),
         "no [tls] block found to uncomment"
     );
+    // And the upstream's tls key, with the test CA.
+    let up_line = "# tls = { server_name = \"backend.internal\", ca = \"backend-ca.pem\" }";
+    assert!(out.contains(up_line), "no upstream tls example");
+    let out = out.replace(
+        up_line,
+        &format!(
+            "tls = {{ server_name = \"backend.internal\", ca = \"{}\" }}",
+            pki.path("ca.pem").display()
+        ),
+    );
     let cfg = ringlb::config::Config::parse_in(&out, "ringlb.toml", &root.join("config"))
         .unwrap_or_else(|e| panic!("{e}"));
     let tls = cfg.tls.expect("[tls] parsed");
@@ -742,6 +776,18 @@ fn the_shipped_config_tls_section_loads_uncommented() {
     assert_eq!(tls.alpn, vec!["http/1.1".to_string()]);
     assert_eq!(tls.ticket_rotation, Some(Duration::from_secs(6 * 3600)));
     assert_eq!(tls.certificates[0].names, vec!["example.com".to_string()]);
+    let up = cfg
+        .upstreams
+        .iter()
+        .find(|u| u.tls.is_some())
+        .expect("an upstream with tls");
+    assert_eq!(
+        format!("{:?}", up.tls.as_ref().unwrap().server_name),
+        format!(
+            "{:?}",
+            rustls::pki_types::ServerName::try_from("backend.internal").unwrap()
+        )
+    );
 }
 
 async fn open_tls(cfg: &Arc<rustls::ClientConfig>, addr: SocketAddr, n: usize) -> Vec<TlsWs> {
@@ -946,4 +992,88 @@ async fn the_access_log_has_tls_version_cipher_and_sni() {
         "{line}"
     );
     assert_eq!(v["tls"]["resumed"], false);
+}
+
+/// A wss:// echo backend (tokio-rustls + tungstenite) with a certificate
+/// for `name` signed by the test CA.
+async fn tls_echo_backend(pki: &Pki, name: &str) -> SocketAddr {
+    pki.issue("backend", &[name]);
+    let certs: Vec<rustls::pki_types::CertificateDer<'static>> =
+        rustls::pki_types::pem::PemObject::pem_file_iter(pki.path("backend.pem"))
+            .unwrap()
+            .map(|c| c.unwrap())
+            .collect();
+    let key: rustls::pki_types::PrivateKeyDer<'static> =
+        rustls::pki_types::pem::PemObject::from_pem_file(pki.path("backend.key")).unwrap();
+    let provider = Arc::new(rustls::crypto::aws_lc_rs::default_provider());
+    let cfg = rustls::ServerConfig::builder_with_provider(provider)
+        .with_safe_default_protocol_versions()
+        .unwrap()
+        .with_no_client_auth()
+        .with_single_cert(certs, key)
+        .unwrap();
+    let acceptor = tokio_rustls::TlsAcceptor::from(Arc::new(cfg));
+    let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = l.local_addr().unwrap();
+    tokio::spawn(async move {
+        while let Ok((s, _)) = l.accept().await {
+            let acceptor = acceptor.clone();
+            tokio::spawn(async move {
+                let Ok(tls) = acceptor.accept(s).await else {
+                    return;
+                };
+                let Ok(mut ws) = tokio_tungstenite::accept_async(tls).await else {
+                    return;
+                };
+                while let Some(Ok(m)) = ws.next().await {
+                    if (m.is_text() || m.is_binary()) && ws.send(m).await.is_err() {
+                        return;
+                    }
+                }
+            });
+        }
+    });
+    addr
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_wss_backend_is_reached_over_verified_tls() {
+    let pki = Pki::new();
+    let backend = tls_echo_backend(&pki, "backend.test").await;
+    let ca = pki.path("ca.pem");
+    let up = format!(
+        "tls = {{ server_name = \"backend.test\", ca = \"{}\" }}",
+        ca.display()
+    );
+    let proxy = Proxy::start(&config(&[backend], "", &up));
+    for i in 0..3 {
+        let mut ws = connect(&proxy.url("/")).await;
+        echo(&mut ws, &format!("to a wss backend {i}")).await;
+        let big = Message::Binary((0..(1 << 20)).map(|i| (i % 253) as u8).collect());
+        ws.send(big.clone()).await.unwrap();
+        let back = tokio::time::timeout(Duration::from_secs(20), ws.next())
+            .await
+            .unwrap()
+            .unwrap()
+            .unwrap();
+        assert!(back == big, "1 MiB message differs");
+    }
+    // A backend whose certificate does not have the configured name: 502,
+    // never an unverified session.
+    let wrong = format!(
+        "tls = {{ server_name = \"other.test\", ca = \"{}\" }}",
+        ca.display()
+    );
+    let proxy = Proxy::start(&config(&[backend], "", &wrong));
+    let resp = raw_exchange(proxy.addr(), upgrade_request("/", "").as_bytes()).await;
+    assert_eq!(status_of(&resp), 502, "{}", String::from_utf8_lossy(&resp));
+    // Another CA: 502 too.
+    let other = Pki::new();
+    let bad_ca = format!(
+        "tls = {{ server_name = \"backend.test\", ca = \"{}\" }}",
+        other.path("ca.pem").display()
+    );
+    let proxy = Proxy::start(&config(&[backend], "", &bad_ca));
+    let resp = raw_exchange(proxy.addr(), upgrade_request("/", "").as_bytes()).await;
+    assert_eq!(status_of(&resp), 502, "{}", String::from_utf8_lossy(&resp));
 }

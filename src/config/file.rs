@@ -134,6 +134,15 @@ pub(super) struct FileUpstream {
     pub(super) fail_timeout: Option<Spanned<String>>,
     pub(super) send_proxy_protocol: Option<Spanned<String>>,
     pub(super) servers: Spanned<Vec<FileServerEntry>>,
+    pub(super) tls: Option<Spanned<FileUpstreamTls>>,
+}
+
+/// `[upstream.X] tls = { server_name = "...", ca = "..." }`: wss:// backends.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(super) struct FileUpstreamTls {
+    pub(super) server_name: Spanned<String>,
+    pub(super) ca: Option<Spanned<String>>,
 }
 
 #[derive(Debug, Deserialize)]

@@ -323,6 +323,8 @@ pub struct UpstreamConfig {
     /// Send the client's address to the backends in a PROXY header.
     pub send_proxy_protocol: Option<ProxyVersion>,
     pub servers: Vec<ServerEntry>,
+    /// Reach the backends over TLS (wss://); `None`: plaintext.
+    pub tls: Option<std::sync::Arc<crate::tls::UpstreamTls>>,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -454,6 +456,7 @@ impl Config {
                 max_fails: DEFAULT_MAX_FAILS,
                 fail_timeout: DEFAULT_FAIL_TIMEOUT,
                 send_proxy_protocol: None,
+                tls: None,
                 servers: upstreams
                     .into_iter()
                     .map(|addr| ServerEntry {

@@ -9,7 +9,7 @@ use std::time::Duration;
 
 use toml::Spanned;
 
-use super::file::FileTls;
+use super::file::{FileTls, FileUpstreamTls};
 use super::validate::{duration, socket_addr};
 use super::{ConfigError, Source};
 use crate::tls::{TlsConfig, TlsVersion};
@@ -115,5 +115,27 @@ pub(super) fn tls_config(
         alpn,
         ticket_rotation,
         server,
+    })
+}
+
+/// `[upstream.X] tls`: the name the backends' certificates must have, and
+/// the CA that signs them (default: the system's trust store). Verification
+/// is always on.
+pub(super) fn upstream_tls(
+    src: &Source<'_>,
+    t: &Spanned<FileUpstreamTls>,
+    key: &str,
+    base: &Path,
+) -> Result<std::sync::Arc<crate::tls::UpstreamTls>, ConfigError> {
+    let t = t.get_ref();
+    let ca = t.ca.as_ref().map(|c| (base.join(c.get_ref()), c.span()));
+    crate::tls::upstream_tls(
+        t.server_name.get_ref(),
+        ca.as_ref().map(|(p, _)| p.as_path()),
+    )
+    .map(std::sync::Arc::new)
+    .map_err(|e| {
+        let span = ca.map_or(t.server_name.span(), |(_, s)| s);
+        ConfigError::at(src, span, key, e)
     })
 }

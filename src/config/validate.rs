@@ -365,8 +365,23 @@ pub(super) fn validate(
                 max_connections,
             });
         }
+        let tls = match &u.tls {
+            Some(t) => {
+                if u.send_proxy_protocol.is_some() {
+                    return Err(ConfigError::at(
+                        src,
+                        t.span(),
+                        &key("tls"),
+                        "cannot be combined with send_proxy_protocol (not built)",
+                    ));
+                }
+                Some(super::tls::upstream_tls(src, t, &key("tls"), base)?)
+            }
+            None => None,
+        };
         names.push(name);
         upstreams.push(UpstreamConfig {
+            tls,
             name: name.clone(),
             balance,
             connect_timeout,

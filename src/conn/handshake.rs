@@ -296,6 +296,12 @@ impl Conn {
                 self.backend = Some(addr);
 
                 let timeout = upstream.connect_timeout;
+                let tls = hs.snap.config.upstreams[hs.upstream].tls.clone();
+                if let Some(t) = tls {
+                    if !self.start_backend_tls(&t) {
+                        return self.respond(Reject::BadGateway("cannot start TLS"), out);
+                    }
+                }
                 self.lease = Some(lease);
                 self.set_stage(Stage::Connecting { attempt });
                 out.push(Action::Connect(addr));
@@ -477,6 +483,9 @@ impl Conn {
             src_eof,
             ..Flow::default()
         };
+        // The next backend gets its own TLS session (`connect_next`); the
+        // replay is plaintext until then.
+        self.transport[Side::Backend.idx()] = Transport::Plain;
         self.enqueue(Side::Backend, replay);
         self.recv[Side::Backend.idx()] = RecvState::Off;
         self.connect_next(attempt + 1, out);

@@ -332,6 +332,19 @@ impl Conn {
             self.flow[side.idx()].queue.push_back(Payload::owned(wire));
             self.kick(side, out);
         }
+        if failed && side == Side::Backend {
+            log::warn!(
+                "{}: TLS with the backend failed (see debug log for the reason); closing",
+                self.backend.map_or_else(String::new, |b| b.to_string())
+            );
+            if matches!(self.stage(), Stage::AwaitingResponse) {
+                self.abort_backend(out);
+                self.respond(http::Reject::BadGateway("backend TLS failed"), out);
+            } else {
+                self.close(Closer::Backend, out);
+            }
+            return false;
+        }
         if failed {
             log::debug!("{}: TLS failed; closing", self.client_addr);
             self.closer = Some(Closer::Proxy);
@@ -519,7 +532,35 @@ impl Conn {
     /// `dst`, through its transport.
     fn enqueue(&mut self, dst: Side, data: Vec<u8>) {
         let wire = self.transport[dst.idx()].encode(data);
-        self.flow[dst.idx()].queue.push_back(Payload::owned(wire));
+        // Empty: held by a TLS client session until its handshake is done.
+        if !wire.is_empty() {
+            self.flow[dst.idx()].queue.push_back(Payload::owned(wire));
+        }
+    }
+
+    /// A backend in an upstream with `tls`: a fresh TLS client session
+    /// for this connect attempt. What is already queued for the backend
+    /// (the forwarded head, body bytes) is plaintext; it moves into the
+    /// session, to go behind the handshake, and the ClientHello goes first.
+    fn start_backend_tls(&mut self, up: &crate::tls::UpstreamTls) -> bool {
+        let Some(mut s) = tls::TlsSession::client(up.client.clone(), up.server_name.clone()) else {
+            return false;
+        };
+        let flow = &mut self.flow[Side::Backend.idx()];
+        debug_assert!(!flow.sending);
+        let queued = std::mem::take(&mut flow.queue);
+        if let Some(hello) = s.take_reply() {
+            flow.queue.push_back(Payload::owned(hello));
+        }
+        for p in queued.into_iter() {
+            match p {
+                Payload::Owned(o) => s.hold(&o.data[o.start..]),
+                // Nothing else is queued for a backend before it connects.
+                other => flow.queue.push_back(other),
+            }
+        }
+        self.transport[Side::Backend.idx()] = Transport::Tls(Box::new(s));
+        true
     }
 
     /// Where `Payload::File { start, .. }` bytes live.

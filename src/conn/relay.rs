@@ -78,7 +78,10 @@ impl Conn {
             }
         };
         let flow = &mut self.flow[dst.idx()];
-        flow.queue.push_back(payload);
+        // Empty: held by a TLS client session until its handshake is done.
+        if payload.remaining() > 0 {
+            flow.queue.push_back(payload);
+        }
         self.kick(dst, out);
         self.backpressure(src, out);
     }

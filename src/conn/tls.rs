@@ -34,7 +34,9 @@ use std::sync::Arc;
 use std::time::Instant;
 
 use aws_lc_rs::aead::{self, Aad, LessSafeKey, Nonce, UnboundKey};
-use rustls::{ConnectionTrafficSecrets, ProtocolVersion, ServerConnection};
+use rustls::{
+    ClientConnection, Connection, ConnectionTrafficSecrets, ProtocolVersion, ServerConnection,
+};
 
 use crate::tls::{HandshakeResult, STATS};
 
@@ -85,10 +87,15 @@ pub struct TlsSession {
     /// A PROXY protocol header comes first, in plaintext (a trusted L4
     /// tier); it is passed up as is for the connection to read.
     pub(super) expect_proxy: bool,
+    /// ringlb is the TLS client (a wss:// backend), not the server.
+    client: bool,
+    /// Client role: plaintext queued before the handshake is done, sealed
+    /// behind the client's Finished.
+    pending: Vec<u8>,
 }
 
 enum Phase {
-    Handshaking(Box<ServerConnection>),
+    Handshaking(Box<Connection>),
     Records(Records),
     Failed,
 }
@@ -124,7 +131,25 @@ impl Drop for TlsSession {
 impl TlsSession {
     pub fn new(config: Arc<rustls::ServerConfig>) -> Option<TlsSession> {
         let conn = ServerConnection::new(config).ok()?;
-        Some(TlsSession {
+        Some(TlsSession::with(Connection::Server(conn), false))
+    }
+
+    /// ringlb as the client of a wss:// backend: the ClientHello is ready
+    /// to send as soon as the socket connects. Not counted in the
+    /// listeners' handshake metrics.
+    pub fn client(
+        config: Arc<rustls::ClientConfig>,
+        name: rustls::pki_types::ServerName<'static>,
+    ) -> Option<TlsSession> {
+        let conn = ClientConnection::new(config, name).ok()?;
+        let mut s = TlsSession::with(Connection::Client(conn), true);
+        s.counted = true;
+        s.flush_handshake();
+        Some(s)
+    }
+
+    fn with(conn: Connection, client: bool) -> TlsSession {
+        TlsSession {
             phase: Phase::Handshaking(Box::new(conn)),
             partial: Vec::new(),
             reply: Vec::new(),
@@ -134,7 +159,25 @@ impl TlsSession {
             counted: false,
             timed_out: false,
             expect_proxy: false,
-        })
+            client,
+            pending: Vec::new(),
+        }
+    }
+
+    /// Takes what rustls wants to send into `reply`.
+    fn flush_handshake(&mut self) {
+        if let Phase::Handshaking(conn) = &mut self.phase {
+            while conn.wants_write() {
+                if conn.write_tls(&mut self.reply).is_err() {
+                    break;
+                }
+            }
+        }
+    }
+
+    /// Client role: plaintext to send once the handshake is done.
+    pub(super) fn hold(&mut self, data: &[u8]) {
+        self.pending.extend_from_slice(data);
     }
 
     pub fn info(&self) -> &TlsInfo {
@@ -234,7 +277,9 @@ impl TlsSession {
                 return at;
             };
             let rest = &buf[at..];
-            if rest.first().is_some_and(|b| *b != CT_HANDSHAKE) && conn.protocol_version().is_none()
+            if !self.client
+                && rest.first().is_some_and(|b| *b != CT_HANDSHAKE)
+                && conn.protocol_version().is_none()
             {
                 // Before any version is agreed only a ClientHello may come:
                 // this is plaintext HTTP (or anything else) on the TLS port.
@@ -284,7 +329,9 @@ impl TlsSession {
         };
         self.info.version = conn.protocol_version();
         self.info.suite = conn.negotiated_cipher_suite().map(|s| s.suite());
-        self.info.sni = conn.server_name().map(Into::into);
+        if let Connection::Server(s) = &*conn {
+            self.info.sni = s.server_name().map(Into::into);
+        }
         self.info.resumed = conn.handshake_kind() == Some(rustls::HandshakeKind::Resumed);
         let tls13 = self.info.version == Some(ProtocolVersion::TLSv1_3);
         let secrets = conn.dangerous_extract_secrets().map_err(|e| {
@@ -292,11 +339,20 @@ impl TlsSession {
         })?;
         let (rx_seq, rx) = secrets.rx;
         let (tx_seq, tx) = secrets.tx;
-        self.phase = Phase::Records(Records {
+        let mut records = Records {
             tls13,
+            client: self.client,
             rx: Dir::new(rx, rx_seq)?,
             tx: Dir::new(tx, tx_seq)?,
-        });
+        };
+        if !self.pending.is_empty() {
+            let pending = std::mem::take(&mut self.pending);
+            self.reply.extend(records.seal_all(&pending));
+        }
+        self.phase = Phase::Records(records);
+        if self.client {
+            return Ok(());
+        }
         self.counted = true;
         let result = if self.info.resumed {
             HandshakeResult::Resumed
@@ -308,12 +364,17 @@ impl TlsSession {
         Ok(())
     }
 
-    /// Plaintext in, records out.
+    /// Plaintext in, records out (empty while handshaking: the client
+    /// role holds it until the handshake is done).
     pub(super) fn encode(&mut self, data: Vec<u8>) -> Vec<u8> {
         match &mut self.phase {
             Phase::Records(r) => r.seal_all(&data),
-            // Nothing is written to a client before its handshake is done;
-            // a failed session closes and its queue is never sent.
+            Phase::Handshaking(_) if self.client => {
+                self.hold(&data);
+                Vec::new()
+            }
+            // Nothing is written to a TLS client before its handshake is
+            // done; a failed session closes and its queue is never sent.
             Phase::Handshaking(_) | Phase::Failed => Vec::new(),
         }
     }
@@ -336,8 +397,29 @@ fn whole_record(buf: &[u8]) -> Option<usize> {
     })
 }
 
+/// True if `msgs` is whole handshake messages, all NewSessionTicket.
+fn only_tickets(mut msgs: &[u8]) -> bool {
+    const NEW_SESSION_TICKET: u8 = 4;
+    if msgs.is_empty() {
+        return false;
+    }
+    while !msgs.is_empty() {
+        if msgs.len() < 4 || msgs[0] != NEW_SESSION_TICKET {
+            return false;
+        }
+        let len = usize::from(msgs[1]) << 16 | usize::from(msgs[2]) << 8 | usize::from(msgs[3]);
+        if msgs.len() < 4 + len {
+            return false;
+        }
+        msgs = &msgs[4 + len..];
+    }
+    true
+}
+
 struct Records {
     tls13: bool,
+    /// Client role: the server may send session tickets after the handshake.
+    client: bool,
     rx: Dir,
     tx: Dir,
 }
@@ -441,6 +523,11 @@ impl Records {
                         return Ok((buf.len(), true));
                     }
                     return Err(());
+                }
+                CT_HANDSHAKE if self.client && only_tickets(&plain[start..]) => {
+                    // A TLS 1.3 server's NewSessionTicket: ringlb does not
+                    // resume backend sessions, so it is dropped.
+                    plain.truncate(start);
                 }
                 _ => {
                     // Post-handshake messages (KeyUpdate, a renegotiating

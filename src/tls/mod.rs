@@ -253,6 +253,72 @@ impl ProducesTickets for OneKey {
     }
 }
 
+/// `[upstream.X] tls`: how ringlb reaches wss:// backends.
+pub struct UpstreamTls {
+    pub server_name: rustls_pki_types::ServerName<'static>,
+    pub client: Arc<rustls::ClientConfig>,
+}
+
+impl std::fmt::Debug for UpstreamTls {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("UpstreamTls")
+            .field("server_name", &self.server_name)
+            .finish_non_exhaustive()
+    }
+}
+
+/// The client configuration for one upstream: verification against `ca`
+/// (PEM) or, without it, the system's trust store.
+pub fn upstream_tls(
+    server_name: &str,
+    ca: Option<&std::path::Path>,
+) -> Result<UpstreamTls, String> {
+    let name = rustls_pki_types::ServerName::try_from(server_name.to_string())
+        .map_err(|_| format!("server_name {server_name:?} is not a DNS name or IP address"))?;
+    let mut roots = rustls::RootCertStore::empty();
+    match ca {
+        Some(path) => {
+            let certs: Vec<CertificateDer<'static>> = CertificateDer::pem_file_iter(path)
+                .map_err(|e| format!("{}: cannot read CA certificates: {e}", path.display()))?
+                .collect::<Result<_, _>>()
+                .map_err(|e| format!("{}: not PEM certificates: {e}", path.display()))?;
+            if certs.is_empty() {
+                return Err(format!("{}: no certificate in the file", path.display()));
+            }
+            for c in certs {
+                roots
+                    .add(c)
+                    .map_err(|e| format!("{}: unusable CA certificate: {e}", path.display()))?;
+            }
+        }
+        None => {
+            let found = rustls_native_certs::load_native_certs();
+            for c in found.certs {
+                let _ = roots.add(c);
+            }
+            if roots.is_empty() {
+                return Err(
+                    "no ca given and no system trust store found; give ca = \"...\"".into(),
+                );
+            }
+        }
+    }
+    let mut client = rustls::ClientConfig::builder_with_provider(provider())
+        .with_safe_default_protocol_versions()
+        .map_err(|e| e.to_string())?
+        .with_root_certificates(roots)
+        .with_no_client_auth();
+    client.alpn_protocols = vec![b"http/1.1".to_vec()];
+    // Keys only after the handshake, as on the client side (conn/tls.rs).
+    client.enable_secret_extraction = true;
+    // Each backend connection is fresh: no ticket is kept per session.
+    client.resumption = rustls::client::Resumption::disabled();
+    Ok(UpstreamTls {
+        server_name: name,
+        client: Arc::new(client),
+    })
+}
+
 /// Counted once per connection on the TLS port (see [`stats`]).
 pub fn count(result: HandshakeResult, version: Option<rustls::ProtocolVersion>) {
     STATS.count(result, version);
