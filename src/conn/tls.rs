@@ -668,3 +668,278 @@ impl Records {
         Ok(())
     }
 }
+
+#[cfg(test)]
+mod tests {
+    //! The record layer against rustls itself, in memory: every cipher
+    //! suite of both versions, bytes cut at awkward places, both roles.
+    use std::io::{Read, Write};
+    use std::sync::Arc;
+
+    use rustls::pki_types::{CertificateDer, PrivateKeyDer, PrivatePkcs8KeyDer, ServerName};
+    use rustls::{CipherSuite, ClientConnection, ServerConnection, SupportedProtocolVersion};
+
+    use super::{Status, TlsSession};
+
+    struct Pki {
+        cert: CertificateDer<'static>,
+        key: Vec<u8>,
+    }
+
+    fn pki() -> Pki {
+        let key = rcgen::KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256).unwrap();
+        let cert = rcgen::CertificateParams::new(vec!["t.test".to_string()])
+            .unwrap()
+            .self_signed(&key)
+            .unwrap();
+        Pki {
+            cert: cert.der().clone(),
+            key: key.serialize_der(),
+        }
+    }
+
+    fn provider(suite: CipherSuite) -> Arc<rustls::crypto::CryptoProvider> {
+        let mut p = rustls::crypto::aws_lc_rs::default_provider();
+        p.cipher_suites.retain(|s| s.suite() == suite);
+        assert_eq!(p.cipher_suites.len(), 1, "{suite:?}");
+        Arc::new(p)
+    }
+
+    fn configs(
+        pki: &Pki,
+        suite: CipherSuite,
+        v: &'static SupportedProtocolVersion,
+    ) -> (Arc<rustls::ServerConfig>, Arc<rustls::ClientConfig>) {
+        let p = provider(suite);
+        let mut server = rustls::ServerConfig::builder_with_provider(p.clone())
+            .with_protocol_versions(&[v])
+            .unwrap()
+            .with_no_client_auth()
+            .with_single_cert(
+                vec![pki.cert.clone()],
+                PrivateKeyDer::Pkcs8(PrivatePkcs8KeyDer::from(pki.key.clone())),
+            )
+            .unwrap();
+        server.enable_secret_extraction = true;
+        let mut roots = rustls::RootCertStore::empty();
+        roots.add(pki.cert.clone()).unwrap();
+        let mut client = rustls::ClientConfig::builder_with_provider(p)
+            .with_protocol_versions(&[v])
+            .unwrap()
+            .with_root_certificates(roots)
+            .with_no_client_auth();
+        client.enable_secret_extraction = true;
+        (Arc::new(server), Arc::new(client))
+    }
+
+    /// Feeds `wire` to the session `cut` bytes at a time; returns the plaintext.
+    fn feed(s: &mut TlsSession, wire: &[u8], cut: usize) -> Vec<u8> {
+        let mut plain = Vec::new();
+        for piece in wire.chunks(cut.max(1)) {
+            plain.extend(s.decode(piece));
+        }
+        plain
+    }
+
+    fn drain_tls(from: &mut dyn FnMut(&mut Vec<u8>) -> bool) -> Vec<u8> {
+        let mut out = Vec::new();
+        while from(&mut out) {}
+        out
+    }
+
+    fn client_out(c: &mut ClientConnection) -> Vec<u8> {
+        drain_tls(&mut |o| c.wants_write() && c.write_tls(o).unwrap() > 0)
+    }
+
+    fn client_in(c: &mut ClientConnection, wire: &[u8]) -> Vec<u8> {
+        let mut rd = wire;
+        let mut plain = Vec::new();
+        while !rd.is_empty() {
+            c.read_tls(&mut rd).unwrap();
+            c.process_new_packets().unwrap();
+            let mut buf = vec![0u8; 1 << 16];
+            while let Ok(n) = c.reader().read(&mut buf) {
+                if n == 0 {
+                    break;
+                }
+                plain.extend_from_slice(&buf[..n]);
+            }
+        }
+        plain
+    }
+
+    const SUITES: [(CipherSuite, &SupportedProtocolVersion); 6] = [
+        (
+            CipherSuite::TLS13_AES_128_GCM_SHA256,
+            &rustls::version::TLS13,
+        ),
+        (
+            CipherSuite::TLS13_AES_256_GCM_SHA384,
+            &rustls::version::TLS13,
+        ),
+        (
+            CipherSuite::TLS13_CHACHA20_POLY1305_SHA256,
+            &rustls::version::TLS13,
+        ),
+        (
+            CipherSuite::TLS_ECDHE_ECDSA_WITH_AES_128_GCM_SHA256,
+            &rustls::version::TLS12,
+        ),
+        (
+            CipherSuite::TLS_ECDHE_ECDSA_WITH_AES_256_GCM_SHA384,
+            &rustls::version::TLS12,
+        ),
+        (
+            CipherSuite::TLS_ECDHE_ECDSA_WITH_CHACHA20_POLY1305_SHA256,
+            &rustls::version::TLS12,
+        ),
+    ];
+
+    /// A finished handshake between a rustls client and a server session.
+    fn established(
+        pki: &Pki,
+        suite: CipherSuite,
+        v: &'static SupportedProtocolVersion,
+        cut: usize,
+    ) -> (TlsSession, ClientConnection) {
+        let (server, client) = configs(pki, suite, v);
+        let mut s = TlsSession::new(server).unwrap();
+        let mut c = ClientConnection::new(client, ServerName::try_from("t.test").unwrap()).unwrap();
+        c.set_buffer_limit(None);
+        for _ in 0..10 {
+            let wire = client_out(&mut c);
+            assert!(feed(&mut s, &wire, cut).is_empty());
+            assert_eq!(s.status, Status::Ok, "{suite:?} cut {cut}");
+            if let Some(reply) = s.take_reply() {
+                client_in(&mut c, &reply);
+            }
+            if !s.handshaking() && !c.is_handshaking() {
+                break;
+            }
+        }
+        assert!(
+            !s.handshaking() && !c.is_handshaking(),
+            "{suite:?}: no handshake"
+        );
+        assert_eq!(s.info().suite, Some(suite));
+        (s, c)
+    }
+
+    #[test]
+    fn every_suite_both_ways_whatever_the_cuts() {
+        let pki = pki();
+        let up: Vec<u8> = (0..100_000u32).map(|i| (i % 251) as u8).collect();
+        let down: Vec<u8> = (0..70_001u32).map(|i| (i % 241) as u8).collect();
+        for (suite, v) in SUITES {
+            for cut in [1, 5, 6, 100, 16_389, 1 << 20] {
+                let (mut s, mut c) = established(&pki, suite, v, cut);
+                // Client to server, several records, fed in pieces.
+                c.writer().write_all(&up[..cut.min(up.len())]).unwrap();
+                c.writer().write_all(&up[cut.min(up.len())..]).unwrap();
+                let wire = client_out(&mut c);
+                let got = feed(&mut s, &wire, cut);
+                assert!(got == up, "{suite:?} cut {cut}: client to server differs");
+                // Server to client, including an empty write.
+                let mut wire = s.encode(down.clone());
+                wire.extend(s.encode(b"x".to_vec()));
+                let got = client_in(&mut c, &wire);
+                assert_eq!(got.len(), down.len() + 1, "{suite:?} cut {cut}");
+                assert!(got[..down.len()] == down[..] && got[down.len()] == b'x');
+                // Idle drops the AEAD contexts; the next record still opens.
+                s.idle();
+                c.writer().write_all(b"after idle").unwrap();
+                let wire = client_out(&mut c);
+                assert_eq!(feed(&mut s, &wire, cut), b"after idle");
+                // close_notify ends reading.
+                c.send_close_notify();
+                let wire = client_out(&mut c);
+                assert!(feed(&mut s, &wire, cut).is_empty());
+                assert_eq!(s.status, Status::PeerClosed, "{suite:?} cut {cut}");
+            }
+        }
+    }
+
+    #[test]
+    fn a_tampered_record_or_a_key_update_fails_the_session() {
+        let pki = pki();
+        for (suite, v) in SUITES {
+            let (mut s, mut c) = established(&pki, suite, v, 1 << 20);
+            c.writer().write_all(b"hello").unwrap();
+            let mut wire = client_out(&mut c);
+            let last = wire.len() - 1;
+            wire[last] ^= 1;
+            assert!(s.decode(&wire).is_empty());
+            assert_eq!(s.status, Status::Failed, "{suite:?}: tampered tag");
+            if v == &rustls::version::TLS13 {
+                let (mut s, mut c) = established(&pki, suite, v, 1 << 20);
+                c.refresh_traffic_keys().unwrap();
+                let wire = client_out(&mut c);
+                s.decode(&wire);
+                assert_eq!(s.status, Status::Failed, "{suite:?}: KeyUpdate followed");
+            }
+        }
+    }
+
+    #[test]
+    fn plaintext_http_and_oversized_records_fail_at_once() {
+        let pki = pki();
+        let (server, _) = configs(&pki, SUITES[0].0, SUITES[0].1);
+        let mut s = TlsSession::new(server.clone()).unwrap();
+        assert!(s.decode(b"GET / HTTP/1.1\r\n").is_empty());
+        assert_eq!(s.status, Status::Failed);
+        assert!(s.take_reply().is_none(), "nothing is answered");
+        let mut s = TlsSession::new(server).unwrap();
+        s.decode(&[0x16, 3, 1, 0xff, 0xff]);
+        assert_eq!(s.status, Status::Failed);
+    }
+
+    /// ringlb as the client of a wss:// backend: the plaintext queued before
+    /// the handshake goes out behind it; the server's tickets are dropped.
+    #[test]
+    fn the_client_role_holds_plaintext_until_the_handshake_is_done() {
+        let pki = pki();
+        for (suite, v) in SUITES {
+            let (server, client) = configs(&pki, suite, v);
+            let mut srv = ServerConnection::new(server).unwrap();
+            let mut s =
+                TlsSession::client(client, ServerName::try_from("t.test").unwrap()).unwrap();
+            assert!(s.encode(b"GET / HTTP/1.1\r\n\r\n".to_vec()).is_empty());
+            let mut got = Vec::new();
+            for _ in 0..10 {
+                if let Some(w) = s.take_reply() {
+                    let mut rd = &w[..];
+                    while !rd.is_empty() {
+                        srv.read_tls(&mut rd).unwrap();
+                        srv.process_new_packets().unwrap();
+                    }
+                    let mut buf = [0u8; 256];
+                    while let Ok(n) = srv.reader().read(&mut buf) {
+                        if n == 0 {
+                            break;
+                        }
+                        got.extend_from_slice(&buf[..n]);
+                    }
+                }
+                let mut w = Vec::new();
+                while srv.wants_write() {
+                    srv.write_tls(&mut w).unwrap();
+                }
+                if !w.is_empty() {
+                    assert!(s.decode(&w).is_empty(), "{suite:?}");
+                    assert_eq!(s.status, Status::Ok, "{suite:?}");
+                }
+                if !s.handshaking() && s.reply.is_empty() && !srv.wants_write() {
+                    break;
+                }
+            }
+            assert_eq!(got, b"GET / HTTP/1.1\r\n\r\n", "{suite:?}");
+            srv.writer().write_all(b"HTTP/1.1 101 x\r\n\r\n").unwrap();
+            let mut w = Vec::new();
+            while srv.wants_write() {
+                srv.write_tls(&mut w).unwrap();
+            }
+            assert_eq!(s.decode(&w), b"HTTP/1.1 101 x\r\n\r\n", "{suite:?}");
+            assert_eq!(s.status, Status::Ok);
+        }
+    }
+}
