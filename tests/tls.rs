@@ -1077,3 +1077,92 @@ async fn a_wss_backend_is_reached_over_verified_tls() {
     let resp = raw_exchange(proxy.addr(), upgrade_request("/", "").as_bytes()).await;
     assert_eq!(status_of(&resp), 502, "{}", String::from_utf8_lossy(&resp));
 }
+
+/// Reads one HTTP answer with a Content-Length body from a TLS stream.
+async fn read_answer<S: tokio::io::AsyncRead + Unpin>(s: &mut S) -> (Vec<u8>, Vec<u8>) {
+    let mut head = Vec::new();
+    let mut b = [0u8; 1];
+    while !head.ends_with(b"\r\n\r\n") {
+        let n = tokio::time::timeout(Duration::from_secs(10), s.read(&mut b))
+            .await
+            .expect("answer head timed out")
+            .unwrap();
+        assert_eq!(
+            n,
+            1,
+            "closed in the head: {}",
+            String::from_utf8_lossy(&head)
+        );
+        head.push(b[0]);
+    }
+    let text = String::from_utf8_lossy(&head).to_ascii_lowercase();
+    let len: usize = text
+        .lines()
+        .find_map(|l| l.strip_prefix("content-length: "))
+        .map(|v| v.trim().parse().unwrap())
+        .expect("a Content-Length");
+    let mut body = vec![0u8; len];
+    tokio::time::timeout(Duration::from_secs(20), s.read_exact(&mut body))
+        .await
+        .expect("answer body timed out")
+        .unwrap();
+    (head, body)
+}
+
+/// Static files (small, and large enough to leave by splice on plaintext)
+/// and plain HTTP proxying over TLS, several requests on one kept-alive
+/// TLS connection: every byte the client reads must be TLS.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn static_files_and_plain_http_over_one_kept_alive_tls_connection() {
+    let pki = Pki::new();
+    pki.issue("a", &["a.test"]);
+    let site = tempfile::tempdir().unwrap();
+    let small = b"<h1>small</h1>".to_vec();
+    let large: Vec<u8> = (0..1_500_000u32).map(|i| (i % 249) as u8).collect();
+    std::fs::write(site.path().join("small.html"), &small).unwrap();
+    std::fs::write(site.path().join("large.bin"), &large).unwrap();
+    let (backend, mut heads) =
+        scripted_backend(b"HTTP/1.1 200 OK\r\nContent-Length: 5\r\n\r\nhello".to_vec()).await;
+    let cfg = format!(
+        "[server]\nlisten = [\"127.0.0.1:0\"]\nshards = 2\n\n[[route]]\npath = \"/files\"\nstrip_prefix = true\nstatic = {{ root = \"{}\", gzip = false }}\n\n[[route]]\npath = \"/\"\nupstream = \"u\"\n\n[upstream.u]\nservers = [{{ addr = \"{backend}\" }}]\n{}",
+        site.path().display(),
+        tls_section(&pki, &["a"], "")
+    );
+    let (_proxy, tls_addr) = start_cfg(&cfg);
+    let mut s = tls_connect(
+        client_config(&pki, &[&rustls::version::TLS13]),
+        tls_addr,
+        "a.test",
+    )
+    .await
+    .unwrap();
+    for (path, want) in [
+        ("/files/small.html", &small),
+        ("/files/large.bin", &large),
+        ("/files/small.html", &small),
+    ] {
+        s.write_all(format!("GET {path} HTTP/1.1\r\nHost: a.test\r\n\r\n").as_bytes())
+            .await
+            .unwrap();
+        let (head, body) = read_answer(&mut s).await;
+        assert!(
+            head.starts_with(b"HTTP/1.1 200"),
+            "{}",
+            String::from_utf8_lossy(&head)
+        );
+        assert!(&body == want, "{path}: body differs ({} bytes)", body.len());
+    }
+    // A plain (non-upgrade) request is proxied, with X-Forwarded-Proto: https.
+    s.write_all(b"GET /api HTTP/1.1\r\nHost: a.test\r\n\r\n")
+        .await
+        .unwrap();
+    let (head, body) = read_answer(&mut s).await;
+    assert!(
+        head.starts_with(b"HTTP/1.1 200"),
+        "{}",
+        String::from_utf8_lossy(&head)
+    );
+    assert_eq!(body, b"hello");
+    let seen = String::from_utf8(heads.recv().await.unwrap()).unwrap();
+    assert!(seen.contains("X-Forwarded-Proto: https"), "{seen}");
+}
