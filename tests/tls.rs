@@ -1165,4 +1165,32 @@ async fn static_files_and_plain_http_over_one_kept_alive_tls_connection() {
     assert_eq!(body, b"hello");
     let seen = String::from_utf8(heads.recv().await.unwrap()).unwrap();
     assert!(seen.contains("X-Forwarded-Proto: https"), "{seen}");
+    // A proxied answer ends the connection; it ends with close_notify
+    // before the FIN, so a TLS client reads a clean end (rustls reports a
+    // FIN without it as an unexpected EOF).
+    let mut rest = Vec::new();
+    tokio::time::timeout(Duration::from_secs(10), s.read_to_end(&mut rest))
+        .await
+        .expect("not closed")
+        .expect("closed without close_notify");
+    assert!(rest.is_empty());
+    // So does ringlb's own error answer.
+    let mut s = tls_connect(
+        client_config(&pki, &[&rustls::version::TLS12]),
+        tls_addr,
+        "a.test",
+    )
+    .await
+    .unwrap();
+    s.write_all(b"NONSENSE\r\n\r\n").await.unwrap();
+    let mut rest = Vec::new();
+    tokio::time::timeout(Duration::from_secs(10), s.read_to_end(&mut rest))
+        .await
+        .expect("not closed")
+        .expect("closed without close_notify");
+    assert!(
+        rest.starts_with(b"HTTP/1.1 400"),
+        "{}",
+        String::from_utf8_lossy(&rest)
+    );
 }

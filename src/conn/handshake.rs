@@ -551,6 +551,7 @@ impl Conn {
         }
         self.enqueue(Side::Client, reject.response());
         self.kick(Side::Client, out);
+        self.queue_close_notify(Side::Client, out);
         out.push(Action::Timer(TimerKind::Linger, linger));
     }
 
@@ -565,8 +566,11 @@ impl Conn {
         self.lease = None;
         self.set_stage(Stage::Responding);
         release_unsent(&mut self.flow[Side::Backend.idx()], out);
+        // TLS: close_notify first; the shutdown follows once it is sent.
+        let notify =
+            !self.flow[Side::Client.idx()].shut && self.queue_close_notify(Side::Client, out);
         let to_client = &mut self.flow[Side::Client.idx()];
-        if !to_client.shut {
+        if !to_client.shut && !notify {
             to_client.shut = true;
             out.push(Action::ShutdownWrite(Side::Client));
         }

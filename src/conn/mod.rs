@@ -354,6 +354,19 @@ impl Conn {
         true
     }
 
+    /// Before ringlb shuts its write half towards a TLS side: close_notify,
+    /// queued and sent first. True if one was queued (the shutdown then
+    /// waits for the queue to drain, as it does for any bytes).
+    pub(super) fn queue_close_notify(&mut self, side: Side, out: &mut Vec<Action>) -> bool {
+        let Some(alert) = (self.transport[side.idx()].tls_mut()).and_then(|s| s.close_notify())
+        else {
+            return false;
+        };
+        self.flow[side.idx()].queue.push_back(Payload::owned(alert));
+        self.kick(side, out);
+        true
+    }
+
     /// PROXY protocol is on: a connection from a trusted L4 tier must start
     /// with a header (`trusted`), any other must not.
     pub fn expect_proxy_header(&mut self, trusted: bool) {

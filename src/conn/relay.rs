@@ -274,8 +274,12 @@ impl Conn {
                     }
                 }
                 let writable = dst == Side::Client || self.connected();
+                self.flow[dst.idx()].src_eof = true;
+                if writable && !self.flow[dst.idx()].shut {
+                    // TLS: close_notify goes before the FIN.
+                    self.queue_close_notify(dst, out);
+                }
                 let flow = &mut self.flow[dst.idx()];
-                flow.src_eof = true;
                 if flow.queue.is_empty() && !flow.sending && !flow.shut && writable {
                     flow.shut = true;
                     out.push(Action::ShutdownWrite(dst));

@@ -92,6 +92,8 @@ pub struct TlsSession {
     /// Client role: plaintext queued before the handshake is done, sealed
     /// behind the client's Finished.
     pending: Vec<u8>,
+    /// close_notify was sealed: nothing more may be.
+    closed_write: bool,
 }
 
 enum Phase {
@@ -161,6 +163,7 @@ impl TlsSession {
             expect_proxy: false,
             client,
             pending: Vec::new(),
+            closed_write: false,
         }
     }
 
@@ -364,10 +367,26 @@ impl TlsSession {
         Ok(())
     }
 
+    /// The close_notify alert, once, when ringlb is about to shut its write
+    /// half (so the peer can tell an end from a truncation); `None` before
+    /// the handshake is done.
+    pub(super) fn close_notify(&mut self) -> Option<Vec<u8>> {
+        let Phase::Records(r) = &mut self.phase else {
+            return None;
+        };
+        if std::mem::replace(&mut self.closed_write, true) {
+            return None;
+        }
+        let mut out = Vec::new();
+        r.seal(CT_ALERT, &[1, 0], &mut out).ok()?;
+        Some(out)
+    }
+
     /// Plaintext in, records out (empty while handshaking: the client
     /// role holds it until the handshake is done).
     pub(super) fn encode(&mut self, data: Vec<u8>) -> Vec<u8> {
         match &mut self.phase {
+            Phase::Records(_) if self.closed_write => Vec::new(),
             Phase::Records(r) => r.seal_all(&data),
             Phase::Handshaking(_) if self.client => {
                 self.hold(&data);
@@ -608,7 +627,7 @@ impl Records {
         let n = data.len().div_ceil(MAX_PLAINTEXT).max(1);
         let mut out = Vec::with_capacity(data.len() + n * per);
         for chunk in data.chunks(MAX_PLAINTEXT) {
-            if self.seal(chunk, &mut out).is_err() {
+            if self.seal(CT_APPDATA, chunk, &mut out).is_err() {
                 // Only if aws-lc cannot build a key: nothing sensible can go out.
                 return Vec::new();
             }
@@ -616,13 +635,15 @@ impl Records {
         out
     }
 
-    fn seal(&mut self, chunk: &[u8], out: &mut Vec<u8>) -> Result<(), ()> {
+    /// Seals one record of content type `typ`.
+    fn seal(&mut self, typ: u8, chunk: &[u8], out: &mut Vec<u8>) -> Result<(), ()> {
         let d = &mut self.tx;
         let tls13 = self.tls13;
         let explicit = !tls13 && d.explicit;
         let body_len = chunk.len() + usize::from(tls13) + usize::from(explicit) * 8 + TAG;
         let start = out.len();
-        out.push(CT_APPDATA);
+        // TLS 1.3 hides the real type inside (RFC 8446 §5.2).
+        out.push(if tls13 { CT_APPDATA } else { typ });
         out.extend_from_slice(&[3, 3]);
         out.extend_from_slice(&(body_len as u16).to_be_bytes());
         let nonce = if explicit {
@@ -638,7 +659,7 @@ impl Records {
         let at = out.len();
         out.extend_from_slice(chunk);
         if tls13 {
-            out.push(CT_APPDATA);
+            out.push(typ);
         }
         let seq = d.seq;
         let key = d.key()?;
@@ -653,7 +674,7 @@ impl Records {
         } else {
             let mut aad = [0u8; 13];
             aad[..8].copy_from_slice(&seq.to_be_bytes());
-            aad[8] = CT_APPDATA;
+            aad[8] = typ;
             aad[9..11].copy_from_slice(&[3, 3]);
             aad[11..].copy_from_slice(&(chunk.len() as u16).to_be_bytes());
             key.seal_in_place_separate_tag(
@@ -850,6 +871,17 @@ mod tests {
                 c.writer().write_all(b"after idle").unwrap();
                 let wire = client_out(&mut c);
                 assert_eq!(feed(&mut s, &wire, cut), b"after idle");
+                // Ours reaches the client as a clean close.
+                let alert = s.close_notify().expect("established");
+                assert!(s.close_notify().is_none(), "only once");
+                let mut rd = &alert[..];
+                c.read_tls(&mut rd).unwrap();
+                let state = c.process_new_packets().unwrap();
+                assert!(state.peer_has_closed(), "{suite:?}: close_notify not seen");
+                assert!(
+                    s.encode(b"late".to_vec()).is_empty(),
+                    "sealed after close_notify"
+                );
                 // close_notify ends reading.
                 c.send_close_notify();
                 let wire = client_out(&mut c);
