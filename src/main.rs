@@ -86,6 +86,9 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                 cfg.upstreams.len(),
                 cfg.upstreams.iter().map(|u| u.servers.len()).sum::<usize>()
             );
+            for c in cfg.tls.iter().flat_map(|t| t.certificates.iter()) {
+                println!("{}", ringlb::tls::describe(c));
+            }
             Ok(())
         }
         Cmd::Run {

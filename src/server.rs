@@ -180,6 +180,14 @@ impl Server {
             let tls = if tls_addrs.contains(a) { ", TLS" } else { "" };
             log::info!("listening on {a} ({shards} shards{tls})");
         }
+        for c in snapshot
+            .config
+            .tls
+            .iter()
+            .flat_map(|t| t.certificates.iter())
+        {
+            log::info!("{}", crate::tls::describe(c));
+        }
         if let Some(a) = admin_addr {
             log::info!("admin listening on {a}");
         }
@@ -272,6 +280,9 @@ impl Server {
             .copied()
             .collect();
 
+        for c in config.tls.iter().flat_map(|t| t.certificates.iter()) {
+            log::info!("reload: {}", crate::tls::describe(c));
+        }
         let snap = Snapshot::reload(config, Some(&old));
         for ((s, socks), log) in self.shards.iter().zip(per_shard).zip(logs) {
             let _ = s.commands.send(Command::Reload(snap.clone()));
@@ -287,7 +298,8 @@ impl Server {
         }
         for a in &local {
             if !self.local_addrs.contains(a) {
-                log::info!("listening on {a} ({shards} shards)");
+                let tls = if tls_local.contains(a) { ", TLS" } else { "" };
+                log::info!("listening on {a} ({shards} shards{tls})");
             }
         }
         for a in &removed {

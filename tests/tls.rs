@@ -241,6 +241,16 @@ async fn wss_echo_over_tls13_and_tls12_verifying_the_ca() {
         1
     );
     assert_eq!(metric(&m, "ringlb_tls_handshake_duration_seconds_count"), 2);
+    let expiry = metric(&m, "ringlb_tls_certificate_expiry_timestamp_seconds{cert=");
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_secs();
+    assert!(
+        expiry > now,
+        "certificate expiry {expiry} not after now {now}"
+    );
+    proxy.wait_log("tls certificate ", Duration::from_secs(5));
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -669,6 +679,26 @@ fn check_names_the_file_for_unreadable_mismatched_and_expired_certificates() {
             "want {want:?} in {err}"
         );
     }
+    // A good one: ok, and the certificate's names and expiry are listed.
+    let text = format!(
+        "{base}\n[tls]\nlisten = [\"127.0.0.1:0\"]\ncertificates = [{{ cert = \"{}\", key = \"{}\" }}]\n",
+        pki.path("good.pem").display(),
+        pki.path("good.key").display()
+    );
+    let path = pki.path("check.toml");
+    std::fs::write(&path, &text).unwrap();
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_ringlb"))
+        .args(["check", "--config"])
+        .arg(&path)
+        .output()
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "{stdout}{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(stdout.contains("good.pem (a.test): expires"), "{stdout}");
     for (extra, want) in [
         ("min_version = \"1.1\"", "tls.min_version"),
         ("alpn = [\"\"]", "tls.alpn"),

@@ -64,6 +64,20 @@ pub struct CertInfo {
     pub not_after: SystemTime,
 }
 
+/// One line about a loaded certificate, for `ringlb check` and the log.
+pub fn describe(c: &CertInfo) -> String {
+    let left = c
+        .not_after
+        .duration_since(SystemTime::now())
+        .map_or(0, |d| d.as_secs() / 86_400);
+    format!(
+        "tls certificate {} ({}): expires {} ({left} days)",
+        c.cert.display(),
+        c.names.join(", "),
+        humantime::format_rfc3339_seconds(c.not_after),
+    )
+}
+
 /// The provider chosen by measurement (docs/TLS.md).
 pub fn provider() -> Arc<CryptoProvider> {
     static P: OnceLock<Arc<CryptoProvider>> = OnceLock::new();
