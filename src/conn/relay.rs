@@ -74,7 +74,7 @@ impl Conn {
             },
             _ => {
                 release(bid, out);
-                Payload::owned(self.transport[dst.idx()].encode(data[..keep].to_vec()))
+                Payload::owned(self.transport[dst.idx()].encode_slice(&data[..keep]))
             }
         };
         let flow = &mut self.flow[dst.idx()];

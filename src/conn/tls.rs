@@ -382,14 +382,19 @@ impl TlsSession {
         Some(out)
     }
 
+    #[cfg(test)]
+    pub(super) fn encode(&mut self, data: Vec<u8>) -> Vec<u8> {
+        self.encode_slice(&data)
+    }
+
     /// Plaintext in, records out (empty while handshaking: the client
     /// role holds it until the handshake is done).
-    pub(super) fn encode(&mut self, data: Vec<u8>) -> Vec<u8> {
+    pub(super) fn encode_slice(&mut self, data: &[u8]) -> Vec<u8> {
         match &mut self.phase {
             Phase::Records(_) if self.closed_write => Vec::new(),
-            Phase::Records(r) => r.seal_all(&data),
+            Phase::Records(r) => r.seal_all(data),
             Phase::Handshaking(_) if self.client => {
-                self.hold(&data);
+                self.hold(data);
                 Vec::new()
             }
             // Nothing is written to a TLS client before its handshake is

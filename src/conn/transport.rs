@@ -82,12 +82,23 @@ impl Transport {
         }
     }
 
+    /// Like [`Transport::encode`] from borrowed bytes: a transforming
+    /// transport reads them where they are (a provided buffer) instead of
+    /// taking a copy first.
+    #[inline]
+    pub(super) fn encode_slice(&mut self, data: &[u8]) -> Vec<u8> {
+        match self {
+            Transport::Tls(s) => s.encode_slice(data),
+            _ => self.encode(data.to_vec()),
+        }
+    }
+
     /// Bytes for the wire, from bytes the logic queued.
     #[inline]
     pub(super) fn encode(&mut self, data: Vec<u8>) -> Vec<u8> {
         match self {
             Transport::Plain => data,
-            Transport::Tls(s) => s.encode(data),
+            Transport::Tls(s) => s.encode_slice(&data),
             #[cfg(test)]
             Transport::Xor(k) => data.into_iter().map(|b| b ^ *k).collect(),
         }
