@@ -659,7 +659,7 @@ impl Conn {
         self.parking = [false, false];
         // Through the side's transport: the buffer itself (plaintext), or
         // a decoded copy, after which the buffer goes back at once.
-        let decoded;
+        let mut decoded = Vec::new();
         let (bid, data) = match self.transport[side.idx()].decode(data) {
             transport::Decoded::InPlace(d) => (Some(bid), d),
             transport::Decoded::Owned(v) => {
@@ -720,7 +720,11 @@ impl Conn {
             ) if self.upload != Upload::Open => self.client_bytes(bid, data, out),
             (Stage::Connecting { .. } | Stage::Relaying, _) => {
                 self.flow[side.other().idx()].frames.feed(data);
-                self.relay(side, bid, data, out);
+                match bid {
+                    Some(_) => self.relay(side, bid, data, out),
+                    // Opened from TLS records: ours already, moved on.
+                    None => self.relay_owned(side, std::mem::take(&mut decoded), out),
+                }
                 self.consider_splice(side, out);
             }
             // Responding discards what the client still sends; Closing only

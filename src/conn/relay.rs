@@ -86,6 +86,27 @@ impl Conn {
         self.backpressure(src, out);
     }
 
+    /// [`Conn::relay`] for bytes the connection owns (opened from TLS
+    /// records): moved into the queue as they are when the other side
+    /// carries plaintext, not copied again.
+    pub(super) fn relay_owned(&mut self, src: Side, data: Vec<u8>, out: &mut Vec<Action>) {
+        let dst = src.other();
+        let flow = &self.flow[dst.idx()];
+        if !self.transport[dst.idx()].in_place()
+            || flow.dead
+            || flow.limit.is_some()
+            || matches!(
+                self.state,
+                State::Relaying(Relay::Response { gzip: Some(_) })
+            )
+        {
+            return self.relay(src, None, &data, out);
+        }
+        self.flow[dst.idx()].queue.push_back(Payload::owned(data));
+        self.kick(dst, out);
+        self.backpressure(src, out);
+    }
+
     /// Stops reading `src` while the direction it feeds holds its quota
     /// (or its reader stalled).
     fn backpressure(&mut self, src: Side, out: &mut Vec<Action>) {
