@@ -223,17 +223,26 @@ impl TlsSession {
         if self.status != Status::Ok {
             return Vec::new();
         }
-        let mut buf = std::mem::take(&mut self.partial);
-        buf.extend_from_slice(data);
+        // Records are opened straight from the provided buffer; only a
+        // record cut across receives is put together in `partial`.
+        let joined;
+        let buf: &[u8] = if self.partial.is_empty() {
+            data
+        } else {
+            let mut b = std::mem::take(&mut self.partial);
+            b.extend_from_slice(data);
+            joined = b;
+            &joined
+        };
         let mut at = 0;
         let mut plain = Vec::new();
         if self.expect_proxy {
             use crate::proxy_protocol::{parse, Parsed};
             // The header, whole, goes up as plaintext; anything that is not
             // one goes up as it is, for the connection to refuse.
-            at = match parse(&buf) {
+            at = match parse(buf) {
                 Ok(Parsed::Partial) => {
-                    self.partial = buf;
+                    self.partial = buf.to_vec();
                     return Vec::new();
                 }
                 Ok(Parsed::Header(_, n)) => n,
@@ -264,9 +273,7 @@ impl TlsSession {
             return plain;
         }
         if at < buf.len() {
-            buf.drain(..at);
-            buf.shrink_to_fit();
-            self.partial = buf;
+            self.partial = buf[at..].to_vec();
         }
         plain
     }
