@@ -5,7 +5,8 @@
 //! `shard` (one thread, one ring: loop, timers, commands), `driver` (owns
 //! what the kernel borrows; completions to events), `ring` (every SQE; with
 //! `driver`, the only `unsafe`),
-//! `server` (listeners and shard threads), `demo`.
+//! `server` (listeners and shard threads), `pacing` (paced drain,
+//! rebalance and shutdown budgets), `demo`.
 #![deny(unsafe_code)]
 
 pub mod admin;
@@ -16,7 +17,9 @@ pub mod demo;
 pub(crate) mod driver;
 pub mod files;
 pub mod http;
+pub mod pacing;
 pub mod proxy_protocol;
+pub mod resolver;
 pub(crate) mod ring;
 pub mod route;
 pub mod server;

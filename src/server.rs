@@ -31,6 +31,7 @@ use anyhow::{bail, Context};
 use socket2::{Domain, Socket, Type};
 
 use crate::config::{AccessLog, Config};
+use crate::resolver::Discovery;
 use crate::ring;
 use crate::shard::{Command, Shard, ShardInit, Shared};
 use crate::snapshot::Snapshot;
@@ -52,6 +53,8 @@ pub struct Control {
     pub reloads_ok: AtomicU64,
     pub reloads_failed: AtomicU64,
     pub shared: Arc<Shared>,
+    /// What the resolver thread knows about each backend name.
+    pub dns: Arc<crate::resolver::DnsState>,
 }
 
 impl Control {
@@ -76,6 +79,8 @@ pub struct Server {
     /// Shards were told to exit (drain, close, stop); a shard that ends
     /// cleanly after this did what it was asked.
     exit_requested: bool,
+    /// The resolver thread, once the configuration has names.
+    discovery: Option<Discovery>,
 }
 
 /// A shard thread that ended when it should not have.
@@ -168,6 +173,7 @@ impl Server {
             reloads_ok: AtomicU64::new(0),
             reloads_failed: AtomicU64::new(0),
             shared,
+            dns: Arc::default(),
         });
         let admin_addr = match &snapshot.config.admin {
             Some(a) => Some(
@@ -191,14 +197,100 @@ impl Server {
         if let Some(a) = admin_addr {
             log::info!("admin listening on {a}");
         }
-        Ok(Server {
+        let mut server = Server {
             shards: handles,
             local_addrs,
             tls_addrs,
             control,
             admin_addr,
             exit_requested: false,
-        })
+            discovery: None,
+        };
+        server.watch_names(&snapshot.config)?;
+        Ok(server)
+    }
+
+    /// Starts the resolver thread for the configuration's names, or tells
+    /// it the names after a reload (new ones are asked at once).
+    fn watch_names(&mut self, config: &Config) -> anyhow::Result<()> {
+        let names = config.names();
+        match &self.discovery {
+            Some(d) => d.watch(names, config.resolver.clone()),
+            None if names.is_empty() => {}
+            None => {
+                log::info!(
+                    "dns: resolving {} backend names on the resolver thread ({})",
+                    names.len(),
+                    match &config.resolver.nameservers {
+                        Some(ns) => format!(
+                            "nameservers {}",
+                            ns.iter()
+                                .map(ToString::to_string)
+                                .collect::<Vec<_>>()
+                                .join(", ")
+                        ),
+                        None => "nameservers of /etc/resolv.conf".into(),
+                    }
+                );
+                self.discovery = Some(
+                    Discovery::spawn(names, config.resolver.clone(), self.control.dns.clone())
+                        .context("starting the resolver thread")?,
+                );
+            }
+        }
+        Ok(())
+    }
+
+    /// Called by the main thread on every tick: if DNS changed an address
+    /// set, the running configuration gets a new snapshot with it, sent to
+    /// every shard like a reload. Never blocks.
+    pub fn poll_discovery(&mut self) {
+        let Some(found) = self.discovery.as_ref().and_then(Discovery::try_recv) else {
+            return;
+        };
+        let old = self.control.snapshot();
+        if *old.discovered == *found {
+            return;
+        }
+        let snap = Snapshot::rediscovered(&old, found);
+        for s in &self.shards {
+            let _ = s.commands.send(Command::Reload(snap.clone()));
+            ring::eventfd_signal(&s.wake);
+        }
+        self.publish(&old, snap);
+    }
+
+    /// The one place a new snapshot becomes the running one (after the
+    /// shards were sent it), whether from a reload or from DNS.
+    fn publish(&self, old: &Snapshot, snap: Arc<Snapshot>) {
+        *self
+            .control
+            .snapshot
+            .lock()
+            .unwrap_or_else(|e| e.into_inner()) = snap.clone();
+        for change in backend_changes(old, &snap) {
+            self.backends_changed(&change);
+        }
+        // Added backends start a rebalance of their upstream (if it has one).
+        crate::pacing::backends_changed(old, &snap);
+    }
+
+    /// An upstream's backend set changed (a reload or a DNS answer): logged
+    /// here; [`Server::publish`] then starts a rebalance onto added
+    /// backends (`pacing::backends_changed`).
+    fn backends_changed(&self, c: &BackendChange) {
+        let list = |v: &[SocketAddr]| {
+            v.iter()
+                .map(ToString::to_string)
+                .collect::<Vec<_>>()
+                .join(", ")
+        };
+        log::info!(
+            "upstream {}: backends added [{}], removed [{}] (removed ones take no new sessions; live ones keep relaying)",
+            c.upstream,
+            list(&c.added),
+            list(&c.removed)
+        );
     }
 
     fn send(&self, make: impl Fn() -> Command) {
@@ -283,6 +375,7 @@ impl Server {
         for c in config.tls.iter().flat_map(|t| t.certificates.iter()) {
             log::info!("reload: {}", crate::tls::describe(c));
         }
+        self.watch_names(&config)?;
         let snap = Snapshot::reload(config, Some(&old));
         for ((s, socks), log) in self.shards.iter().zip(per_shard).zip(logs) {
             let _ = s.commands.send(Command::Reload(snap.clone()));
@@ -307,11 +400,7 @@ impl Server {
         }
         self.local_addrs = local;
         self.tls_addrs = tls_local;
-        *self
-            .control
-            .snapshot
-            .lock()
-            .unwrap_or_else(|e| e.into_inner()) = snap;
+        self.publish(&old, snap);
         *self
             .control
             .loaded_at
@@ -385,6 +474,45 @@ impl Server {
             }
         }
     }
+}
+
+/// How one upstream's backends differ between two snapshots.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct BackendChange {
+    pub upstream: String,
+    pub added: Vec<SocketAddr>,
+    pub removed: Vec<SocketAddr>,
+}
+
+/// Per upstream (by name) present in `new`, the backends that joined and
+/// left; upstreams whose set did not change are left out.
+pub fn backend_changes(old: &Snapshot, new: &Snapshot) -> Vec<BackendChange> {
+    new.upstreams
+        .iter()
+        .filter_map(|u| {
+            let before: Vec<SocketAddr> = old
+                .upstreams
+                .iter()
+                .find(|o| o.name == u.name)
+                .map(|o| o.backends.iter().map(|b| b.addr).collect())
+                .unwrap_or_default();
+            let after: Vec<SocketAddr> = u.backends.iter().map(|b| b.addr).collect();
+            let c = BackendChange {
+                upstream: u.name.clone(),
+                added: after
+                    .iter()
+                    .filter(|a| !before.contains(a))
+                    .copied()
+                    .collect(),
+                removed: before
+                    .iter()
+                    .filter(|a| !after.contains(a))
+                    .copied()
+                    .collect(),
+            };
+            (!c.added.is_empty() || !c.removed.is_empty()).then_some(c)
+        })
+        .collect()
 }
 
 /// Shard count, buffer rings and the admin socket are fixed for the life of
