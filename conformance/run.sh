@@ -19,6 +19,14 @@
 #   PYTHON              interpreter that creates the venv (default: python3)
 #   COMPARE_DETAILS     1 (default): compare.py --details, i.e. the received
 #                       events and close details must match too; 0: verdicts only
+#   CONFORMANCE_WSS     1 (default): a third run over TLS (see below); 0: skip it
+#
+# kosoku is built without TLS ("TLS support not compiled in"), so it cannot
+# speak wss:// itself. The third run puts TLS in the middle instead: kosoku ->
+# ringlb B (plaintext listener, [upstream] tls to A) -> ringlb A ([tls]
+# listener, certificate from a CA made here with the openssl CLI) -> the same
+# echo backend. Every frame crosses ringlb's TLS server and TLS client, and
+# its verdicts must equal the direct run's too.
 #
 # Exit status: 0 only if both runs completed and every verdict is identical.
 set -euo pipefail
@@ -59,7 +67,7 @@ KOSOKU="$VENV/bin/kosoku"
 log "kosoku $("$VENV/bin/python" -c 'import importlib.metadata as m; print(m.version("kosoku"))') in $VENV"
 
 mkdir -p "$OUT"
-rm -rf "$OUT/direct" "$OUT/ringlb"
+rm -rf "$OUT/direct" "$OUT/ringlb" "$OUT/wss"
 "$VENV/bin/python" "$HERE/list_cases.py" -x "$EXCLUDE" > "$OUT/expected-cases.txt" \
   || die "cannot list kosoku's cases"
 log "$(wc -l < "$OUT/expected-cases.txt") cases selected (-i '$INCLUDE' -x '$EXCLUDE'); reports in $OUT"
@@ -67,13 +75,15 @@ log "$(wc -l < "$OUT/expected-cases.txt") cases selected (-i '$INCLUDE' -x '$EXC
 # --- processes: started here, stopped by PID on exit -----------------------
 ECHO_PID=""
 LB_PID=""
+TLS_A_PID=""
+TLS_B_PID=""
 KOSOKU_PID=""  # the `timeout` wrapping kosoku; it passes a SIGTERM on to kosoku
 cleanup() {
   local pid
-  for pid in $KOSOKU_PID $LB_PID $ECHO_PID; do
+  for pid in $KOSOKU_PID $TLS_B_PID $TLS_A_PID $LB_PID $ECHO_PID; do
     kill "$pid" 2>/dev/null || true
   done
-  for pid in $KOSOKU_PID $LB_PID $ECHO_PID; do
+  for pid in $KOSOKU_PID $TLS_B_PID $TLS_A_PID $LB_PID $ECHO_PID; do
     # Bounded wait (5 s), then SIGKILL that same PID.
     for _ in $(seq 50); do kill -0 "$pid" 2>/dev/null || break; sleep 0.1; done
     kill -9 "$pid" 2>/dev/null || true
@@ -136,18 +146,63 @@ run_kosoku ringlb "$LB_ADDR"
 kill -0 "$LB_PID" 2>/dev/null || { tail -n 20 "$OUT/ringlb.stderr" >&2; die "ringlb died during the run"; }
 kill -0 "$ECHO_PID" 2>/dev/null || die "echo backend died during the ringlb run"
 
+WSS="${CONFORMANCE_WSS:-1}"
+if [ "$WSS" = 1 ]; then
+  # A CA and a certificate for ringlb.test (ECDSA P-256), valid two days.
+  command -v openssl >/dev/null || die "the openssl CLI is needed for the wss run (Debian: apt-get install openssl), or set CONFORMANCE_WSS=0"
+  PKI="$OUT/pki"
+  mkdir -p "$PKI"
+  openssl req -x509 -newkey ec -pkeyopt ec_paramgen_curve:P-256 -nodes -days 2 \
+    -subj "/CN=ringlb conformance CA" -keyout "$PKI/ca.key" -out "$PKI/ca.pem" 2>/dev/null \
+    || die "openssl: cannot make the CA"
+  openssl req -newkey ec -pkeyopt ec_paramgen_curve:P-256 -nodes -subj "/CN=ringlb.test" \
+    -keyout "$PKI/leaf.key" -out "$PKI/leaf.csr" 2>/dev/null || die "openssl: cannot make the key"
+  printf 'subjectAltName=DNS:ringlb.test\nbasicConstraints=CA:FALSE\n' > "$PKI/leaf.ext"
+  openssl x509 -req -in "$PKI/leaf.csr" -CA "$PKI/ca.pem" -CAkey "$PKI/ca.key" -CAcreateserial \
+    -days 2 -extfile "$PKI/leaf.ext" -out "$PKI/leaf.pem" 2>/dev/null || die "openssl: cannot sign"
+
+  printf '[server]\nlisten = ["127.0.0.1:0"]\nshards = 2\n\n[tls]\nlisten = ["127.0.0.1:0"]\ncertificates = [{ cert = "%s", key = "%s" }]\n\n[[route]]\npath = "/"\nupstream = "echo"\n\n[upstream.echo]\nservers = [{ addr = "%s" }]\n' \
+    "$PKI/leaf.pem" "$PKI/leaf.key" "$ECHO_ADDR" > "$OUT/tls-a.toml"
+  "$BIN_DIR/ringlb" run --config "$OUT/tls-a.toml" >"$OUT/tls-a.stdout" 2>"$OUT/tls-a.stderr" &
+  TLS_A_PID=$!
+  wait_for "$OUT/tls-a.stderr" 'listening on 127\.0\.0\.1:[0-9]+ \([0-9]+ shards, TLS\)' "$TLS_A_PID" \
+    || { cat "$OUT/tls-a.stderr" >&2; die "ringlb A (TLS) did not start"; }
+  TLS_A_ADDR=$(grep -oE 'listening on 127\.0\.0\.1:[0-9]+ \([0-9]+ shards, TLS\)' "$OUT/tls-a.stderr" \
+    | head -n1 | sed -E 's/^listening on ([^ ]+) .*/\1/')
+
+  printf '[server]\nlisten = ["127.0.0.1:0"]\nshards = 2\n\n[[route]]\npath = "/"\nupstream = "a"\n\n[upstream.a]\ntls = { server_name = "ringlb.test", ca = "%s" }\nservers = [{ addr = "%s" }]\n' \
+    "$PKI/ca.pem" "$TLS_A_ADDR" > "$OUT/tls-b.toml"
+  "$BIN_DIR/ringlb" run --config "$OUT/tls-b.toml" >"$OUT/tls-b.stdout" 2>"$OUT/tls-b.stderr" &
+  TLS_B_PID=$!
+  wait_for "$OUT/tls-b.stderr" 'listening on 127\.0\.0\.1:[0-9]+' "$TLS_B_PID" \
+    || { cat "$OUT/tls-b.stderr" >&2; die "ringlb B did not start"; }
+  TLS_B_ADDR=$(grep -oE 'listening on 127\.0\.0\.1:[0-9]+' "$OUT/tls-b.stderr" | head -n1 | sed 's/^listening on //')
+  log "wss: kosoku -> ringlb B $TLS_B_ADDR (pid $TLS_B_PID) -TLS-> ringlb A $TLS_A_ADDR (pid $TLS_A_PID) -> echo $ECHO_ADDR"
+  run_kosoku wss "$TLS_B_ADDR"
+  kill -0 "$TLS_A_PID" 2>/dev/null || { tail -n 20 "$OUT/tls-a.stderr" >&2; die "ringlb A died during the wss run"; }
+  kill -0 "$TLS_B_PID" 2>/dev/null || { tail -n 20 "$OUT/tls-b.stderr" >&2; die "ringlb B died during the wss run"; }
+fi
+
 cleanup
 ECHO_PID=""
 LB_PID=""
-if grep -qE 'panick|ERROR' "$OUT/ringlb.stderr"; then
-  log "ringlb logged errors:"
-  grep -E 'panick|ERROR' "$OUT/ringlb.stderr" | head -n 20
-fi
+TLS_A_PID=""
+TLS_B_PID=""
+for f in ringlb tls-a tls-b; do
+  if grep -qE 'panick|ERROR' "$OUT/$f.stderr" 2>/dev/null; then
+    log "$f logged errors:"
+    grep -E 'panick|ERROR' "$OUT/$f.stderr" | head -n 20
+  fi
+done
 
 rc=0
 details=()
 if [ "${COMPARE_DETAILS:-1}" = 1 ]; then details=(--details); fi
 python3 "$HERE/compare.py" --names direct,ringlb --expect "$OUT/expected-cases.txt" \
   "${details[@]}" "$OUT/direct" "$OUT/ringlb" || rc=$?
+if [ "$WSS" = 1 ]; then
+  python3 "$HERE/compare.py" --names direct,wss --expect "$OUT/expected-cases.txt" \
+    "${details[@]}" "$OUT/direct" "$OUT/wss" || rc=$?
+fi
 log "wall time $(( $(date +%s) - START )) s; reports in $OUT"
 exit "$rc"

@@ -684,6 +684,26 @@ pub fn metrics(control: &Control) -> String {
             snap.admission.proxy_refused[i].load(Ordering::Relaxed)
         );
     }
+    crate::tls::STATS.render(&mut out);
+    if let Some(tls) = &control.snapshot().config.tls {
+        let _ = writeln!(out, "# HELP ringlb_tls_certificate_expiry_timestamp_seconds When each loaded [tls] certificate expires (notAfter, Unix time); alert well before it.\n# TYPE ringlb_tls_certificate_expiry_timestamp_seconds gauge");
+        for c in &tls.certificates {
+            let at = c
+                .not_after
+                .duration_since(std::time::UNIX_EPOCH)
+                .map_or(0, |d| d.as_secs());
+            let file = c
+                .cert
+                .display()
+                .to_string()
+                .replace('\\', "\\\\")
+                .replace('"', "\\\"");
+            let _ = writeln!(
+                out,
+                "ringlb_tls_certificate_expiry_timestamp_seconds{{cert=\"{file}\"}} {at}"
+            );
+        }
+    }
     let _ = writeln!(out, "# HELP ringlb_sends_unpinned_total Sends moved out of the shared buffer pool because their reader took nothing while the pool ran low.\n# TYPE ringlb_sends_unpinned_total counter\nringlb_sends_unpinned_total {}", sum(&|s| s.unpinned.get()));
     let _ = writeln!(out, "# HELP ringlb_stale_completions_total io_uring completions for a connection slot that was gone or reused: never delivered, their buffers returned. Anything but 0 is a bug.\n# TYPE ringlb_stale_completions_total counter\nringlb_stale_completions_total {}", sum(&|s| s.stale_completions.get()));
     let _ = writeln!(out, "# HELP ringlb_ops_in_flight io_uring operations submitted and not yet completed, per shard.\n# TYPE ringlb_ops_in_flight gauge");

@@ -376,6 +376,19 @@ pub fn forward_head(
     append_xff: bool,
     extra: &[u8],
 ) -> Vec<u8> {
+    forward_head_proto(req, target, client, append_xff, extra, false)
+}
+
+/// [`forward_head`], saying `X-Forwarded-Proto: https` when the client
+/// came over TLS.
+pub fn forward_head_proto(
+    req: &Request,
+    target: &str,
+    client: IpAddr,
+    append_xff: bool,
+    extra: &[u8],
+    https: bool,
+) -> Vec<u8> {
     let mut out = Vec::with_capacity(
         256 + req
             .headers
@@ -407,7 +420,11 @@ pub fn forward_head(
     out.extend_from_slice(ip.as_bytes());
     out.extend_from_slice(b"\r\nX-Real-IP: ");
     out.extend_from_slice(ip.as_bytes());
-    out.extend_from_slice(b"\r\nX-Forwarded-Proto: http\r\n");
+    out.extend_from_slice(if https {
+        b"\r\nX-Forwarded-Proto: https\r\n"
+    } else {
+        b"\r\nX-Forwarded-Proto: http\r\n"
+    });
     if req.is_upgrade() {
         out.extend_from_slice(b"Connection: Upgrade\r\nUpgrade: websocket\r\n\r\n");
     } else {

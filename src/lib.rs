@@ -26,4 +26,5 @@ pub mod server;
 pub mod shard;
 pub mod snapshot;
 pub mod stats;
+pub mod tls;
 pub mod upstream;

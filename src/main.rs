@@ -91,6 +91,9 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                     n => format!(", {n} names resolved at run time (not by check)"),
                 }
             );
+            for c in cfg.tls.iter().flat_map(|t| t.certificates.iter()) {
+                println!("{}", ringlb::tls::describe(c));
+            }
             Ok(())
         }
         Cmd::Run {

@@ -68,8 +68,11 @@ impl Control {
 
 pub struct Server {
     shards: Vec<ShardHandle>,
-    /// The addresses actually bound (port 0 resolved).
+    /// The addresses actually bound (port 0 resolved): `server.listen`,
+    /// then `tls.listen`, in order.
     pub local_addrs: Vec<SocketAddr>,
+    /// The bound `[tls]` listener addresses (also in `local_addrs`).
+    pub tls_addrs: Vec<SocketAddr>,
     pub control: Arc<Control>,
     /// The admin listener's address, if configured.
     pub admin_addr: Option<SocketAddr>,
@@ -98,15 +101,20 @@ impl Server {
 
         let mut per_shard: Vec<Vec<TcpListener>> = (0..shards).map(|_| Vec::new()).collect();
         let mut local_addrs = Vec::new();
-        for addr in &server_cfg.listen {
+        let mut tls_addrs = Vec::new();
+        let all = all_listen(&snapshot.config);
+        for (addr, _) in &all {
             ensure_unused(*addr, &[])?;
         }
-        for addr in &server_cfg.listen {
+        for (addr, tls) in &all {
             let (bound, socks) = bind_all(*addr, shards, server_cfg.backlog)?;
             for (listeners, l) in per_shard.iter_mut().zip(socks) {
                 listeners.push(l);
             }
             local_addrs.push(bound);
+            if *tls {
+                tls_addrs.push(bound);
+            }
         }
 
         let shared = Arc::new(Shared::default());
@@ -125,6 +133,7 @@ impl Server {
                 wake: wake.try_clone()?,
                 commands: rx,
                 access_log: open_access_log(&snapshot.config.log.access)?,
+                tls_addrs: tls_addrs.clone(),
             };
             let (ready_tx, ready_rx) = mpsc::channel();
             let thread = std::thread::Builder::new()
@@ -174,7 +183,16 @@ impl Server {
             None => None,
         };
         for a in &local_addrs {
-            log::info!("listening on {a} ({shards} shards)");
+            let tls = if tls_addrs.contains(a) { ", TLS" } else { "" };
+            log::info!("listening on {a} ({shards} shards{tls})");
+        }
+        for c in snapshot
+            .config
+            .tls
+            .iter()
+            .flat_map(|t| t.certificates.iter())
+        {
+            log::info!("{}", crate::tls::describe(c));
         }
         if let Some(a) = admin_addr {
             log::info!("admin listening on {a}");
@@ -182,6 +200,7 @@ impl Server {
         let mut server = Server {
             shards: handles,
             local_addrs,
+            tls_addrs,
             control,
             admin_addr,
             exit_requested: false,
@@ -319,22 +338,31 @@ impl Server {
         // bind failure leaves everything as it was.
         let shards = self.shards.len();
         let mut local = Vec::new();
+        let mut tls_local = Vec::new();
         let mut per_shard: Vec<Vec<TcpListener>> = (0..shards).map(|_| Vec::new()).collect();
-        for addr in &config.server.listen {
-            if !old.config.server.listen.contains(addr) {
-                ensure_unused(*addr, &self.local_addrs)?;
+        // An address keeps its listener only if it stays on the same side
+        // (plaintext or TLS); moving sides rebinds it.
+        let was = all_listen(&old.config);
+        let now = all_listen(&config);
+        for a in &now {
+            if !was.contains(a) && !was.iter().any(|(w, _)| w == &a.0) {
+                ensure_unused(a.0, &self.local_addrs)?;
             }
         }
-        for addr in &config.server.listen {
-            match old.config.server.listen.iter().position(|a| a == addr) {
-                Some(pos) => local.push(self.local_addrs[pos]),
+        for (addr, tls) in &now {
+            let bound = match was.iter().position(|w| w == &(*addr, *tls)) {
+                Some(pos) => self.local_addrs[pos],
                 None => {
                     let (bound, socks) = bind_all(*addr, shards, config.server.backlog)?;
                     for (i, l) in socks.into_iter().enumerate() {
                         per_shard[i].push(l);
                     }
-                    local.push(bound);
+                    bound
                 }
+            };
+            local.push(bound);
+            if *tls {
+                tls_local.push(bound);
             }
         }
         let removed: Vec<SocketAddr> = self
@@ -344,11 +372,15 @@ impl Server {
             .copied()
             .collect();
 
+        for c in config.tls.iter().flat_map(|t| t.certificates.iter()) {
+            log::info!("reload: {}", crate::tls::describe(c));
+        }
         self.watch_names(&config)?;
         let snap = Snapshot::reload(config, Some(&old));
         for ((s, socks), log) in self.shards.iter().zip(per_shard).zip(logs) {
             let _ = s.commands.send(Command::Reload(snap.clone()));
             let _ = s.commands.send(Command::AccessLog(AccessLogWriter(log)));
+            let _ = s.commands.send(Command::TlsListeners(tls_local.clone()));
             if !socks.is_empty() {
                 let _ = s.commands.send(Command::AddListeners(socks));
             }
@@ -359,13 +391,15 @@ impl Server {
         }
         for a in &local {
             if !self.local_addrs.contains(a) {
-                log::info!("listening on {a} ({shards} shards)");
+                let tls = if tls_local.contains(a) { ", TLS" } else { "" };
+                log::info!("listening on {a} ({shards} shards{tls})");
             }
         }
         for a in &removed {
             log::info!("no longer listening on {a}");
         }
         self.local_addrs = local;
+        self.tls_addrs = tls_local;
         self.publish(&old, snap);
         *self
             .control
@@ -486,6 +520,14 @@ pub fn backend_changes(old: &Snapshot, new: &Snapshot) -> Vec<BackendChange> {
 /// running its other settings on top of the old values would run a
 /// combination that was never validated (max_buffers_per_direction is
 /// checked against buffers_per_shard, for one).
+/// Every listen address, plaintext then TLS, with whether it is TLS.
+fn all_listen(c: &Config) -> Vec<(SocketAddr, bool)> {
+    let tls = c.tls.iter().flat_map(|t| t.listen.iter());
+    (c.server.listen.iter().map(|a| (*a, false)))
+        .chain(tls.map(|a| (*a, true)))
+        .collect()
+}
+
 fn restart_only_unchanged(path: &Path, old: &Config, new: &Config) -> anyhow::Result<()> {
     let admin = |c: &Config| {
         c.admin

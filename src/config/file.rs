@@ -20,7 +20,27 @@ pub(super) struct FileConfig {
     pub(super) route: Vec<FileRoute>,
     #[serde(default)]
     pub(super) upstream: BTreeMap<String, FileUpstream>,
+    pub(super) tls: Option<Spanned<FileTls>>,
     pub(super) resolver: Option<FileResolver>,
+}
+
+/// `[tls]`: TLS termination (src/tls).
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(super) struct FileTls {
+    pub(super) listen: Spanned<Vec<Spanned<String>>>,
+    pub(super) certificates: Spanned<Vec<Spanned<FileCert>>>,
+    pub(super) min_version: Option<Spanned<String>>,
+    pub(super) alpn: Option<Vec<Spanned<String>>>,
+    pub(super) session_tickets: Option<bool>,
+    pub(super) ticket_rotation: Option<Spanned<String>>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(super) struct FileCert {
+    pub(super) cert: Spanned<String>,
+    pub(super) key: Spanned<String>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -128,6 +148,15 @@ pub(super) struct FileUpstream {
     pub(super) send_proxy_protocol: Option<Spanned<String>>,
     pub(super) rebalance: Option<FileRebalance>,
     pub(super) servers: Spanned<Vec<FileServerEntry>>,
+    pub(super) tls: Option<Spanned<FileUpstreamTls>>,
+}
+
+/// `[upstream.X] tls = { server_name = "...", ca = "..." }`: wss:// backends.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(super) struct FileUpstreamTls {
+    pub(super) server_name: Spanned<String>,
+    pub(super) ca: Option<Spanned<String>>,
 }
 
 #[derive(Debug, Deserialize)]

@@ -20,6 +20,7 @@ use toml::Spanned;
 
 mod file;
 mod names;
+mod tls;
 mod validate;
 use file::FileConfig;
 pub use validate::parse_duration;
@@ -77,6 +78,8 @@ pub struct Config {
     pub resolver: ResolverSettings,
     /// Where it was loaded from, if from a file.
     pub source: Option<PathBuf>,
+    /// `[tls]`: TLS termination on its own listeners; `None`: off.
+    pub tls: Option<crate::tls::TlsConfig>,
 }
 
 #[derive(Debug, Clone)]
@@ -345,6 +348,8 @@ pub struct UpstreamConfig {
     /// Off when `None`.
     pub rebalance: Option<Rebalance>,
     pub servers: Vec<ServerEntry>,
+    /// Reach the backends over TLS (wss://); `None`: plaintext.
+    pub tls: Option<std::sync::Arc<crate::tls::UpstreamTls>>,
     /// Servers given by name (`addr = "host:port"` or `srv`): each
     /// address they resolve to is a backend with the entry's weight and
     /// limits, next to the fixed `servers`.
@@ -556,6 +561,7 @@ impl Config {
                 max_fails: DEFAULT_MAX_FAILS,
                 fail_timeout: DEFAULT_FAIL_TIMEOUT,
                 send_proxy_protocol: None,
+                tls: None,
                 rebalance: None,
                 servers: upstreams
                     .into_iter()
@@ -569,6 +575,7 @@ impl Config {
             }],
             resolver: ResolverSettings::default(),
             source: None,
+            tls: None,
         }
     }
 }

@@ -397,8 +397,23 @@ pub(super) fn validate(
                 }),
             }
         }
+        let tls = match &u.tls {
+            Some(t) => {
+                if u.send_proxy_protocol.is_some() {
+                    return Err(ConfigError::at(
+                        src,
+                        t.span(),
+                        &key("tls"),
+                        "cannot be combined with send_proxy_protocol (not built)",
+                    ));
+                }
+                Some(super::tls::upstream_tls(src, t, &key("tls"), base)?)
+            }
+            None => None,
+        };
         names.push(name);
         upstreams.push(UpstreamConfig {
+            tls,
             name: name.clone(),
             balance,
             connect_timeout,
@@ -583,6 +598,19 @@ pub(super) fn validate(
         });
     }
 
+    let tls = match &file.tls {
+        Some(t) => Some(super::tls::tls_config(src, t, &server.listen, base)?),
+        None => None,
+    };
+    if let (Some(t), Some(a)) = (&tls, &admin) {
+        if let Some(l) = t.listen.iter().find(|l| ports_overlap(a.listen, **l)) {
+            return Err(ConfigError::whole(
+                src,
+                format!("admin.listen: {} takes the same port as tls.listen {l}; give the admin API a port of its own", a.listen),
+            ));
+        }
+    }
+
     Ok(Config {
         server,
         admin,
@@ -591,6 +619,7 @@ pub(super) fn validate(
         upstreams,
         resolver: names::resolver_config(src, file.resolver.as_ref())?,
         source: None,
+        tls,
     })
 }
 

@@ -232,7 +232,9 @@ impl Conn {
             }
         };
         let append_xff = hs.snap.config.server.forwarded_for == crate::config::ForwardedFor::Append;
-        let mut forwarded = http::forward_head(&req, &target, ip, append_xff, &extra[..body_part]);
+        let https = self.transport[Side::Client.idx()].tls().is_some();
+        let mut forwarded =
+            http::forward_head_proto(&req, &target, ip, append_xff, &extra[..body_part], https);
         if let Some(v) = hs.snap.config.upstreams[upstream].send_proxy_protocol {
             // The backend learns the client's address from this header, in
             // front of the head (and of every resend of it).
@@ -294,6 +296,12 @@ impl Conn {
                 self.backend = Some(addr);
 
                 let timeout = upstream.connect_timeout;
+                let tls = hs.snap.config.upstreams[hs.upstream].tls.clone();
+                if let Some(t) = tls {
+                    if !self.start_backend_tls(&t) {
+                        return self.respond(Reject::BadGateway("cannot start TLS"), out);
+                    }
+                }
                 self.lease = Some(lease);
                 self.set_stage(Stage::Connecting { attempt });
                 out.push(Action::Connect(addr));
@@ -475,6 +483,9 @@ impl Conn {
             src_eof,
             ..Flow::default()
         };
+        // The next backend gets its own TLS session (`connect_next`); the
+        // replay is plaintext until then.
+        self.transport[Side::Backend.idx()] = Transport::Plain;
         self.enqueue(Side::Backend, replay);
         self.recv[Side::Backend.idx()] = RecvState::Off;
         self.connect_next(attempt + 1, out);
@@ -540,6 +551,7 @@ impl Conn {
         }
         self.enqueue(Side::Client, reject.response());
         self.kick(Side::Client, out);
+        self.queue_close_notify(Side::Client, out);
         out.push(Action::Timer(TimerKind::Linger, linger));
     }
 
@@ -554,8 +566,11 @@ impl Conn {
         self.lease = None;
         self.set_stage(Stage::Responding);
         release_unsent(&mut self.flow[Side::Backend.idx()], out);
+        // TLS: close_notify first; the shutdown follows once it is sent.
+        let notify =
+            !self.flow[Side::Client.idx()].shut && self.queue_close_notify(Side::Client, out);
         let to_client = &mut self.flow[Side::Client.idx()];
-        if !to_client.shut {
+        if !to_client.shut && !notify {
             to_client.shut = true;
             out.push(Action::ShutdownWrite(Side::Client));
         }

@@ -73,6 +73,7 @@ mod queue;
 mod relay;
 mod serve;
 mod splice;
+mod tls;
 mod transport;
 pub use action::{Action, Closer, Done, Owned, Payload, RecvEnd, Side, TimerKind};
 use body::BodyTracker;
@@ -85,6 +86,7 @@ pub use relay::{pool_quota, set_pool_quota};
 use relay::{release_unsent, Flow};
 use splice::Splice;
 pub use splice::SPLICE_CHUNK;
+pub use tls::TlsInfo;
 pub use transport::Transport;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -287,7 +289,7 @@ impl Conn {
             recv: [RecvState::Armed, RecvState::Off],
             flow: Default::default(),
             upload: Upload::Complete,
-            transport: [Transport::Plain; 2],
+            transport: [Transport::Plain, Transport::Plain],
             lease: None,
             status: None,
             closer: None,
@@ -310,9 +312,78 @@ impl Conn {
         }
     }
 
+    /// Accepted on a `[tls]` listener: the client side speaks TLS, starting
+    /// with its handshake (under the handshake timer already running).
+    /// False if rustls could not start a session (the shard closes it).
+    pub fn start_tls(&mut self, config: Arc<rustls::ServerConfig>) -> bool {
+        match tls::TlsSession::new(config) {
+            Some(s) => {
+                self.transport[Side::Client.idx()] = Transport::Tls(Box::new(s));
+                true
+            }
+            None => false,
+        }
+    }
+
+    /// The client's TLS session, once it has one.
+    pub fn tls_info(&self) -> Option<&TlsInfo> {
+        self.transport[Side::Client.idx()].tls().map(|s| s.info())
+    }
+
+    /// After a TLS side decoded: sends what its handshake wrote, and closes
+    /// the connection if the session failed. False: closed.
+    fn after_tls(&mut self, side: Side, out: &mut Vec<Action>) -> bool {
+        let Some(s) = self.transport[side.idx()].tls_mut() else {
+            return true;
+        };
+        let reply = s.take_reply();
+        let failed = s.status == tls::Status::Failed;
+        if let Some(wire) = reply {
+            self.flow[side.idx()].queue.push_back(Payload::owned(wire));
+            self.kick(side, out);
+        }
+        if failed && side == Side::Backend {
+            log::warn!(
+                "{}: TLS with the backend failed (see debug log for the reason); closing",
+                self.backend.map_or_else(String::new, |b| b.to_string())
+            );
+            if matches!(self.stage(), Stage::AwaitingResponse) {
+                self.abort_backend(out);
+                self.respond(http::Reject::BadGateway("backend TLS failed"), out);
+            } else {
+                self.close(Closer::Backend, out);
+            }
+            return false;
+        }
+        if failed {
+            log::debug!("{}: TLS failed; closing", self.client_addr);
+            self.closer = Some(Closer::Proxy);
+            self.close_now(out);
+            return false;
+        }
+        true
+    }
+
+    /// Before ringlb shuts its write half towards a TLS side: close_notify,
+    /// queued and sent first. True if one was queued (the shutdown then
+    /// waits for the queue to drain, as it does for any bytes).
+    pub(super) fn queue_close_notify(&mut self, side: Side, out: &mut Vec<Action>) -> bool {
+        let Some(alert) = (self.transport[side.idx()].tls_mut()).and_then(|s| s.close_notify())
+        else {
+            return false;
+        };
+        self.flow[side.idx()].queue.push_back(Payload::owned(alert));
+        self.kick(side, out);
+        true
+    }
+
     /// PROXY protocol is on: a connection from a trusted L4 tier must start
     /// with a header (`trusted`), any other must not.
     pub fn expect_proxy_header(&mut self, trusted: bool) {
+        if let Some(s) = self.transport[Side::Client.idx()].tls_mut() {
+            // In front of the TLS handshake, in plaintext.
+            s.expect_proxy = trusted;
+        }
         if let Some(hs) = try_hs_mut(&mut self.state) {
             hs.proxy_in = if trusted {
                 ProxyIn::Required
@@ -382,6 +453,22 @@ impl Conn {
         let mut c = Conn::accept(snap, client_addr, &mut Vec::new());
         c.recv = [RecvState::Off, RecvState::Off];
         c.respond(Reject::TooManyRequests, out);
+        c
+    }
+
+    /// A connection on a TLS listener over capacity (`over`) or over the
+    /// per-address cap: closed at once, counted as 503 or 429.
+    pub fn refused_tls(
+        snap: Arc<Snapshot>,
+        client_addr: SocketAddr,
+        over: bool,
+        out: &mut Vec<Action>,
+    ) -> Conn {
+        let mut c = Conn::accept(snap, client_addr, &mut Vec::new());
+        c.recv = [RecvState::Off, RecvState::Off];
+        c.status = Some(if over { 503 } else { 429 });
+        c.closer = Some(Closer::Proxy);
+        c.close_now(out);
         c
     }
 
@@ -473,7 +560,35 @@ impl Conn {
     /// `dst`, through its transport.
     fn enqueue(&mut self, dst: Side, data: Vec<u8>) {
         let wire = self.transport[dst.idx()].encode(data);
-        self.flow[dst.idx()].queue.push_back(Payload::owned(wire));
+        // Empty: held by a TLS client session until its handshake is done.
+        if !wire.is_empty() {
+            self.flow[dst.idx()].queue.push_back(Payload::owned(wire));
+        }
+    }
+
+    /// A backend in an upstream with `tls`: a fresh TLS client session
+    /// for this connect attempt. What is already queued for the backend
+    /// (the forwarded head, body bytes) is plaintext; it moves into the
+    /// session, to go behind the handshake, and the ClientHello goes first.
+    fn start_backend_tls(&mut self, up: &crate::tls::UpstreamTls) -> bool {
+        let Some(mut s) = tls::TlsSession::client(up.client.clone(), up.server_name.clone()) else {
+            return false;
+        };
+        let flow = &mut self.flow[Side::Backend.idx()];
+        debug_assert!(!flow.sending);
+        let queued = std::mem::take(&mut flow.queue);
+        if let Some(hello) = s.take_reply() {
+            flow.queue.push_back(Payload::owned(hello));
+        }
+        for p in queued.into_iter() {
+            match p {
+                Payload::Owned(o) => s.hold(&o.data[o.start..]),
+                // Nothing else is queued for a backend before it connects.
+                other => flow.queue.push_back(other),
+            }
+        }
+        self.transport[Side::Backend.idx()] = Transport::Tls(Box::new(s));
+        true
     }
 
     /// Where `Payload::File { start, .. }` bytes live.
@@ -559,11 +674,18 @@ impl Conn {
         self.parking = [false, false];
         // Through the side's transport: the buffer itself (plaintext), or
         // a decoded copy, after which the buffer goes back at once.
-        let decoded;
+        let mut decoded = Vec::new();
         let (bid, data) = match self.transport[side.idx()].decode(data) {
             transport::Decoded::InPlace(d) => (Some(bid), d),
             transport::Decoded::Owned(v) => {
                 out.push(Action::Release(bid));
+                if !self.after_tls(side, out) {
+                    return;
+                }
+                if v.is_empty() {
+                    // A TLS handshake step, or a record not yet whole.
+                    return;
+                }
                 decoded = v;
                 (None, &decoded[..])
             }
@@ -616,7 +738,11 @@ impl Conn {
             }
             (Stage::Connecting { .. } | Stage::Relaying, _) => {
                 self.flow[side.other().idx()].frames.feed(data);
-                self.relay(side, bid, data, out);
+                match bid {
+                    Some(_) => self.relay(side, bid, data, out),
+                    // Opened from TLS records: ours already, moved on.
+                    None => self.relay_owned(side, std::mem::take(&mut decoded), out),
+                }
                 self.consider_splice(side, out);
             }
             // Responding discards what the client still sends; Closing only
@@ -689,6 +815,9 @@ impl Conn {
     pub fn on_timer(&mut self, kind: TimerKind, out: &mut Vec<Action>) {
         match (kind, self.stage()) {
             (TimerKind::Handshake { req }, Stage::ReadingHead) if req == self.requests => {
+                if let Some(s) = self.transport[Side::Client.idx()].tls_mut() {
+                    s.timed_out = s.handshaking();
+                }
                 self.closer = Some(Closer::Proxy);
                 self.status = Some(408);
                 self.close_now(out);

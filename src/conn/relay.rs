@@ -74,11 +74,35 @@ impl Conn {
             },
             _ => {
                 release(bid, out);
-                Payload::owned(self.transport[dst.idx()].encode(data[..keep].to_vec()))
+                Payload::owned(self.transport[dst.idx()].encode_slice(&data[..keep]))
             }
         };
         let flow = &mut self.flow[dst.idx()];
-        flow.queue.push_back(payload);
+        // Empty: held by a TLS client session until its handshake is done.
+        if payload.remaining() > 0 {
+            flow.queue.push_back(payload);
+        }
+        self.kick(dst, out);
+        self.backpressure(src, out);
+    }
+
+    /// [`Conn::relay`] for bytes the connection owns (opened from TLS
+    /// records): moved into the queue as they are when the other side
+    /// carries plaintext, not copied again.
+    pub(super) fn relay_owned(&mut self, src: Side, data: Vec<u8>, out: &mut Vec<Action>) {
+        let dst = src.other();
+        let flow = &self.flow[dst.idx()];
+        if !self.transport[dst.idx()].in_place()
+            || flow.dead
+            || flow.limit.is_some()
+            || matches!(
+                self.state,
+                State::Relaying(Relay::Response { gzip: Some(_) })
+            )
+        {
+            return self.relay(src, None, &data, out);
+        }
+        self.flow[dst.idx()].queue.push_back(Payload::owned(data));
         self.kick(dst, out);
         self.backpressure(src, out);
     }
@@ -271,8 +295,12 @@ impl Conn {
                     }
                 }
                 let writable = dst == Side::Client || self.connected();
+                self.flow[dst.idx()].src_eof = true;
+                if writable && !self.flow[dst.idx()].shut {
+                    // TLS: close_notify goes before the FIN.
+                    self.queue_close_notify(dst, out);
+                }
                 let flow = &mut self.flow[dst.idx()];
-                flow.src_eof = true;
                 if flow.queue.is_empty() && !flow.sending && !flow.shut && writable {
                     flow.shut = true;
                     out.push(Action::ShutdownWrite(dst));
@@ -372,6 +400,8 @@ impl Conn {
         if !quiet {
             return false;
         }
+        // A TLS side keeps only its key bytes while parked.
+        self.transport.iter_mut().for_each(Transport::idle);
         for side in [Side::Client, Side::Backend] {
             self.recv[side.idx()] = RecvState::Cancelling;
             self.parking[side.idx()] = true;

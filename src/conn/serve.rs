@@ -40,6 +40,7 @@ impl Conn {
             if_unmodified_since: h("if-unmodified-since"),
             range: h("range"),
             if_range: h("if-range"),
+            no_splice: !self.transport[Side::Client.idx()].in_place(),
         };
         let gzip_cache = server.gzip_cache_size;
         // What follows the head is the next request (pipelined), or a body

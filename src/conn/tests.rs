@@ -1318,8 +1318,11 @@ fn the_transport_seam_carries_a_transforming_transport() {
 /// them should be a decision, not an accident.
 #[test]
 fn per_session_state_stays_small() {
+    // 472 since TLS: a transport per side that can hold a session is a
+    // pointer (8 bytes each; 16 here, where the test-only Xor transport
+    // adds a tag), where it was one byte.
     assert!(
-        std::mem::size_of::<Conn>() <= 440,
+        std::mem::size_of::<Conn>() <= 472,
         "Conn is {} bytes",
         std::mem::size_of::<Conn>()
     );

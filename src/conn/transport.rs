@@ -12,14 +12,24 @@
 //! move by splice, so today's zero-copy path stays zero-copy. A transport
 //! that transforms bytes gets owned copies instead, and never splice.
 //!
+//! `Tls` (`tls.rs`) is the first such transport: it also answers on its
+//! own while handshaking (`TlsSession::take_reply`) and can fail, which the
+//! connection checks after each decode (`Conn::after_tls`). A kTLS
+//! transport would take the same keys and sequence numbers, and be
+//! `in_place` again.
+//!
 //! `Xor` exists only in tests: a transforming transport that proves the
 //! seam carries a non-plain transport end to end.
 
+use super::tls::TlsSession;
+
 /// How bytes are carried on one side's socket.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+#[derive(Debug, Default)]
 pub enum Transport {
     #[default]
     Plain,
+    /// TLS terminated here (`tls.rs`): a handshake, then records.
+    Tls(Box<TlsSession>),
     /// Test only: every byte XORed with the key, both ways.
     #[cfg(test)]
     Xor(u8),
@@ -30,7 +40,6 @@ pub(super) enum Decoded<'a> {
     /// The bytes as received: the provided buffer carries them on.
     InPlace(&'a [u8]),
     /// Transformed into a copy; the provided buffer is no longer needed.
-    #[cfg_attr(not(test), allow(dead_code))]
     Owned(Vec<u8>),
 }
 
@@ -46,8 +55,41 @@ impl Transport {
     pub(super) fn decode<'a>(&mut self, data: &'a [u8]) -> Decoded<'a> {
         match self {
             Transport::Plain => Decoded::InPlace(data),
+            Transport::Tls(s) => Decoded::Owned(s.decode(data)),
             #[cfg(test)]
             Transport::Xor(k) => Decoded::Owned(data.iter().map(|b| b ^ *k).collect()),
+        }
+    }
+
+    pub(super) fn tls(&self) -> Option<&TlsSession> {
+        match self {
+            Transport::Tls(s) => Some(s),
+            _ => None,
+        }
+    }
+
+    pub(super) fn tls_mut(&mut self) -> Option<&mut TlsSession> {
+        match self {
+            Transport::Tls(s) => Some(s),
+            _ => None,
+        }
+    }
+
+    /// The session went quiet (parked): drop what can be rebuilt.
+    pub(super) fn idle(&mut self) {
+        if let Transport::Tls(s) = self {
+            s.idle();
+        }
+    }
+
+    /// Like [`Transport::encode`] from borrowed bytes: a transforming
+    /// transport reads them where they are (a provided buffer) instead of
+    /// taking a copy first.
+    #[inline]
+    pub(super) fn encode_slice(&mut self, data: &[u8]) -> Vec<u8> {
+        match self {
+            Transport::Tls(s) => s.encode_slice(data),
+            _ => self.encode(data.to_vec()),
         }
     }
 
@@ -56,6 +98,7 @@ impl Transport {
     pub(super) fn encode(&mut self, data: Vec<u8>) -> Vec<u8> {
         match self {
             Transport::Plain => data,
+            Transport::Tls(s) => s.encode_slice(&data),
             #[cfg(test)]
             Transport::Xor(k) => data.into_iter().map(|b| b ^ *k).collect(),
         }

@@ -43,6 +43,12 @@ impl Shard {
             "duration_ms": ms(e.started.elapsed()),
             "bytes_from_client": c.bytes_to(Side::Backend),
             "bytes_from_backend": c.bytes_to(Side::Client),
+            "tls": c.tls_info().filter(|t| t.version.is_some()).map(|t| serde_json::json!({
+                "version": t.version.map(|v| format!("{v:?}")),
+                "cipher": t.suite.map(|v| format!("{v:?}")),
+                "sni": t.sni.as_deref(),
+                "resumed": t.resumed,
+            })),
             "closed_by": crate::conn::Closer::name(c.closer),
             "close": match c.close_kind {
                 None => None,

@@ -62,6 +62,8 @@ pub enum Command {
     Reload(Arc<Snapshot>),
     /// Start accepting on these (new listen addresses after a reload).
     AddListeners(Vec<TcpListener>),
+    /// The bound addresses of the `[tls]` listeners (after a reload).
+    TlsListeners(Vec<SocketAddr>),
     /// Stop accepting on these addresses.
     RemoveListeners(Vec<SocketAddr>),
     /// Stop accepting; exit once the last session has ended.
@@ -189,6 +191,8 @@ pub struct Shard {
     log_dirty: bool,
     /// An unpin sweep is scheduled.
     unpin_pending: bool,
+    /// Bound addresses of the listeners whose connections speak TLS.
+    tls_addrs: Vec<SocketAddr>,
     /// Sessions the pacing sweep may close, oldest first, and when that
     /// list was made (`pacing.rs`).
     pacing_list: Vec<pacing::Candidate>,
@@ -204,6 +208,8 @@ pub struct ShardInit {
     pub wake: OwnedFd,
     pub commands: Receiver<Command>,
     pub access_log: Option<Box<dyn Write + Send>>,
+    /// Which of `listeners` (by bound address) are `[tls]` listeners.
+    pub tls_addrs: Vec<SocketAddr>,
 }
 
 impl Shard {
@@ -239,6 +245,7 @@ impl Shard {
             access_log: init.access_log,
             log_dirty: false,
             unpin_pending: false,
+            tls_addrs: init.tls_addrs,
             pacing_list: Vec::new(),
             pacing_listed: None,
         })
@@ -387,7 +394,7 @@ impl Shard {
         }
         let ok = res.is_ok();
         if let Ok(Some(fd)) = res {
-            self.new_conn(fd);
+            self.new_conn(fd, listener);
         }
         if rearm && !self.stopping {
             if ok {
@@ -405,7 +412,7 @@ impl Shard {
         }
     }
 
-    fn new_conn(&mut self, fd: OwnedFd) {
+    fn new_conn(&mut self, fd: OwnedFd, listener: usize) {
         // Test builds only (tests/process.rs): die the way a bug would.
         #[cfg(debug_assertions)]
         if crate::server::test_fault("shard-panic-after-accept") {
@@ -437,7 +444,16 @@ impl Shard {
             .filter(|_| trusted != Some(true));
         let ip_counted =
             !over && cap.is_some_and(|c| self.snap.admission.acquire_ip(peer.ip(), c.get()));
-        let mut conn = if over {
+        let tls = (self.snap.config.tls.as_ref()).filter(|_| {
+            !self.tls_addrs.is_empty()
+                && (self.driver.listeners())
+                    .any(|(i, _, addr)| i == listener && self.tls_addrs.contains(&addr))
+        });
+        let refused = over || (cap.is_some() && !ip_counted);
+        let mut conn = if refused && tls.is_some() {
+            // A plaintext 503 or 429 means nothing to a TLS client: close.
+            Conn::refused_tls(self.snap.clone(), peer, over, &mut self.actions)
+        } else if over {
             Conn::over_capacity(self.snap.clone(), peer, &mut self.actions)
         } else if cap.is_some() && !ip_counted {
             Conn::over_ip_cap(self.snap.clone(), peer, &mut self.actions)
@@ -445,6 +461,19 @@ impl Shard {
             Conn::accept(self.snap.clone(), peer, &mut self.actions)
         };
         conn.ip_counted = ip_counted;
+        if let (Some(tls), false) = (tls, refused) {
+            if !conn.start_tls(tls.server.clone()) {
+                // rustls refused to start a session (never with a
+                // configuration that loaded): close, and give back what
+                // this connection was counted as.
+                log::warn!("shard {}: cannot start a TLS session; closing", self.id);
+                self.shared.clients.fetch_sub(1, Ordering::Relaxed);
+                if ip_counted {
+                    self.snap.admission.release_ip(peer.ip());
+                }
+                return;
+            }
+        }
         if let Some(trusted) = trusted {
             conn.expect_proxy_header(trusted);
         }
@@ -671,6 +700,7 @@ impl Shard {
                         self.driver.arm_accept(i);
                     }
                 }
+                Command::TlsListeners(addrs) => self.tls_addrs = addrs,
                 Command::RemoveListeners(addrs) => {
                     let gone: Vec<usize> = self
                         .driver
