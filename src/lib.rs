@@ -15,6 +15,7 @@ pub mod conn;
 pub mod demo;
 pub(crate) mod driver;
 pub mod files;
+pub mod handoff;
 pub mod http;
 pub mod proxy_protocol;
 pub(crate) mod ring;

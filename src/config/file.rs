@@ -53,6 +53,8 @@ pub(super) struct FileServer {
     pub(super) max_connections_per_ip: Option<Spanned<i64>>,
     pub(super) proxy_protocol: Option<bool>,
     pub(super) trusted_proxies: Option<Vec<Spanned<String>>>,
+    pub(super) pid_file: Option<Spanned<String>>,
+    pub(super) upgrade_timeout: Option<Spanned<String>>,
 }
 
 #[derive(Debug, Deserialize)]

@@ -1002,7 +1002,7 @@ fn a_relaying_session_round_trips_through_its_record() {
     );
     assert!(c.is_quiescent());
 
-    let rec = c.export(&s, &mut copy, &mut out);
+    let rec = c.export(&s, &mut copy, Default::default(), &mut out);
     // Every buffer the session held is given back exactly once: the ones
     // in flight when their sends were cancelled, the rest at the export.
     let mut released: Vec<u16> = out

@@ -46,6 +46,7 @@ use crate::snapshot::Snapshot;
 use crate::stats::{self, ShardStats};
 
 mod access_log;
+mod handoff;
 mod sweeps;
 
 /// Copies bytes `start..start + len` of provided buffer `bid` out of the pool.
@@ -70,6 +71,16 @@ pub enum Command {
     Stop,
     /// Write the access log here from now on (reopened on every reload).
     AccessLog(crate::server::AccessLogWriter),
+    /// A binary upgrade took over the listeners: stop accepting (keeping
+    /// the sockets), close kept-alive connections between requests, and
+    /// send every relaying WebSocket session (now, and any that starts
+    /// relaying later) down this channel; say `Empty` once nothing is left.
+    Handoff(std::sync::mpsc::Sender<crate::handoff::Exported>),
+    /// Sessions to relay from now on: from the previous process, or ours
+    /// coming back from a hand-off that failed.
+    Import(Vec<crate::handoff::Moved>),
+    /// The hand-off failed: accept again and keep what is left.
+    Resume,
 }
 
 /// State shared by all shards.
@@ -182,6 +193,10 @@ pub struct Shard {
     log_dirty: bool,
     /// An unpin sweep is scheduled.
     unpin_pending: bool,
+    /// A hand-off is under way: relaying sessions leave through here.
+    export: Option<std::sync::mpsc::Sender<crate::handoff::Exported>>,
+    /// `Empty` was sent and nothing arrived since.
+    reported_empty: bool,
 }
 
 pub struct ShardInit {
@@ -228,6 +243,8 @@ impl Shard {
             access_log: init.access_log,
             log_dirty: false,
             unpin_pending: false,
+            export: None,
+            reported_empty: false,
         })
     }
 
@@ -278,6 +295,9 @@ impl Shard {
                 self.routed = routed;
             }
             self.fire_timers();
+            if self.export.is_some() {
+                self.report_empty();
+            }
             self.feed_starved();
             self.watch_pool();
             self.stats.active.set(self.driver.len() as u64);
@@ -310,6 +330,9 @@ impl Shard {
                 if opened {
                     // Not adopted: not wanted.
                     self.driver.drop_unadopted(key);
+                }
+                if self.export.is_some() {
+                    self.try_export(key);
                 }
             }
             Routed::Nothing => {}
@@ -505,6 +528,7 @@ impl Shard {
             Action::CancelRecv(side) => d.cancel(key, Op::Recv, side),
             Action::CancelSend(side) => d.cancel(key, Op::Send, side),
             Action::CancelPoll(side) => d.cancel(key, Op::PollIn, side),
+            Action::CancelPollOut(side) => d.cancel(key, Op::PollOut, side),
             Action::CancelConnect => d.cancel(key, Op::Connect, Side::Backend),
             Action::ResetOnClose(side) => d.reset_on_close(key, side),
             Action::Send(side) => d.send(key, side),
@@ -668,6 +692,25 @@ impl Shard {
                             self.exec(key);
                         }
                     }
+                }
+                Command::Handoff(tx) => {
+                    self.export = Some(tx);
+                    self.reported_empty = false;
+                    self.driver.pause_listeners();
+                    for key in self.driver.keys() {
+                        if let Some(s) = self.driver.get_mut(key) {
+                            if s.conn.stage() != Stage::Relaying {
+                                s.conn.drain_idle(&mut self.actions);
+                                self.exec(key);
+                            }
+                        }
+                        self.try_export(key);
+                    }
+                }
+                Command::Import(sessions) => self.import(sessions),
+                Command::Resume => {
+                    self.export = None;
+                    self.driver.resume_listeners();
                 }
                 Command::CloseAll => {
                     self.draining = true;
