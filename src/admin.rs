@@ -62,7 +62,7 @@ pub fn spawn(listener: TcpListener, control: Arc<Control>) -> std::io::Result<So
     // this often. While a hand-off runs, the new process accepts on the
     // same socket and this one must not take its requests.
     socket2::SockRef::from(&listener).set_read_timeout(Some(ADMIN_PAUSE_CHECK))?;
-    let busy = Arc::new(AtomicUsize::new(0));
+    let busy = control.admin_busy.clone();
     std::thread::Builder::new()
         .name("ringlb-admin".into())
         .spawn(move || loop {

@@ -196,7 +196,14 @@ fn supervise(
     use signal_hook::consts::{SIGHUP, SIGUSR2};
     let mut drain_started: Option<Instant> = None;
     let mut closing = false;
+    let mut kick_until: Option<Instant> = None;
     loop {
+        if let Some(t) = kick_until {
+            server.accept_pending();
+            if Instant::now() >= t {
+                kick_until = None;
+            }
+        }
         if let Some(dead) = server.dead_shard() {
             log::error!("shard {} died: {}", dead.id, dead.why);
             log::error!(
@@ -241,6 +248,14 @@ fn supervise(
                             log::info!("upgrade: {line}; exiting");
                             server.control.upgrades[0].fetch_add(1, Ordering::Relaxed);
                             report.line(&format!("ok: {line}"));
+                            // Admin requests accepted before the pause get
+                            // their answer (bounded).
+                            let t = Instant::now();
+                            while server.control.admin_busy.load(Ordering::Relaxed) > 0
+                                && t.elapsed() < Duration::from_secs(2)
+                            {
+                                std::thread::sleep(Duration::from_millis(10));
+                            }
                             server.stop();
                             return Ok(());
                         }
@@ -250,6 +265,9 @@ fn supervise(
                             report.line(&format!("error: upgrade refused: {why}"));
                         }
                         handoff::old::Outcome::RolledBack(why) => {
+                            // The dead process's accepts may have taken
+                            // wake-ups meant for ours (see AcceptPending).
+                            kick_until = Some(Instant::now() + Duration::from_secs(2));
                             log::error!("upgrade rolled back: {why}");
                             server.control.upgrades[2].fetch_add(1, Ordering::Relaxed);
                             report.line(&format!("error: upgrade rolled back: {why}"));
@@ -339,21 +357,27 @@ fn upgrade_command(
             .saturating_duration_since(Instant::now())
             .max(Duration::from_millis(1)),
     ))?;
-    let mut last = String::new();
+    // Progress lines, then the outcome: "ok: …" or "error: …", which may
+    // go on over several lines (a config error quotes the file).
+    let mut outcome: Option<String> = None;
     for line in BufReader::new(stream).lines() {
         let line = line.with_context(|| format!("waiting for pid {pid}"))?;
-        match line.strip_prefix("ok: ") {
-            Some(rest) => println!("{rest}"),
-            None => match line.strip_prefix("error: ") {
-                Some(_) => {}
-                None => eprintln!("{line}"),
-            },
+        match &mut outcome {
+            Some(o) => {
+                o.push('\n');
+                o.push_str(&line);
+            }
+            None if line.starts_with("ok: ") || line.starts_with("error: ") => outcome = Some(line),
+            None => eprintln!("{line}"),
         }
-        last = line;
     }
+    let last = outcome.unwrap_or_default();
     match last.strip_prefix("error: ") {
         Some(why) => anyhow::bail!("{why}"),
-        None if last.starts_with("ok: ") => Ok(()),
+        None if last.starts_with("ok: ") => {
+            println!("{}", &last["ok: ".len()..]);
+            Ok(())
+        }
         None => anyhow::bail!("pid {pid} closed the report without an outcome (did it die?)"),
     }
 }

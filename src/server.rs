@@ -67,6 +67,9 @@ pub struct Control {
     /// Upgrades this process started, by outcome: ok, refused (the new
     /// process refused before taking anything), rolled_back.
     pub upgrades: [AtomicU64; 3],
+    /// Admin connections being served; an old process waits (briefly) for
+    /// them before it exits after a hand-off.
+    pub admin_busy: Arc<std::sync::atomic::AtomicUsize>,
 }
 
 impl Control {
@@ -120,6 +123,14 @@ impl Importer {
         let (tx, wake) = &self.0[shard % self.0.len()];
         let _ = tx.send(Command::Import(sessions));
         ring::eventfd_signal(wake);
+    }
+
+    /// Every shard accepts what waits in its queues ([`Command::AcceptPending`]).
+    pub fn accept_pending(&self) {
+        for (tx, wake) in &self.0 {
+            let _ = tx.send(Command::AcceptPending);
+            ring::eventfd_signal(wake);
+        }
     }
 }
 
@@ -237,6 +248,7 @@ impl Server {
             inherited: ShardStats::default(),
             admin_paused: AtomicBool::new(false),
             upgrades: Default::default(),
+            admin_busy: Arc::default(),
         });
         let mut admin_sock = None;
         let admin_addr = match &snapshot.config.admin {
@@ -307,6 +319,12 @@ impl Server {
                 })
                 .collect(),
         )
+    }
+
+    /// Every shard accepts what waits in its queues now
+    /// ([`Command::AcceptPending`]).
+    pub fn accept_pending(&self) {
+        self.send(|| Command::AcceptPending);
     }
 
     /// A hand-off failed: accept again, keep what is left.

@@ -3,7 +3,9 @@
 //! until the old process says `Done`.
 
 use std::os::unix::net::UnixStream;
-use std::sync::atomic::Ordering;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
 use std::time::Instant;
 
 use super::wire::{self, Msg};
@@ -11,6 +13,9 @@ use super::Moved;
 use crate::conn::SessionRecord;
 use crate::server::{Importer, Inherited, Server};
 use crate::snapshot::Snapshot;
+
+/// How often shards look at their accept queues during a hand-off.
+const KICK_EVERY: Duration = Duration::from_millis(20);
 
 /// The hand-off socket, once the configuration is known to be good.
 pub struct Incoming {
@@ -85,9 +90,28 @@ impl Incoming {
         wire::send(&self.sock, &Msg::Ready, &[])?;
         let importer = server.importer();
         let control = server.control.clone();
+        // Until the old process is done, its accepts may still be armed on
+        // our listening sockets, and accept wake-ups are exclusive: a
+        // connection can wake the old process's accept, which then does not
+        // take it, and not ours. So our shards also look at their queues
+        // every KICK_EVERY until the hand-off ends, and once after.
+        let done = Arc::new(AtomicBool::new(false));
+        let (kicker, done2) = (server.importer(), done.clone());
+        std::thread::Builder::new()
+            .name("ringlb-handoff-kick".into())
+            .spawn(move || {
+                while !done2.load(Ordering::Relaxed) {
+                    std::thread::sleep(KICK_EVERY);
+                    kicker.accept_pending();
+                }
+            })?;
         std::thread::Builder::new()
             .name("ringlb-handoff".into())
-            .spawn(move || receive(self.sock, importer, control))?;
+            .spawn(move || {
+                receive(self.sock, &importer, control);
+                done.store(true, Ordering::Relaxed);
+                importer.accept_pending();
+            })?;
         Ok(())
     }
 }
@@ -106,7 +130,7 @@ fn backend<'a>(
         .map(|b| &**b)
 }
 
-fn receive(sock: UnixStream, importer: Importer, control: std::sync::Arc<crate::server::Control>) {
+fn receive(sock: UnixStream, importer: &Importer, control: std::sync::Arc<crate::server::Control>) {
     let t0 = Instant::now();
     let mut got = 0u64;
     let mut batches = 0u64;

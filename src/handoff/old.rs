@@ -320,9 +320,11 @@ fn rollback(
     mut child: Child,
 ) -> Outcome {
     // Killed first: a process that stopped answering must not relay what
-    // it may have received after we gave up on it.
+    // it may have received after we gave up on it. Waited for, so its
+    // accepts are gone before ours are back (the caller also looks at the
+    // accept queues for a while: its ring is torn down after its exit).
     kill(&mut child);
-    reap(child);
+    let _ = child.wait();
     server.resume();
     let mut back: Vec<(usize, Moved)> = batch;
     // Every shard drops its sender when it handles `Resume`; until then

@@ -112,6 +112,28 @@ impl Shard {
         }
     }
 
+    /// See [`super::Command::AcceptPending`]. Bounded per call, so a flood
+    /// cannot keep the shard here.
+    pub(super) fn accept_pending(&mut self) {
+        let socks: Vec<std::net::TcpListener> = self
+            .driver
+            .listeners()
+            .filter_map(|(_, l, _)| l.try_clone().ok())
+            .collect();
+        for l in socks {
+            for _ in 0..1024 {
+                match l.accept() {
+                    Ok((s, _)) => {
+                        if s.set_nonblocking(true).is_ok() {
+                            self.new_conn(s.into());
+                        }
+                    }
+                    Err(_) => break,
+                }
+            }
+        }
+    }
+
     /// Says `Empty` once the shard holds no session, while exporting.
     pub(super) fn report_empty(&mut self) {
         let empty = self.driver.is_empty();

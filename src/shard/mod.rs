@@ -81,6 +81,12 @@ pub enum Command {
     Import(Vec<crate::handoff::Moved>),
     /// The hand-off failed: accept again and keep what is left.
     Resume,
+    /// Accept what waits in the listeners' queues now, with plain
+    /// nonblocking accept(2) calls: a connection that arrived while the
+    /// previous process still had an (exclusive) accept armed on the same
+    /// socket woke that process, not us, and would otherwise wait for the
+    /// next connection to wake us.
+    AcceptPending,
 }
 
 /// State shared by all shards.
@@ -708,6 +714,7 @@ impl Shard {
                     }
                 }
                 Command::Import(sessions) => self.import(sessions),
+                Command::AcceptPending => self.accept_pending(),
                 Command::Resume => {
                     self.export = None;
                     self.driver.resume_listeners();
