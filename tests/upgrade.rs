@@ -905,3 +905,70 @@ async fn a_bad_config_at_upgrade_is_refused_with_the_reason_and_changes_nothing(
     let failures = fleet.settle(Duration::from_secs(10)).await;
     assert!(failures.is_empty(), "{failures:?}");
 }
+
+/// Under systemd (Type=notify, NotifyAccess=all): READY=1 at start, then
+/// MAINPID=<new> and READY=1 from the new process, so the unit follows it;
+/// `[server] pid_file` names whichever process is current, and
+/// `ringlb upgrade --pid-file` finds it there.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn systemd_and_the_pid_file_follow_the_new_process() {
+    let dir = tempfile::tempdir().unwrap();
+    let notify_path = dir.path().join("notify");
+    let notify = std::os::unix::net::UnixDatagram::bind(&notify_path).unwrap();
+    notify
+        .set_read_timeout(Some(Duration::from_secs(10)))
+        .unwrap();
+    let pid_file = dir.path().join("ringlb.pid");
+    let fleet = Fleet::new(10, &[]).await;
+    let toml = proxy_config(fleet.backend_addr).replace(
+        "shards = 2",
+        &format!("shards = 2\npid_file = \"{}\"", pid_file.display()),
+    );
+    let env = format!("NOTIFY_SOCKET={}", notify_path.display());
+    let mut proxy = Proxy::start_under(&toml, &["env", &env]);
+    let mut buf = [0u8; 256];
+    let n = notify.recv(&mut buf).unwrap();
+    let first = String::from_utf8_lossy(&buf[..n]).to_string();
+    assert!(first.contains("READY=1"), "{first}");
+    assert!(
+        first.contains(&format!("MAINPID={}", proxy.pid())),
+        "{first}"
+    );
+    assert_eq!(
+        std::fs::read_to_string(&pid_file).unwrap().trim(),
+        proxy.pid().to_string()
+    );
+    fleet.open_all(proxy.addr()).await;
+    fleet.exchange_all(10).await;
+
+    let pf = pid_file.clone();
+    let out = tokio::task::spawn_blocking(move || {
+        Command::new(env!("CARGO_BIN_EXE_ringlb"))
+            .arg("upgrade")
+            .arg("--pid-file")
+            .arg(&pf)
+            .output()
+            .unwrap()
+    })
+    .await
+    .unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout).to_string();
+    assert!(
+        out.status.success(),
+        "{stdout} {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let new = Pid(new_pid(&stdout));
+    let n = notify.recv(&mut buf).unwrap();
+    let second = String::from_utf8_lossy(&buf[..n]).to_string();
+    assert!(second.contains(&format!("MAINPID={}", new.0)), "{second}");
+    assert!(second.contains("READY=1"), "{second}");
+    assert_eq!(
+        std::fs::read_to_string(&pid_file).unwrap().trim(),
+        new.0.to_string()
+    );
+    assert!(proxy.wait_exit(Duration::from_secs(20)).is_some());
+    fleet.exchange_all(10).await;
+    let failures = fleet.settle(Duration::from_secs(10)).await;
+    assert!(failures.is_empty(), "{failures:?}");
+}
