@@ -940,6 +940,9 @@ async fn systemd_and_the_pid_file_follow_the_new_process() {
     );
     fleet.open_all(proxy.addr()).await;
     fleet.exchange_all(10).await;
+    // An operator's drain mark, to be carried over with the counts.
+    let (code, body) = proxy.admin("POST", &format!("/backends/u/{}/drain", fleet.backend_addr));
+    assert_eq!(code, 200, "{body}");
 
     let pf = pid_file.clone();
     let out = tokio::task::spawn_blocking(move || {
@@ -968,6 +971,15 @@ async fn systemd_and_the_pid_file_follow_the_new_process() {
         new.0.to_string()
     );
     assert!(proxy.wait_exit(Duration::from_secs(20)).is_some());
+    // The backend is still draining, and its least-connections count is
+    // the sessions that moved.
+    let status: serde_json::Value =
+        serde_json::from_str(&admin_get(proxy.admin.unwrap(), "/status")).unwrap();
+    let b = &status["upstreams"][0]["backends"][0];
+    assert_eq!(b["state"], "draining", "{b}");
+    assert_eq!(b["active"], 10, "{b}");
+    assert!(b["connections_total"].as_u64().unwrap() >= 10, "{b}");
+    assert!(status["started_at"].as_u64().unwrap() > 0);
     fleet.exchange_all(10).await;
     let failures = fleet.settle(Duration::from_secs(10)).await;
     assert!(failures.is_empty(), "{failures:?}");
