@@ -232,6 +232,12 @@ fn supervise(
                     log::warn!("SIGUSR2 ignored: draining");
                     handoff::old::Report::connect().line("error: the daemon is draining");
                 }
+                SIGUSR2 if server.control.taking_over.load(Ordering::Relaxed) => {
+                    log::warn!("SIGUSR2 ignored: still taking over from the previous process");
+                    handoff::old::Report::connect().line(
+                        "error: this process is still taking over from the previous one; try again when it has",
+                    );
+                }
                 SIGUSR2 => {
                     let mut report = handoff::old::Report::connect();
                     log::info!("SIGUSR2: upgrading to {}", launch.exe.display());

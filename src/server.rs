@@ -70,6 +70,9 @@ pub struct Control {
     /// Admin connections being served; an old process waits (briefly) for
     /// them before it exits after a hand-off.
     pub admin_busy: Arc<std::sync::atomic::AtomicUsize>,
+    /// Still taking sessions over from the previous process: an upgrade of
+    /// this one waits until that is done.
+    pub taking_over: AtomicBool,
 }
 
 impl Control {
@@ -249,6 +252,7 @@ impl Server {
             admin_paused: AtomicBool::new(false),
             upgrades: Default::default(),
             admin_busy: Arc::default(),
+            taking_over: AtomicBool::new(false),
         });
         let mut admin_sock = None;
         let admin_addr = match &snapshot.config.admin {

@@ -87,6 +87,7 @@ impl Incoming {
                 b.state.set_down_for(m.down_ms);
             }
         }
+        server.control.taking_over.store(true, Ordering::Relaxed);
         wire::send(&self.sock, &Msg::Ready, &[])?;
         let importer = server.importer();
         let control = server.control.clone();
@@ -216,6 +217,7 @@ fn receive(sock: UnixStream, importer: &Importer, control: std::sync::Arc<crate:
 }
 
 fn become_current(control: &crate::server::Control) {
+    control.taking_over.store(false, Ordering::Relaxed);
     if let Some(p) = &control.snapshot().config.server.pid_file {
         super::write_pid_file(p);
     }
