@@ -5,7 +5,8 @@
 //! `shard` (one thread, one ring: loop, timers, commands), `driver` (owns
 //! what the kernel borrows; completions to events), `ring` (every SQE; with
 //! `driver`, the only `unsafe`),
-//! `server` (listeners and shard threads), `demo`.
+//! `server` (listeners and shard threads), `handoff` (live hand-off of
+//! listeners and sessions to a new process on a binary upgrade), `demo`.
 #![deny(unsafe_code)]
 
 pub mod admin;

@@ -451,12 +451,16 @@ impl Server {
     /// Stops accepting; shards exit as their last session ends.
     pub fn drain(&mut self) {
         self.exit_requested = true;
+        // Our copies would keep the sockets listening (connections queued,
+        // never accepted) after the shards close theirs.
+        self.listen_socks.clear();
         self.send(|| Command::Drain);
     }
 
     /// Ends every session now and lets the shards exit.
     pub fn close_all(&mut self) {
         self.exit_requested = true;
+        self.listen_socks.clear();
         self.send(|| Command::CloseAll);
     }
 
