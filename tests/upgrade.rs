@@ -984,3 +984,77 @@ async fn systemd_and_the_pid_file_follow_the_new_process() {
     let failures = fleet.settle(Duration::from_secs(10)).await;
     assert!(failures.is_empty(), "{failures:?}");
 }
+
+/// A session still in its handshake when the upgrade starts finishes it in
+/// the old process, which hands it over once it relays (the upgrade waits
+/// for it); then it relays through the new process.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_handshake_under_way_finishes_in_the_old_process_and_then_moves() {
+    let fleet = Fleet::new(3, &[]).await;
+    let mut proxy = Proxy::start(&proxy_config(fleet.backend_addr));
+    // Sessions 0 and 1 relay; session 2 has sent half its upgrade head.
+    for s in &fleet.sessions[..2] {
+        open_session(proxy.addr(), s.clone()).await;
+    }
+    let mut late = TcpStream::connect(proxy.addr()).await.unwrap();
+    let req = upgrade_request("/s/2", "");
+    let (first, rest) = req.as_bytes().split_at(req.len() / 2);
+    late.write_all(first).await.unwrap();
+    // Accepted and reading its head in the old process.
+    let admin = proxy.admin.unwrap();
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while metric(&admin_get(admin, "/metrics"), "ringlb_connections_active") < 3 {
+        assert!(
+            Instant::now() < deadline,
+            "the third connection was not accepted"
+        );
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    let pid = proxy.pid();
+    let upgrading = tokio::spawn(upgrade(pid));
+    proxy.wait_log("handing over sessions", Duration::from_secs(10));
+    // The old process holds the half-read handshake: it cannot be done yet.
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert!(
+        !upgrading.is_finished(),
+        "the upgrade ended with a handshake under way"
+    );
+    assert!(proxy.wait_exit(Duration::from_millis(10)).is_none());
+    late.write_all(rest).await.unwrap();
+    let head = read_head(&mut late).await;
+    assert!(
+        head.starts_with(b"HTTP/1.1 101"),
+        "{}",
+        String::from_utf8_lossy(&head)
+    );
+    let (ok, stdout, stderr) = upgrading.await.unwrap();
+    assert!(ok, "{stdout} {stderr}");
+    assert!(stdout.contains("handed 3 sessions"), "{stdout}");
+    let _new = Pid(new_pid(&stdout));
+    assert!(proxy.wait_exit(Duration::from_secs(20)).is_some());
+
+    // The late session relays through the new process, both ways.
+    let s2 = fleet.sessions[2].clone();
+    let (r, w) = late.into_split();
+    let (c2b_seed, b2c_seed) = s2.seeds();
+    *s2.client_w.lock().await = Some(Writer {
+        w,
+        seed: c2b_seed,
+        off: 0,
+        masked: true,
+        left_in_frame: 0,
+        frame_start: 0,
+    });
+    let s2r = s2.clone();
+    tokio::spawn(async move { verify(r, &s2r.b2c, b2c_seed).await });
+    wait_until("backend side bound", || {
+        s2.backend_w
+            .try_lock()
+            .map(|g| g.is_some())
+            .unwrap_or(false)
+    })
+    .await;
+    fleet.exchange_all(1000).await;
+    let failures = fleet.settle(Duration::from_secs(10)).await;
+    assert!(failures.is_empty(), "{failures:?}");
+}
