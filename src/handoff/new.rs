@@ -133,6 +133,8 @@ fn backend<'a>(
 
 fn receive(sock: UnixStream, importer: &Importer, control: std::sync::Arc<crate::server::Control>) {
     let t0 = Instant::now();
+    // The old process started us: while it lives, it is our parent.
+    let parent = std::os::unix::process::parent_id();
     let mut got = 0u64;
     let mut batches = 0u64;
     let mut next_shard = 0usize;
@@ -153,7 +155,7 @@ fn receive(sock: UnixStream, importer: &Importer, control: std::sync::Arc<crate:
                 if batches == 3 && crate::server::test_fault("handoff-new-dies") {
                     // tests/upgrade.rs: die holding an unacknowledged batch.
                     log::error!("RINGLB_TEST_FAULT: the new process dies mid-transfer");
-                    std::process::abort();
+                    let _ = super::signal(std::process::id(), libc::SIGKILL);
                 }
                 let n = records.len() as u32;
                 let mut per_shard: Vec<Vec<Moved>> = (0..shards).map(|_| Vec::new()).collect();
@@ -209,9 +211,15 @@ fn receive(sock: UnixStream, importer: &Importer, control: std::sync::Arc<crate:
         }
     })();
     if let Err(e) = outcome {
-        // The old process died, or rolled back (then it kills us first).
-        // What we acknowledged is ours; we are the one serving now.
-        log::warn!("hand-off ended early: {e:#}; keeping the {got} sessions taken");
+        if std::os::unix::process::parent_id() == parent {
+            // The old process is alive: it rolls back (and kills us), so
+            // we must not go on as if we were current.
+            log::error!("hand-off failed: {e:#}; the previous process keeps serving; exiting");
+            std::process::exit(1);
+        }
+        // The old process died: what we acknowledged is ours, and we are
+        // the one serving now.
+        log::warn!("hand-off ended early, the previous process is gone: {e:#}; keeping the {got} sessions taken");
         become_current(&control);
     }
 }
