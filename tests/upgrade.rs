@@ -1058,3 +1058,48 @@ async fn a_handshake_under_way_finishes_in_the_old_process_and_then_moves() {
     let failures = fleet.settle(Duration::from_secs(10)).await;
     assert!(failures.is_empty(), "{failures:?}");
 }
+
+/// A new process that stops answering mid-transfer: after
+/// `server.upgrade_timeout` the old one kills it and keeps every session
+/// not acknowledged relaying.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_new_process_that_stops_answering_is_killed_after_upgrade_timeout() {
+    if !cfg!(debug_assertions) {
+        eprintln!("skipped: release builds compile the RINGLB_TEST_FAULT hooks out");
+        return;
+    }
+    let n = 400;
+    let fleet = Fleet::new(n, &[]).await;
+    let toml = proxy_config(fleet.backend_addr)
+        .replace("shards = 2", "shards = 2\nupgrade_timeout = \"1s\"");
+    let mut proxy = Proxy::start_under(&toml, &["env", "RINGLB_TEST_FAULT=handoff-new-hangs"]);
+    fleet.open_all(proxy.addr()).await;
+    fleet.exchange_all(100).await;
+    let t0 = Instant::now();
+    let (ok, stdout, stderr) = upgrade(proxy.pid()).await;
+    assert!(!ok, "{stdout}");
+    assert!(
+        stderr.contains("did not acknowledge a batch") && stderr.contains("rolled back"),
+        "{stderr}"
+    );
+    assert!(
+        t0.elapsed() >= Duration::from_secs(1),
+        "gave up before upgrade_timeout"
+    );
+    let acked: usize = stderr
+        .split(" stay here and relay on (")
+        .nth(1)
+        .and_then(|r| r.split_whitespace().next())
+        .and_then(|n| n.parse().ok())
+        .unwrap_or_else(|| panic!("{stderr}"));
+    fleet.exchange_all(100).await;
+    fleet.settle(Duration::from_secs(20)).await;
+    assert_eq!(ended(&fleet).len(), acked);
+    let bad: Vec<String> = fleet
+        .failures()
+        .into_iter()
+        .filter(|f| !f.contains("ended"))
+        .collect();
+    assert!(bad.is_empty(), "{bad:?}");
+    assert!(proxy.wait_exit(Duration::from_millis(100)).is_none());
+}

@@ -157,6 +157,14 @@ fn receive(sock: UnixStream, importer: &Importer, control: std::sync::Arc<crate:
                     log::error!("RINGLB_TEST_FAULT: the new process dies mid-transfer");
                     let _ = super::signal(std::process::id(), libc::SIGKILL);
                 }
+                #[cfg(debug_assertions)]
+                if batches == 3 && crate::server::test_fault("handoff-new-hangs") {
+                    // tests/upgrade.rs: stop answering, holding a batch.
+                    log::error!("RINGLB_TEST_FAULT: the new process stops answering");
+                    loop {
+                        std::thread::sleep(Duration::from_secs(3600));
+                    }
+                }
                 let n = records.len() as u32;
                 let mut per_shard: Vec<Vec<Moved>> = (0..shards).map(|_| Vec::new()).collect();
                 let mut fds = fds.into_iter();
