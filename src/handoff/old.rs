@@ -2,6 +2,7 @@
 //! the design in the module above). Runs on the main thread, which has
 //! nothing else to do meanwhile: signals wait until it is over.
 
+use std::collections::VecDeque;
 use std::io::Write;
 use std::os::fd::{AsRawFd, RawFd};
 use std::os::unix::net::UnixStream;
@@ -16,6 +17,9 @@ use super::wire::{self, Mark, Msg, Totals, BATCH};
 use super::{Exported, Launch, Moved, HANDOFF_ENV};
 use crate::server::Server;
 use crate::upstream::now_ms;
+
+/// Batches in flight (sent, not yet acknowledged) at most.
+const WINDOW: usize = 8;
 
 /// How an upgrade ended.
 #[derive(Debug)]
@@ -163,12 +167,21 @@ pub fn upgrade(server: &Server, launch: &mut Launch, report: &mut Report) -> Out
     let mut empty = vec![false; shards];
     let mut handed = 0u64;
     let mut batches = 0u64;
+    // Batches sent and not yet acknowledged, oldest first (acks come in
+    // order): up to WINDOW in flight, so the transfer does not wait a
+    // round trip (and the new process's scheduling) per batch.
+    let mut unacked: VecDeque<Vec<(usize, Moved)>> = VecDeque::new();
     loop {
         let mut batch: Vec<(usize, Moved)> = Vec::new();
-        let first = match rx.recv_timeout(Duration::from_millis(20)) {
-            Ok(x) => Some(x),
-            Err(mpsc::RecvTimeoutError::Timeout) => None,
-            Err(mpsc::RecvTimeoutError::Disconnected) => break,
+        // Wait for sessions only when nothing is in flight; else just look.
+        let first = if unacked.is_empty() {
+            match rx.recv_timeout(Duration::from_millis(20)) {
+                Ok(x) => Some(x),
+                Err(mpsc::RecvTimeoutError::Timeout) => None,
+                Err(mpsc::RecvTimeoutError::Disconnected) => break,
+            }
+        } else {
+            rx.try_recv().ok()
         };
         let mut take = |x: Exported, batch: &mut Vec<(usize, Moved)>| match x {
             Exported::Session { shard, moved } => {
@@ -186,54 +199,50 @@ pub fn upgrade(server: &Server, launch: &mut Launch, report: &mut Report) -> Out
                 }
             }
         }
-        if batch.is_empty() {
-            if empty.iter().all(|e| *e) {
-                break;
+        if !batch.is_empty() {
+            let records: Vec<Vec<u8>> = batch.iter().map(|(_, m)| m.rec.encode()).collect();
+            let fds: Vec<RawFd> = batch
+                .iter()
+                .flat_map(|(_, m)| [m.client.as_raw_fd(), m.backend.as_raw_fd()])
+                .collect();
+            let sent = wire::send(&ours, &Msg::Sessions { records }, &fds);
+            unacked.push_back(batch);
+            if let Err(e) = sent {
+                let why = format!("sending sessions to pid {pid}: {e}");
+                return rollback(server, rx, unacked, why, handed, child);
             }
-            // A dead new process is noticed between batches too.
-            if let Ok(Some(st)) = child.try_wait() {
-                return rollback(
-                    server,
-                    rx,
-                    batch,
-                    format!("new process {pid} exited ({st})"),
-                    handed,
-                    child,
-                );
+            if unacked.len() < WINDOW {
+                continue;
             }
+        }
+        if let Some(oldest) = unacked.pop_front() {
+            let n = oldest.len() as u32;
+            unacked.push_front(oldest);
+            match wire::recv(&ours) {
+                Ok((Msg::Ack { n: got }, _)) if got == n => {}
+                Ok((m, _)) => {
+                    let why = format!("pid {pid} answered {m:?}");
+                    return rollback(server, rx, unacked, why, handed, child);
+                }
+                Err(e) => {
+                    let why = format!("pid {pid} did not acknowledge a batch: {e}");
+                    return rollback(server, rx, unacked, why, handed, child);
+                }
+            }
+            // Acknowledged: the new process owns them; our copies close here.
+            drop(unacked.pop_front());
+            handed += u64::from(n);
+            batches += 1;
             continue;
         }
-        let records: Vec<Vec<u8>> = batch.iter().map(|(_, m)| m.rec.encode()).collect();
-        let fds: Vec<RawFd> = batch
-            .iter()
-            .flat_map(|(_, m)| [m.client.as_raw_fd(), m.backend.as_raw_fd()])
-            .collect();
-        let n = batch.len() as u32;
-        if let Err(e) = wire::send(&ours, &Msg::Sessions { records }, &fds) {
-            return rollback(
-                server,
-                rx,
-                batch,
-                format!("sending sessions to pid {pid}: {e}"),
-                handed,
-                child,
-            );
+        if empty.iter().all(|e| *e) {
+            break;
         }
-        match wire::recv(&ours) {
-            Ok((Msg::Ack { n: got }, _)) if got == n => {}
-            Ok((m, _)) => {
-                let why = format!("pid {pid} answered {m:?}");
-                return rollback(server, rx, batch, why, handed, child);
-            }
-            Err(e) => {
-                let why = format!("pid {pid} did not acknowledge a batch: {e}");
-                return rollback(server, rx, batch, why, handed, child);
-            }
+        // A dead new process is noticed between batches too.
+        if let Ok(Some(st)) = child.try_wait() {
+            let why = format!("new process {pid} exited ({st})");
+            return rollback(server, rx, unacked, why, handed, child);
         }
-        // Acknowledged: the new process owns them; our copies close here.
-        handed += u64::from(n);
-        batches += 1;
-        drop(batch);
     }
     let took = t0.elapsed();
 
@@ -314,7 +323,7 @@ fn reap(mut child: Child) {
 fn rollback(
     server: &Server,
     rx: mpsc::Receiver<Exported>,
-    batch: Vec<(usize, Moved)>,
+    unacked: VecDeque<Vec<(usize, Moved)>>,
     why: String,
     handed: u64,
     mut child: Child,
@@ -326,7 +335,7 @@ fn rollback(
     kill(&mut child);
     let _ = child.wait();
     server.resume();
-    let mut back: Vec<(usize, Moved)> = batch;
+    let mut back: Vec<(usize, Moved)> = unacked.into_iter().flatten().collect();
     // Every shard drops its sender when it handles `Resume`; until then
     // it may still export. Bounded: a shard that does not answer within
     // this is broken, and the supervisor will see it dead.
