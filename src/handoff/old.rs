@@ -173,8 +173,9 @@ pub fn upgrade(server: &Server, launch: &mut Launch, report: &mut Report) -> Out
     let mut unacked: VecDeque<Vec<(usize, Moved)>> = VecDeque::new();
     loop {
         let mut batch: Vec<(usize, Moved)> = Vec::new();
-        // Wait for sessions only when nothing is in flight; else just look.
-        let first = if unacked.is_empty() {
+        // Wait for sessions only when nothing is in flight and a shard
+        // still holds some; else just look.
+        let first = if unacked.is_empty() && !empty.iter().all(|e| *e) {
             match rx.recv_timeout(Duration::from_millis(20)) {
                 Ok(x) => Some(x),
                 Err(mpsc::RecvTimeoutError::Timeout) => None,
