@@ -9,6 +9,8 @@ scenario x target x rep has a raw record with status "ok" (or "errors" with
 plot it references exist.  Targets that do not apply to a scenario (direct and
 HAProxy do not serve static files) are not expected there.  For the static
 scenarios the pre-load probe must have found the file served byte for byte.
+A target the run skipped on purpose (ringlb-tls when the ringlb binary has no
+[tls] support; run.json "skipped_targets") is reported and not expected.
 Checks completeness, never speed.
 """
 
@@ -31,6 +33,7 @@ HEADLINE = {
     "pingpong_pin": (["msgs_per_s", "p99_us"], ["proxy_cpu_us_per_msg"]),
     "rate": (["msgs_per_s", "p99_us"], ["proxy_cpu_us_per_msg"]),
     "handshake": (["conns_per_s"], ["proxy_cpu_us_per_conn"]),
+    "handshake_resumed": (["conns_per_s", "tls_resumed_pct"], ["proxy_cpu_us_per_conn"]),
     "bulk": (["mb_per_s"], ["proxy_cpu_s_per_gb"]),
     "idle": (["held", "machine_per_conn_b"], ["proxy_rss_per_conn_b", "threads_before", "threads_held"]),
     "static_small": (["requests_per_s", "p99_us"], ["proxy_cpu_us_per_req"]),
@@ -56,6 +59,10 @@ def main() -> int:
     if meta.get("status") != "completed":
         problems.append(f"run status is {meta.get('status')!r}, not 'completed'")
     targets = a.targets.split(",") if a.targets else meta["targets"]
+    skipped = meta.get("skipped_targets") or {}
+    for t, why in skipped.items():
+        print(f"note: {t} was skipped by the run: {why}")
+    targets = [t for t in targets if t not in skipped]
     scenarios = a.scenarios.split(",") if a.scenarios else meta["scenarios"]
     reps = meta.get("reps", 1)
     by = {(r["scenario"], r["target"], r["rep"]): r for r in recs}

@@ -23,9 +23,12 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, HERE)
 import svgplot  # noqa: E402
 from targets import STATIC_SCENARIOS, applies  # noqa: E402
+from targets import TLS_EXPECTED, is_tls  # noqa: E402
 
 REPO = os.path.dirname(HERE)
 ANCHORS = ["nginx", "nginx-tuned", "haproxy"]
+TLS_ANCHORS = ["nginx-tls", "haproxy-tls"]
+HANDSHAKE_SCENARIOS = ("handshake", "handshake_resumed")
 LAT_SCENARIOS = ("pingpong", "rate", "pingpong_pin")
 
 # metric key -> (label, unit, lower_is_better)
@@ -65,6 +68,7 @@ METRICS = {
     "proxy_cpu_us_per_req": ("server CPU/request", "µs", True),
     "reconnects": ("reconnects", "", True),
     "closes_unannounced": ("silent closes", "", True),
+    "tls_resumed_pct": ("TLS resumed", "%", False),
 }
 
 TABLES = {
@@ -76,6 +80,9 @@ TABLES = {
              "proxy_cpu_us_per_msg", "proxy_cpu_cores", "foreign_cpu_cores"],
     "handshake": ["conns_per_s", "hs_p50_us", "hs_p99_us", "proxy_cpu_us_per_conn",
                   "proxy_sys_us_per_conn", "proxy_cpu_cores", "backend_cpu_cores", "load_cpu_cores", "foreign_cpu_cores"],
+    "handshake_resumed": ["conns_per_s", "tls_resumed_pct", "hs_p50_us", "hs_p99_us", "proxy_cpu_us_per_conn",
+                          "proxy_sys_us_per_conn", "proxy_cpu_cores", "backend_cpu_cores", "load_cpu_cores",
+                          "foreign_cpu_cores"],
     "bulk": ["mb_per_s", "proxy_cpu_s_per_gb", "proxy_sys_s_per_gb", "proxy_cpu_cores", "proxy_rss_mb",
              "backend_cpu_cores", "load_cpu_cores", "foreign_cpu_cores"],
     "static_small": ["requests_per_s", "p50_us", "p99_us", "proxy_cpu_us_per_req", "proxy_cpu_cores",
@@ -92,6 +99,7 @@ RATIO_METRICS = {
     "pingpong_pin": ["msgs_per_s", "p99_us", "proxy_cpu_us_per_msg"],
     "rate": ["p50_us", "p99_us", "p999_us", "proxy_cpu_us_per_msg"],
     "handshake": ["conns_per_s", "proxy_cpu_us_per_conn"],
+    "handshake_resumed": ["conns_per_s", "proxy_cpu_us_per_conn"],
     "bulk": ["mb_per_s", "proxy_cpu_s_per_gb"],
     "idle": ["proxy_rss_per_conn_b", "machine_per_conn_b"],
     "static_small": ["requests_per_s", "p99_us", "proxy_cpu_us_per_req"],
@@ -102,6 +110,7 @@ SCENARIO_TITLES = {
     "pingpong_pin": "Ping-pong, proxy pinned to 1 core (load + backends on the other)",
     "rate": "Open-loop fixed rate (latency at equal load)",
     "handshake": "Handshake rate (connect, upgrade, close)",
+    "handshake_resumed": "TLS handshake rate, sessions resumed (connect, resumed TLS handshake, upgrade, close)",
     "bulk": "Bulk 1 MiB messages",
     "idle": "Idle connections (memory per connection)",
     "static_small": "Static file, 2 KB (keep-alive GETs)",
@@ -154,8 +163,11 @@ def metrics(rec: dict) -> dict:
                 m["proxy_sys_us_per_msg"] = px["sys_cores"] / rate * 1e6
         if rest_cores is not None and rate:
             m["rest_cpu_per_unit"] = rest_cores / rate * 1e6
-    elif s == "handshake":
+    elif s in HANDSHAKE_SCENARIOS:
         m["conns_per_s"] = L.get("handshakes_per_s")
+        t = L.get("tls")
+        if isinstance(t, dict) and t.get("handshakes"):
+            m["tls_resumed_pct"] = 100.0 * (t.get("resumed") or 0) / t["handshakes"]
         hl = L.get("handshake_latency_us") or {}
         m["hs_p50_us"] = hl.get("p50")
         m["hs_p99_us"] = hl.get("p99")
@@ -355,6 +367,106 @@ def goals(agg, targets) -> list[dict]:
     add("open loop, equal load: ringlb p99 ≤ nginx p99 (ratio)", ratio(r, n), "<=", 1.0,
         f"ringlb {f3(r)} µs vs nginx {f3(n)} µs")
     return g
+
+
+def best_of(agg, scenario, metric, lower_better, candidates):
+    """(target, median) of the best of `candidates` present in the run."""
+    vals = [(t, med(agg, scenario, t, metric)) for t in candidates]
+    vals = [(t, v) for t, v in vals if v is not None]
+    if not vals:
+        return None, None
+    return (min if lower_better else max)(vals, key=lambda x: x[1])
+
+
+def tls_goals(agg, targets, meta) -> list[dict]:
+    """Issue #15's targets: ringlb-tls against nginx-tls and HAProxy-tls,
+    all terminating TLS 1.3 / AES-128-GCM with the same P-256 certificate."""
+    g = []
+    skipped = (meta.get("skipped_targets") or {}).get("ringlb-tls")
+    anchors = [t for t in TLS_ANCHORS if t in targets]
+
+    def add(what, measured, op, limit, detail):
+        if op is None:
+            status = "(no target)"
+        elif measured is None or limit is None:
+            status = "n/a (ringlb-tls skipped)" if skipped else "n/a (missing data)"
+        else:
+            ok = measured <= limit if op == "<=" else measured >= limit
+            status = "**met**" if ok else "**not met**"
+        g.append({"what": what, "measured": measured, "op": op, "limit": limit,
+                  "status": status, "detail": detail})
+
+    def vs_best(what, scenario, metric, limit, unit):
+        r = med(agg, scenario, "ringlb-tls", metric)
+        bt, bv = best_of(agg, scenario, metric, True, anchors)
+        others = ", ".join(f"{t} {f3(med(agg, scenario, t, metric))}" for t in anchors)
+        detail = f"ringlb-tls {f3(r)} {unit}; {others} {unit} (better: {bt})"
+        # A memory delta at or below zero means other activity on the
+        # machine swamped the signal: no ratio then.
+        noise = (r is not None and r <= 0) or (bv is not None and bv <= 0)
+        if noise:
+            detail += " (non-positive: swamped by noise)"
+        add(what, None if noise else ratio(r, bv), "<=" if limit is not None else None, limit, detail)
+
+    vs_best("TLS full handshake: ringlb-tls proxy CPU per connection ≤ 0.8× the better of nginx-tls "
+            "and haproxy-tls", "handshake", "proxy_cpu_us_per_conn", 0.8, "µs")
+    r = med(agg, "pingpong", "ringlb-tls", "proxy_cpu_us_per_msg")
+    n = med(agg, "pingpong", "nginx-tls", "proxy_cpu_us_per_msg")
+    add("TLS ping-pong 64 B: ringlb-tls proxy CPU per message ≤ 0.7× nginx-tls", ratio(r, n), "<=", 0.7,
+        f"ringlb-tls {f3(r)} µs vs nginx-tls {f3(n)} µs")
+    r = med(agg, "idle", "ringlb-tls", "proxy_rss_per_conn_b")
+    add("idle TLS: ringlb-tls proxy RSS ≤ 2 KB per session (bytes)", r, "<=", 2048, f"ringlb-tls {f3(r)} B/session")
+    vs_best("idle TLS: ringlb-tls proxy RSS per session ≤ 0.5× the better anchor", "idle",
+            "proxy_rss_per_conn_b", 0.5, "B")
+    vs_best("TLS bulk 1 MiB: ringlb-tls proxy CPU per GB ≤ 0.9× the better anchor", "bulk",
+            "proxy_cpu_s_per_gb", 0.9, "s")
+    # Measured by the same run, with no target in the issue:
+    vs_best("TLS resumed handshake: ringlb-tls proxy CPU per connection ÷ the better anchor",
+            "handshake_resumed", "proxy_cpu_us_per_conn", None, "µs")
+    vs_best("idle TLS: whole-machine memory per session ÷ the better anchor", "idle",
+            "machine_per_conn_b", None, "B")
+    return g
+
+
+def tls_section(agg, meta, recs, targets) -> list[str]:
+    """Targets of issue #15 and what every TLS target negotiated."""
+    L = ["## TLS targets (issue #15)", ""]
+    tl = meta.get("tls") or {}
+    if tl:
+        L.append(f"Certificate: {tl.get('certificate')}. Load tool: `--tls --ca ca.pem "
+                 f"{' '.join(tl.get('load_flags') or [])}`; full handshakes with `--no-tls-resume`, "
+                 "every other scenario with `--tls-resume`. Every TLS row must negotiate "
+                 f"`{tl.get('expected')}` (checked per run; a row that did not is marked as errors).")
+        L.append("")
+    for t, why in (meta.get("skipped_targets") or {}).items():
+        L.append(f"**{t} skipped:** {why}.")
+        L.append("")
+    L.append("| target | measured | limit | status | detail |")
+    L.append("|---|---|---|---|---|")
+    for g in tls_goals(agg, targets, meta):
+        lim = f"{g['op']} {f3(g['limit'])}" if g["op"] else "—"
+        L.append(f"| {g['what']} | {f3(g['measured'])} | {lim} | {g['status']} | {g['detail']} |")
+    L.append("")
+    rows = []
+    for t in [t for t in targets if is_tls(t)]:
+        neg: dict = {}
+        full = resumed = 0
+        for r in recs:
+            if r["target"] != t or not isinstance((r.get("load") or {}).get("tls"), dict):
+                continue
+            lt = r["load"]["tls"]
+            full += lt.get("full") or 0
+            resumed += lt.get("resumed") or 0
+            for k, n in (lt.get("negotiated") or {}).items():
+                neg[k] = neg.get(k, 0) + n
+        if neg or full or resumed:
+            shown = "; ".join(f"`{k}` × {n}" + ("" if k == TLS_EXPECTED else " **(unexpected)**")
+                              for k, n in sorted(neg.items()))
+            rows.append(f"| {t} | {full} | {resumed} | {shown} |")
+    if rows:
+        L += ["TLS handshakes made by the load tool over the whole run:", "",
+              "| target | full | resumed | negotiated |", "|---|---|---|---|"] + rows + [""]
+    return L
 
 
 def kernel_floor(agg, targets) -> list[str]:
@@ -626,6 +738,9 @@ def summary_md(out: str, meta: dict, recs: list[dict], img_prefix: str = "") -> 
         L += kernel_floor(agg, targets)
         L += throughput_ceiling(agg, targets)
 
+    if any(is_tls(t) for t in targets) or meta.get("skipped_targets"):
+        L += tls_section(agg, meta, recs, targets)
+
     # rows present
     L.append("## Runs")
     L.append("")
@@ -641,6 +756,9 @@ def summary_md(out: str, meta: dict, recs: list[dict], img_prefix: str = "") -> 
             row.append("missing" if not a else f"{a['n_ok']}/{a['n']} ok")
         L.append(f"| {s} | " + " | ".join(row) + " |")
     L.append("")
+    for t, why in (meta.get("skipped_targets") or {}).items():
+        L.append(f"Not run: {t} ({why}).")
+        L.append("")
 
     if any(s in scenarios for s in STATIC_SCENARIOS) and "ringlb" in targets:
         L += static_headline(agg, targets, scenarios)
@@ -663,7 +781,9 @@ def summary_md(out: str, meta: dict, recs: list[dict], img_prefix: str = "") -> 
         L.append("")
         na = [t for t in targets if t not in tg]
         if na:
-            L.append(f"n/a here (not a file server): {', '.join(na)}.")
+            why = "a plaintext target: no TLS session to resume" if s == "handshake_resumed" \
+                else "not a file server"
+            L.append(f"n/a here ({why}): {', '.join(na)}.")
             L.append("")
         if s in STATIC_SCENARIOS:
             L += probe_table(agg, s, tg)
@@ -677,6 +797,16 @@ def summary_md(out: str, meta: dict, recs: list[dict], img_prefix: str = "") -> 
             for o in others:
                 vals = [ratio(med(agg, s, "ringlb", m), med(agg, s, o, m)) for m in rms]
                 L.append(f"| ringlb/{o} | " + " | ".join(f3(v) for v in vals) + " |")
+            L.append("")
+        if "ringlb-tls" in tg and rms:
+            others = [t for t in TLS_ANCHORS if t in tg]
+            L.append(f"Ratios (medians), ringlb-tls / other — for {', '.join(METRICS[m][0] for m in rms)}:")
+            L.append("")
+            L.append("| ratio | " + " | ".join(METRICS[m][0] for m in rms) + " |")
+            L.append("|---|" + "---|" * len(rms))
+            for o in others:
+                vals = [ratio(med(agg, s, "ringlb-tls", m), med(agg, s, o, m)) for m in rms]
+                L.append(f"| ringlb-tls/{o} | " + " | ".join(f3(v) for v in vals) + " |")
             L.append("")
         busy = [f"{r['target']} rep {r['rep']}" for t in tg for r in (agg.get((s, t)) or {}).get("recs", [])
                 if r.get("busy_machine") or r.get("busy_during")]
@@ -810,6 +940,7 @@ def write_setup(out: str, meta: dict) -> None:
         "rate": str(meta.get("rate_calibration", "n/a")),
         "configs": "\n".join(configs) or "(no proxy configs rendered)",
         "static": _static_desc(meta),
+        "tls": _tls_desc(meta),
     }
     import re
     text = re.sub(r"\{\{(\w+)\}\}", lambda m: vals.get(m.group(1), m.group(0)), tmpl)
@@ -836,6 +967,27 @@ def _static_desc(meta: dict) -> str:
             "`keepalive_timeout = \"65s\"`, `keepalive_requests = 1000`.\n"
             "Load: `ringlb-load http` (keep-alive GETs, closed loop, `--expect-length` = the file size)."
             + (f"\nNot applicable there (not file servers, skipped): {', '.join(skipped)}." if skipped else ""))
+
+
+def _tls_desc(meta: dict) -> str:
+    tl = meta.get("tls")
+    if not tl:
+        return "(no TLS targets in this run)"
+    lines = [f"- certificate: {tl.get('certificate')}; made for this run by `bench/tlscerts.py` "
+             "(openssl: a test CA and a leaf, ECDSA P-256); every TLS target gets the same leaf and key "
+             "and sends the leaf alone",
+             f"- load tool: `ringlb-load ... --tls --ca ca.pem {' '.join(tl.get('load_flags') or [])}` "
+             "(`--no-tls-resume` for handshake, `--tls-resume` otherwise); the negotiated "
+             f"parameters must be `{tl.get('expected')}` on every target",
+             "- nginx-tls: `listen ... ssl`, `ssl_protocols TLSv1.3`, "
+             "`ssl_conf_command Ciphersuites TLS_AES_128_GCM_SHA256`, defaults otherwise",
+             "- haproxy-tls: `bind ... ssl crt haproxy.pem ssl-min-ver TLSv1.3 ciphersuites "
+             "TLS_AES_128_GCM_SHA256 alpn http/1.1`, defaults otherwise",
+             "- ringlb-tls: `[tls] listen`, `certificates = [{cert, key}]`, `min_version = \"1.3\"`, "
+             "`alpn = [\"http/1.1\"]`, defaults otherwise"]
+    for t, why in (meta.get("skipped_targets") or {}).items():
+        lines.append(f"- {t}: **skipped**: {why}")
+    return "\n".join(lines)
 
 
 def _bin_desc(path) -> str:

@@ -3,13 +3,18 @@
 
     python3 bench/run.py --targets direct,ringlb,nginx,nginx-tuned,haproxy [--quick]
                          [--reps 3] [--out DIR] [--pin] [--static]
+    python3 bench/run.py --tls [--quick]     # TLS termination: ringlb-tls, nginx-tls, haproxy-tls
 
 For every scenario, rep and target (targets interleaved rep by rep) it starts
 two `ringlb-load echo` backends, the target proxy in front of them, runs the
 load, samples the proxy's CPU time / RSS / threads from /proc and stops
 everything it started by process group.  The static-file scenarios
 (`--static`) start no backends: ringlb and nginx serve the same directory of
-test files and `ringlb-load http` requests one of them.  Raw JSON goes to
+test files and `ringlb-load http` requests one of them.  TLS targets
+(`--tls`, or naming ringlb-tls / nginx-tls / haproxy-tls) terminate TLS with
+a certificate made for the run (tlscerts.py) and are loaded with
+`ringlb-load --tls`; ringlb-tls is skipped, with the reason, when the ringlb
+binary has no [tls] support.  Raw JSON goes to
 bench/results/<date>-<host>/raw/, then report.py writes summary.md, SETUP.md
 and SVG plots from that raw data.
 
@@ -40,6 +45,8 @@ import procutil  # noqa: E402
 from procutil import Child, Sampler, StartError  # noqa: E402
 import targets as targets_mod  # noqa: E402
 from targets import TARGETS, TOOL_FOR_KIND, applies, find_program, start_target  # noqa: E402
+from targets import TLS_EXPECTED, TLS_LOAD_FLAGS, is_tls, ringlb_tls_support  # noqa: E402
+import tlscerts  # noqa: E402
 
 REPO = os.path.dirname(HERE)
 ALL_SCENARIOS = ["pingpong", "rate", "handshake", "bulk", "idle"]
@@ -49,12 +56,20 @@ STATIC_SCENARIOS = list(targets_mod.STATIC_SCENARIOS)
 # The directory both servers serve: name -> size in bytes. Contents are
 # pseudo-random (fixed seed), so gzip could not shrink them even if it were on.
 STATIC_FILES = {"small.bin": 2048, "large.bin": 10 * 1024 * 1024}
+# TLS termination (issue #15): `--tls` runs these targets and scenarios unless
+# --targets/--scenarios say otherwise. handshake is full handshakes there
+# (--no-tls-resume); handshake_resumed (TLS targets only) resumes sessions.
+TLS_SCENARIOS = list(targets_mod.TLS_SCENARIOS)
+HANDSHAKE_SCENARIOS = ("handshake", "handshake_resumed")
+TLS_DEFAULT_TARGETS = "ringlb-tls,nginx-tls,haproxy-tls"
+TLS_DEFAULT_SCENARIOS = "handshake,handshake_resumed,pingpong,bulk,idle"
 
 # Scenario parameters. Durations in seconds.
 FULL = {
     "pingpong": {"connections": 200, "size": 64, "duration": 10, "warmup": 2},
     "rate": {"connections": 200, "size": 64, "duration": 10, "warmup": 2, "rate": None},
     "handshake": {"total": 20000, "concurrency": 50},
+    "handshake_resumed": {"total": 20000, "concurrency": 50},
     "bulk": {"connections": 4, "size": "1MiB", "duration": 10, "warmup": 2},
     "idle": {"connections": 9000, "hold": 25, "procs": 2},
     PIN_SCENARIO: {"connections": 200, "size": 64, "duration": 10, "warmup": 2,
@@ -66,6 +81,7 @@ QUICK = {
     "pingpong": {"connections": 50, "size": 64, "duration": 3, "warmup": 1},
     "rate": {"connections": 50, "size": 64, "duration": 3, "warmup": 1, "rate": None},
     "handshake": {"total": 1000, "concurrency": 20},
+    "handshake_resumed": {"total": 1000, "concurrency": 20},
     "bulk": {"connections": 2, "size": "1MiB", "duration": 3, "warmup": 1},
     "idle": {"connections": 300, "hold": 8, "procs": 1},
     PIN_SCENARIO: {"connections": 50, "size": 64, "duration": 3, "warmup": 1,
@@ -98,6 +114,14 @@ def find_binary(name: str, bin_dir: str | None) -> str | None:
         if os.access(p, os.X_OK):
             return p
     return None
+
+
+INDEP_DIR = os.path.join(HERE, "indep-load")
+
+
+def indep_binary() -> str | None:
+    p = os.path.join(INDEP_DIR, "target", "release", "indep-load")
+    return p if os.access(p, os.X_OK) else None
 
 
 def tool_help(load_bin: str, mode: str) -> str:
@@ -149,6 +173,7 @@ class Ctx:
         self.quiet_budget = float(args.wait_quiet_total)
         self.static_root = None  # made by make_static_root() when a static scenario runs
         self.static_files: dict = {}
+        self.tls = None  # certificate paths (tlscerts.make) when a TLS target runs
 
 
 def make_static_root(ctx: Ctx) -> dict:
@@ -218,7 +243,20 @@ def start_backends(ctx: Ctx, tag: str, cpus: str | None) -> tuple[list[Child], l
     return children, ports
 
 
-def load_cmd(ctx: Ctx, scenario: str, p: dict, url: str, json_path: str, hist_path: str) -> list[str]:
+def load_cmd(ctx: Ctx, scenario: str, p: dict, url: str, json_path: str, hist_path: str,
+             target: str | None = None) -> list[str]:
+    cmd = _load_cmd(ctx, scenario, p, url, json_path, hist_path)
+    if target is not None and is_tls(target):
+        # Verified against the run's CA, by name; only TLS 1.3 with
+        # AES-128-GCM offered, so every target negotiates the same.
+        cmd += ["--tls", "--ca", ctx.tls["ca"], "--sni", ctx.tls["server_name"]] + TLS_LOAD_FLAGS
+        # handshake measures full handshakes; elsewhere sessions resume, as a
+        # browser's would (handshake_resumed measures that).
+        cmd.append("--no-tls-resume" if scenario == "handshake" else "--tls-resume")
+    return cmd
+
+
+def _load_cmd(ctx: Ctx, scenario: str, p: dict, url: str, json_path: str, hist_path: str) -> list[str]:
     lb = ctx.bins["ringlb-load"]
     if scenario in STATIC_SCENARIOS:
         return [lb, "http", "--url", url, "--json", json_path,
@@ -226,7 +264,10 @@ def load_cmd(ctx: Ctx, scenario: str, p: dict, url: str, json_path: str, hist_pa
                 "--warmup", f"{p['warmup']}s",
                 "--expect-length", str(STATIC_FILES[p["file"]]), "--hist", hist_path]
     mode = {"pingpong": "pingpong", PIN_SCENARIO: "pingpong", "rate": "rate",
-            "handshake": "handshake", "bulk": "bulk", "idle": "idle"}[scenario]
+            "handshake": "handshake", "handshake_resumed": "handshake",
+            "bulk": "bulk", "idle": "idle"}[scenario]
+    if mode in ("pingpong", "rate") and ctx.bins.get("client"):
+        lb = ctx.bins["client"]  # --client indep: the independent load tool
     cmd = [lb, mode, "--url", url, "--json", json_path]
     if mode in ("pingpong", "rate", "bulk"):
         cmd += ["--connections", str(p["connections"]), "--size", str(p["size"]),
@@ -249,7 +290,7 @@ def load_cmd(ctx: Ctx, scenario: str, p: dict, url: str, json_path: str, hist_pa
 
 
 def load_timeout(scenario: str, p: dict) -> float:
-    if scenario == "handshake":
+    if scenario in HANDSHAKE_SCENARIOS:
         return 180.0
     if scenario == "idle":
         return p["hold"] + 120.0
@@ -313,8 +354,8 @@ def measure(ctx: Ctx, scenario: str, target: str, rep: int) -> dict:
             rec["backend_ports"] = bports
             rec["backend_pids"] = [b.pid for b in backends]
             running = start_target(target, bports, ctx.work, ctx.logs, tag, ctx.bins,
-                                   ctx.args.workers, proxy_cpus, ctx.configs)
-            url = f"ws://127.0.0.1:{running.port}/"
+                                   ctx.args.workers, proxy_cpus, ctx.configs, tls=ctx.tls)
+            url = f"{'wss' if is_tls(target) else 'ws'}://127.0.0.1:{running.port}/"
         if running.child is not None:
             rec["proxy_cmd"] = running.child.cmd
         proxy_roots = [running.child.pid] if running.child else []
@@ -331,7 +372,7 @@ def measure(ctx: Ctx, scenario: str, target: str, rep: int) -> dict:
         json_path = os.path.join(ctx.work, f"{tag}.json")
         hist_path = os.path.join(ctx.raw, "hist", f"{tag}.csv")
         os.makedirs(os.path.dirname(hist_path), exist_ok=True)
-        cmd = load_cmd(ctx, scenario, p, url, json_path, hist_path)
+        cmd = load_cmd(ctx, scenario, p, url, json_path, hist_path, target=target)
         rec["load_cmd"] = cmd
         t_spawn = time.monotonic()
         load = Child("load", cmd, os.path.join(ctx.logs, f"{tag}-load.log"), cpus=other_cpus)
@@ -341,6 +382,9 @@ def measure(ctx: Ctx, scenario: str, target: str, rep: int) -> dict:
         if proxy_roots:
             roots["proxy"] = proxy_roots
         perf = start_perf(ctx, scenario, p, tag, proxy_pids)
+        pstat = start_perf_stat(ctx, scenario, p, tag, proxy_pids)
+        if pstat is not None:
+            roots["perf_stat"] = [pstat.pid]
         if perf is not None:
             # perf's own CPU is not another process's: keep it out of "foreign"
             roots["perf"] = [perf.pid]
@@ -354,6 +398,8 @@ def measure(ctx: Ctx, scenario: str, target: str, rep: int) -> dict:
         sampler.stop()
         if perf is not None:
             rec["perf"] = finish_perf(ctx, perf, tag)
+        if pstat is not None:
+            rec["perf_stat"] = finish_perf_stat(ctx, pstat, tag)
         rec["busy_during"] = sorted(sampler.busy_seen)
         if rc is None:
             load.stop()
@@ -371,7 +417,7 @@ def measure(ctx: Ctx, scenario: str, target: str, rep: int) -> dict:
             rec["hist"] = os.path.relpath(hist_path, ctx.out)
 
         # Steady-state window (skip warmup/connect at the start, teardown at the end).
-        if scenario in ("handshake", "idle"):
+        if scenario in HANDSHAKE_SCENARIOS + ("idle",):
             t0, t1 = t_spawn - 1.0, t_exit + 1.0
         else:
             warm = p.get("warmup", 0) + 0.75
@@ -391,6 +437,11 @@ def measure(ctx: Ctx, scenario: str, target: str, rep: int) -> dict:
         rec["status"] = "ok" if rc == 0 and not errs else "errors"
         if rec["status"] == "errors":
             rec["error"] = f"load exit {rc}, error_total={errs}: {rec['load'].get('errors')}"
+        if is_tls(target):
+            tls_problem = check_tls(scenario, rec)
+            if tls_problem and rec["status"] == "ok":
+                rec["status"] = "errors"
+                rec["error"] = tls_problem
         # The proxy must still be alive at the end of the run.
         if running.child is not None and not running.child.alive():
             rec["status"] = "failed"
@@ -412,13 +463,32 @@ def measure(ctx: Ctx, scenario: str, target: str, rep: int) -> dict:
     return rec
 
 
+def check_tls(scenario: str, rec: dict) -> str | None:
+    """Records what a TLS run negotiated; says what is wrong if it is not
+    the same on every target (TLS_EXPECTED), or if a full-handshake run
+    resumed sessions, or a resumption run resumed none."""
+    t = (rec.get("load") or {}).get("tls")
+    if not isinstance(t, dict):
+        return "the load tool reported no TLS statistics (is ringlb-load built with --tls?)"
+    rec["tls"] = {k: t.get(k) for k in ("handshakes", "full", "resumed", "negotiated")}
+    neg = t.get("negotiated") or {}
+    other = {k: v for k, v in neg.items() if k != TLS_EXPECTED}
+    if other:
+        return f"negotiated {other}, expected only {TLS_EXPECTED!r}"
+    if scenario == "handshake" and t.get("resumed"):
+        return f"full-handshake run resumed {t['resumed']} session(s)"
+    if scenario == "handshake_resumed" and not t.get("resumed"):
+        return "no session was resumed (the target issued no usable ticket)"
+    return None
+
+
 def start_perf(ctx: Ctx, scenario: str, p: dict, tag: str, proxy_pids: list[int]) -> Child | None:
     """`--perf S`: record call graphs of the proxy's processes for S seconds
     of the load (after its warm-up); None when not asked or not applicable."""
     if not ctx.args.perf or not proxy_pids or scenario == "idle":
         return None
-    delay = 0.0 if scenario == "handshake" else p.get("warmup", 0) + 0.5
-    secs = ctx.args.perf if scenario == "handshake" else min(ctx.args.perf, max(1.0, p["duration"] - 1.0))
+    delay = 0.0 if scenario in HANDSHAKE_SCENARIOS else p.get("warmup", 0) + 0.5
+    secs = ctx.args.perf if scenario in HANDSHAKE_SCENARIOS else min(ctx.args.perf, max(1.0, p["duration"] - 1.0))
     os.makedirs(os.path.join(ctx.out, "perf"), exist_ok=True)
     data = os.path.join(ctx.work, f"{tag}.perf.data")
     cmd = [ctx.bins["perf"], "record", "-q", "-g", "-o", data, "-p", ",".join(map(str, proxy_pids)),
@@ -426,6 +496,52 @@ def start_perf(ctx: Ctx, scenario: str, p: dict, tag: str, proxy_pids: list[int]
     if delay > 0:
         cmd[2:2] = ["-D", str(int(delay * 1000))]
     return Child("perf", cmd, os.path.join(ctx.logs, f"{tag}-perf.log"))
+
+
+# Counted per proxy over the measured window by `--perf-stat`: wake-ups
+# (context switches), every syscall, and the two that wait for events.
+PERF_STAT_EVENTS = ["context-switches", "cpu-migrations", "raw_syscalls:sys_enter",
+                    "syscalls:sys_enter_io_uring_enter", "syscalls:sys_enter_epoll_wait",
+                    "syscalls:sys_enter_epoll_pwait", "task-clock"]
+
+
+def start_perf_stat(ctx: Ctx, scenario: str, p: dict, tag: str, proxy_pids: list[int]) -> Child | None:
+    """`--perf-stat`: count PERF_STAT_EVENTS in the proxy's processes over the
+    same window as the CPU figures (after the warm-up, for duration - 1 s).
+    Counting costs far less than `perf record`, but not nothing: compare
+    counted runs with counted runs."""
+    if not ctx.args.perf_stat or not proxy_pids or scenario not in ("pingpong", "rate", PIN_SCENARIO, "bulk"):
+        return None
+    delay = p.get("warmup", 0) + 0.75
+    secs = max(1.0, p["duration"] - 1.0)
+    out = os.path.join(ctx.work, f"{tag}.perfstat.csv")
+    cmd = [ctx.bins["perf"], "stat", "-x", ",", "-o", out, "-D", str(int(delay * 1000)),
+           "-e", ",".join(PERF_STAT_EVENTS), "-p", ",".join(map(str, proxy_pids)),
+           "--", "sleep", f"{delay + secs:.2f}"]
+    return Child("perf-stat", cmd, os.path.join(ctx.logs, f"{tag}-perfstat.log"))
+
+
+def finish_perf_stat(ctx: Ctx, pstat: Child, tag: str) -> dict | None:
+    """Event counts and the seconds they were counted over."""
+    if pstat.wait(60) is None:
+        pstat.stop()
+        return None
+    path = os.path.join(ctx.work, f"{tag}.perfstat.csv")
+    counts: dict = {}
+    try:
+        with open(path) as f:
+            for line in f:
+                parts = line.strip().split(",")
+                if len(parts) < 3 or line.startswith("#"):
+                    continue
+                try:
+                    counts[parts[2]] = float(parts[0])
+                except ValueError:
+                    counts[parts[2]] = None  # "<not counted>" / "<not supported>"
+    except OSError:
+        return None
+    # task-clock is in ms of CPU; the window length is what -D/sleep gave
+    return {"events": counts}
 
 
 def finish_perf(ctx: Ctx, perf: Child, tag: str) -> str | None:
@@ -511,10 +627,16 @@ def calibrate_rate(records: list[dict], mode: str) -> tuple[int, str]:
 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--targets", default="direct,ringlb,nginx,nginx-tuned,haproxy",
-                    help="comma list of: " + ",".join(TARGETS))
-    ap.add_argument("--scenarios", default=",".join(ALL_SCENARIOS),
-                    help="comma list of: " + ",".join(ALL_SCENARIOS + [PIN_SCENARIO] + STATIC_SCENARIOS))
+    ap.add_argument("--targets", default=None,
+                    help="comma list of: " + ",".join(TARGETS)
+                    + " (default direct,ringlb,nginx,nginx-tuned,haproxy; with --tls " + TLS_DEFAULT_TARGETS + ")")
+    ap.add_argument("--scenarios", default=None,
+                    help="comma list of: " + ",".join(ALL_SCENARIOS + [PIN_SCENARIO] + STATIC_SCENARIOS
+                                                      + TLS_SCENARIOS)
+                    + " (default " + ",".join(ALL_SCENARIOS) + "; with --tls " + TLS_DEFAULT_SCENARIOS + ")")
+    ap.add_argument("--tls", action="store_true",
+                    help="TLS termination: targets " + TLS_DEFAULT_TARGETS + " and scenarios "
+                         + TLS_DEFAULT_SCENARIOS + " unless --targets/--scenarios are given")
     ap.add_argument("--quick", action="store_true", help="1 rep, short runs, small idle count (CI)")
     ap.add_argument("--reps", type=int, default=None, help="repetitions (default 3, quick 1)")
     ap.add_argument("--out", default=None, help="results dir (default bench/results/<date>-<host>)")
@@ -551,9 +673,19 @@ def main(argv=None) -> int:
                     help="record the proxy with `perf record -g` for SECONDS of each load; text "
                          "reports go to <out>/perf/ (perf costs CPU: such a run is for profiles, "
                          "not for ratios)")
+    ap.add_argument("--perf-stat", action="store_true",
+                    help="count context switches and syscalls (io_uring_enter, epoll_wait) in the "
+                         "proxy over each message run's window with `perf stat` (needs tracefs)")
+    ap.add_argument("--client", choices=["ringlb-load", "indep"], default="ringlb-load",
+                    help="load tool for pingpong/rate: ringlb-load, or indep (bench/indep-load, "
+                         "tokio-tungstenite; built by --build or `cargo build --release` there)")
     ap.add_argument("--skip-missing", action="store_true",
                     help="drop targets whose program is not installed instead of stopping")
     args = ap.parse_args(argv)
+    if args.targets is None:
+        args.targets = TLS_DEFAULT_TARGETS if args.tls else "direct,ringlb,nginx,nginx-tuned,haproxy"
+    if args.scenarios is None:
+        args.scenarios = TLS_DEFAULT_SCENARIOS if args.tls else ",".join(ALL_SCENARIOS)
 
     mode = "quick" if args.quick else "full"
     reps = args.reps or (1 if args.quick else 3)
@@ -573,8 +705,10 @@ def main(argv=None) -> int:
             ap.error(f"unknown scenario {s!r}")
     if PIN_SCENARIO in scenarios and (os.cpu_count() or 1) < 2:
         ap.error("--pin needs at least 2 CPUs")
+    if args.client == "indep" and any(is_tls(t) for t in names):
+        ap.error("--client indep does not speak TLS; the TLS targets need ringlb-load")
 
-    progs, missing = check_tools(names, PIN_SCENARIO in scenarios, bool(args.perf))
+    progs, missing = check_tools(names, PIN_SCENARIO in scenarios, bool(args.perf or args.perf_stat))
     if missing:
         pkgs = " ".join(sorted(set(missing)))
         msg = (f"Missing tools: {pkgs}.\n"
@@ -594,7 +728,18 @@ def main(argv=None) -> int:
         if r.returncode != 0:
             print("cargo build failed", file=sys.stderr)
             return 4
+    if args.build and args.client == "indep":
+        r = subprocess.run(["cargo", "build", "--release"], cwd=INDEP_DIR)
+        if r.returncode != 0:
+            print("cargo build of bench/indep-load failed", file=sys.stderr)
+            return 4
     bins = dict(progs)
+    if args.client == "indep":
+        bins["client"] = indep_binary()
+        if not bins["client"]:
+            print("bench/indep-load is not built: (cd bench/indep-load && cargo build --release)",
+                  file=sys.stderr)
+            return 4
     bins["ringlb-load"] = find_binary("ringlb-load", args.bin_dir)
     bins["ringlb"] = find_binary("ringlb", args.bin_dir)
     if args.base_bin:
@@ -631,6 +776,23 @@ def main(argv=None) -> int:
             "mode": mode, "reps": reps, "targets": names, "scenarios": scenarios,
             "workers": args.workers, "argv": sys.argv, "bins": bins, "params": params,
             "status": "running"}
+    if any(is_tls(t) for t in names):
+        openssl = find_program("openssl")
+        if not openssl:
+            print("TLS targets need the openssl command line (apt-get install -y openssl)", file=sys.stderr)
+            return 3
+        ctx.tls = tlscerts.make(os.path.join(ctx.work, "certs"), openssl)
+        meta["tls"] = {"certificate": tlscerts.describe(ctx.tls, openssl), "expected": TLS_EXPECTED,
+                       "load_flags": TLS_LOAD_FLAGS + ["--sni", ctx.tls["server_name"]],
+                       "server_name": ctx.tls["server_name"]}
+        if "ringlb-tls" in names:
+            why = (ringlb_tls_support(bins["ringlb"], ctx.tls, ctx.work) if bins.get("ringlb")
+                   else "ringlb binary not found (cargo build --release --workspace)")
+            if why:
+                log(f"ringlb-tls: SKIPPED: {why}")
+                meta["skipped_targets"] = {"ringlb-tls": why}
+                names = [t for t in names if t != "ringlb-tls"]
+                meta["targets"] = names
     skipped = {s: [t for t in names if not applies(s, t)] for s in scenarios}
     skipped = {s: v for s, v in skipped.items() if v}
     if skipped:
@@ -715,8 +877,10 @@ def brief(rec: dict) -> str:
     if s in ("pingpong", "rate", PIN_SCENARIO):
         lat = L.get("latency_us") or {}
         return f"{L.get('msgs_per_s', 0):.0f} msg/s p99 {lat.get('p99', 0):.0f}us"
-    if s == "handshake":
-        return f"{L.get('handshakes_per_s', 0):.0f} conn/s"
+    if s in HANDSHAKE_SCENARIOS:
+        t = L.get("tls") or {}
+        extra = f" (tls full {t.get('full')} resumed {t.get('resumed')})" if t else ""
+        return f"{L.get('handshakes_per_s', 0):.0f} conn/s{extra}"
     if s == "bulk":
         return f"{L.get('mb_per_s', 0):.1f} MB/s"
     if s == "idle":

@@ -169,3 +169,55 @@ def percentile_curves(title: str, curves: dict[str, list[tuple[float, float]]], 
     if note:
         body.append(f'<text x="{w - 4}" y="{h - 8}" text-anchor="end" font-size="10" fill="#666">{escape(note)}</text>')
     return _svg(w, h, body)
+
+
+def line_chart(title: str, xlabel: str, ylabel: str,
+               series: list[tuple[str, list[tuple[float, float]]]],
+               marks: list[tuple[float, str]] | None = None, note: str = "") -> str:
+    """Lines over a linear x axis (time). series: [(label, [(x, y)])];
+    marks: vertical lines at x with a label (an event: "backend C added")."""
+    w, h = 720, 400
+    ml, mr, mt, mb = 70, 160, 40, 55
+    pw, ph = w - ml - mr, h - mt - mb
+    xs = [x for _, pts in series for x, _ in pts]
+    ys = [y for _, pts in series for _, y in pts]
+    body = [f'<text x="{(ml + w - mr) / 2}" y="22" text-anchor="middle" font-size="15">{escape(title)}</text>']
+    if not xs:
+        body.append(f'<text x="{w / 2}" y="{h / 2}" text-anchor="middle" fill="#999">no data</text>')
+        return _svg(w, h, body)
+    xmax = _nice_max(max(xs))
+    ymax = _nice_max(max(ys) if ys else 1.0)
+
+    def X(x):
+        return ml + pw * x / xmax
+
+    def Y(y):
+        return mt + ph - ph * y / ymax
+
+    for i in range(6):
+        yv = ymax * i / 5
+        body.append(f'<line x1="{ml}" y1="{Y(yv):.1f}" x2="{ml + pw}" y2="{Y(yv):.1f}" stroke="#ddd"/>')
+        body.append(f'<text x="{ml - 6}" y="{Y(yv) + 4:.1f}" text-anchor="end">{_fmt(yv)}</text>')
+        xv = xmax * i / 5
+        body.append(f'<text x="{X(xv):.1f}" y="{mt + ph + 16}" text-anchor="middle">{_fmt(xv)}</text>')
+    body.append(f'<rect x="{ml}" y="{mt}" width="{pw}" height="{ph}" fill="none" stroke="#333"/>')
+    body.append(f'<text x="{ml + pw / 2}" y="{h - 20}" text-anchor="middle">{escape(xlabel)}</text>')
+    body.append(f'<text x="16" y="{mt + ph / 2}" text-anchor="middle" '
+                f'transform="rotate(-90 16 {mt + ph / 2})">{escape(ylabel)}</text>')
+    for x, label in marks or []:
+        body.append(f'<line x1="{X(x):.1f}" y1="{mt}" x2="{X(x):.1f}" y2="{mt + ph}" '
+                    f'stroke="#999" stroke-dasharray="4 3"/>')
+        body.append(f'<text x="{X(x) + 4:.1f}" y="{mt + 12}" font-size="10" fill="#666">{escape(label)}</text>')
+    for i, (label, pts) in enumerate(series):
+        pts = sorted(pts)
+        if not pts:
+            continue
+        col = EXTRA[i % len(EXTRA)] if label not in PALETTE else PALETTE[label]
+        path = " ".join(f"{'M' if j == 0 else 'L'}{X(x):.1f},{Y(y):.1f}" for j, (x, y) in enumerate(pts))
+        body.append(f'<path d="{path}" fill="none" stroke="{col}" stroke-width="2"/>')
+        ly = mt + 14 + i * 18
+        body.append(f'<line x1="{w - mr + 10}" y1="{ly - 4}" x2="{w - mr + 30}" y2="{ly - 4}" stroke="{col}" stroke-width="3"/>')
+        body.append(f'<text x="{w - mr + 34}" y="{ly}">{escape(label)}</text>')
+    if note:
+        body.append(f'<text x="{w - 4}" y="{h - 4}" text-anchor="end" font-size="10" fill="#666">{escape(note)}</text>')
+    return _svg(w, h, body)

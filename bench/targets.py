@@ -35,7 +35,25 @@ TARGETS = {
     "nginx": ("nginx", "nginx.conf.tmpl", {"nginx_extra": ""}),
     "nginx-tuned": ("nginx", "nginx.conf.tmpl", {"nginx_extra": NGINX_TUNED_EXTRA}),
     "haproxy": ("haproxy", "haproxy.cfg.tmpl", {}),
+    # TLS termination (issue #15): each proxy with TLS on its listener, the
+    # same ECDSA P-256 test certificate (made per run by tlscerts.py), TLS 1.3
+    # and TLS_AES_128_GCM_SHA256 only; backends stay plaintext. The load tool
+    # connects with --tls and offers only that suite.
+    "ringlb-tls": ("ringlb", "ringlb-tls.toml.tmpl", {"ringlb_extra": "", "tls": True}),
+    "nginx-tls": ("nginx", "nginx-tls.conf.tmpl", {"nginx_extra": "", "tls": True}),
+    "haproxy-tls": ("haproxy", "haproxy-tls.cfg.tmpl", {"tls": True}),
 }
+
+# TLS-only scenarios: handshakes that resume a session (tickets).
+TLS_SCENARIOS = ("handshake_resumed",)
+# What every TLS target must negotiate with the load tool, as ringlb-load
+# reports it (version, cipher suite, key exchange group).
+TLS_EXPECTED = "TLSv1_3 TLS13_AES_128_GCM_SHA256 X25519"
+TLS_LOAD_FLAGS = ["--tls-version", "1.3", "--tls-cipher", "TLS13_AES_128_GCM_SHA256"]
+
+
+def is_tls(target: str) -> bool:
+    return bool(TARGETS.get(target, (None, None, {}))[2].get("tls"))
 
 # Static-file scenarios: the targets that serve files, with their templates.
 # direct and HAProxy do not serve files: n/a there. nginx-tuned differs from
@@ -53,7 +71,10 @@ STATIC_TARGETS = {
 
 
 def applies(scenario: str, target: str) -> bool:
-    """Whether `target` is measured in `scenario` (static scenarios: file servers only)."""
+    """Whether `target` is measured in `scenario` (static scenarios: file
+    servers only; TLS-only scenarios: TLS targets only)."""
+    if scenario in TLS_SCENARIOS:
+        return is_tls(target)
     return scenario not in STATIC_SCENARIOS or target in STATIC_TARGETS
 
 
@@ -75,6 +96,37 @@ def render(template_name: str, values: dict) -> str:
         return str(values[key])
 
     return re.sub(r"\{\{(\w+)\}\}", sub, text)
+
+
+def tls_values(tls: dict) -> dict:
+    """Template values of a TLS target (certificate paths; ringlb's
+    plaintext listener, which [server] requires and the load never uses)."""
+    return {"tls_cert": tls["cert"], "tls_key": tls["key"], "tls_haproxy_pem": tls["haproxy"],
+            "plain_port": free_port()}
+
+
+def ringlb_tls_support(exe: str, tls: dict, workdir: str) -> str | None:
+    """None if `exe` accepts ringlb-tls's configuration (`ringlb check`),
+    else why not, in one line for the log and the report."""
+    import subprocess
+    values = {"port": free_port(), "workers": 1, "prefix": workdir, "haproxy_maxconn": HAPROXY_MAXCONN,
+              "backend1": 1, "backend2": 2}
+    values.update(tls_values(tls))
+    values.update(TARGETS["ringlb-tls"][2])
+    path = os.path.join(workdir, "ringlb-tls-probe.toml")
+    with open(path, "w") as f:
+        f.write(render(TARGETS["ringlb-tls"][1], values))
+    try:
+        r = subprocess.run([exe, "check", "--config", path], capture_output=True, text=True, timeout=30)
+    except (OSError, subprocess.TimeoutExpired) as e:
+        return f"`{exe} check` could not run: {e}"
+    if r.returncode == 0:
+        return None
+    out = " ".join((r.stdout + r.stderr).split())
+    if "unknown field `tls`" in out:
+        return (f"{exe} has no TLS support (its config rejects the [tls] section); build ringlb "
+                f"with TLS (issue #15) and run again")
+    return f"{exe} rejects the ringlb-tls configuration: {out[:400]}"
 
 
 def find_program(name: str) -> str | None:
@@ -105,9 +157,10 @@ class Running:
 def start_target(name: str, backend_ports: list[int], workdir: str, logdir: str,
                  tag: str, bins: dict, workers: int, cpus: str | None,
                  configs_out: str, ready_timeout: float = 10.0,
-                 static_root: str | None = None) -> Running:
+                 static_root: str | None = None, tls: dict | None = None) -> Running:
     """Start target `name` in front of the backends (or, with `static_root`,
-    serving that directory); return once it accepts TCP."""
+    serving that directory); return once it accepts TCP. TLS targets need
+    `tls`, the certificate paths from tlscerts.make()."""
     if static_root is not None:
         if name not in STATIC_TARGETS:
             raise StartError(f"{name} does not serve static files")
@@ -126,6 +179,10 @@ def start_target(name: str, backend_ports: list[int], workdir: str, logdir: str,
         values["docroot"] = static_root
     else:
         values.update({"backend1": backend_ports[0], "backend2": backend_ports[1]})
+    if extra.get("tls"):
+        if not tls:
+            raise StartError(f"{name} is a TLS target but no certificates were made")
+        values.update(tls_values(tls))
     values.update(extra)
     text = render(template, values)
     ext = {"nginx": "conf", "haproxy": "cfg", "ringlb": "toml"}[kind]

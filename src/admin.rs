@@ -1,7 +1,8 @@
 //! The admin listener: `GET /` (the dashboard, a self-contained page that
 //! polls `/status`), `GET /metrics` (Prometheus text format 0.0.4),
 //! `GET /status` (JSON), `GET /healthz` (`ok`),
-//! `POST /backends/{upstream}/{addr}/drain|undrain`.
+//! `POST /backends/{upstream}/{addr}/drain[?close_rate=N]|undrain`,
+//! `POST /upstreams/{upstream}/rebalance`.
 //!
 //! Browsers must not be able to drive it: a web page can make its visitor's
 //! browser send a form POST anywhere (so every request that is not GET or
@@ -325,12 +326,13 @@ pub fn host_allowed(host: &str, local: SocketAddr) -> bool {
 
 /// Routes one admin request; pure apart from the drain flag it may set.
 pub fn handle(method: &str, path: &str, control: &Control) -> (u16, &'static str, String) {
-    let path = path.split('?').next().unwrap_or("");
+    let (path, query) = path.split_once('?').unwrap_or((path, ""));
     match (method, path) {
         ("GET", "/metrics") => (200, "text/plain; version=0.0.4", metrics(control)),
         ("GET", "/status") => (200, "application/json", status(control)),
         ("GET", "/healthz") => (200, "text/plain", "ok\n".into()),
-        ("POST", p) if p.starts_with("/backends/") => backend_action(p, control),
+        ("POST", p) if p.starts_with("/backends/") => backend_action(p, query, control),
+        ("POST", p) if p.starts_with("/upstreams/") => upstream_action(p, control),
         (_, "/" | "/metrics" | "/status" | "/healthz") => {
             (405, "text/plain", "method not allowed\n".into())
         }
@@ -338,7 +340,55 @@ pub fn handle(method: &str, path: &str, control: &Control) -> (u16, &'static str
     }
 }
 
-fn backend_action(path: &str, control: &Control) -> (u16, &'static str, String) {
+/// `POST /upstreams/{upstream}/rebalance`: starts a rebalance now.
+fn upstream_action(path: &str, control: &Control) -> (u16, &'static str, String) {
+    let parts: Vec<&str> = path.trim_start_matches("/upstreams/").split('/').collect();
+    let [upstream, "rebalance"] = parts[..] else {
+        return (
+            404,
+            "text/plain",
+            "use POST /upstreams/{upstream}/rebalance\n".into(),
+        );
+    };
+    let snap = control.snapshot();
+    let Some(u) = snap.upstreams.iter().find(|u| u.name == upstream) else {
+        return (404, "text/plain", format!("no upstream {upstream}\n"));
+    };
+    if u.rebalance.is_none() {
+        return (
+            409,
+            "text/plain",
+            format!("upstream {upstream} has no rebalance configured (set rebalance = {{ threshold = 0.25, rate = 20 }} in [upstream.{upstream}])\n"),
+        );
+    }
+    u.state.trigger(u, "asked for by the admin API");
+    (
+        200,
+        "application/json",
+        format!("{{\"upstream\":\"{upstream}\",\"rebalancing\":true}}\n"),
+    )
+}
+
+/// `close_rate=N` from a drain's query; `Ok(None)` without one.
+fn close_rate(query: &str) -> Result<Option<u32>, String> {
+    let mut rate = None;
+    for pair in query.split('&').filter(|p| !p.is_empty()) {
+        match pair.split_once('=') {
+            Some(("close_rate", v)) => match v.parse::<u32>() {
+                Ok(n) if (1..=1_000_000).contains(&n) => rate = Some(n),
+                _ => {
+                    return Err(format!(
+                        "close_rate must be a whole number of sessions per second, 1 to 1000000 (got {v:?})\n"
+                    ))
+                }
+            },
+            _ => return Err(format!("unknown parameter {pair:?}; only close_rate=N\n")),
+        }
+    }
+    Ok(rate)
+}
+
+fn backend_action(path: &str, query: &str, control: &Control) -> (u16, &'static str, String) {
     let parts: Vec<&str> = path.trim_start_matches("/backends/").split('/').collect();
     let [upstream, addr, action] = parts[..] else {
         return (
@@ -358,6 +408,17 @@ fn backend_action(path: &str, control: &Control) -> (u16, &'static str, String) 
             )
         }
     };
+    let rate = match close_rate(query) {
+        Ok(r) if drain || r.is_none() => r,
+        Ok(_) => {
+            return (
+                400,
+                "text/plain",
+                "close_rate goes with drain only\n".into(),
+            )
+        }
+        Err(why) => return (400, "text/plain", why),
+    };
     let snap = control.snapshot();
     let Some(u) = snap.upstreams.iter().find(|u| u.name == upstream) else {
         return (404, "text/plain", format!("no upstream {upstream}\n"));
@@ -370,14 +431,31 @@ fn backend_action(path: &str, control: &Control) -> (u16, &'static str, String) 
         );
     };
     b.state.draining.store(drain, Ordering::Relaxed);
-    log::info!(
-        "backend {addr} of upstream {upstream} {}",
-        if drain { "draining" } else { "undrained" }
-    );
+    // Undrain (or a plain drain) stops a paced drain's closes at once;
+    // sessions already told to close finish their clean close.
+    b.state
+        .close_rate
+        .store(rate.unwrap_or(0), Ordering::Relaxed);
+    match rate {
+        Some(n) => log::info!(
+            "backend {addr} of upstream {upstream} draining: closing its {} sessions at {n}/s",
+            b.active()
+        ),
+        None => log::info!(
+            "backend {addr} of upstream {upstream} {}",
+            if drain { "draining" } else { "undrained" }
+        ),
+    }
+    if !drain {
+        u.state.trigger(u, &format!("backend {addr} undrained"));
+    }
     (
         200,
         "application/json",
-        format!("{{\"upstream\":\"{upstream}\",\"backend\":\"{addr}\",\"draining\":{drain}}}\n"),
+        format!(
+            "{{\"upstream\":\"{upstream}\",\"backend\":\"{addr}\",\"draining\":{drain},\"close_rate\":{}}}\n",
+            rate.unwrap_or(0)
+        ),
     )
 }
 
@@ -394,6 +472,7 @@ fn respond(
         401 => "Unauthorized",
         403 => "Forbidden",
         404 => "Not Found",
+        409 => "Conflict",
         408 => "Request Timeout",
         _ => "Method Not Allowed",
     };
@@ -557,15 +636,57 @@ pub fn metrics(control: &Control) -> String {
         "ringlb_recv_buffer_exhausted_total {}",
         sum(&|s| s.recv_starved.get())
     );
-    let _ = writeln!(out, "# HELP ringlb_sessions_closed_total WebSocket sessions ended, by who closed them or why ringlb did (stalled_peer: the peer took nothing for server.stalled_peer_timeout while bytes waited).\n# TYPE ringlb_sessions_closed_total counter");
+    let _ = writeln!(out, "# HELP ringlb_sessions_closed_total WebSocket sessions ended, by backend and by who closed them or why ringlb did (drain: a backend drained at a rate; rebalance: moved off a backend over its share; shutdown: ringlb shutting down; stalled_peer: the peer took nothing for server.stalled_peer_timeout while bytes waited). upstream=\"\",backend=\"\" holds sessions of backends no longer configured.\n# TYPE ringlb_sessions_closed_total counter");
+    let snap = control.snapshot();
     for (i, reason) in crate::stats::CLOSE_REASONS.iter().enumerate() {
+        let mut listed = 0;
+        for u in &snap.upstreams {
+            for b in &u.backends {
+                let n = b.state.closed[i].load(Ordering::Relaxed);
+                listed += n;
+                let _ = writeln!(
+                    out,
+                    "ringlb_sessions_closed_total{{upstream=\"{}\",backend=\"{}\",reason=\"{reason}\"}} {n}",
+                    label(&u.name),
+                    b.addr
+                );
+            }
+        }
         let _ = writeln!(
             out,
-            "ringlb_sessions_closed_total{{reason=\"{reason}\"}} {}",
-            sum(&|s| s.closed[i].get())
+            "ringlb_sessions_closed_total{{upstream=\"\",backend=\"\",reason=\"{reason}\"}} {}",
+            sum(&|s| s.closed[i].get()).saturating_sub(listed)
         );
     }
-    let snap = control.snapshot();
+    let _ = writeln!(out, "# HELP ringlb_clean_close_fallbacks_total Clean closes ringlb started (drain, rebalance, shutdown) that could not close between messages: frame (Close at a frame boundary inside a fragmented message, after server.close_boundary_timeout), fin (no boundary at all, or a half-closed session: FIN).\n# TYPE ringlb_clean_close_fallbacks_total counter");
+    for (i, kind) in crate::stats::FALLBACK_KINDS.iter().enumerate() {
+        let _ = writeln!(
+            out,
+            "ringlb_clean_close_fallbacks_total{{kind=\"{kind}\"}} {}",
+            sum(&|s| s.clean_close_fallbacks[i].get())
+        );
+    }
+    let _ = writeln!(out, "# HELP ringlb_backend_close_rate Sessions per second a paced drain closes on this backend (POST .../drain?close_rate=N); 0: none.\n# TYPE ringlb_backend_close_rate gauge");
+    for u in &snap.upstreams {
+        for b in &u.backends {
+            let _ = writeln!(
+                out,
+                "ringlb_backend_close_rate{{upstream=\"{}\",backend=\"{}\"}} {}",
+                label(&u.name),
+                b.addr,
+                crate::pacing::close_rate(&b.state)
+            );
+        }
+    }
+    let _ = writeln!(out, "# HELP ringlb_upstream_rebalancing 1 while the upstream sheds sessions from backends over their share (rebalance).\n# TYPE ringlb_upstream_rebalancing gauge");
+    for u in &snap.upstreams {
+        let _ = writeln!(
+            out,
+            "ringlb_upstream_rebalancing{{upstream=\"{}\"}} {}",
+            label(&u.name),
+            u64::from(u.state.rebalancing.load(Ordering::Relaxed))
+        );
+    }
     let _ = writeln!(
         out,
         "# HELP ringlb_admission_rejected_total Connections refused by admission control: rate (an upgrade over server.max_handshakes_per_second, answered 503 with Retry-After), per_ip (over server.max_connections_per_ip, answered 429).\n# TYPE ringlb_admission_rejected_total counter\nringlb_admission_rejected_total{{reason=\"rate\"}} {}\nringlb_admission_rejected_total{{reason=\"per_ip\"}} {}",
@@ -632,7 +753,32 @@ pub fn metrics(control: &Control) -> String {
         "ringlb_config_reloads_total{{result=\"error\"}} {}",
         control.reloads_failed.load(Ordering::Relaxed)
     );
+    crate::resolver::write_metrics(&control.dns, &mut out);
     out
+}
+
+/// DNS discovery's part of an upstream in `/status`: its names (what each
+/// resolved to, when, the last error) and the addresses that left the pick
+/// while sessions still use them.
+fn dns_status(
+    v: &mut serde_json::Value,
+    control: &Control,
+    snap: &crate::snapshot::Snapshot,
+    upstream: &str,
+) {
+    let Some(cfg) = snap.config.upstreams.iter().find(|c| c.name == upstream) else {
+        return;
+    };
+    if !cfg.named.is_empty() {
+        v["names"] = crate::resolver::status_json(&control.dns, &cfg.named);
+    }
+    let retired = snap.retired_in(upstream);
+    if !retired.is_empty() {
+        v["retired"] = retired
+            .iter()
+            .map(|(a, n)| serde_json::json!({ "addr": a.to_string(), "active": n }))
+            .collect();
+    }
 }
 
 pub fn status(control: &Control) -> String {
@@ -660,10 +806,23 @@ pub fn status(control: &Control) -> String {
                         "state": state,
                         "connections_total": b.state.connections_total.load(Ordering::Relaxed),
                         "connect_failures": b.state.connect_failures.load(Ordering::Relaxed),
+                        "close_rate": crate::pacing::close_rate(&b.state),
+                        "sessions_closed": crate::stats::CLOSE_REASONS
+                            .iter()
+                            .enumerate()
+                            .map(|(i, r)| (r.to_string(), b.state.closed[i].load(Ordering::Relaxed).into()))
+                            .collect::<serde_json::Map<String, serde_json::Value>>(),
                     })
                 })
                 .collect();
-            serde_json::json!({ "name": u.name, "backends": backends })
+            let mut v = serde_json::json!({
+                "name": u.name,
+                "backends": backends,
+                "rebalancing": u.state.rebalancing.load(Ordering::Relaxed),
+                "rebalance": u.rebalance.map(|r| serde_json::json!({ "threshold": r.threshold, "rate": r.rate.get() })),
+            });
+            dns_status(&mut v, control, &snap, &u.name);
+            v
         })
         .collect();
     let shards: Vec<serde_json::Value> = control
@@ -706,6 +865,10 @@ pub fn status(control: &Control) -> String {
         "shards": shards,
         "handshakes": handshakes,
         "sessions_closed": closed,
+        "clean_close_fallbacks": {
+            "frame": sum(&|s| s.clean_close_fallbacks[0].get()),
+            "fin": sum(&|s| s.clean_close_fallbacks[1].get()),
+        },
         "bytes": {
             "client_to_backend": sum(&|s| s.bytes_to_backend.get()),
             "backend_to_client": sum(&|s| s.bytes_to_client.get()),

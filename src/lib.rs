@@ -5,8 +5,9 @@
 //! `shard` (one thread, one ring: loop, timers, commands), `driver` (owns
 //! what the kernel borrows; completions to events), `ring` (every SQE; with
 //! `driver`, the only `unsafe`),
-//! `server` (listeners and shard threads), `handoff` (live hand-off of
-//! listeners and sessions to a new process on a binary upgrade), `demo`.
+//! `server` (listeners and shard threads), `pacing` (paced drain,
+//! rebalance and shutdown budgets), `handoff` (live hand-off of listeners
+//! and sessions to a new process on a binary upgrade), `demo`.
 #![deny(unsafe_code)]
 
 pub mod admin;
@@ -18,7 +19,9 @@ pub(crate) mod driver;
 pub mod files;
 pub mod handoff;
 pub mod http;
+pub mod pacing;
 pub mod proxy_protocol;
+pub mod resolver;
 pub(crate) mod ring;
 pub mod route;
 pub mod server;

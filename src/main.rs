@@ -98,13 +98,18 @@ fn run(cli: Cli) -> anyhow::Result<()> {
     match cli.cmd {
         Cmd::Check { config } => {
             let cfg = Config::load(&config)?;
+            let names = cfg.names().len();
             println!(
-                "{}: ok ({} listen addresses, {} routes, {} upstreams, {} backends)",
+                "{}: ok ({} listen addresses, {} routes, {} upstreams, {} backends{})",
                 config.display(),
                 cfg.server.listen.len(),
                 cfg.routes.len(),
                 cfg.upstreams.len(),
-                cfg.upstreams.iter().map(|u| u.servers.len()).sum::<usize>()
+                cfg.upstreams.iter().map(|u| u.servers.len()).sum::<usize>(),
+                match names {
+                    0 => String::new(),
+                    n => format!(", {n} names resolved at run time (not by check)"),
+                }
             );
             Ok(())
         }
@@ -315,6 +320,7 @@ fn supervise(
                 closing = true;
             }
         }
+        server.poll_discovery();
         std::thread::sleep(Duration::from_millis(50));
     }
 }

@@ -31,6 +31,7 @@ use anyhow::{bail, Context};
 use socket2::{Domain, Socket, Type};
 
 use crate::config::{AccessLog, Config};
+use crate::resolver::Discovery;
 use crate::ring;
 use crate::shard::{Command, Shard, ShardInit, Shared};
 use crate::snapshot::Snapshot;
@@ -73,6 +74,8 @@ pub struct Control {
     /// Still taking sessions over from the previous process: an upgrade of
     /// this one waits until that is done.
     pub taking_over: AtomicBool,
+    /// What the resolver thread knows about each backend name.
+    pub dns: Arc<crate::resolver::DnsState>,
 }
 
 impl Control {
@@ -99,6 +102,8 @@ pub struct Server {
     /// hands to the new process.
     listen_socks: Vec<(SocketAddr, Vec<TcpListener>)>,
     admin_sock: Option<(SocketAddr, TcpListener)>,
+    /// The resolver thread, once the configuration has names.
+    discovery: Option<Discovery>,
 }
 
 /// A configured listen address and its sockets (one per shard, or what
@@ -253,6 +258,7 @@ impl Server {
             upgrades: Default::default(),
             admin_busy: Arc::default(),
             taking_over: AtomicBool::new(false),
+            dns: Arc::default(),
         });
         let mut admin_sock = None;
         let admin_addr = match &snapshot.config.admin {
@@ -276,7 +282,7 @@ impl Server {
         if let Some(a) = admin_addr {
             log::info!("admin listening on {a}");
         }
-        Ok(Server {
+        let mut server = Server {
             shards: handles,
             local_addrs,
             control,
@@ -284,7 +290,93 @@ impl Server {
             exit_requested: false,
             listen_socks,
             admin_sock,
-        })
+            discovery: None,
+        };
+        server.watch_names(&snapshot.config)?;
+        Ok(server)
+    }
+
+    /// Starts the resolver thread for the configuration's names, or tells
+    /// it the names after a reload (new ones are asked at once).
+    fn watch_names(&mut self, config: &Config) -> anyhow::Result<()> {
+        let names = config.names();
+        match &self.discovery {
+            Some(d) => d.watch(names, config.resolver.clone()),
+            None if names.is_empty() => {}
+            None => {
+                log::info!(
+                    "dns: resolving {} backend names on the resolver thread ({})",
+                    names.len(),
+                    match &config.resolver.nameservers {
+                        Some(ns) => format!(
+                            "nameservers {}",
+                            ns.iter()
+                                .map(ToString::to_string)
+                                .collect::<Vec<_>>()
+                                .join(", ")
+                        ),
+                        None => "nameservers of /etc/resolv.conf".into(),
+                    }
+                );
+                self.discovery = Some(
+                    Discovery::spawn(names, config.resolver.clone(), self.control.dns.clone())
+                        .context("starting the resolver thread")?,
+                );
+            }
+        }
+        Ok(())
+    }
+
+    /// Called by the main thread on every tick: if DNS changed an address
+    /// set, the running configuration gets a new snapshot with it, sent to
+    /// every shard like a reload. Never blocks.
+    pub fn poll_discovery(&mut self) {
+        let Some(found) = self.discovery.as_ref().and_then(Discovery::try_recv) else {
+            return;
+        };
+        let old = self.control.snapshot();
+        if *old.discovered == *found {
+            return;
+        }
+        let snap = Snapshot::rediscovered(&old, found);
+        for s in &self.shards {
+            let _ = s.commands.send(Command::Reload(snap.clone()));
+            ring::eventfd_signal(&s.wake);
+        }
+        self.publish(&old, snap);
+    }
+
+    /// The one place a new snapshot becomes the running one (after the
+    /// shards were sent it), whether from a reload or from DNS.
+    fn publish(&self, old: &Snapshot, snap: Arc<Snapshot>) {
+        *self
+            .control
+            .snapshot
+            .lock()
+            .unwrap_or_else(|e| e.into_inner()) = snap.clone();
+        for change in backend_changes(old, &snap) {
+            self.backends_changed(&change);
+        }
+        // Added backends start a rebalance of their upstream (if it has one).
+        crate::pacing::backends_changed(old, &snap);
+    }
+
+    /// An upstream's backend set changed (a reload or a DNS answer): logged
+    /// here; [`Server::publish`] then starts a rebalance onto added
+    /// backends (`pacing::backends_changed`).
+    fn backends_changed(&self, c: &BackendChange) {
+        let list = |v: &[SocketAddr]| {
+            v.iter()
+                .map(ToString::to_string)
+                .collect::<Vec<_>>()
+                .join(", ")
+        };
+        log::info!(
+            "upstream {}: backends added [{}], removed [{}] (removed ones take no new sessions; live ones keep relaying)",
+            c.upstream,
+            list(&c.added),
+            list(&c.removed)
+        );
     }
 
     /// Our copies of the listening sockets (by configured address) and of
@@ -411,6 +503,7 @@ impl Server {
             .copied()
             .collect();
 
+        self.watch_names(&config)?;
         let snap = Snapshot::reload(config, Some(&old));
         for ((s, socks), log) in self.shards.iter().zip(per_shard).zip(logs) {
             let _ = s.commands.send(Command::Reload(snap.clone()));
@@ -435,11 +528,7 @@ impl Server {
         self.listen_socks
             .retain(|(a, _)| config_listen_has(&snap.config.server.listen, a));
         self.listen_socks.extend(new_socks);
-        *self
-            .control
-            .snapshot
-            .lock()
-            .unwrap_or_else(|e| e.into_inner()) = snap;
+        self.publish(&old, snap);
         *self
             .control
             .loaded_at
@@ -517,6 +606,45 @@ impl Server {
             }
         }
     }
+}
+
+/// How one upstream's backends differ between two snapshots.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct BackendChange {
+    pub upstream: String,
+    pub added: Vec<SocketAddr>,
+    pub removed: Vec<SocketAddr>,
+}
+
+/// Per upstream (by name) present in `new`, the backends that joined and
+/// left; upstreams whose set did not change are left out.
+pub fn backend_changes(old: &Snapshot, new: &Snapshot) -> Vec<BackendChange> {
+    new.upstreams
+        .iter()
+        .filter_map(|u| {
+            let before: Vec<SocketAddr> = old
+                .upstreams
+                .iter()
+                .find(|o| o.name == u.name)
+                .map(|o| o.backends.iter().map(|b| b.addr).collect())
+                .unwrap_or_default();
+            let after: Vec<SocketAddr> = u.backends.iter().map(|b| b.addr).collect();
+            let c = BackendChange {
+                upstream: u.name.clone(),
+                added: after
+                    .iter()
+                    .filter(|a| !before.contains(a))
+                    .copied()
+                    .collect(),
+                removed: before
+                    .iter()
+                    .filter(|a| !after.contains(a))
+                    .copied()
+                    .collect(),
+            };
+            (!c.added.is_empty() || !c.removed.is_empty()).then_some(c)
+        })
+        .collect()
 }
 
 /// Shard count, buffer rings and the admin socket are fixed for the life of

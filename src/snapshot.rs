@@ -5,6 +5,7 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 
 use crate::config::Config;
+use crate::resolver::Discovered;
 use crate::route::Router;
 use crate::upstream::{BackendState, Upstream};
 
@@ -20,6 +21,9 @@ pub struct Snapshot {
     /// Admission state (upgrade budget, per-address counts): one for the
     /// life of the process, carried from snapshot to snapshot.
     pub admission: Arc<crate::admission::Admission>,
+    /// The addresses DNS gave the configured names, as last heard from the
+    /// resolver thread; a reload keeps them until the next answer.
+    pub discovered: Arc<Discovered>,
 }
 
 impl Snapshot {
@@ -31,6 +35,22 @@ impl Snapshot {
     /// (same upstream name and address, current or retired) keeps its live
     /// count, totals and health.
     pub fn reload(config: Config, previous: Option<&Snapshot>) -> Arc<Snapshot> {
+        let discovered = previous.map_or_else(Arc::default, |p| p.discovered.clone());
+        Snapshot::build(config, previous, discovered)
+    }
+
+    /// The running configuration with new address sets from DNS: backends
+    /// that stay keep their state, new ones join the pick, gone ones are
+    /// retired (no new sessions; live ones keep relaying on their lease).
+    pub fn rediscovered(previous: &Snapshot, discovered: Arc<Discovered>) -> Arc<Snapshot> {
+        Snapshot::build(previous.config.clone(), Some(previous), discovered)
+    }
+
+    fn build(
+        config: Config,
+        previous: Option<&Snapshot>,
+        discovered: Arc<Discovered>,
+    ) -> Arc<Snapshot> {
         let mut known: Vec<(String, SocketAddr, Arc<BackendState>)> = Vec::new();
         if let Some(p) = previous {
             for u in &p.upstreams {
@@ -44,12 +64,21 @@ impl Snapshot {
             .upstreams
             .iter()
             .map(|u| {
-                Upstream::new(u, &|addr| {
+                let known = |addr| {
                     known
                         .iter()
                         .find(|(n, a, _)| *n == u.name && *a == addr)
                         .map(|(_, _, s)| s.clone())
-                })
+                };
+                let mut up = Upstream::new(u, &known);
+                up.add_named(u, &discovered, &known);
+                // A rebalance under way goes on across the reload.
+                if let Some(p) =
+                    previous.and_then(|p| p.upstreams.iter().find(|o| o.name == u.name))
+                {
+                    up.state = p.state.clone();
+                }
+                up
             })
             .collect();
         let in_use = |name: &str, addr: SocketAddr| {
@@ -67,6 +96,17 @@ impl Snapshot {
             config,
             retired,
             admission: previous.map_or_else(Arc::default, |p| p.admission.clone()),
+            discovered,
         })
+    }
+
+    /// Backends of this upstream that left the configuration (a reload, or
+    /// DNS) while sessions still use them: (address, live sessions).
+    pub fn retired_in(&self, upstream: &str) -> Vec<(SocketAddr, usize)> {
+        self.retired
+            .iter()
+            .filter(|(n, _, s)| n == upstream && s.active() > 0)
+            .map(|(_, a, s)| (*a, s.active()))
+            .collect()
     }
 }

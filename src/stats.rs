@@ -47,27 +47,32 @@ pub fn result_index(status: u16) -> usize {
 /// A client that went away before any answer.
 pub const RESULT_CLOSED: usize = 17;
 
-/// Why a WebSocket session ended: who closed it, or why ringlb did.
-pub const CLOSE_REASONS: [&str; 6] = [
+/// Why a WebSocket session ended: who closed it, or why ringlb did
+/// (`drain`: a backend drained at a rate; `rebalance`: moved off a backend
+/// over its share; `shutdown`: ringlb is shutting down).
+pub const CLOSE_REASONS: [&str; 8] = [
     "client",
     "backend",
     "proxy",
     "drain",
+    "rebalance",
+    "shutdown",
     "stalled_peer",
     "error",
 ];
 
 pub fn close_reason(closer: Option<crate::conn::Closer>) -> usize {
-    use crate::conn::Closer;
-    match closer {
-        Some(Closer::Client) => 0,
-        Some(Closer::Backend) => 1,
-        Some(Closer::Proxy) => 2,
-        Some(Closer::Drain) => 3,
-        Some(Closer::StalledPeer) => 4,
-        Some(Closer::Error) | None => 5,
-    }
+    let name = crate::conn::Closer::name(closer);
+    CLOSE_REASONS
+        .iter()
+        .position(|r| *r == name)
+        .unwrap_or(CLOSE_REASONS.len() - 1)
 }
+
+/// Clean closes that could not close between messages, by kind: `frame`
+/// (Close frames at a frame boundary inside a fragmented message), `fin`
+/// (no boundary at all, or a session half-closed already: FIN).
+pub const FALLBACK_KINDS: [&str; 2] = ["frame", "fin"];
 
 /// Upper bounds (seconds) of the handshake latency histogram.
 pub const BUCKETS: [f64; 14] = [
@@ -89,6 +94,8 @@ pub struct ShardStats {
     pub handshakes: [Counter; RESULTS.len()],
     /// WebSocket sessions ended, by [`CLOSE_REASONS`].
     pub closed: [Counter; CLOSE_REASONS.len()],
+    /// Clean closes ringlb asked for that fell back, by [`FALLBACK_KINDS`].
+    pub clean_close_fallbacks: [Counter; FALLBACK_KINDS.len()],
     /// Sends whose bytes were moved out of the shared pool because their
     /// reader took nothing while the pool ran low.
     pub unpinned: Counter,

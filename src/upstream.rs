@@ -28,6 +28,19 @@ pub struct BackendState {
     fail_window_start: AtomicU64,
     /// Down until this time (ms since `epoch()`); 0: up.
     down_until: AtomicU64,
+    /// WebSocket sessions on this backend that ended, by
+    /// [`crate::stats::CLOSE_REASONS`]; touched once per session.
+    pub closed: [AtomicU64; crate::stats::CLOSE_REASONS.len()],
+    /// Paced drain (`drain?close_rate=N`): sessions to close per second,
+    /// 0 when none; and its GCRA cell (µs, `admission::now_us`'s clock).
+    pub close_rate: AtomicU32,
+    pub close_tat_us: AtomicU64,
+}
+
+impl BackendState {
+    pub fn count_close(&self, reason: usize) {
+        self.closed[reason].fetch_add(1, Ordering::Relaxed);
+    }
 }
 
 #[derive(Debug)]
@@ -148,6 +161,10 @@ pub struct Upstream {
     pub response_timeout: Duration,
     pub max_response_head: usize,
     pub health: HealthPolicy,
+    /// `rebalance = { threshold, rate }`; off when `None`.
+    pub rebalance: Option<crate::config::Rebalance>,
+    /// Rebalance state; a reload carries it over by upstream name.
+    pub state: Arc<crate::pacing::UpstreamState>,
 }
 
 impl Upstream {
@@ -179,6 +196,8 @@ impl Upstream {
                 max_fails: cfg.max_fails,
                 fail_timeout: cfg.fail_timeout,
             },
+            rebalance: cfg.rebalance,
+            state: Arc::default(),
         }
     }
 
@@ -247,6 +266,32 @@ impl Upstream {
 }
 
 impl Upstream {
+    /// Adds a backend for every address the upstream's names resolved to
+    /// (`cfg.named`), each with its server entry's weight and limit. An
+    /// address already present (a fixed server, or another name's) is not
+    /// added twice: the first entry that gives it wins. `known` is as in
+    /// [`Upstream::new`], so an address that stays keeps its live count.
+    pub fn add_named(
+        &mut self,
+        cfg: &UpstreamConfig,
+        discovered: &crate::resolver::Discovered,
+        known: &dyn Fn(SocketAddr) -> Option<Arc<BackendState>>,
+    ) {
+        for n in &cfg.named {
+            for &addr in discovered.get(&n.target) {
+                if self.backends.iter().any(|b| b.addr == addr) {
+                    continue;
+                }
+                let max = n.max_connections.map(|m| m.get());
+                let mut b = Backend::new(addr, n.weight.get(), max);
+                if let Some(state) = known(addr) {
+                    b.state = state;
+                }
+                self.backends.push(Arc::new(b));
+            }
+        }
+    }
+
     /// A lease on the backend at `addr`, whatever its state: for a session
     /// that already exists (taken over from another process), which must
     /// be counted, not placed.
@@ -330,6 +375,8 @@ mod tests {
                 max_fails: 1,
                 fail_timeout: Duration::from_secs(10),
             },
+            rebalance: None,
+            state: Arc::default(),
         }
     }
 

@@ -253,7 +253,8 @@ async fn drain_timeout_closes_what_is_left() {
     echo(&mut live, "before").await;
     let t = Instant::now();
     proxy.signal("TERM");
-    // Idle between frames: both sides get a Close 1001 "going away".
+    // Idle between messages: the clean close, Close 1012 (reconnect) to the
+    // client and 1001 (going away) to the backend.
     let got = tokio::time::timeout(Duration::from_secs(10), async {
         loop {
             match live.next().await {
@@ -265,7 +266,7 @@ async fn drain_timeout_closes_what_is_left() {
     })
     .await
     .expect("session not closed after drain_timeout");
-    assert_eq!(got, Some(1001));
+    assert_eq!(got, Some(1012));
     assert!(
         t.elapsed() >= Duration::from_millis(250),
         "{:?}",

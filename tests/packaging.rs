@@ -580,7 +580,8 @@ fn kubernetes_pods_probe_healthz_run_confined_and_outlast_the_drain() {
             assert_eq!(yaml_value(&p, "port"), port_name, "{file} {probe}");
         }
         // SIGTERM comes after preStop; the grace period covers both, then
-        // the drain and the linger.
+        // the drain and, at its deadline, the clean close: up to one
+        // linger_timeout for a frame boundary and one for the peers.
         let pre_stop = yaml_block(&m, "preStop");
         let sleep: u64 = pre_stop
             .split("[\"sleep\", \"")
@@ -591,10 +592,10 @@ fn kubernetes_pods_probe_healthz_run_confined_and_outlast_the_drain() {
         let grace: u64 = yaml_value(&m, "terminationGracePeriodSeconds")
             .parse()
             .unwrap();
-        let needed = std::time::Duration::from_secs(sleep) + drain + linger;
+        let needed = std::time::Duration::from_secs(sleep) + drain + 2 * linger;
         assert!(
             std::time::Duration::from_secs(grace) > needed,
-            "{file}: terminationGracePeriodSeconds {grace} <= preStop {sleep}s + drain_timeout {drain:?} + linger_timeout {linger:?}"
+            "{file}: terminationGracePeriodSeconds {grace} <= preStop {sleep}s + drain_timeout {drain:?} + 2 x linger_timeout {linger:?}"
         );
     }
     let svc = read("deploy/kubernetes/service.yaml");

@@ -170,7 +170,9 @@ async fn a_stalled_peer_is_closed_and_a_silent_one_is_not() {
     let (status, metrics) = proxy.admin("GET", "/metrics");
     assert_eq!(status, 200);
     assert!(
-        metrics.contains("ringlb_sessions_closed_total{reason=\"stalled_peer\"} 1"),
+        metrics.contains(&format!(
+            "ringlb_sessions_closed_total{{upstream=\"f\",backend=\"{flood}\",reason=\"stalled_peer\"}} 1"
+        )),
         "{metrics}"
     );
 }

@@ -2,9 +2,9 @@
 //! every echoed byte against what was sent without buffering whole messages.
 
 use crate::codec::{self, MAX_HEADER, OP_BINARY, OP_CLOSE, OP_CONT, OP_PING, OP_PONG, OP_TEXT};
+use crate::transport::{FSock, Stream};
 use std::io;
 use std::net::{IpAddr, SocketAddr, ToSocketAddrs as _};
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpSocket, TcpStream};
 
 /// Error kinds, counted separately and reported by name.
@@ -27,10 +27,13 @@ pub enum ErrKind {
     HttpStatus,
     /// `http` mode: a body whose length differs from `--expect-length`.
     BodyLength,
+    /// TLS failed: certificate not trusted or not for the name, an alert
+    /// from the server, or bytes that are not TLS.
+    Tls,
 }
 
 impl ErrKind {
-    pub const ALL: [ErrKind; 13] = [
+    pub const ALL: [ErrKind; 14] = [
         ErrKind::ConnectRefused,
         ErrKind::ConnectNoPorts,
         ErrKind::FdLimit,
@@ -44,6 +47,7 @@ impl ErrKind {
         ErrKind::Io,
         ErrKind::HttpStatus,
         ErrKind::BodyLength,
+        ErrKind::Tls,
     ];
 
     pub fn name(self) -> &'static str {
@@ -61,6 +65,7 @@ impl ErrKind {
             ErrKind::Io => "io",
             ErrKind::HttpStatus => "http_status",
             ErrKind::BodyLength => "body_length",
+            ErrKind::Tls => "tls",
         }
     }
 
@@ -86,6 +91,9 @@ impl ErrKind {
 
     /// Classifies an I/O error on an established connection.
     pub fn from_io(e: &io::Error) -> ErrKind {
+        if e.get_ref().is_some_and(|inner| inner.is::<rustls::Error>()) {
+            return ErrKind::Tls;
+        }
         match e.kind() {
             io::ErrorKind::ConnectionReset
             | io::ErrorKind::ConnectionAborted
@@ -103,12 +111,30 @@ pub struct Target {
     /// Value for the Host header, as written in the URL.
     pub host: String,
     pub path: String,
+    /// The URL is `wss://`.
+    pub tls: bool,
+}
+
+impl Target {
+    /// The host without its port (and without IPv6 brackets): the default
+    /// TLS server name.
+    pub fn host_name(&self) -> &str {
+        let h = match self.host.rfind(']') {
+            Some(i) => &self.host[..=i],
+            None => self.host.rsplit_once(':').map_or(&*self.host, |(h, _)| h),
+        };
+        h.trim_start_matches('[').trim_end_matches(']')
+    }
 }
 
 pub fn parse_url(url: &str) -> anyhow::Result<Target> {
-    let rest = url
-        .strip_prefix("ws://")
-        .ok_or_else(|| anyhow::anyhow!("only ws:// URLs are supported: {url}"))?;
+    let (tls, rest) = if let Some(r) = url.strip_prefix("ws://") {
+        (false, r)
+    } else if let Some(r) = url.strip_prefix("wss://") {
+        (true, r)
+    } else {
+        anyhow::bail!("only ws:// and wss:// URLs are supported: {url}");
+    };
     let (authority, path) = match rest.find('/') {
         Some(i) => (&rest[..i], &rest[i..]),
         None => (rest, "/"),
@@ -116,11 +142,12 @@ pub fn parse_url(url: &str) -> anyhow::Result<Target> {
     if authority.is_empty() {
         anyhow::bail!("missing host in {url}");
     }
-    let addr = resolve(authority)?;
+    let addr = resolve_port(authority, if tls { 443 } else { 80 })?;
     Ok(Target {
         addr,
         host: authority.to_string(),
         path: path.to_string(),
+        tls,
     })
 }
 
@@ -165,7 +192,7 @@ const RESPONSE_MAX: usize = 8 * 1024;
 
 /// Performs the client upgrade; bytes received after the response go to `reader`.
 pub async fn handshake(
-    stream: &mut TcpStream,
+    stream: &Stream,
     target: &Target,
     seed: u64,
     reader: &mut Reader,
@@ -175,10 +202,7 @@ pub async fn handshake(
         "GET {} HTTP/1.1\r\nHost: {}\r\nUpgrade: websocket\r\nConnection: Upgrade\r\nSec-WebSocket-Key: {}\r\nSec-WebSocket-Version: 13\r\n\r\n",
         target.path, target.host, key
     );
-    stream
-        .write_all(req.as_bytes())
-        .await
-        .map_err(|e| ErrKind::from_io(&e))?;
+    stream.write_all(req.as_bytes()).await?;
     let mut buf = vec![0u8; 1024];
     let mut filled = 0;
     loop {
@@ -188,10 +212,7 @@ pub async fn handshake(
             }
             buf.resize(buf.len() * 2, 0);
         }
-        let n = stream
-            .read(&mut buf[filled..])
-            .await
-            .map_err(|e| ErrKind::from_io(&e))?;
+        let n = stream.read_some(&mut buf[filled..]).await?;
         if n == 0 {
             return Err(ErrKind::UnexpectedClose);
         }
@@ -404,14 +425,14 @@ impl Reader {
     }
 
     /// One non-blocking read for readiness-driven loops. Returns `Ok(None)` on
-    /// WouldBlock, otherwise whether the read was short (queue drained).
-    pub fn fill_sync<R: std::io::Read>(&mut self, r: &mut R) -> Result<Option<bool>, ErrKind> {
-        let space = self.make_room();
-        match r.read(&mut self.buf[self.end..]) {
-            Ok(0) => Err(ErrKind::UnexpectedClose),
-            Ok(n) => {
+    /// WouldBlock, otherwise whether the socket is known to be drained.
+    pub fn fill_sync(&mut self, s: &mut FSock) -> Result<Option<bool>, ErrKind> {
+        self.make_room();
+        match s.read(&mut self.buf[self.end..]) {
+            Ok((0, _)) => Err(ErrKind::UnexpectedClose),
+            Ok((n, drained)) => {
                 self.end += n;
-                Ok(Some(n < space))
+                Ok(Some(drained))
             }
             Err(e) if e.kind() == io::ErrorKind::WouldBlock => Ok(None),
             Err(e) if e.kind() == io::ErrorKind::Interrupted => Ok(Some(false)),
@@ -419,22 +440,22 @@ impl Reader {
         }
     }
 
-    /// One read from the socket. Cancel-safe: a read either happened or not.
-    pub async fn fill(&mut self, s: &TcpStream) -> Result<(), ErrKind> {
-        let space = self.make_room();
+    /// One read from the stream. Cancel-safe: a read either happened or not.
+    pub async fn fill(&mut self, s: &Stream) -> Result<(), ErrKind> {
+        self.make_room();
         // Bounded: each pass either reads or waits for a readiness event.
         loop {
             match s.try_read(&mut self.buf[self.end..]) {
-                Ok(0) => return Err(ErrKind::UnexpectedClose),
-                Ok(n) => {
-                    if n < space {
-                        clear_read_readiness(s);
+                Ok((0, _)) => return Err(ErrKind::UnexpectedClose),
+                Ok((n, drained)) => {
+                    if drained {
+                        s.clear_read_readiness();
                     }
                     self.end += n;
                     return Ok(());
                 }
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
-                    s.readable().await.map_err(|e| ErrKind::from_io(&e))?;
+                    s.tcp().readable().await.map_err(|e| ErrKind::from_io(&e))?;
                 }
                 Err(e) => return Err(ErrKind::from_io(&e)),
             }
@@ -550,23 +571,6 @@ pub fn clear_read_readiness(s: &TcpStream) {
     });
 }
 
-/// Writes all of `buf` through a shared reference, so reading and writing can
-/// proceed concurrently on one socket without splitting it.
-pub async fn write_all(s: &TcpStream, mut buf: &[u8]) -> Result<(), ErrKind> {
-    // Bounded: each pass writes at least one byte or waits for writability.
-    while !buf.is_empty() {
-        match s.try_write(buf) {
-            Ok(0) => return Err(ErrKind::UnexpectedClose),
-            Ok(n) => buf = &buf[n..],
-            Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
-                s.writable().await.map_err(|e| ErrKind::from_io(&e))?;
-            }
-            Err(e) => return Err(ErrKind::from_io(&e)),
-        }
-    }
-    Ok(())
-}
-
 /// A close frame with code 1000, masked with a zero key like every client frame.
 pub fn close_frame() -> Vec<u8> {
     codec::build_frame(true, OP_CLOSE, Some([0; 4]), &1000u16.to_be_bytes())
@@ -574,8 +578,13 @@ pub fn close_frame() -> Vec<u8> {
 
 /// `host[:port]` (port 80 if absent, IPv6 in brackets) to an address.
 pub(crate) fn resolve(authority: &str) -> anyhow::Result<std::net::SocketAddr> {
+    resolve_port(authority, 80)
+}
+
+/// `host[:port]` (`default_port` if absent) to an address.
+fn resolve_port(authority: &str, default_port: u16) -> anyhow::Result<std::net::SocketAddr> {
     let with_port = if authority.ends_with(']') || !authority.contains(':') {
-        format!("{authority}:80")
+        format!("{authority}:{default_port}")
     } else {
         authority.to_string()
     };
@@ -676,6 +685,14 @@ mod tests {
         assert_eq!(t.host, "127.0.0.1:9000");
         assert_eq!(t.path, "/chat?x=1");
         assert_eq!(parse_url("ws://127.0.0.1").unwrap().addr.port(), 80);
-        assert!(parse_url("wss://127.0.0.1").is_err());
+        assert!(!t.tls);
+        let t = parse_url("wss://127.0.0.1").unwrap();
+        assert!(t.tls);
+        assert_eq!(t.addr.port(), 443);
+        assert_eq!(t.host_name(), "127.0.0.1");
+        let t = parse_url("wss://localhost:8443/x").unwrap();
+        assert_eq!((t.host_name(), t.addr.port()), ("localhost", 8443));
+        assert_eq!(parse_url("ws://[::1]:9/").unwrap().host_name(), "::1");
+        assert!(parse_url("http://127.0.0.1").is_err());
     }
 }

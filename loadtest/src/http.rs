@@ -38,6 +38,7 @@ pub fn parse_url(url: &str) -> anyhow::Result<Target> {
         addr,
         host: authority.to_string(),
         path,
+        tls: false,
     })
 }
 

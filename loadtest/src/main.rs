@@ -6,6 +6,7 @@ use ringlb_load::http;
 use ringlb_load::limits;
 use ringlb_load::run::{self, HttpConfig, Mode, Progress, RunConfig};
 use ringlb_load::stats::{cpu_times, Results};
+use ringlb_load::tls;
 use serde::Serialize;
 use std::io::{BufRead, BufReader, IsTerminal, Write};
 use std::net::SocketAddr;
@@ -94,6 +95,32 @@ struct Common {
     /// Connection attempts in flight at once, per worker thread.
     #[arg(long, default_value = "256")]
     connect_concurrency: usize,
+    /// Speak TLS (wss://); a wss:// URL implies it.
+    #[arg(long)]
+    tls: bool,
+    /// PEM file with the CA certificate(s) the server's certificate must chain to.
+    #[arg(long, value_name = "FILE")]
+    ca: Option<String>,
+    /// Accept any server certificate chain (handshake signatures are still checked).
+    #[arg(long)]
+    insecure: bool,
+    /// TLS server name for SNI and verification (default: the URL's host).
+    #[arg(long, value_name = "NAME")]
+    sni: Option<String>,
+    /// Resume TLS sessions on later connections (the default).
+    #[arg(long, overrides_with = "no_tls_resume")]
+    #[serde(skip)]
+    tls_resume: bool,
+    /// Never resume a TLS session: every handshake is a full one.
+    #[arg(long, overrides_with = "tls_resume")]
+    #[serde(skip)]
+    no_tls_resume: bool,
+    /// Offer only this cipher suite (repeatable), e.g. TLS13_AES_128_GCM_SHA256.
+    #[arg(long = "tls-cipher", value_name = "SUITE")]
+    tls_ciphers: Vec<String>,
+    /// Offer only this TLS version: 1.2 or 1.3 (default: both).
+    #[arg(long, value_name = "VERSION")]
+    tls_version: Option<String>,
     /// Internal: this is child I of K started by --procs.
     #[arg(long, hide = true)]
     #[serde(skip)]
@@ -366,7 +393,7 @@ fn run_load(
     c: &Common,
     params: serde_json::Result<serde_json::Value>,
 ) -> anyhow::Result<ExitCode> {
-    let params = params?;
+    let mut params = params?;
     let mode = plan.mode;
     if c.threads == 0 || c.procs == 0 {
         anyhow::bail!("--threads and --procs must be at least 1");
@@ -382,6 +409,39 @@ fn run_load(
     } else {
         client::parse_url(&c.url)?
     };
+    let tls_wanted = c.tls || target.tls;
+    if !tls_wanted
+        && (c.ca.is_some()
+            || c.insecure
+            || c.sni.is_some()
+            || !c.tls_ciphers.is_empty()
+            || c.tls_version.is_some())
+    {
+        anyhow::bail!(
+            "--ca, --insecure, --sni, --tls-cipher and --tls-version need --tls (or a wss:// URL)"
+        );
+    }
+    if tls_wanted && mode == Mode::Http {
+        anyhow::bail!("the http mode does not speak TLS; --tls works with the WebSocket modes");
+    }
+    let tls = if tls_wanted {
+        let opts = tls::TlsOptions {
+            ca: c.ca.clone(),
+            insecure: c.insecure,
+            sni: c.sni.clone(),
+            resume: !c.no_tls_resume,
+            ciphers: c.tls_ciphers.clone(),
+            version: c.tls_version.clone(),
+        };
+        Some(tls::TlsClient::new(&opts, target.host_name())?)
+    } else {
+        None
+    };
+    params["tls"] = serde_json::json!(tls_wanted);
+    params["tls_resume"] = serde_json::json!(tls_wanted && !c.no_tls_resume);
+    if tls_wanted {
+        params["tls_provider"] = serde_json::json!(tls::PROVIDER);
+    }
     if let Some(h) = &plan.http {
         if h.requests == Some(0) {
             anyhow::bail!("--requests must be at least 1");
@@ -465,6 +525,7 @@ fn run_load(
                 expect_length: h.expect_length,
                 requests: h.requests.map(|r| share(r, procs, index).0),
             }),
+            tls: tls.clone(),
         };
         let progress = Arc::new(Progress::default());
         let done = Arc::new(AtomicBool::new(false));

@@ -5,13 +5,14 @@
 use crate::client::ErrKind;
 use crate::client::{self, close_frame, Expect, Got, OutFrame, Reader, Target};
 use crate::stats::{record, Results};
+use crate::tls::{self, TlsClient, TlsCore};
+use crate::transport::Stream;
 use std::cell::RefCell;
 use std::net::IpAddr;
 use std::rc::Rc;
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering::Relaxed};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
-use tokio::net::TcpStream;
 use tokio::sync::{watch, Semaphore};
 
 mod fast;
@@ -72,6 +73,8 @@ pub struct RunConfig {
     pub connect_concurrency: usize,
     /// What the `http` mode sends and checks (`None` for the WebSocket modes).
     pub http: Option<HttpConfig>,
+    /// Speak TLS (`--tls` or `wss://`); one client config per process.
+    pub tls: Option<TlsClient>,
 }
 
 /// Live counters for the progress line.
@@ -111,12 +114,22 @@ impl Ctx {
 }
 
 struct Conn {
-    stream: TcpStream,
+    stream: Stream,
     reader: Reader,
 }
 
 fn reader_cap(size: usize) -> usize {
     (size + 14).clamp(4096, 64 * 1024)
+}
+
+/// Ciphertext read per system call: one record for small messages, more for
+/// large ones (fewer reads per MiB).
+fn tls_in_cap(size: usize) -> usize {
+    if size > 16 * 1024 {
+        64 * 1024
+    } else {
+        17 * 1024
+    }
 }
 
 fn split(n: u64, parts: usize, i: usize) -> u64 {
@@ -159,6 +172,7 @@ pub fn run(cfg: Arc<RunConfig>, progress: Arc<Progress>) -> Results {
         })
         .collect();
     let mut total = join_workers(handles);
+    total.tls = cfg.tls.is_some();
     total.elapsed = match cfg.mode {
         Mode::PingPong | Mode::Rate | Mode::Bulk => cfg.duration,
         Mode::Handshake | Mode::Idle | Mode::Http => t0.elapsed(),
@@ -233,8 +247,14 @@ async fn open_conn(ctx: &Ctx, gidx: u64) -> Option<Conn> {
     let t0 = Instant::now();
     let seed = gidx ^ (t0.elapsed().as_nanos() as u64) ^ std::process::id() as u64;
     let r = tokio::time::timeout(cfg.timeout, async {
-        let mut s = client::connect(&cfg.target, src).await?;
-        client::handshake(&mut s, &cfg.target, seed, &mut reader).await?;
+        let sock = client::connect(&cfg.target, src).await?;
+        let s = match &cfg.tls {
+            None => Stream::Plain(sock),
+            // Boxed: the TLS session would otherwise be part of every
+            // connection task's state, plain ones included, for its whole life.
+            Some(t) => Box::pin(tls_open(ctx, t, sock)).await?,
+        };
+        client::handshake(&s, &cfg.target, seed, &mut reader).await?;
         Ok::<_, ErrKind>(s)
     })
     .await
@@ -259,6 +279,18 @@ async fn open_conn(ctx: &Ctx, gidx: u64) -> Option<Conn> {
     }
 }
 
+/// The TLS handshake on a connected socket; counts it in the results.
+async fn tls_open(
+    ctx: &Ctx,
+    t: &TlsClient,
+    sock: tokio::net::TcpStream,
+) -> Result<Stream, ErrKind> {
+    let mut core = TlsCore::new(t, tls_in_cap(ctx.cfg.size))?;
+    tls::handshake(&sock, &mut core).await?;
+    ctx.res.borrow_mut().record_tls(&core.info());
+    Ok(Stream::tls(sock, core))
+}
+
 /// Sends one frame and reads its echo, concurrently, so that a message larger
 /// than the socket buffers cannot deadlock the two directions.
 async fn exchange(c: &mut Conn, frame: &[u8], exp: &Expect<'_>) -> Result<(), ErrKind> {
@@ -271,7 +303,7 @@ async fn exchange(c: &mut Conn, frame: &[u8], exp: &Expect<'_>) -> Result<(), Er
         Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => frame,
         Err(e) => return Err(ErrKind::from_io(&e)),
     };
-    let write = client::write_all(stream, rest);
+    let write = stream.write_all(rest);
     let read = async {
         loop {
             match reader.next(exp)? {
@@ -288,7 +320,7 @@ async fn exchange(c: &mut Conn, frame: &[u8], exp: &Expect<'_>) -> Result<(), Er
 
 async fn write_pongs(c: &mut Conn) -> Result<(), ErrKind> {
     if !c.reader.pong_out.is_empty() {
-        client::write_all(&c.stream, &c.reader.pong_out).await?;
+        c.stream.write_all(&c.reader.pong_out).await?;
         c.reader.pong_out.clear();
     }
     Ok(())
@@ -322,7 +354,7 @@ async fn close_conn(ctx: &Ctx, c: &mut Conn) -> Result<(), ErrKind> {
         text: false,
     };
     tokio::time::timeout(ctx.cfg.timeout, async {
-        client::write_all(&c.stream, &close_frame()).await?;
+        c.stream.write_all(&close_frame()).await?;
         loop {
             match c.reader.next(&exp)? {
                 Some(Got::Close(_)) => break,
@@ -375,6 +407,7 @@ async fn conn_task(ctx: Rc<Ctx>, i: usize) {
                     count_message(&ctx, lat);
                     ctx.shared.progress.messages.fetch_add(1, Relaxed);
                     c.reader.release();
+                    c.stream.release();
                 }
                 Err(k) => {
                     ctx.err(k);
@@ -463,7 +496,7 @@ async fn rate(
                 // Catch up on every send that is already due, in one burst.
                 while due(sent) <= now && due(sent) < send_end && sent - recvd < MAX_INFLIGHT {
                     out.set_seq(sent);
-                    tokio::time::timeout(cfg.timeout, client::write_all(&c.stream, &out.frame))
+                    tokio::time::timeout(cfg.timeout, c.stream.write_all(&out.frame))
                         .await
                         .map_err(|_| ErrKind::Timeout)??;
                     sent += 1;

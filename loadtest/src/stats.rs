@@ -40,6 +40,14 @@ pub struct Results {
     /// Server closes of a kept-alive connection without notice (EOF or reset
     /// before any byte of the next response); the request was sent again.
     pub closes_unannounced: u64,
+    /// The run spoke TLS (the `tls` object is in the JSON).
+    pub tls: bool,
+    /// Completed TLS handshakes that were full (no session resumed).
+    pub tls_full: u64,
+    /// Completed TLS handshakes that resumed a session.
+    pub tls_resumed: u64,
+    /// Completed TLS handshakes by `version cipher-suite key-exchange-group`.
+    pub tls_negotiated: BTreeMap<String, u64>,
 }
 
 impl Default for Results {
@@ -60,6 +68,10 @@ impl Default for Results {
             reconnects: 0,
             closes_announced: 0,
             closes_unannounced: 0,
+            tls: false,
+            tls_full: 0,
+            tls_resumed: 0,
+            tls_negotiated: BTreeMap::new(),
         }
     }
 }
@@ -85,6 +97,25 @@ impl Results {
         self.reconnects += o.reconnects;
         self.closes_announced += o.closes_announced;
         self.closes_unannounced += o.closes_unannounced;
+        self.tls |= o.tls;
+        self.tls_full += o.tls_full;
+        self.tls_resumed += o.tls_resumed;
+        for (k, n) in &o.tls_negotiated {
+            *self.tls_negotiated.entry(k.clone()).or_insert(0) += n;
+        }
+    }
+
+    /// Counts one completed TLS handshake.
+    pub fn record_tls(&mut self, info: &crate::tls::HandshakeInfo) {
+        if info.resumed {
+            self.tls_resumed += 1;
+        } else {
+            self.tls_full += 1;
+        }
+        *self
+            .tls_negotiated
+            .entry(info.negotiated.clone())
+            .or_insert(0) += 1;
     }
 
     pub fn error_total(&self) -> u64 {
@@ -140,6 +171,13 @@ impl Results {
             }
         }
         let closes = &v["server_closes"];
+        let tls = &v["tls"];
+        let mut tls_negotiated = BTreeMap::new();
+        if let Some(map) = tls["negotiated"].as_object() {
+            for (k, n) in map {
+                tls_negotiated.insert(k.clone(), n.as_u64().unwrap_or(0));
+            }
+        }
         Ok(Results {
             latency: Self::hist_from_raw(&v["latency_hist_raw"])?,
             hs_latency: Self::hist_from_raw(&v["handshake_hist_raw"])?,
@@ -156,6 +194,10 @@ impl Results {
             reconnects: u("reconnects"),
             closes_announced: closes["announced"].as_u64().unwrap_or(0),
             closes_unannounced: closes["unannounced"].as_u64().unwrap_or(0),
+            tls: tls.is_object(),
+            tls_full: tls["full"].as_u64().unwrap_or(0),
+            tls_resumed: tls["resumed"].as_u64().unwrap_or(0),
+            tls_negotiated,
         })
     }
 
@@ -189,7 +231,18 @@ impl Results {
             "errors": errors,
             "error_total": self.error_total(),
             "cpu_s": { "user": cpu.0, "sys": cpu.1 },
+            "tls": Value::Null,
         });
+        if self.tls {
+            let hs = self.tls_full + self.tls_resumed;
+            v["tls"] = json!({
+                "handshakes": hs,
+                "handshakes_per_s": per_s(hs),
+                "full": self.tls_full,
+                "resumed": self.tls_resumed,
+                "negotiated": self.tls_negotiated,
+            });
+        }
         if mode == "http" {
             let codes: serde_json::Map<String, Value> = self
                 .status
@@ -269,6 +322,19 @@ impl Results {
             self.handshakes,
             self.handshakes as f64 / secs
         );
+        if self.tls {
+            let _ = writeln!(
+                s,
+                "  tls          full {}  resumed {}   {}",
+                self.tls_full,
+                self.tls_resumed,
+                self.tls_negotiated
+                    .iter()
+                    .map(|(k, n)| format!("{k}={n}"))
+                    .collect::<Vec<_>>()
+                    .join("  ")
+            );
+        }
         let _ = writeln!(
             s,
             "  {:<12} {:>9} {:>9} {:>9} {:>9} {:>9} {:>9} {:>9}",
@@ -385,5 +451,28 @@ mod tests {
         assert_eq!(b.errors[ErrKind::Timeout.index()], 2);
         assert_eq!(v["msgs_per_s"].as_f64().unwrap(), 500.0);
         assert_eq!(v["error_total"].as_u64().unwrap(), 2);
+        assert!(v["tls"].is_null());
+        assert!(!b.tls);
+
+        let mut t = Results {
+            tls: true,
+            ..Default::default()
+        };
+        let info = |resumed| crate::tls::HandshakeInfo {
+            resumed,
+            negotiated: "TLSv1_3 TLS13_AES_128_GCM_SHA256 X25519".into(),
+        };
+        t.record_tls(&info(false));
+        t.record_tls(&info(true));
+        t.record_tls(&info(true));
+        let v = t.to_json("handshake", json!({}), (0.0, 0.0), true);
+        let mut m = Results::from_json(&v).unwrap();
+        m.merge(&t);
+        assert!(m.tls);
+        assert_eq!((m.tls_full, m.tls_resumed), (2, 4));
+        assert_eq!(
+            m.tls_negotiated["TLSv1_3 TLS13_AES_128_GCM_SHA256 X25519"],
+            6
+        );
     }
 }

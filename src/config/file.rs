@@ -20,6 +20,17 @@ pub(super) struct FileConfig {
     pub(super) route: Vec<FileRoute>,
     #[serde(default)]
     pub(super) upstream: BTreeMap<String, FileUpstream>,
+    pub(super) resolver: Option<FileResolver>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(super) struct FileResolver {
+    pub(super) nameservers: Option<Spanned<Vec<Spanned<String>>>>,
+    pub(super) resolve_min_interval: Option<Spanned<String>>,
+    pub(super) resolve_max_interval: Option<Spanned<String>>,
+    pub(super) timeout: Option<Spanned<String>>,
+    pub(super) max_addresses: Option<Spanned<i64>>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -55,6 +66,8 @@ pub(super) struct FileServer {
     pub(super) trusted_proxies: Option<Vec<Spanned<String>>>,
     pub(super) pid_file: Option<Spanned<String>>,
     pub(super) upgrade_timeout: Option<Spanned<String>>,
+    pub(super) close_boundary_timeout: Option<Spanned<String>>,
+    pub(super) drain_close_rate: Option<Spanned<i64>>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -115,13 +128,23 @@ pub(super) struct FileUpstream {
     pub(super) max_fails: Option<Spanned<i64>>,
     pub(super) fail_timeout: Option<Spanned<String>>,
     pub(super) send_proxy_protocol: Option<Spanned<String>>,
+    pub(super) rebalance: Option<FileRebalance>,
     pub(super) servers: Spanned<Vec<FileServerEntry>>,
 }
 
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
+pub(super) struct FileRebalance {
+    pub(super) threshold: Option<Spanned<f64>>,
+    pub(super) rate: Spanned<i64>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
 pub(super) struct FileServerEntry {
-    pub(super) addr: Spanned<String>,
+    /// `IP:port`, or `host:port` (resolved, see `names.rs`).
+    pub(super) addr: Option<Spanned<String>>,
+    pub(super) srv: Option<Spanned<String>>,
     pub(super) weight: Option<Spanned<i64>>,
     pub(super) max_connections: Option<Spanned<i64>>,
 }

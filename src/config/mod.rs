@@ -19,6 +19,7 @@ use std::time::Duration;
 use toml::Spanned;
 
 mod file;
+mod names;
 mod validate;
 use file::FileConfig;
 pub use validate::parse_duration;
@@ -72,6 +73,8 @@ pub struct Config {
     pub routes: Vec<RouteConfig>,
     /// Indexed by `RouteConfig::upstream`.
     pub upstreams: Vec<UpstreamConfig>,
+    /// How `servers` given by name are resolved (`[resolver]`).
+    pub resolver: ResolverSettings,
     /// Where it was loaded from, if from a file.
     pub source: Option<PathBuf>,
 }
@@ -147,7 +150,27 @@ pub struct ServerConfig {
     /// Accept PROXY protocol headers (v1 and v2) from these sources, and
     /// require one from them; `None`: PROXY protocol off.
     pub trusted_proxies: Option<Vec<Cidr>>,
+    /// A clean close (drain, rebalance, paced shutdown) waits this long
+    /// for both directions to be between messages; then any frame
+    /// boundary will do, and after `linger_timeout` more, FIN.
+    pub close_boundary_timeout: Duration,
+    /// On SIGTERM, close sessions cleanly at this many per second (across
+    /// shards) from the start, instead of only at `drain_timeout`.
+    pub drain_close_rate: Option<NonZeroU32>,
 }
+
+/// `[upstream.X] rebalance`: a backend holding more than
+/// `(1 + threshold)` times its weighted fair share of the upstream's
+/// sessions sheds them at `rate` per second (for the whole upstream), by
+/// the clean close, until every backend is within the threshold.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct Rebalance {
+    pub threshold: f64,
+    pub rate: NonZeroU32,
+}
+
+/// Default `close_boundary_timeout`.
+pub const DEFAULT_CLOSE_BOUNDARY_TIMEOUT: Duration = Duration::from_secs(30);
 
 /// `[server] forwarded_for`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -326,7 +349,89 @@ pub struct UpstreamConfig {
     pub fail_timeout: Duration,
     /// Send the client's address to the backends in a PROXY header.
     pub send_proxy_protocol: Option<ProxyVersion>,
+    /// Off when `None`.
+    pub rebalance: Option<Rebalance>,
     pub servers: Vec<ServerEntry>,
+    /// Servers given by name (`addr = "host:port"` or `srv`): each
+    /// address they resolve to is a backend with the entry's weight and
+    /// limits, next to the fixed `servers`.
+    pub named: Vec<NamedServer>,
+}
+
+/// A `servers` entry given by name.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct NamedServer {
+    pub target: NameTarget,
+    pub weight: NonZeroU32,
+    pub max_connections: Option<NonZeroUsize>,
+}
+
+/// What DNS is asked.
+#[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub enum NameTarget {
+    /// `addr = "host:port"`: every A and AAAA address, at this port.
+    Host { host: String, port: u16 },
+    /// `srv = "_ws._tcp.name"`: the SRV records of the lowest priority
+    /// present, each target's addresses at the record's port. SRV weights
+    /// are not used: the pick is least connections with the server
+    /// entry's `weight` on every address.
+    Srv(String),
+}
+
+impl fmt::Display for NameTarget {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            NameTarget::Host { host, port } => write!(f, "{host}:{port}"),
+            NameTarget::Srv(name) => write!(f, "srv:{name}"),
+        }
+    }
+}
+
+/// `[resolver]`: where names are asked and how often.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ResolverSettings {
+    /// `None`: the nameservers (and search domains) of /etc/resolv.conf.
+    pub nameservers: Option<Vec<SocketAddr>>,
+    /// A name is asked again when its answer's TTL runs out, but never
+    /// sooner than this nor later than `max_interval`.
+    pub min_interval: Duration,
+    pub max_interval: Duration,
+    /// How long one query waits for a nameserver's answer.
+    pub timeout: Duration,
+    /// Addresses one name may contribute (the lowest, in address order);
+    /// the rest of an answer is ignored, with a log line.
+    pub max_addresses: usize,
+}
+
+pub const DEFAULT_RESOLVE_MIN_INTERVAL: Duration = Duration::from_secs(1);
+pub const DEFAULT_RESOLVE_MAX_INTERVAL: Duration = Duration::from_secs(300);
+pub const DEFAULT_RESOLVE_TIMEOUT: Duration = Duration::from_secs(5);
+pub const DEFAULT_RESOLVE_MAX_ADDRESSES: usize = 256;
+
+impl Default for ResolverSettings {
+    fn default() -> Self {
+        ResolverSettings {
+            nameservers: None,
+            min_interval: DEFAULT_RESOLVE_MIN_INTERVAL,
+            max_interval: DEFAULT_RESOLVE_MAX_INTERVAL,
+            timeout: DEFAULT_RESOLVE_TIMEOUT,
+            max_addresses: DEFAULT_RESOLVE_MAX_ADDRESSES,
+        }
+    }
+}
+
+impl Config {
+    /// Every name any upstream asks for, once each.
+    pub fn names(&self) -> Vec<NameTarget> {
+        let mut v: Vec<NameTarget> = self
+            .upstreams
+            .iter()
+            .flat_map(|u| u.named.iter().map(|n| n.target.clone()))
+            .collect();
+        v.sort();
+        v.dedup();
+        v
+    }
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -459,6 +564,7 @@ impl Config {
                 max_fails: DEFAULT_MAX_FAILS,
                 fail_timeout: DEFAULT_FAIL_TIMEOUT,
                 send_proxy_protocol: None,
+                rebalance: None,
                 servers: upstreams
                     .into_iter()
                     .map(|addr| ServerEntry {
@@ -467,7 +573,9 @@ impl Config {
                         max_connections: None,
                     })
                     .collect(),
+                named: Vec::new(),
             }],
+            resolver: ResolverSettings::default(),
             source: None,
         }
     }
@@ -498,6 +606,8 @@ impl ServerConfig {
             park_idle_after: Some(DEFAULT_PARK_IDLE_AFTER),
             forwarded_for: ForwardedFor::Replace,
             stalled_peer_timeout: Some(DEFAULT_STALLED_PEER_TIMEOUT),
+            close_boundary_timeout: DEFAULT_CLOSE_BOUNDARY_TIMEOUT,
+            drain_close_rate: None,
             tcp_user_timeout: Some(DEFAULT_STALLED_PEER_TIMEOUT),
             max_handshakes_per_second: None,
             handshake_burst: NonZeroU32::MIN,

@@ -306,3 +306,55 @@ fn proxy_protocol_keys() {
     let e = err(&MIN.replace("servers = [", "send_proxy_protocol = \"v3\"\nservers = ["));
     assert!(e.contains("send_proxy_protocol"), "{e}");
 }
+
+#[test]
+fn paced_close_keys() {
+    let c = Config::parse(MIN, "t.toml").unwrap();
+    assert_eq!(
+        c.server.close_boundary_timeout,
+        DEFAULT_CLOSE_BOUNDARY_TIMEOUT
+    );
+    assert_eq!(c.server.drain_close_rate, None);
+    assert_eq!(c.upstreams[0].rebalance, None, "off when absent");
+    let on = MIN
+        .replace(
+            "[server]\n",
+            "[server]\ndrain_close_rate = 200\nclose_boundary_timeout = \"5s\"\n",
+        )
+        .replace(
+            "[upstream.u]\n",
+            "[upstream.u]\nrebalance = { rate = 20 }\n",
+        );
+    let c = Config::parse(&on, "t.toml").unwrap();
+    assert_eq!(c.server.drain_close_rate.map(|r| r.get()), Some(200));
+    assert_eq!(c.server.close_boundary_timeout, Duration::from_secs(5));
+    let r = c.upstreams[0].rebalance.unwrap();
+    assert_eq!((r.threshold, r.rate.get()), (0.25, 20));
+    for (server, upstream, wants) in [
+        ("drain_close_rate = 0", "", "server.drain_close_rate"),
+        (
+            "close_boundary_timeout = \"0s\"",
+            "",
+            "server.close_boundary_timeout",
+        ),
+        (
+            "",
+            "rebalance = { threshold = 0.0, rate = 5 }",
+            "upstream.u.rebalance.threshold",
+        ),
+        (
+            "",
+            "rebalance = { threshold = 11.0, rate = 5 }",
+            "upstream.u.rebalance.threshold",
+        ),
+        ("", "rebalance = { rate = 0 }", "upstream.u.rebalance.rate"),
+        ("", "rebalance = { threshold = 0.5 }", "rate"),
+        ("", "rebalance = { rate = 5, every = 3 }", "every"),
+    ] {
+        let text = MIN
+            .replace("[server]\n", &format!("[server]\n{server}\n"))
+            .replace("[upstream.u]\n", &format!("[upstream.u]\n{upstream}\n"));
+        let e = err(&text);
+        assert!(e.contains(wants), "{server}{upstream}: {e}");
+    }
+}

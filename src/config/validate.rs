@@ -3,6 +3,7 @@
 //! column and key; nothing is clamped silently.
 
 use super::file::*;
+use super::names;
 use super::*;
 
 pub(super) fn validate(
@@ -95,6 +96,13 @@ pub(super) fn validate(
         } else {
             Some(duration(src, v, "server.drain_timeout")?)
         };
+    }
+    if let Some(v) = &s.close_boundary_timeout {
+        server.close_boundary_timeout = duration(src, v, "server.close_boundary_timeout")?;
+    }
+    if let Some(v) = &s.drain_close_rate {
+        server.drain_close_rate =
+            NonZeroU32::new(int_in(src, v, "server.drain_close_rate", 1, 1_000_000)? as u32);
     }
     if let Some(v) = &s.backlog {
         server.backlog = int_in(src, v, "server.backlog", 1, 1 << 20)? as i32;
@@ -345,14 +353,31 @@ pub(super) fn validate(
             ));
         }
         let mut servers: Vec<ServerEntry> = Vec::new();
+        let mut named: Vec<NamedServer> = Vec::new();
         for e in u.servers.get_ref() {
-            let addr = socket_addr(src, &e.addr, &key("servers.addr"))?;
-            if servers.iter().any(|s| s.addr == addr) {
+            let target = names::server_target(src, e, &key, u.servers.span())?;
+            let (span, what) = match (&e.addr, &e.srv) {
+                (Some(a), _) => (a.span(), "servers.addr"),
+                (_, Some(s)) => (s.span(), "servers.srv"),
+                _ => (u.servers.span(), "servers"),
+            };
+            let twice = match &target {
+                names::Target::Fixed(addr) => servers.iter().any(|s| s.addr == *addr),
+                names::Target::Named(t) => named.iter().any(|n| n.target == *t),
+            };
+            if twice {
                 return Err(ConfigError::at(
                     src,
-                    e.addr.span(),
-                    &key("servers.addr"),
-                    format!("{addr} is listed twice"),
+                    span,
+                    &key(what),
+                    format!(
+                        "{:?} is listed twice",
+                        e.addr
+                            .as_ref()
+                            .or(e.srv.as_ref())
+                            .map(|v| v.get_ref().as_str())
+                            .unwrap_or("")
+                    ),
                 ));
             }
             let weight = match &e.weight {
@@ -373,11 +398,18 @@ pub(super) fn validate(
                 ),
                 None => None,
             };
-            servers.push(ServerEntry {
-                addr,
-                weight,
-                max_connections,
-            });
+            match target {
+                names::Target::Fixed(addr) => servers.push(ServerEntry {
+                    addr,
+                    weight,
+                    max_connections,
+                }),
+                names::Target::Named(target) => named.push(NamedServer {
+                    target,
+                    weight,
+                    max_connections,
+                }),
+            }
         }
         names.push(name);
         upstreams.push(UpstreamConfig {
@@ -403,7 +435,33 @@ pub(super) fn validate(
                     }
                 }),
             },
+            rebalance: match &u.rebalance {
+                None => None,
+                Some(r) => {
+                    let threshold = match &r.threshold {
+                        None => 0.25,
+                        Some(t) => {
+                            let v = *t.get_ref();
+                            if !(v > 0.0 && v <= 10.0) {
+                                return Err(ConfigError::at(
+                                    src,
+                                    t.span(),
+                                    &key("rebalance.threshold"),
+                                    format!("{v} is out of range: give a fraction above 0 and at most 10 (0.25: shed above 125 % of the fair share)"),
+                                ));
+                            }
+                            v
+                        }
+                    };
+                    let rate = int_in(src, &r.rate, &key("rebalance.rate"), 1, 1_000_000)?;
+                    Some(super::Rebalance {
+                        threshold,
+                        rate: NonZeroU32::new(rate as u32).unwrap(),
+                    })
+                }
+            },
             servers,
+            named,
         });
     }
 
@@ -545,6 +603,7 @@ pub(super) fn validate(
         log,
         routes,
         upstreams,
+        resolver: names::resolver_config(src, file.resolver.as_ref())?,
         source: None,
     })
 }

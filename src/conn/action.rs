@@ -96,6 +96,11 @@ pub enum TimerKind {
         mark: u64,
     },
     Linger,
+    /// A clean close found no boundary in time: frame boundaries will do
+    /// now, or (`fin`) none came either and FIN it is (`close.rs`).
+    CloseBoundary {
+        fin: bool,
+    },
     /// An HTTP answer must have moved since `mark` bytes had gone to the
     /// client; checked (and re-armed while answering) every `period_ms`.
     Send {
@@ -221,9 +226,30 @@ pub enum Closer {
     Client,
     Backend,
     Proxy,
-    /// ringlb closed it while shutting down.
+    /// ringlb closed it to move it off a backend being drained.
     Drain,
+    /// ringlb closed it to move it to a backend with fewer sessions.
+    Rebalance,
+    /// ringlb closed it while shutting down.
+    Shutdown,
     /// A peer took no byte for `stalled_peer_timeout` while bytes waited.
     StalledPeer,
     Error,
+}
+
+impl Closer {
+    /// The reason as the access log and the metrics spell it; `None` (not
+    /// known) counts as an error.
+    pub fn name(closer: Option<Closer>) -> &'static str {
+        match closer {
+            Some(Closer::Client) => "client",
+            Some(Closer::Backend) => "backend",
+            Some(Closer::Proxy) => "proxy",
+            Some(Closer::Drain) => "drain",
+            Some(Closer::Rebalance) => "rebalance",
+            Some(Closer::Shutdown) => "shutdown",
+            Some(Closer::StalledPeer) => "stalled_peer",
+            Some(Closer::Error) | None => "error",
+        }
+    }
 }

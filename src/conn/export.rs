@@ -28,7 +28,7 @@ use super::*;
 const MAGIC: &[u8; 4] = b"RLBS";
 /// Bumped whenever the encoding changes; a record of another version is
 /// refused rather than misread.
-pub const RECORD_VERSION: u16 = 2;
+pub const RECORD_VERSION: u16 = 3;
 
 /// A quiesced relaying session.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -50,7 +50,8 @@ pub struct SessionRecord {
     /// Parked (silent): the importer waits with polls, not recvs.
     pub parked: bool,
     /// How long the session (its current request) had been running, for
-    /// the access log's duration. Set by the shard, which keeps the clock.
+    /// the access log's duration. Set by the shard, which keeps the clock
+    /// (version 3).
     pub age_ms: u64,
 }
 
@@ -63,6 +64,8 @@ pub struct FlowRecord {
     /// payload bytes of the current frame still to come.
     pub frame_header: Vec<u8>,
     pub frame_left: u64,
+    /// Inside a fragmented message (version 2).
+    pub frame_fragmented: bool,
     pub bytes: u64,
     /// The source ended; the destination's write half is shut once
     /// `pending` is sent (or already was: `shut`).
@@ -216,11 +219,12 @@ impl Conn {
                     Payload::File { .. } => unreachable!("a relaying session queues no file"),
                 }
             }
-            let (frame_header, frame_left) = f.frames.to_parts();
+            let (frame_header, frame_left, frame_fragmented) = f.frames.to_parts();
             FlowRecord {
                 pending,
                 frame_header,
                 frame_left,
+                frame_fragmented,
                 bytes: f.bytes,
                 src_eof: f.src_eof,
                 shut: f.shut,
@@ -269,8 +273,9 @@ impl Conn {
         c.set_stage(Stage::Relaying);
         for (i, f) in rec.flows.into_iter().enumerate() {
             let flow = &mut c.flow[i];
-            flow.frames = FrameTracker::from_parts(&f.frame_header, f.frame_left)
-                .ok_or(RecordError::Invalid("frame state"))?;
+            flow.frames =
+                FrameTracker::from_parts(&f.frame_header, f.frame_left, f.frame_fragmented)
+                    .ok_or(RecordError::Invalid("frame state"))?;
             flow.bytes = f.bytes;
             flow.src_eof = f.src_eof;
             flow.shut = f.shut;
@@ -323,7 +328,7 @@ impl SessionRecord {
             put_bytes(&mut w, &f.frame_header);
             w.extend_from_slice(&f.frame_left.to_le_bytes());
             w.extend_from_slice(&f.bytes.to_le_bytes());
-            w.push(u8::from(f.src_eof) | u8::from(f.shut) << 1);
+            w.push(u8::from(f.src_eof) | u8::from(f.shut) << 1 | u8::from(f.frame_fragmented) << 2);
         }
         w.push(u8::from(self.peer_eof[0]) | u8::from(self.peer_eof[1]) << 1);
         w.push(match self.closer {
@@ -334,6 +339,8 @@ impl SessionRecord {
             Some(Closer::Drain) => 4,
             Some(Closer::StalledPeer) => 5,
             Some(Closer::Error) => 6,
+            Some(Closer::Rebalance) => 7,
+            Some(Closer::Shutdown) => 8,
         });
         w.push(u8::from(self.parked));
         w.extend_from_slice(&self.age_ms.to_le_bytes());
@@ -363,6 +370,7 @@ impl SessionRecord {
             let bits = r.byte()?;
             f.src_eof = bits & 1 != 0;
             f.shut = bits & 2 != 0;
+            f.frame_fragmented = bits & 4 != 0;
         }
         let eof = r.byte()?;
         let closer = match r.byte()? {
@@ -373,6 +381,8 @@ impl SessionRecord {
             4 => Some(Closer::Drain),
             5 => Some(Closer::StalledPeer),
             6 => Some(Closer::Error),
+            7 => Some(Closer::Rebalance),
+            8 => Some(Closer::Shutdown),
             _ => return Err(RecordError::Invalid("closer")),
         };
         let parked = r.byte()? != 0;

@@ -2,14 +2,32 @@
 //!
 //! ringlb relays frames untouched; this only reads headers (2 to 14 bytes)
 //! and skips payloads arithmetically, so it costs a few nanoseconds per frame
-//! whatever the payload size. It is what lets a shutdown inject a Close
-//! frame between two frames instead of cutting one in half.
+//! whatever the payload size. It is what lets a clean close inject a
+//! Close frame between two messages instead of cutting one in half.
+//!
+//! Two kinds of boundary:
+//! - a **frame boundary**: nothing of a next frame seen yet;
+//! - a **message boundary**: a frame boundary outside a fragmented message.
+//!   A data frame without FIN opens a message that only a continuation
+//!   frame with FIN ends; control frames (opcodes 8 to 15, always
+//!   unfragmented) may come between its fragments and do not end it, so
+//!   the boundary after such a ping is a frame boundary only.
+//!
+//! ```text
+//!            data frame, FIN             data frame, no FIN
+//!  Between ─────────────────► Between ────────────────────► InMessage
+//!  messages ◄── continuation with FIN ───────────────────── (pings, pongs
+//!                                                            stay inside)
+//! ```
 
 /// State of one direction, fed every relayed byte in order.
 #[derive(Debug, Clone, Default)]
 pub struct FrameTracker {
     /// Header bytes seen of the frame being read (0: at a boundary).
     have: u8,
+    /// Inside a fragmented message: a data frame without FIN was seen and
+    /// the continuation with FIN was not (yet).
+    fragmented: bool,
     header: [u8; 14],
     /// Payload bytes still to skip.
     left: u64,
@@ -19,6 +37,43 @@ impl FrameTracker {
     /// True between two frames (nothing of a next frame seen yet).
     pub fn at_boundary(&self) -> bool {
         self.have == 0 && self.left == 0
+    }
+
+    /// True between two messages: at a frame boundary and not inside a
+    /// fragmented message.
+    pub fn at_message_boundary(&self) -> bool {
+        self.at_boundary() && !self.fragmented
+    }
+
+    /// Feeds `data` only up to the first boundary (a message boundary if
+    /// `message`, else any frame boundary) and returns how many bytes that
+    /// took: `Some(0)` if the tracker is at one already, `None` if `data`
+    /// holds none (then all of it was fed).
+    pub fn feed_to_boundary(&mut self, data: &[u8], message: bool) -> Option<usize> {
+        let at = |t: &FrameTracker| {
+            if message {
+                t.at_message_boundary()
+            } else {
+                t.at_boundary()
+            }
+        };
+        let mut pos = 0;
+        loop {
+            if at(self) {
+                return Some(pos);
+            }
+            if pos == data.len() {
+                return None;
+            }
+            // One step: the rest of a payload, or one header byte.
+            let step = if self.left > 0 {
+                self.left.min((data.len() - pos) as u64) as usize
+            } else {
+                1
+            };
+            self.feed(&data[pos..pos + step]);
+            pos += step;
+        }
     }
 
     /// Payload bytes of the current frame still to come, when its header
@@ -42,15 +97,21 @@ impl FrameTracker {
 
     /// The state as plain data: the header bytes of a frame not yet
     /// complete, and the payload bytes of the current frame still to come.
-    pub fn to_parts(&self) -> (Vec<u8>, u64) {
-        (self.header[..self.have as usize].to_vec(), self.left)
+    /// `fragmented`: inside a fragmented message.
+    pub fn to_parts(&self) -> (Vec<u8>, u64, bool) {
+        (
+            self.header[..self.have as usize].to_vec(),
+            self.left,
+            self.fragmented,
+        )
     }
 
     /// The inverse of [`FrameTracker::to_parts`]; `None` for a state the
     /// tracker can never be in.
-    pub fn from_parts(header: &[u8], left: u64) -> Option<FrameTracker> {
+    pub fn from_parts(header: &[u8], left: u64, fragmented: bool) -> Option<FrameTracker> {
         let mut t = FrameTracker {
             left,
+            fragmented,
             ..FrameTracker::default()
         };
         if header.len() >= t.header.len() || (!header.is_empty() && left > 0) {
@@ -85,6 +146,12 @@ impl FrameTracker {
             if let Some(len) = self.header_len().filter(|n| *n == self.have as usize) {
                 self.left = self.payload_len(len);
                 self.have = 0;
+                let (fin, opcode) = (self.header[0] & 0x80 != 0, self.header[0] & 0x0f);
+                // Control frames (8..=15) may sit between the fragments of
+                // a message and never change whether one is open.
+                if opcode < 8 {
+                    self.fragmented = !fin;
+                }
             }
         }
     }
@@ -116,28 +183,41 @@ impl FrameTracker {
     }
 }
 
-/// A Close frame with status 1001 ("going away"), as a server sends it
-/// (unmasked), for the client.
-pub fn close_going_away_to_client() -> Vec<u8> {
-    let mut f = vec![0x88, 2 + REASON.len() as u8];
-    f.extend_from_slice(&1001u16.to_be_bytes());
-    f.extend_from_slice(REASON);
+/// The status ringlb closes a session with: 1012 (Service Restart) tells a
+/// client to reconnect (it lands on another backend or instance); 1001
+/// (Going Away) tells a backend that this end is leaving.
+pub const CLOSE_SERVICE_RESTART: u16 = 1012;
+pub const CLOSE_GOING_AWAY: u16 = 1001;
+
+fn reason(code: u16) -> &'static [u8] {
+    match code {
+        CLOSE_SERVICE_RESTART => b"ringlb: reconnect",
+        _ => b"ringlb: going away",
+    }
+}
+
+/// A Close frame with `code` and a short reason as a server sends it
+/// (unmasked, no RSV bit: control frames are never compressed, so this is
+/// valid on a permessage-deflate session too), for the client.
+pub fn close_to_client(code: u16) -> Vec<u8> {
+    let reason = reason(code);
+    let mut f = vec![0x88, 2 + reason.len() as u8];
+    f.extend_from_slice(&code.to_be_bytes());
+    f.extend_from_slice(reason);
     f
 }
 
 /// The same Close frame as a client must send it (masked), for the backend.
-pub fn close_going_away_to_backend() -> Vec<u8> {
+pub fn close_to_backend(code: u16) -> Vec<u8> {
     // Any mask key is valid; a fixed one is fine for a frame ringlb writes.
     let key = [0x5a, 0x17, 0xc3, 0x81];
-    let mut payload = 1001u16.to_be_bytes().to_vec();
-    payload.extend_from_slice(REASON);
+    let mut payload = code.to_be_bytes().to_vec();
+    payload.extend_from_slice(reason(code));
     let mut f = vec![0x88, 0x80 | payload.len() as u8];
     f.extend_from_slice(&key);
     f.extend(payload.iter().enumerate().map(|(i, b)| b ^ key[i % 4]));
     f
 }
-
-const REASON: &[u8] = b"ringlb shutting down";
 
 #[cfg(test)]
 mod tests {
@@ -145,7 +225,12 @@ mod tests {
     use proptest::prelude::{prop_assert_eq, proptest};
 
     fn frame(len: usize, masked: bool) -> Vec<u8> {
-        let mut f = vec![0x82];
+        frame_op(0x82, len, masked)
+    }
+
+    /// A frame with first byte `b0` (FIN bit and opcode).
+    fn frame_op(b0: u8, len: usize, masked: bool) -> Vec<u8> {
+        let mut f = vec![b0];
         let m = if masked { 0x80 } else { 0 };
         match len {
             n if n < 126 => f.push(m | n as u8),
@@ -186,7 +271,10 @@ mod tests {
 
     #[test]
     fn close_frames_parse_as_one_frame() {
-        for f in [close_going_away_to_client(), close_going_away_to_backend()] {
+        for f in [
+            close_to_client(CLOSE_SERVICE_RESTART),
+            close_to_backend(CLOSE_GOING_AWAY),
+        ] {
             let mut t = FrameTracker::default();
             t.feed(&f[..3]);
             assert!(!t.at_boundary());
@@ -212,6 +300,110 @@ mod tests {
                 ends.push(pos);
             }
             prop_assert_eq!(t.at_boundary(), cut == 0 || ends.contains(&cut));
+        }
+    }
+
+    /// One message as frames: `parts` fragments (the first a text or
+    /// binary frame, then continuations, FIN on the last), with a ping or
+    /// pong after each fragment but the last when `pings`.
+    fn message(lens: &[usize], pings: bool, masked: bool) -> Vec<(Vec<u8>, bool)> {
+        let mut out = Vec::new();
+        for (i, len) in lens.iter().enumerate() {
+            let last = i + 1 == lens.len();
+            let op = if i == 0 { 0x1 } else { 0x0 };
+            out.push((
+                frame_op(op | if last { 0x80 } else { 0 }, *len, masked),
+                last,
+            ));
+            if pings && !last {
+                out.push((frame_op(0x89 + (i % 2) as u8, 4, masked), false));
+            }
+        }
+        out
+    }
+
+    #[test]
+    fn control_frames_inside_a_fragmented_message_are_no_message_boundary() {
+        let frames = message(&[10, 300, 5], true, true);
+        let mut t = FrameTracker::default();
+        assert!(t.at_message_boundary());
+        for (f, ends_message) in &frames {
+            t.feed(f);
+            assert!(t.at_boundary());
+            assert_eq!(t.at_message_boundary(), *ends_message);
+        }
+        // A ping between two whole messages is a message boundary after it.
+        t.feed(&frame_op(0x89, 0, false));
+        assert!(t.at_message_boundary());
+        // The state survives the export record's parts.
+        t.feed(&frames[0].0);
+        let (h, left, frag) = t.to_parts();
+        let back = FrameTracker::from_parts(&h, left, frag).unwrap();
+        assert!(back.at_boundary() && !back.at_message_boundary());
+    }
+
+    #[test]
+    fn feed_to_boundary_stops_at_the_first() {
+        let mut stream = Vec::new();
+        for (f, _) in message(&[3, 4], true, false) {
+            stream.extend(f);
+        }
+        let whole = stream.len();
+        stream.extend(frame(2, false));
+        let mut t = FrameTracker::default();
+        t.feed(&stream[..1]);
+        // Frame boundaries come first; the message ends after its last fragment.
+        let mut m = t.clone();
+        assert_eq!(t.feed_to_boundary(&stream[1..], false), Some(5 - 1));
+        assert_eq!(m.feed_to_boundary(&stream[1..], true), Some(whole - 1));
+        assert!(m.at_message_boundary());
+        let mut n = FrameTracker::default();
+        n.feed(&stream[..1]);
+        assert_eq!(n.feed_to_boundary(&stream[1..3], true), None);
+        assert!(!n.at_boundary());
+        assert_eq!(
+            FrameTracker::default().feed_to_boundary(&stream, true),
+            Some(0)
+        );
+    }
+
+    proptest! {
+        /// Any split of a stream of messages (fragmented or not, pings
+        /// between fragments) gives the same frame and message boundaries,
+        /// and `feed_to_boundary` finds the next one from anywhere.
+        #[test]
+        fn message_boundaries_do_not_depend_on_splits(
+            msgs in proptest::collection::vec((proptest::collection::vec(0usize..3000, 1..4), proptest::bool::ANY), 1..6),
+            chunk in 1usize..700,
+            masked in proptest::bool::ANY,
+        ) {
+            let mut stream = Vec::new();
+            let mut frame_ends = vec![0usize];
+            let mut message_ends = vec![0usize];
+            for (lens, pings) in &msgs {
+                for (f, ends_message) in message(lens, *pings, masked) {
+                    stream.extend(f);
+                    frame_ends.push(stream.len());
+                    if ends_message {
+                        message_ends.push(stream.len());
+                    }
+                }
+            }
+            let mut t = FrameTracker::default();
+            let mut pos = 0;
+            for c in stream.chunks(chunk) {
+                t.feed(c);
+                pos += c.len();
+                prop_assert_eq!(t.at_boundary(), frame_ends.contains(&pos));
+                prop_assert_eq!(t.at_message_boundary(), message_ends.contains(&pos));
+                // From here, the next message boundary is where the list says.
+                let mut probe = t.clone();
+                let next = message_ends.iter().find(|e| **e >= pos).map(|e| e - pos);
+                prop_assert_eq!(probe.feed_to_boundary(&stream[pos..], true), next);
+                let mut probe = t.clone();
+                let next = frame_ends.iter().find(|e| **e >= pos).map(|e| e - pos);
+                prop_assert_eq!(probe.feed_to_boundary(&stream[pos..], false), next);
+            }
         }
     }
 }

@@ -64,6 +64,7 @@ use crate::upstream::{Lease, Rng};
 
 mod action;
 mod body;
+mod close;
 mod export;
 mod frames;
 mod gzip;
@@ -75,6 +76,7 @@ mod splice;
 mod transport;
 pub use action::{Action, Closer, Done, Owned, Payload, RecvEnd, Side, TimerKind};
 use body::BodyTracker;
+pub use close::CloseKind;
 pub use export::{FlowRecord, RecordError, SessionRecord, RECORD_VERSION};
 use frames::FrameTracker;
 use handshake::{Handshake, ProxyIn, Upload};
@@ -184,6 +186,11 @@ enum Relay {
     /// Upgraded, and being taken out of this process (`export.rs`): what
     /// is in flight is cancelled and nothing is started again.
     Quiescing,
+    /// Upgraded, and ringlb wants to close it cleanly (`close.rs`): frames
+    /// relay as before until both directions are between messages (any
+    /// frame boundary once `frames_ok`), then Close frames go both ways
+    /// and the session is `Upgraded { going_away: true }`.
+    CloseWanted { why: Closer, frames_ok: bool },
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -212,6 +219,8 @@ pub struct Conn {
     /// `Some` once the session's HTTP status is known.
     pub status: Option<u16>,
     pub closer: Option<Closer>,
+    /// How a close ringlb asked for ended (clean or a fallback).
+    pub close_kind: Option<CloseKind>,
     /// Counted against `max_connections_per_ip` (as `client_addr`); the
     /// shard gives the place back when the connection ends.
     pub ip_counted: bool,
@@ -282,6 +291,7 @@ impl Conn {
             lease: None,
             status: None,
             closer: None,
+            close_kind: None,
             ip_counted: false,
             peer_eof: [false, false],
             route: None,
@@ -433,6 +443,11 @@ impl Conn {
     /// Relaying a non-101 answer, which ends the session with its body.
     fn finish_with_response(&self) -> bool {
         matches!(self.state, State::Relaying(Relay::Response { .. }))
+    }
+
+    /// The state of the backend this session holds a lease on.
+    pub fn backend_state(&self) -> Option<&Arc<crate::upstream::BackendState>> {
+        self.lease.as_ref().map(|l| &l.backend().state)
     }
 
     pub fn backend_addr(&self) -> Option<SocketAddr> {
@@ -596,6 +611,9 @@ impl Conn {
                 | Stage::Relaying,
                 Side::Client,
             ) if self.upload != Upload::Open => self.client_bytes(bid, data, out),
+            (Stage::Relaying, _) if self.close_wanted().is_some() => {
+                self.relay_until_close(side, bid, data, out);
+            }
             (Stage::Connecting { .. } | Stage::Relaying, _) => {
                 self.flow[side.other().idx()].frames.feed(data);
                 self.relay(side, bid, data, out);
@@ -711,6 +729,9 @@ impl Conn {
                 }
             }
             (TimerKind::Linger, Stage::Responding) => self.close_now(out),
+            (TimerKind::CloseBoundary { fin }, Stage::Relaying) => {
+                self.on_close_boundary_timer(fin, out)
+            }
             (TimerKind::Linger, Stage::Relaying) if self.going_away() => self.close_now(out),
             (TimerKind::Send { period_ms, mark }, Stage::Serving | Stage::Relaying)
                 if self.status != Some(101) =>

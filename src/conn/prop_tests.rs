@@ -337,7 +337,12 @@ fn step(c: &mut Conn, m: &mut Model, pick: u32, arg: u32, out: &mut Vec<Action>)
         }
         _ => {
             if arg % 9 == 0 {
-                c.drain_close(out);
+                let wait = if arg % 2 == 0 {
+                    Duration::ZERO
+                } else {
+                    Duration::from_secs(30)
+                };
+                c.request_close(Closer::Drain, wait, out);
             } else if arg % 9 == 1 {
                 c.drain_idle(out);
             }

@@ -353,38 +353,6 @@ impl Conn {
         self.maybe_finish(out);
     }
 
-    /// Shutdown: end the session now. An upgraded session that sits between
-    /// frames both ways gets a Close 1001 on each side (after what is already
-    /// queued), then its write halves are shut and it ends when both peers
-    /// close or `linger_timeout` passes; anything else is closed at once.
-    pub fn drain_close(&mut self, out: &mut Vec<Action>) {
-        let clean = self.stage() == Stage::Relaying
-            && self.status == Some(101)
-            && !self.going_away()
-            && self.flow.iter().all(|f| {
-                f.frames.at_boundary() && !f.shut && !f.src_eof && f.splice == Splice::Off
-            });
-        if !clean {
-            return self.close(Closer::Drain, out);
-        }
-        self.state = State::Relaying(Relay::Upgraded { going_away: true });
-        self.closer = Some(Closer::Drain);
-        for (dst, frame) in [
-            (Side::Client, frames::close_going_away_to_client()),
-            (Side::Backend, frames::close_going_away_to_backend()),
-        ] {
-            self.enqueue(dst, frame);
-            self.flow[dst.idx()].src_eof = true;
-            self.kick(dst, out);
-        }
-        for side in [Side::Client, Side::Backend] {
-            if self.recv[side.idx()] == RecvState::Off {
-                self.ensure_recv(side, out);
-            }
-        }
-        out.push(Action::Timer(TimerKind::Linger, self.linger));
-    }
-
     /// The shard's idle sweep: a relaying session that received nothing
     /// since the previous sweep, with nothing queued, is parked (both
     /// recvs stopped and replaced by readiness polls). Returns whether it
@@ -491,7 +459,7 @@ impl Conn {
     pub fn stall_sweep(&mut self, limit: Option<u16>, out: &mut Vec<Action>) -> bool {
         if !matches!(
             self.state,
-            State::Relaying(Relay::Upgraded { going_away: false })
+            State::Relaying(Relay::Upgraded { going_away: false } | Relay::CloseWanted { .. })
         ) {
             return false;
         }

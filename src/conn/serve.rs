@@ -256,7 +256,7 @@ impl Conn {
     pub fn drain_idle(&mut self, out: &mut Vec<Action>) {
         self.no_keepalive = true;
         if self.requests > 0 && self.between_requests() {
-            self.close(Closer::Drain, out);
+            self.close(Closer::Shutdown, out);
         }
     }
 }

@@ -27,6 +27,7 @@ impl Conn {
             || self.status != Some(101)
             || self.going_away()
             || self.quiescing()
+            || self.close_wanted().is_some()
             || !self.transport.iter().all(Transport::in_place)
             || flow.splice != Splice::Off
             || flow.dead
@@ -101,6 +102,9 @@ impl Conn {
             return;
         };
         let left = flow.frames.payload_left();
+        if in_pipe == 0 && self.close_waits_on_splice(src.other()) {
+            return self.leave_splice(src, None, out);
+        }
         if left > 0 {
             let read = left.min(SPLICE_CHUNK.saturating_sub(in_pipe) as u64) as usize;
             out.push(Action::Splice {
@@ -228,6 +232,7 @@ impl Conn {
             None if self.wants_recv(src) => self.ensure_recv(src, out),
             None => {}
         }
+        self.try_clean_close(out);
     }
 
     /// A splice step moved `got` bytes in from `src` (`None`: none asked)
@@ -288,10 +293,23 @@ impl Conn {
             out.push(Action::PollOut(dst));
         } else if end.is_some() {
             self.splice_flush(src, out);
+        } else if self.close_waits_on_splice(dst) {
+            // The pipe is empty at a boundary and a clean close waits for
+            // this direction: back to buffers now, not at the next byte.
+            self.leave_splice(src, None, out);
         } else {
             // Next: more payload, or the next frame's header.
             out.push(Action::PollIn(src));
         }
+    }
+
+    /// A clean close waits for the direction towards `dst`, which is
+    /// splicing and sits at a boundary it can close at: it should go back
+    /// to buffers, so a Close can be queued behind what it moved.
+    fn close_waits_on_splice(&self, dst: Side) -> bool {
+        let f = &self.flow[dst.idx()].frames;
+        self.close_wanted()
+            .is_some_and(|(_, frames_ok)| f.at_message_boundary() || (frames_ok && f.at_boundary()))
     }
 
     /// A source that was being spliced ended, and everything it sent is out.

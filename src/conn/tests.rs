@@ -560,41 +560,67 @@ fn a_reset_still_flushes_the_other_way_and_returns_every_buffer() {
     assert_eq!(held, vec![31]);
 }
 
+/// A frame as a client sends it (masked), first byte `b0`.
+fn masked(b0: u8, payload: &[u8]) -> Vec<u8> {
+    let key = [1u8, 2, 3, 4];
+    let mut f = vec![b0, 0x80 | payload.len() as u8];
+    f.extend_from_slice(&key);
+    f.extend(payload.iter().enumerate().map(|(i, b)| b ^ key[i % 4]));
+    f
+}
+
+/// The owned payload at the front of the queue towards `side`.
+fn front_owned(c: &Conn, side: Side) -> Vec<u8> {
+    match c.front(side) {
+        Some(Payload::Owned(o)) => o.data[o.start..].to_vec(),
+        other => panic!("{other:?}"),
+    }
+}
+
+/// Sends everything queued towards `side` in one go.
+fn flush(c: &mut Conn, side: Side, out: &mut Vec<Action>) {
+    while let Some(n) = c.front(side).map(|p| p.remaining()) {
+        c.on_send(side, Ok(n), out);
+    }
+}
+
 #[test]
-fn drain_between_frames_sends_close_1001_both_ways() {
+fn clean_close_between_messages_sends_1012_and_a_masked_1001() {
     let s = snap(&["127.0.0.1:9001"], "");
     let mut c = relaying(&s);
     let mut out = Vec::new();
-    // A whole masked frame from the client: still at a boundary.
-    c.on_recv(
-        Side::Client,
-        40,
-        &[0x81, 0x82, 1, 2, 3, 4, b'h' ^ 1, b'i' ^ 2],
-        &mut out,
-    );
+    // A whole message from the client: still between messages.
+    c.on_recv(Side::Client, 40, &masked(0x81, b"hi"), &mut out);
     c.on_send(Side::Backend, Ok(8), &mut out);
     out.clear();
-    c.drain_close(&mut out);
-    assert_eq!(out[0], Action::Send(Side::Client));
-    assert_eq!(out[1], Action::Send(Side::Backend));
-    let Some(Payload::Owned(o)) = c.front(Side::Client) else {
-        panic!()
-    };
-    let data = &o.data;
-    assert_eq!(&data[..4], &[0x88, 22, 0x03, 0xe9]);
-    let Some(Payload::Owned(o)) = c.front(Side::Backend) else {
-        panic!()
-    };
-    let data = &o.data;
-    assert_eq!(data[1] & 0x80, 0x80, "frames to the backend are masked");
+    assert!(c.request_close(Closer::Drain, Duration::from_secs(30), &mut out));
+    assert!(out.contains(&Action::Send(Side::Client)));
+    assert!(out.contains(&Action::Send(Side::Backend)));
+    let to_client = front_owned(&c, Side::Client);
+    assert_eq!(&to_client[..4], &[0x88, 19, 0x03, 0xf4], "1012, unmasked");
+    assert_eq!(&to_client[4..], b"ringlb: reconnect");
+    let to_backend = front_owned(&c, Side::Backend);
+    assert_eq!(to_backend[0], 0x88, "FIN, no RSV bit, opcode Close");
+    assert_eq!(
+        to_backend[1] & 0x80,
+        0x80,
+        "frames to the backend are masked"
+    );
+    let key = &to_backend[2..6];
+    let code: Vec<u8> = to_backend[6..8]
+        .iter()
+        .enumerate()
+        .map(|(i, b)| b ^ key[i])
+        .collect();
+    assert_eq!(code, 1001u16.to_be_bytes());
+    assert!(
+        !c.request_close(Closer::Drain, Duration::ZERO, &mut out),
+        "once"
+    );
     // Both written, both write halves shut, then wait for the peers.
     out.clear();
-    let (n1, n2) = (
-        c.front(Side::Client).unwrap().remaining(),
-        c.front(Side::Backend).unwrap().remaining(),
-    );
-    c.on_send(Side::Client, Ok(n1), &mut out);
-    c.on_send(Side::Backend, Ok(n2), &mut out);
+    flush(&mut c, Side::Client, &mut out);
+    flush(&mut c, Side::Backend, &mut out);
     assert!(out.contains(&Action::ShutdownWrite(Side::Client)));
     assert!(out.contains(&Action::ShutdownWrite(Side::Backend)));
     assert!(!out.contains(&Action::Close));
@@ -603,23 +629,171 @@ fn drain_between_frames_sends_close_1001_both_ways() {
     assert_eq!(
         out,
         vec![Action::Release(41)],
-        "nothing is relayed after our Close"
+        "the backend's Close reply is not relayed"
     );
     c.on_recv_end(Side::Backend, RecvEnd::Eof, &mut out);
     c.on_recv_end(Side::Client, RecvEnd::Eof, &mut out);
     assert!(out.ends_with(&[Action::Close]));
     assert_eq!(c.closer, Some(Closer::Drain));
+    assert_eq!(c.close_kind, Some(CloseKind::Message));
 }
 
+/// A fragmented message with pings between its fragments defers the
+/// close; the buffer that completes it is cut right after it, and what
+/// follows in that buffer never reaches the backend.
 #[test]
-fn drain_mid_frame_closes_the_connection() {
+fn clean_close_waits_for_the_end_of_a_fragmented_message() {
     let s = snap(&["127.0.0.1:9001"], "");
     let mut c = relaying(&s);
     let mut out = Vec::new();
-    c.on_recv(Side::Client, 40, &[0x82, 0x85, 1, 2, 3, 4, 0], &mut out);
+    let first = masked(0x01, b"part1"); // text, no FIN
+    c.on_recv(Side::Client, 40, &first, &mut out);
     out.clear();
-    c.drain_close(&mut out);
+    assert!(c.request_close(Closer::Rebalance, Duration::from_secs(30), &mut out));
+    assert!(
+        out.iter().all(|a| matches!(a, Action::Timer(..))),
+        "nothing injected mid-message: {out:?}"
+    );
+    // A ping between fragments is a frame boundary, not a message one.
+    let ping = masked(0x89, b"p");
+    c.on_recv(Side::Client, 41, &ping, &mut out);
+    assert!(c.close_kind.is_none());
+    // The last fragment and a next message in one buffer.
+    let mut buf = masked(0x80, b"part2");
+    let last_len = buf.len();
+    buf.extend(masked(0x81, b"after the close"));
+    out.clear();
+    c.on_recv(Side::Client, 42, &buf, &mut out);
+    assert_eq!(c.close_kind, Some(CloseKind::Message));
+    // Queued towards the backend: the three frames, the cut buffer up to
+    // the message's end, then the Close.
+    let mut lens = Vec::new();
+    while let Some(p) = c.front(Side::Backend) {
+        let n = p.remaining();
+        lens.push(n);
+        c.on_send(Side::Backend, Ok(n), &mut out);
+    }
+    assert_eq!(
+        lens,
+        vec![first.len(), ping.len(), last_len, 6 + 2 + 18],
+        "cut at the boundary"
+    );
+    // What arrives now is dropped.
+    out.clear();
+    c.on_recv(Side::Client, 43, &masked(0x81, b"late"), &mut out);
+    assert_eq!(out, vec![Action::Release(43)]);
+}
+
+/// At the drain deadline (no wait for a message boundary) a session inside
+/// a frame gets its Close at the frame's end; one whose frame never ends
+/// gets FIN after linger_timeout.
+#[test]
+fn clean_close_falls_back_to_frames_then_fin() {
+    let s = snap(&["127.0.0.1:9001"], "");
+    let mut c = relaying(&s);
+    let mut out = Vec::new();
+    // A fragment without FIN, then a frame cut in its middle.
+    c.on_recv(Side::Client, 40, &masked(0x02, b"abc"), &mut out);
+    c.on_recv(Side::Client, 41, &[0x80, 0x85, 1, 2, 3, 4, 0], &mut out);
+    out.clear();
+    assert!(c.request_close(Closer::Shutdown, Duration::ZERO, &mut out));
+    assert_eq!(
+        out,
+        vec![Action::Timer(
+            TimerKind::CloseBoundary { fin: true },
+            Duration::from_secs(2)
+        )]
+    );
+    let mut d = relaying(&s);
+    d.on_recv(Side::Client, 40, &masked(0x02, b"abc"), &mut out);
+    d.on_recv(Side::Client, 41, &[0x80, 0x85, 1, 2, 3, 4, 0], &mut out);
+    d.request_close(Closer::Shutdown, Duration::ZERO, &mut out);
+    // The frame ends (the message does not matter any more).
+    out.clear();
+    d.on_recv(Side::Client, 42, &[0; 4], &mut out);
+    assert_eq!(d.close_kind, Some(CloseKind::Frame));
+    assert!(front_owned(&d, Side::Client).starts_with(&[0x88, 19, 0x03, 0xf4]));
+    // The other never completes its frame: FIN.
+    out.clear();
+    c.on_timer(TimerKind::CloseBoundary { fin: true }, &mut out);
     assert_eq!(out, vec![Action::Close]);
+    assert_eq!(c.close_kind, Some(CloseKind::Fin));
+    assert_eq!(c.closer, Some(Closer::Shutdown));
+}
+
+/// A paced close waiting for a message boundary is hurried by the drain
+/// deadline: frame boundaries do from then on.
+#[test]
+fn the_deadline_hurries_a_close_waiting_for_a_message_boundary() {
+    let s = snap(&["127.0.0.1:9001"], "");
+    let mut c = relaying(&s);
+    let mut out = Vec::new();
+    c.on_recv(Side::Client, 40, &masked(0x01, b"open"), &mut out);
+    assert!(c.request_close(Closer::Shutdown, Duration::from_secs(30), &mut out));
+    out.clear();
+    assert!(!c.request_close(Closer::Shutdown, Duration::ZERO, &mut out));
+    assert_eq!(c.close_kind, Some(CloseKind::Frame), "{out:?}");
+}
+
+/// A parked session (polls instead of recvs) closes cleanly: the Close
+/// frames go out at once, and each peer's reply wakes its poll.
+#[test]
+fn a_parked_session_closes_cleanly() {
+    let s = snap(&["127.0.0.1:9001"], "");
+    let mut c = relaying(&s);
+    let mut out = Vec::new();
+    assert!(!c.idle_sweep(&mut out), "active since the last sweep");
+    assert!(c.idle_sweep(&mut out));
+    c.on_recv_end(Side::Client, RecvEnd::Stopped, &mut out);
+    c.on_recv_end(Side::Backend, RecvEnd::Stopped, &mut out);
+    assert!(out.contains(&Action::PollIn(Side::Backend)));
+    out.clear();
+    assert!(c.request_close(Closer::Rebalance, Duration::from_secs(30), &mut out));
+    assert!(out.contains(&Action::Send(Side::Client)), "{out:?}");
+    assert!(out.contains(&Action::Send(Side::Backend)), "{out:?}");
+    assert!(
+        !out.iter().any(|a| matches!(a, Action::ArmRecv(_))),
+        "{out:?}"
+    );
+    flush(&mut c, Side::Client, &mut out);
+    flush(&mut c, Side::Backend, &mut out);
+    for side in [Side::Client, Side::Backend] {
+        out.clear();
+        c.on_readable(side, &mut out);
+        assert_eq!(out, vec![Action::ArmRecv(side)]);
+        c.on_recv(side, 50, &[0x88, 0x00], &mut out);
+        assert!(out.ends_with(&[Action::Release(50)]));
+        c.on_recv_end(side, RecvEnd::Eof, &mut out);
+    }
+    assert!(out.ends_with(&[Action::Close]), "{out:?}");
+    assert_eq!(c.closer, Some(Closer::Rebalance));
+}
+
+/// close_boundary_timeout without a message boundary: frame boundaries do.
+#[test]
+fn clean_close_boundary_timeout_then_frames() {
+    let s = snap(&["127.0.0.1:9001"], "");
+    let mut c = relaying(&s);
+    let mut out = Vec::new();
+    c.on_recv(Side::Backend, 40, &[0x01, 0x01, b'x'], &mut out);
+    c.request_close(Closer::Drain, Duration::from_secs(30), &mut out);
+    assert!(c.close_kind.is_none());
+    out.clear();
+    c.on_timer(TimerKind::CloseBoundary { fin: false }, &mut out);
+    assert_eq!(c.close_kind, Some(CloseKind::Frame), "{out:?}");
+}
+
+/// A session that half-closed cannot take a Close on that side: FIN.
+#[test]
+fn clean_close_of_a_half_closed_session_is_a_fin() {
+    let s = snap(&["127.0.0.1:9001"], "");
+    let mut c = relaying(&s);
+    let mut out = Vec::new();
+    c.on_recv_end(Side::Client, RecvEnd::Eof, &mut out);
+    out.clear();
+    c.request_close(Closer::Drain, Duration::from_secs(30), &mut out);
+    assert_eq!(out, vec![Action::Close]);
+    assert_eq!(c.close_kind, Some(CloseKind::Fin));
 }
 
 #[test]
@@ -1070,7 +1244,7 @@ fn only_a_plain_upgraded_session_can_be_quiesced() {
     let mut c = connected(&s);
     assert!(!c.quiesce(&mut out), "still in its handshake");
     let mut c = relaying(&s);
-    c.drain_close(&mut out);
+    c.request_close(Closer::Drain, Duration::ZERO, &mut out);
     out.clear();
     assert!(!c.quiesce(&mut out), "closing");
     assert!(out.is_empty());

@@ -43,13 +43,12 @@ impl Shard {
             "duration_ms": ms(e.started.elapsed()),
             "bytes_from_client": c.bytes_to(Side::Backend),
             "bytes_from_backend": c.bytes_to(Side::Client),
-            "closed_by": match c.closer {
-                Some(crate::conn::Closer::Client) => "client",
-                Some(crate::conn::Closer::Backend) => "backend",
-                Some(crate::conn::Closer::Proxy) => "proxy",
-                Some(crate::conn::Closer::Drain) => "drain",
-                Some(crate::conn::Closer::StalledPeer) => "stalled_peer",
-                Some(crate::conn::Closer::Error) | None => "error",
+            "closed_by": crate::conn::Closer::name(c.closer),
+            "close": match c.close_kind {
+                None => None,
+                Some(crate::conn::CloseKind::Message) => Some("message"),
+                Some(crate::conn::CloseKind::Frame) => Some("frame"),
+                Some(crate::conn::CloseKind::Fin) => Some("fin"),
             },
         });
         self.write_log(line);

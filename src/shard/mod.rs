@@ -25,7 +25,8 @@
 //! cancels and reaps every op before anything is freed (`Driver::shutdown`).
 //!
 //! Files: `access_log.rs` (one JSON line per request or session),
-//! `sweeps.rs` (timers, idle/stall/unpin sweeps, starved recvs).
+//! `sweeps.rs` (timers, idle/stall/unpin sweeps, starved recvs),
+//! `pacing.rs` (paced closes: drain at a rate, rebalance, paced shutdown).
 
 use std::cmp::Reverse;
 use std::collections::{BinaryHeap, VecDeque};
@@ -39,7 +40,7 @@ use std::time::{Duration, Instant};
 
 use socket2::{Domain, SockRef, Socket, TcpKeepalive, Type};
 
-use crate::conn::{Action, Conn, Payload, Side, Stage, TimerKind};
+use crate::conn::{Action, CloseKind, Closer, Conn, Payload, Side, Stage, TimerKind};
 use crate::driver::{Driver, Event, Lender, Lent, Op, Routed};
 use crate::ring::{self, BufRing};
 use crate::snapshot::Snapshot;
@@ -47,6 +48,7 @@ use crate::stats::{self, ShardStats};
 
 mod access_log;
 mod handoff;
+mod pacing;
 mod sweeps;
 
 /// Copies bytes `start..start + len` of provided buffer `bid` out of the pool.
@@ -94,6 +96,9 @@ pub enum Command {
 pub struct Shared {
     /// Client connections across all shards, for `server.max_connections`.
     pub clients: AtomicUsize,
+    /// The paced shutdown's budget (`server.drain_close_rate`), a GCRA
+    /// cell shared by all shards (`crate::pacing`).
+    pub shutdown_tat_us: std::sync::atomic::AtomicU64,
 }
 
 /// What the shard keeps per connection; the driver's slot holds it.
@@ -157,6 +162,8 @@ enum TimerTarget {
     StallSweep,
     /// The pool runs low: move stalled directions' buffers out of it.
     Unpin,
+    /// Paced closes (drain at a rate, rebalance, paced shutdown).
+    Pacing,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -203,6 +210,10 @@ pub struct Shard {
     export: Option<std::sync::mpsc::Sender<crate::handoff::Exported>>,
     /// `Empty` was sent and nothing arrived since.
     reported_empty: bool,
+    /// Sessions the pacing sweep may close, oldest first, and when that
+    /// list was made (`pacing.rs`).
+    pacing_list: Vec<pacing::Candidate>,
+    pacing_listed: Option<Instant>,
 }
 
 pub struct ShardInit {
@@ -251,6 +262,8 @@ impl Shard {
             unpin_pending: false,
             export: None,
             reported_empty: false,
+            pacing_list: Vec::new(),
+            pacing_listed: None,
         })
     }
 
@@ -276,6 +289,7 @@ impl Shard {
         }
         self.schedule_sweep();
         self.schedule_stall_sweep();
+        self.schedule_pacing(crate::pacing::IDLE_CHECK);
         self.driver.arm_wake();
         while !self.stopping {
             if self.draining && self.driver.is_empty() && self.driver.no_listeners() {
@@ -647,7 +661,16 @@ impl Shard {
             self.log_session(&s);
         }
         if s.conn.status == Some(101) {
-            self.stats.closed[stats::close_reason(s.conn.closer)].add(1);
+            let reason = stats::close_reason(s.conn.closer);
+            self.stats.closed[reason].add(1);
+            if let Some(b) = s.conn.backend_state() {
+                b.count_close(reason);
+            }
+            match s.conn.close_kind {
+                Some(CloseKind::Frame) => self.stats.clean_close_fallbacks[0].add(1),
+                Some(CloseKind::Fin) => self.stats.clean_close_fallbacks[1].add(1),
+                Some(CloseKind::Message) | None => {}
+            }
         }
         let (client_ip, ip_counted) = (s.conn.client_addr.ip(), s.conn.ip_counted);
         for bid in s.conn.into_buffers() {
@@ -728,9 +751,16 @@ impl Shard {
                         .into_iter()
                         .filter(|k| !self.driver.is_closing(*k))
                         .collect();
+                    // The deadline: the clean close with no wait for a
+                    // message boundary (any frame boundary will do, FIN
+                    // after linger_timeout).
                     for key in keys {
                         if let Some(s) = self.driver.get_mut(key) {
-                            s.conn.drain_close(&mut self.actions);
+                            s.conn.request_close(
+                                Closer::Shutdown,
+                                Duration::ZERO,
+                                &mut self.actions,
+                            );
                             self.exec(key);
                         }
                     }

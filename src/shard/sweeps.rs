@@ -41,6 +41,7 @@ impl Shard {
                 TimerTarget::Accept { listener } => self.driver.arm_accept(listener as usize),
                 TimerTarget::StallSweep => self.stall_sweep(),
                 TimerTarget::Unpin => self.unpin_sweep(),
+                TimerTarget::Pacing => self.pacing_sweep(),
                 TimerTarget::IdleSweep if self.snap.config.server.park_idle_after.is_none() => {
                     self.schedule_sweep();
                 }

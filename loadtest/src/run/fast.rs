@@ -1,5 +1,7 @@
 //! Readiness-driven engine for `pingpong` and `bulk`: one mio poll loop per
-//! worker thread drives all its connections directly.
+//! worker thread drives all its connections directly, plain or TLS
+//! ([`FSock`]: with TLS, records rustls still holds keep the connection
+//! interested in writability until they are out).
 //!
 //! Per message the kernel work (one send, one receive) is the same as the echo
 //! backend's, so what separates the tool from the backend is user-space
@@ -7,9 +9,9 @@
 
 use super::{count_message, Conn, Ctx};
 use crate::client::{close_frame, make_payload, ErrKind, Expect, Got, OutFrame, Reader};
-use mio::net::TcpStream;
+use crate::transport::FSock;
 use mio::{Events, Interest, Poll, Token};
-use std::io::{self, Write};
+use std::io;
 use std::sync::atomic::Ordering::Relaxed;
 use std::time::{Duration, Instant};
 
@@ -27,7 +29,7 @@ enum Phase {
 }
 
 struct FConn {
-    sock: TcpStream,
+    sock: FSock,
     reader: Reader,
     out: OutFrame,
     seq: u64,
@@ -70,18 +72,17 @@ pub(super) fn run(ctx: &Ctx, conns: Vec<(u64, Conn)>, start: Instant) {
     };
     let mut fc: Vec<FConn> = Vec::with_capacity(conns.len());
     for (gidx, c) in conns {
-        let sock = c.stream.into_std().map(TcpStream::from_std);
-        let mut sock = match sock {
+        let mut sock = match c.stream.into_fast() {
             Ok(s) => s,
             Err(e) => {
                 ctx.err(ErrKind::from_io(&e));
                 continue;
             }
         };
-        if let Err(e) = lp
-            .poll
-            .registry()
-            .register(&mut sock, Token(fc.len()), Interest::READABLE)
+        if let Err(e) =
+            lp.poll
+                .registry()
+                .register(sock.tcp_mut(), Token(fc.len()), Interest::READABLE)
         {
             ctx.err(ErrKind::from_io(&e));
             continue;
@@ -180,7 +181,7 @@ impl Loop<'_> {
     }
 
     fn finish(&mut self, c: &mut FConn) {
-        let _ = self.poll.registry().deregister(&mut c.sock);
+        let _ = self.poll.registry().deregister(c.sock.tcp_mut());
         c.phase = Phase::Done;
         c.reader = Reader::new(0);
         self.live -= 1;
@@ -192,7 +193,7 @@ impl Loop<'_> {
             return;
         }
         self.ctx.err(k);
-        let _ = c.sock.shutdown(std::net::Shutdown::Both);
+        let _ = c.sock.tcp().shutdown(std::net::Shutdown::Both);
         self.finish(c);
     }
 
@@ -289,6 +290,16 @@ impl Loop<'_> {
         }
         c.extra.clear();
         c.extra_off = 0;
+        // TLS: records the socket has not taken yet.
+        if c.sock.wants_write() {
+            match c.sock.flush() {
+                Ok(()) => {}
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
+                    return self.want_write(c, i, true)
+                }
+                Err(e) => return Err(ErrKind::from_io(&e)),
+            }
+        }
         self.want_write(c, i, false)
     }
 
@@ -301,7 +312,7 @@ impl Loop<'_> {
             };
             self.poll
                 .registry()
-                .reregister(&mut c.sock, Token(i), interest)
+                .reregister(c.sock.tcp_mut(), Token(i), interest)
                 .map_err(|e| ErrKind::from_io(&e))?;
             c.want_write = on;
         }

@@ -77,8 +77,8 @@ pub fn err(v: &Value, kind: &str) -> u64 {
         .unwrap_or_else(|| panic!("no error kind {kind} in {v}"))
 }
 
-/// Reads an HTTP request head from a raw socket.
-pub fn read_head(s: &mut TcpStream) -> String {
+/// Reads an HTTP request head from a raw socket (or a TLS stream over one).
+pub fn read_head(s: &mut impl Read) -> String {
     let mut head = Vec::new();
     let mut b = [0u8; 1];
     while !head.ends_with(b"\r\n\r\n") {
@@ -99,7 +99,7 @@ pub fn header<'a>(head: &'a str, name: &str) -> Option<&'a str> {
 }
 
 /// Answers a client upgrade correctly.
-pub fn accept_upgrade(s: &mut TcpStream) {
+pub fn accept_upgrade<S: Read + Write>(s: &mut S) {
     let head = read_head(s);
     let key = header(&head, "sec-websocket-key").expect("key");
     let accept = ringlb_load::codec::accept_key(key.as_bytes());
@@ -111,7 +111,7 @@ pub fn accept_upgrade(s: &mut TcpStream) {
 }
 
 /// Reads one client frame; returns (opcode, fin, unmasked payload).
-pub fn read_frame(s: &mut TcpStream) -> Option<(u8, bool, Vec<u8>)> {
+pub fn read_frame(s: &mut impl Read) -> Option<(u8, bool, Vec<u8>)> {
     let mut h = [0u8; 2];
     s.read_exact(&mut h).ok()?;
     let mut len = (h[1] & 0x7f) as u64;
