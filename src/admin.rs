@@ -54,25 +54,41 @@ pub const REQUEST_DEADLINE: Duration = Duration::from_secs(5);
 /// From the request being complete until the whole answer is written.
 pub const RESPONSE_DEADLINE: Duration = Duration::from_secs(5);
 
-pub fn spawn(addr: SocketAddr, control: Arc<Control>) -> std::io::Result<SocketAddr> {
-    let listener = TcpListener::bind(addr)?;
+/// Serves the admin API on `listener` (bound here, or inherited from the
+/// previous process on an upgrade).
+pub fn spawn(listener: TcpListener, control: Arc<Control>) -> std::io::Result<SocketAddr> {
     let local = listener.local_addr()?;
-    let busy = Arc::new(AtomicUsize::new(0));
+    listener.set_nonblocking(false)?;
+    // accept(2) honours SO_RCVTIMEO: the thread looks at `admin_paused`
+    // this often. While a hand-off runs, the new process accepts on the
+    // same socket and this one must not take its requests.
+    socket2::SockRef::from(&listener).set_read_timeout(Some(ADMIN_PAUSE_CHECK))?;
+    let busy = control.admin_busy.clone();
     std::thread::Builder::new()
         .name("ringlb-admin".into())
-        .spawn(move || {
-            for stream in listener.incoming() {
-                match stream {
-                    Ok(s) => accept(s, local, &busy, &control),
-                    Err(e) => {
-                        log::warn!("admin accept failed: {e}");
-                        std::thread::sleep(Duration::from_millis(100));
-                    }
+        .spawn(move || loop {
+            if control.admin_paused.load(Ordering::Relaxed) {
+                std::thread::sleep(ADMIN_PAUSE_CHECK);
+                continue;
+            }
+            match listener.accept() {
+                Ok((s, _)) => {
+                    let _ = s.set_nonblocking(false);
+                    accept(s, local, &busy, &control)
+                }
+                Err(e) if matches!(e.kind(), ErrorKind::WouldBlock | ErrorKind::TimedOut) => {}
+                Err(e) if e.kind() == ErrorKind::Interrupted => {}
+                Err(e) => {
+                    log::warn!("admin accept failed: {e}");
+                    std::thread::sleep(Duration::from_millis(100));
                 }
             }
         })?;
     Ok(local)
 }
+
+/// How often a paused admin thread looks again.
+const ADMIN_PAUSE_CHECK: Duration = Duration::from_millis(100);
 
 /// Holds one of the [`MAX_CONNECTIONS`] slots until dropped.
 struct Slot(Arc<AtomicUsize>);
@@ -556,8 +572,9 @@ pub fn metrics(control: &Control) -> String {
         }
     }
 
+    // The previous processes' counters (a binary upgrade) count too.
     let sum = |f: &dyn Fn(&crate::stats::ShardStats) -> u64| {
-        control.shards.iter().map(|s| f(s)).sum::<u64>()
+        control.shards.iter().map(|s| f(s)).sum::<u64>() + f(&control.inherited)
     };
     let _ = writeln!(out, "# HELP ringlb_handshakes_total Requests answered (WebSocket handshakes, proxied and static HTTP) by result: the HTTP status, \"closed\" when the client left first.\n# TYPE ringlb_handshakes_total counter");
     for (i, r) in RESULTS.iter().enumerate() {
@@ -730,6 +747,21 @@ pub fn metrics(control: &Control) -> String {
             s.active.get()
         );
     }
+    let _ = writeln!(out, "# HELP ringlb_sessions_handed_off_total Relaying WebSocket sessions taken out of this process for a binary upgrade (exported), and taken in (imported: from the previous process, or back after a failed hand-off); counters carried over from earlier processes included.\n# TYPE ringlb_sessions_handed_off_total counter");
+    let _ = writeln!(
+        out,
+        "ringlb_sessions_handed_off_total{{direction=\"exported\"}} {}\nringlb_sessions_handed_off_total{{direction=\"imported\"}} {}",
+        sum(&|s| s.exported.get()),
+        sum(&|s| s.imported.get())
+    );
+    let _ = writeln!(out, "# HELP ringlb_upgrades_total Binary upgrades this process started, by outcome: ok, refused (the new process refused before taking anything: bad config, failed start), rolled_back (it died or stopped answering mid-transfer; un-acknowledged sessions stayed here).\n# TYPE ringlb_upgrades_total counter");
+    for (i, r) in ["ok", "refused", "rolled_back"].iter().enumerate() {
+        let _ = writeln!(
+            out,
+            "ringlb_upgrades_total{{result=\"{r}\"}} {}",
+            control.upgrades[i].load(Ordering::Relaxed)
+        );
+    }
     let _ = writeln!(out, "# HELP ringlb_config_reloads_total Configuration reloads by result.\n# TYPE ringlb_config_reloads_total counter");
     let _ = writeln!(
         out,
@@ -821,8 +853,9 @@ pub fn status(control: &Control) -> String {
         .collect();
     // The same sums /metrics exports, so the dashboard needs one request a
     // second and no Prometheus parser.
+    // The previous processes' counters (a binary upgrade) count too.
     let sum = |f: &dyn Fn(&crate::stats::ShardStats) -> u64| {
-        control.shards.iter().map(|s| f(s)).sum::<u64>()
+        control.shards.iter().map(|s| f(s)).sum::<u64>() + f(&control.inherited)
     };
     let handshakes: serde_json::Map<String, serde_json::Value> = RESULTS
         .iter()
@@ -835,8 +868,15 @@ pub fn status(control: &Control) -> String {
         .map(|(i, r)| (r.to_string(), sum(&|s| s.closed[i].get()).into()))
         .collect();
     let loaded = *control.loaded_at.lock().unwrap_or_else(|e| e.into_inner());
+    let started = control
+        .started_at
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs());
     let v = serde_json::json!({
         "version": env!("CARGO_PKG_VERSION"),
+        "pid": control.pid,
+        "started_at": started,
+        "inherited_sessions": control.inherited_sessions.load(Ordering::Relaxed),
         "uptime_seconds": control.started.elapsed().as_secs_f64(),
         "config_file": snap.config.source.as_ref().map(|p| p.display().to_string()),
         "config_loaded_at": humantime::format_rfc3339_seconds(loaded).to_string(),

@@ -195,6 +195,16 @@ impl<T> Slot<T> {
     }
 }
 
+/// A slot taken out of the driver ([`Driver::take`]).
+pub struct Taken<T> {
+    pub data: T,
+    pub client: OwnedFd,
+    pub backend: Option<OwnedFd>,
+    /// The pipes of splicing directions, by destination side, with what
+    /// they still hold.
+    pub pipes: [Option<Pipe>; 2],
+}
+
 struct Listener {
     sock: TcpListener,
     addr: SocketAddr,
@@ -202,6 +212,9 @@ struct Listener {
     closing: bool,
     /// A multishot accept is in flight.
     armed: bool,
+    /// Not accepting for now (a hand-off in progress); the socket stays,
+    /// and its accept queue with it, for another process or for later.
+    paused: bool,
 }
 
 /// Kernel-borrowed state that a failed shutdown leaks instead of freeing.
@@ -332,6 +345,11 @@ impl<T> Driver<T> {
         self.slots.get_mut(key).map(|s| &mut s.data)
     }
 
+    /// The buffer pool, to read what connections hold.
+    pub fn bufs(&self) -> &BufRing {
+        &self.bufs
+    }
+
     /// The connection and the buffer pool, to read what a recv delivered.
     pub fn with_bufs(&mut self, key: usize) -> Option<(&mut T, &BufRing)> {
         let bufs = &*self.bufs;
@@ -345,6 +363,43 @@ impl<T> Driver<T> {
 
     pub fn is_closing(&self, key: usize) -> bool {
         self.slots.get(key).is_some_and(|s| s.closing)
+    }
+
+    /// Takes a live slot with nothing in flight out of the driver, with its
+    /// sockets and pipes, none of them closed: a session leaving this
+    /// process (hand-off). `None` (and the slot stays) while any op, file
+    /// or retired descriptor is still the kernel's.
+    pub fn take(&mut self, key: usize) -> Option<Taken<T>> {
+        let s = self.slots.get(key)?;
+        if s.closing
+            || !s.idle()
+            || s.retired.is_some()
+            || s.file.is_some()
+            || s.opened.is_some()
+            || s.release_backend
+        {
+            return None;
+        }
+        let s = self.slots.remove(key);
+        Some(Taken {
+            data: s.data,
+            client: s.client,
+            backend: s.backend,
+            pipes: s.pipes,
+        })
+    }
+
+    /// Gives a slot (a session arriving from another process, or coming
+    /// back after a failed hand-off) its already connected backend socket.
+    pub fn attach_backend(&mut self, key: usize, sock: OwnedFd) {
+        let s = slot_mut(&mut self.slots, self.shut, key);
+        assert!(s.backend.is_none(), "the slot has a backend socket");
+        s.backend = Some(sock);
+    }
+
+    /// A slot with no op in flight.
+    pub fn is_idle(&self, key: usize) -> bool {
+        self.slots.get(key).is_some_and(|s| s.idle())
     }
 
     /// Removes a closed slot with nothing in flight and returns its
@@ -403,6 +458,7 @@ impl<T> Driver<T> {
             addr,
             closing: false,
             armed: false,
+            paused: false,
         }));
         self.listeners.len() - 1
     }
@@ -429,7 +485,7 @@ impl<T> Driver<T> {
         }
         .encode();
         if let Some(l) = &mut self.listeners[i] {
-            if !l.closing && !l.armed {
+            if !l.closing && !l.armed && !l.paused {
                 l.armed = true;
                 // SAFETY: the listener's socket is dropped only when its
                 // accept's last completion arrives (`close_listener`,
@@ -459,6 +515,45 @@ impl<T> Driver<T> {
                 l.closing = true;
                 self.ring.cancel_fd(l.sock.as_raw_fd(), ud);
             }
+        }
+    }
+
+    /// Stops accepting on every listener but keeps the sockets open: their
+    /// accept queues stay for whoever accepts on the same sockets (the new
+    /// process of a hand-off), or for this shard again after
+    /// [`Driver::resume_listeners`]. A connection the accept already took
+    /// when the cancel landed is delivered as usual.
+    pub fn pause_listeners(&mut self) {
+        for (i, l) in self.listeners.iter_mut().enumerate() {
+            let Some(l) = l else { continue };
+            if l.closing || l.paused {
+                continue;
+            }
+            l.paused = true;
+            if l.armed {
+                let ud = Ud {
+                    op: Op::Cancel,
+                    side: Side::Client,
+                    gen: 0,
+                    key: i as u32,
+                }
+                .encode();
+                self.ring.cancel_fd(l.sock.as_raw_fd(), ud);
+            }
+        }
+    }
+
+    /// Accepts again after [`Driver::pause_listeners`].
+    pub fn resume_listeners(&mut self) {
+        let paused: Vec<usize> = (self.listeners.iter().enumerate())
+            .filter(|(_, l)| l.as_ref().is_some_and(|l| l.paused))
+            .map(|(i, _)| i)
+            .collect();
+        for i in paused {
+            if let Some(l) = &mut self.listeners[i] {
+                l.paused = false;
+            }
+            self.arm_accept(i);
         }
     }
 

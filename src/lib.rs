@@ -6,7 +6,8 @@
 //! what the kernel borrows; completions to events), `ring` (every SQE; with
 //! `driver`, the only `unsafe`),
 //! `server` (listeners and shard threads), `pacing` (paced drain,
-//! rebalance and shutdown budgets), `demo`.
+//! rebalance and shutdown budgets), `handoff` (live hand-off of listeners
+//! and sessions to a new process on a binary upgrade), `demo`.
 #![deny(unsafe_code)]
 
 pub mod admin;
@@ -16,6 +17,7 @@ pub mod conn;
 pub mod demo;
 pub(crate) mod driver;
 pub mod files;
+pub mod handoff;
 pub mod http;
 pub mod pacing;
 pub mod proxy_protocol;

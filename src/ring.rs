@@ -683,3 +683,186 @@ fn byte_count(n: isize) -> Result<usize, i32> {
         Ok(n as usize)
     }
 }
+
+impl Pipe {
+    /// Reads up to `len` bytes out of the pipe into memory (a splicing
+    /// direction being exported: its bytes travel in the session record).
+    pub fn read_out(&self, len: usize) -> Result<Vec<u8>, i32> {
+        let mut buf = vec![0u8; len];
+        let mut got = 0;
+        while got < len {
+            // SAFETY: read(2) writes at most `len - got` bytes into the live,
+            // initialised tail of `buf`; the pipe is ours and nonblocking.
+            let n = unsafe {
+                libc::read(
+                    self.r.as_raw_fd(),
+                    buf[got..].as_mut_ptr().cast(),
+                    len - got,
+                )
+            };
+            match byte_count(n) {
+                Ok(0) | Err(libc::EAGAIN) => break,
+                Ok(n) => got += n,
+                Err(e) => return Err(e),
+            }
+        }
+        buf.truncate(got);
+        Ok(buf)
+    }
+}
+
+/// Descriptors one `sendmsg` may carry (the kernel's `SCM_MAX_FD`).
+pub const SCM_MAX_FD: usize = 253;
+
+/// Sends `data` on a unix stream socket with `fds` attached (SCM_RIGHTS),
+/// all of it or an error. The descriptors travel with the first byte; the
+/// caller keeps its own copies open (they are closed only once the peer
+/// acknowledged them).
+pub fn send_with_fds(sock: RawFd, data: &[u8], fds: &[RawFd]) -> io::Result<()> {
+    assert!(fds.len() <= SCM_MAX_FD, "more than SCM_MAX_FD descriptors");
+    assert!(!data.is_empty(), "descriptors need at least one byte");
+    let fd_bytes = std::mem::size_of_val(fds);
+    // SAFETY: CMSG_SPACE is arithmetic on a length.
+    let space = unsafe { libc::CMSG_SPACE(fd_bytes as u32) } as usize;
+    // u64 elements: a cmsghdr needs 8-byte alignment.
+    let mut control = vec![0u64; space.div_ceil(8)];
+    let mut sent = 0;
+    while sent < data.len() {
+        let mut iov = libc::iovec {
+            iov_base: data[sent..].as_ptr() as *mut libc::c_void,
+            iov_len: data.len() - sent,
+        };
+        // SAFETY: an all-zero msghdr is valid (no name, no iovec, no control).
+        let mut msg: libc::msghdr = unsafe { std::mem::zeroed() };
+        msg.msg_iov = &mut iov;
+        msg.msg_iovlen = 1;
+        if sent == 0 && !fds.is_empty() {
+            msg.msg_control = control.as_mut_ptr().cast();
+            msg.msg_controllen = space as _;
+            // SAFETY: the control buffer is `space` bytes, 8-aligned and
+            // zeroed, so CMSG_FIRSTHDR points at a header inside it, and
+            // CMSG_DATA at `fd_bytes` bytes inside it (CMSG_SPACE covers
+            // header and data); the copy reads `fds` (live) only.
+            unsafe {
+                let c = libc::CMSG_FIRSTHDR(&msg);
+                (*c).cmsg_level = libc::SOL_SOCKET;
+                (*c).cmsg_type = libc::SCM_RIGHTS;
+                (*c).cmsg_len = libc::CMSG_LEN(fd_bytes as u32) as _;
+                std::ptr::copy_nonoverlapping(
+                    fds.as_ptr().cast::<u8>(),
+                    libc::CMSG_DATA(c),
+                    fd_bytes,
+                );
+            }
+        }
+        // SAFETY: `msg` points at the live iovec over `data` and the live
+        // control buffer; sendmsg reads them during the call only.
+        let n = unsafe { libc::sendmsg(sock, &msg, libc::MSG_NOSIGNAL) };
+        match byte_count(n) {
+            Ok(n) => sent += n,
+            Err(libc::EINTR) => {}
+            Err(e) => return Err(io::Error::from_raw_os_error(e)),
+        }
+    }
+    Ok(())
+}
+
+/// Receives up to `buf.len()` bytes from a unix stream socket, adopting
+/// any descriptors that came with them (close-on-exec) into `fds`. A
+/// control message the buffer could not hold (`MSG_CTRUNC`: descriptors
+/// the kernel dropped) is an error, never a silent loss.
+pub fn recv_with_fds(sock: RawFd, buf: &mut [u8], fds: &mut Vec<OwnedFd>) -> io::Result<usize> {
+    // SAFETY: CMSG_SPACE is arithmetic on a length.
+    let space =
+        unsafe { libc::CMSG_SPACE((SCM_MAX_FD * std::mem::size_of::<RawFd>()) as u32) } as usize;
+    let mut control = vec![0u64; space.div_ceil(8)];
+    loop {
+        let mut iov = libc::iovec {
+            iov_base: buf.as_mut_ptr().cast(),
+            iov_len: buf.len(),
+        };
+        // SAFETY: an all-zero msghdr is valid.
+        let mut msg: libc::msghdr = unsafe { std::mem::zeroed() };
+        msg.msg_iov = &mut iov;
+        msg.msg_iovlen = 1;
+        msg.msg_control = control.as_mut_ptr().cast();
+        msg.msg_controllen = space as _;
+        // SAFETY: recvmsg writes at most `buf.len()` bytes into `buf` and at
+        // most `space` bytes into `control`, both live and exclusively ours.
+        let n = unsafe { libc::recvmsg(sock, &mut msg, libc::MSG_CMSG_CLOEXEC) };
+        let n = match byte_count(n) {
+            Ok(n) => n,
+            Err(libc::EINTR) => continue,
+            Err(e) => return Err(io::Error::from_raw_os_error(e)),
+        };
+        let mut got = Vec::new();
+        // SAFETY: the kernel filled `msg_controllen` bytes of `control` with
+        // well-formed cmsghdrs; CMSG_FIRSTHDR/NXTHDR stay inside it, and
+        // each SCM_RIGHTS payload holds `(cmsg_len - CMSG_LEN(0)) / 4`
+        // descriptors that are new in this process and owned by nobody else,
+        // so each is adopted exactly once.
+        unsafe {
+            let mut c = libc::CMSG_FIRSTHDR(&msg);
+            while !c.is_null() {
+                if (*c).cmsg_level == libc::SOL_SOCKET && (*c).cmsg_type == libc::SCM_RIGHTS {
+                    let len = (*c).cmsg_len as usize - libc::CMSG_LEN(0) as usize;
+                    let data = libc::CMSG_DATA(c).cast::<RawFd>();
+                    for i in 0..len / std::mem::size_of::<RawFd>() {
+                        got.push(adopt_fd(std::ptr::read_unaligned(data.add(i))));
+                    }
+                }
+                c = libc::CMSG_NXTHDR(&msg, c);
+            }
+        }
+        fds.extend(got);
+        if msg.msg_flags & libc::MSG_CTRUNC != 0 {
+            return Err(io::Error::other(
+                "MSG_CTRUNC: descriptors were dropped by the kernel on receipt",
+            ));
+        }
+        return Ok(n);
+    }
+}
+
+/// Sends signal `sig` to process `pid`.
+pub fn send_signal(pid: u32, sig: i32) -> io::Result<()> {
+    // SAFETY: kill(2) takes two integers; no memory is involved.
+    if unsafe { libc::kill(pid as libc::pid_t, sig) } < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(())
+}
+
+/// Takes the descriptor whose number the environment variable `var`
+/// holds (one end of the hand-off socket, inherited across exec), and
+/// removes the variable so nothing can take it twice. `None` if unset.
+pub fn take_inherited_fd(var: &str) -> io::Result<Option<OwnedFd>> {
+    static TAKEN: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
+    let Some(v) = std::env::var_os(var) else {
+        return Ok(None);
+    };
+    std::env::remove_var(var);
+    if TAKEN.swap(true, Ordering::SeqCst) {
+        return Err(io::Error::other(format!("{var}: taken already")));
+    }
+    let fd: RawFd = v
+        .to_str()
+        .and_then(|s| s.parse().ok())
+        .filter(|fd| *fd > 2)
+        .ok_or_else(|| io::Error::other(format!("{var}: not a descriptor number")))?;
+    // SAFETY: fcntl(F_GETFD) only asks whether the number is open.
+    if unsafe { libc::fcntl(fd, libc::F_GETFD) } < 0 {
+        return Err(io::Error::other(format!(
+            "{var}={fd}: no such open descriptor ({})",
+            io::Error::last_os_error()
+        )));
+    }
+    // SAFETY: the parent process put this descriptor here for us and named
+    // it in `var`, which was just removed, and `TAKEN` makes sure this runs
+    // once: nothing else in this process owns it.
+    let fd = unsafe { adopt_fd(fd) };
+    // Not to be inherited by anything this process starts.
+    // SAFETY: plain fcntl on a descriptor we own.
+    unsafe { libc::fcntl(fd.as_raw_fd(), libc::F_SETFD, libc::FD_CLOEXEC) };
+    Ok(Some(fd))
+}

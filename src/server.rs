@@ -21,7 +21,7 @@ use std::io::Write;
 use std::net::{SocketAddr, TcpListener};
 use std::os::fd::OwnedFd;
 use std::path::Path;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::mpsc;
 use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
@@ -53,6 +53,27 @@ pub struct Control {
     pub reloads_ok: AtomicU64,
     pub reloads_failed: AtomicU64,
     pub shared: Arc<Shared>,
+    /// This process, for /status (an upgrade changes it).
+    pub pid: u32,
+    pub started_at: SystemTime,
+    /// Sessions this process took over from the previous one on an upgrade.
+    pub inherited_sessions: AtomicU64,
+    /// Counters of the processes before this one (a binary upgrade hands
+    /// them over), added to every sum so metrics never reset. Its gauges
+    /// stay 0.
+    pub inherited: ShardStats,
+    /// The admin thread stops accepting while a hand-off runs (the new
+    /// process accepts on the same socket).
+    pub admin_paused: AtomicBool,
+    /// Upgrades this process started, by outcome: ok, refused (the new
+    /// process refused before taking anything), rolled_back.
+    pub upgrades: [AtomicU64; 3],
+    /// Admin connections being served; an old process waits (briefly) for
+    /// them before it exits after a hand-off.
+    pub admin_busy: Arc<std::sync::atomic::AtomicUsize>,
+    /// Still taking sessions over from the previous process: an upgrade of
+    /// this one waits until that is done.
+    pub taking_over: AtomicBool,
     /// What the resolver thread knows about each backend name.
     pub dns: Arc<crate::resolver::DnsState>,
 }
@@ -79,8 +100,49 @@ pub struct Server {
     /// Shards were told to exit (drain, close, stop); a shard that ends
     /// cleanly after this did what it was asked.
     exit_requested: bool,
+    /// Our own copies of every listening socket (by configured address,
+    /// in `listen` order) and of the admin one: what a binary upgrade
+    /// hands to the new process.
+    listen_socks: Vec<(SocketAddr, Vec<TcpListener>)>,
+    admin_sock: Option<(SocketAddr, TcpListener)>,
     /// The resolver thread, once the configuration has names.
     discovery: Option<Discovery>,
+}
+
+/// A configured listen address and its sockets (one per shard, or what
+/// was inherited).
+pub type ListenSocks = (SocketAddr, Vec<TcpListener>);
+
+/// Listening sockets received from the previous process on an upgrade,
+/// by configured address: used instead of binding (and the address check
+/// skipped: the previous process is the listener it would find).
+#[derive(Debug, Default)]
+pub struct Inherited {
+    pub listen: Vec<(SocketAddr, Vec<TcpListener>)>,
+    pub admin: Option<(SocketAddr, TcpListener)>,
+}
+
+/// Gives sessions to shards from the thread that receives them.
+pub struct Importer(Vec<(mpsc::Sender<Command>, OwnedFd)>);
+
+impl Importer {
+    pub fn shards(&self) -> usize {
+        self.0.len()
+    }
+
+    pub fn import(&self, shard: usize, sessions: Vec<crate::handoff::Moved>) {
+        let (tx, wake) = &self.0[shard % self.0.len()];
+        let _ = tx.send(Command::Import(sessions));
+        ring::eventfd_signal(wake);
+    }
+
+    /// Every shard accepts what waits in its queues ([`Command::AcceptPending`]).
+    pub fn accept_pending(&self) {
+        for (tx, wake) in &self.0 {
+            let _ = tx.send(Command::AcceptPending);
+            ring::eventfd_signal(wake);
+        }
+    }
 }
 
 /// A shard thread that ended when it should not have.
@@ -93,6 +155,12 @@ pub struct DeadShard {
 
 impl Server {
     pub fn start(config: Config) -> anyhow::Result<Server> {
+        Server::start_inherited(config, Inherited::default())
+    }
+
+    /// Starts with listening sockets from the previous process where the
+    /// configuration still has their address; binds the rest.
+    pub fn start_inherited(config: Config, mut inherited: Inherited) -> anyhow::Result<Server> {
         let probe = ring::probe().map_err(anyhow::Error::msg)?;
         log::debug!("{probe}");
         let snapshot = Snapshot::new(config);
@@ -102,15 +170,35 @@ impl Server {
         let mut per_shard: Vec<Vec<TcpListener>> = (0..shards).map(|_| Vec::new()).collect();
         let mut local_addrs = Vec::new();
         let mut tls_addrs = Vec::new();
+        let mut listen_socks = Vec::new();
         let all = all_listen(&snapshot.config);
+        let mut taken: Vec<Option<Vec<TcpListener>>> = Vec::new();
         for (addr, _) in &all {
-            ensure_unused(*addr, &[])?;
-        }
-        for (addr, tls) in &all {
-            let (bound, socks) = bind_all(*addr, shards, server_cfg.backlog)?;
-            for (listeners, l) in per_shard.iter_mut().zip(socks) {
-                listeners.push(l);
+            let pos = inherited.listen.iter().position(|(a, _)| a == addr);
+            match pos {
+                Some(pos) => taken.push(Some(inherited.listen.swap_remove(pos).1)),
+                None => {
+                    ensure_unused(*addr, &[])?;
+                    taken.push(None);
+                }
             }
+        }
+        for (gone, _) in &inherited.listen {
+            log::info!("{gone}: no longer in the configuration; not listening there");
+        }
+        // An inherited socket serves whichever side (plaintext or TLS) the
+        // new configuration gives its address.
+        for ((addr, tls), inherited) in all.iter().zip(taken) {
+            let (bound, socks) = match inherited {
+                Some(socks) if !socks.is_empty() => spread(socks, shards, server_cfg.backlog)?,
+                _ => bind_all(*addr, shards, server_cfg.backlog)?,
+            };
+            let mut copies = Vec::with_capacity(socks.len());
+            for (i, l) in socks.into_iter().enumerate() {
+                copies.push(l.try_clone()?);
+                per_shard[i % shards].push(l);
+            }
+            listen_socks.push((*addr, copies));
             local_addrs.push(bound);
             if *tls {
                 tls_addrs.push(bound);
@@ -173,13 +261,30 @@ impl Server {
             reloads_ok: AtomicU64::new(0),
             reloads_failed: AtomicU64::new(0),
             shared,
+            pid: std::process::id(),
+            started_at: SystemTime::now(),
+            inherited_sessions: AtomicU64::new(0),
+            inherited: ShardStats::default(),
+            admin_paused: AtomicBool::new(false),
+            upgrades: Default::default(),
+            admin_busy: Arc::default(),
+            taking_over: AtomicBool::new(false),
             dns: Arc::default(),
         });
+        let mut admin_sock = None;
         let admin_addr = match &snapshot.config.admin {
-            Some(a) => Some(
-                crate::admin::spawn(a.listen, control.clone())
-                    .with_context(|| format!("admin listener on {}", a.listen))?,
-            ),
+            Some(a) => {
+                let listener = match inherited.admin.take() {
+                    Some((was, l)) if was == a.listen => l,
+                    _ => TcpListener::bind(a.listen)
+                        .with_context(|| format!("admin listener on {}", a.listen))?,
+                };
+                admin_sock = Some((a.listen, listener.try_clone()?));
+                Some(
+                    crate::admin::spawn(listener, control.clone())
+                        .with_context(|| format!("admin listener on {}", a.listen))?,
+                )
+            }
             None => None,
         };
         for a in &local_addrs {
@@ -204,6 +309,8 @@ impl Server {
             control,
             admin_addr,
             exit_requested: false,
+            listen_socks,
+            admin_sock,
             discovery: None,
         };
         server.watch_names(&snapshot.config)?;
@@ -293,6 +400,56 @@ impl Server {
         );
     }
 
+    /// Our copies of the listening sockets (by configured address) and of
+    /// the admin socket, for a hand-off.
+    pub fn listening(&self) -> (&[ListenSocks], Option<&(SocketAddr, TcpListener)>) {
+        (&self.listen_socks, self.admin_sock.as_ref())
+    }
+
+    pub fn shard_count(&self) -> usize {
+        self.shards.len()
+    }
+
+    /// Starts a hand-off: shards stop accepting (the sockets stay open)
+    /// and send their relaying sessions down `tx`; the admin thread stops
+    /// accepting too.
+    pub fn begin_handoff(&self, tx: &mpsc::Sender<crate::handoff::Exported>) {
+        self.control.admin_paused.store(true, Ordering::Relaxed);
+        self.send(|| Command::Handoff(tx.clone()));
+    }
+
+    /// Gives sessions to shard `shard` (`% shards`).
+    pub fn import(&self, shard: usize, sessions: Vec<crate::handoff::Moved>) {
+        let s = &self.shards[shard % self.shards.len()];
+        let _ = s.commands.send(Command::Import(sessions));
+        ring::eventfd_signal(&s.wake);
+    }
+
+    /// A handle that gives sessions to shards from another thread.
+    pub fn importer(&self) -> Importer {
+        Importer(
+            self.shards
+                .iter()
+                .map(|s| {
+                    let wake = s.wake.try_clone().expect("dup of a shard's eventfd");
+                    (s.commands.clone(), wake)
+                })
+                .collect(),
+        )
+    }
+
+    /// Every shard accepts what waits in its queues now
+    /// ([`Command::AcceptPending`]).
+    pub fn accept_pending(&self) {
+        self.send(|| Command::AcceptPending);
+    }
+
+    /// A hand-off failed: accept again, keep what is left.
+    pub fn resume(&self) {
+        self.send(|| Command::Resume);
+        self.control.admin_paused.store(false, Ordering::Relaxed);
+    }
+
     fn send(&self, make: impl Fn() -> Command) {
         for s in &self.shards {
             let _ = s.commands.send(make());
@@ -340,6 +497,7 @@ impl Server {
         let mut local = Vec::new();
         let mut tls_local = Vec::new();
         let mut per_shard: Vec<Vec<TcpListener>> = (0..shards).map(|_| Vec::new()).collect();
+        let mut new_socks = Vec::new();
         // An address keeps its listener only if it stays on the same side
         // (plaintext or TLS); moving sides rebinds it.
         let was = all_listen(&old.config);
@@ -354,9 +512,12 @@ impl Server {
                 Some(pos) => self.local_addrs[pos],
                 None => {
                     let (bound, socks) = bind_all(*addr, shards, config.server.backlog)?;
+                    let mut copies = Vec::with_capacity(socks.len());
                     for (i, l) in socks.into_iter().enumerate() {
+                        copies.push(l.try_clone()?);
                         per_shard[i].push(l);
                     }
+                    new_socks.push((*addr, copies));
                     bound
                 }
             };
@@ -400,6 +561,11 @@ impl Server {
         }
         self.local_addrs = local;
         self.tls_addrs = tls_local;
+        // Copies kept for a hand-off: those of addresses still listened on,
+        // on the same side, and those just bound.
+        self.listen_socks
+            .retain(|(a, _)| was.iter().any(|w| w.0 == *a && now.contains(w)));
+        self.listen_socks.extend(new_socks);
         self.publish(&old, snap);
         *self
             .control
@@ -412,12 +578,16 @@ impl Server {
     /// Stops accepting; shards exit as their last session ends.
     pub fn drain(&mut self) {
         self.exit_requested = true;
+        // Our copies would keep the sockets listening (connections queued,
+        // never accepted) after the shards close theirs.
+        self.listen_socks.clear();
         self.send(|| Command::Drain);
     }
 
     /// Ends every session now and lets the shards exit.
     pub fn close_all(&mut self) {
         self.exit_requested = true;
+        self.listen_socks.clear();
         self.send(|| Command::CloseAll);
     }
 
@@ -677,6 +847,27 @@ fn ensure_unused(addr: SocketAddr, own: &[SocketAddr]) -> anyhow::Result<()> {
         }
         Err(e) => Err(e).with_context(|| format!("cannot listen on {addr}")),
     }
+}
+
+/// Inherited sockets of one address over `shards` shards: round robin if
+/// there are at least as many sockets as shards (a shard may then accept on
+/// several), else one each and new ones bound beside them (SO_REUSEPORT,
+/// same port) for the shards left.
+fn spread(
+    socks: Vec<TcpListener>,
+    shards: usize,
+    backlog: i32,
+) -> anyhow::Result<(SocketAddr, Vec<TcpListener>)> {
+    let bound = socks[0].local_addr()?;
+    let mut out: Vec<TcpListener> = Vec::with_capacity(shards.max(socks.len()));
+    out.extend(socks);
+    while out.len() < shards {
+        out.push(bind(bound, backlog).with_context(|| format!("cannot listen on {bound}"))?);
+    }
+    for l in &out {
+        l.set_nonblocking(true)?;
+    }
+    Ok((bound, out))
 }
 
 fn bind_all(

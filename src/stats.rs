@@ -105,6 +105,12 @@ pub struct ShardStats {
     /// io_uring ops submitted and not yet completed (a gauge); 0 once the
     /// shard has shut down and reaped everything.
     pub ops_in_flight: Counter,
+    /// Relaying sessions taken out of this shard for a binary upgrade's
+    /// hand-off (some may come back if it fails: `imported`).
+    pub exported: Counter,
+    /// Relaying sessions this shard took in: from the previous process on
+    /// an upgrade, or back after a hand-off failed.
+    pub imported: Counter,
     /// Provided buffers free in the shard's ring (a gauge).
     pub buffers_free: Counter,
     /// Cumulative per bucket is computed on read; here each bucket counts
@@ -114,6 +120,40 @@ pub struct ShardStats {
 }
 
 impl ShardStats {
+    /// Every counter (not the gauges), in a fixed order: what a binary
+    /// upgrade hands to the new process so its metrics do not reset.
+    pub fn counters(&self) -> Vec<u64> {
+        self.counter_refs().iter().map(|c| c.get()).collect()
+    }
+
+    /// Adds counters from [`ShardStats::counters`] (of another process).
+    /// Extra or missing values (a different version) are ignored.
+    pub fn add_counters(&self, values: &[u64]) {
+        for (c, v) in self.counter_refs().into_iter().zip(values) {
+            c.add(*v);
+        }
+    }
+
+    fn counter_refs(&self) -> Vec<&Counter> {
+        let mut v = vec![
+            &self.accepted,
+            &self.bytes_to_backend,
+            &self.bytes_to_client,
+            &self.bytes_spliced,
+            &self.parked,
+            &self.recv_starved,
+            &self.unpinned,
+            &self.stale_completions,
+            &self.latency_sum_us,
+            &self.exported,
+            &self.imported,
+        ];
+        v.extend(self.handshakes.iter());
+        v.extend(self.closed.iter());
+        v.extend(self.latency.iter());
+        v
+    }
+
     pub fn record_handshake(&self, result: usize, took: Duration) {
         self.handshakes[result].add(1);
         let secs = took.as_secs_f64();

@@ -126,6 +126,26 @@ impl BackendState {
         }
     }
 
+    /// How much longer the backend is marked down, in ms, as of `now`
+    /// (`now_ms()`): 0 up, `u64::MAX` until marked up. For a hand-off.
+    pub fn down_for(&self, now: u64) -> u64 {
+        match self.down_until.load(Ordering::Relaxed) {
+            u64::MAX => u64::MAX,
+            t => t.saturating_sub(now),
+        }
+    }
+
+    /// Marks the backend down for `ms` more ([`BackendState::down_for`]'s
+    /// value from another process).
+    pub fn set_down_for(&self, ms: u64) {
+        let until = match ms {
+            0 => 0,
+            u64::MAX => u64::MAX,
+            ms => now_ms().saturating_add(ms),
+        };
+        self.down_until.store(until, Ordering::Relaxed);
+    }
+
     /// Marks up or down from an active check.
     pub fn set_down(&self, down: bool) {
         self.down_until

@@ -418,6 +418,9 @@ fn systemd_unit_has_the_required_settings() {
     assert!(get("ExecStart").ends_with("ringlb run --config /etc/ringlb/ringlb.toml"));
     assert!(has("ExecReload", "/bin/kill -HUP $MAINPID"));
     assert!(has("KillSignal", "SIGTERM"));
+    // A binary upgrade hands the unit to the new process by sd_notify.
+    assert!(has("Type", "notify"));
+    assert!(has("NotifyAccess", "all"));
     let nofile: u64 = get("LimitNOFILE").parse().unwrap();
     assert!(
         nofile >= 2 * 100_000,

@@ -84,6 +84,8 @@ pub(super) struct FileServer {
     pub(super) max_connections_per_ip: Option<Spanned<i64>>,
     pub(super) proxy_protocol: Option<bool>,
     pub(super) trusted_proxies: Option<Vec<Spanned<String>>>,
+    pub(super) pid_file: Option<Spanned<String>>,
+    pub(super) upgrade_timeout: Option<Spanned<String>>,
     pub(super) close_boundary_timeout: Option<Spanned<String>>,
     pub(super) drain_close_rate: Option<Spanned<i64>>,
 }

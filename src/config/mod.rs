@@ -143,6 +143,13 @@ pub struct ServerConfig {
     pub retry_after_max: Duration,
     /// Client connections from one address, across all shards; over it: 429.
     pub max_connections_per_ip: Option<NonZeroU32>,
+    /// Written with the PID of the process that is current (on start, and
+    /// by the new process after a binary upgrade).
+    pub pid_file: Option<PathBuf>,
+    /// A binary upgrade: how long the old process waits for each answer of
+    /// the new one (started, ready, each batch acknowledged) before it
+    /// kills it and rolls back.
+    pub upgrade_timeout: Duration,
     /// Accept PROXY protocol headers (v1 and v2) from these sources, and
     /// require one from them; `None`: PROXY protocol off.
     pub trusted_proxies: Option<Vec<Cidr>>,
@@ -475,6 +482,7 @@ pub struct ServerEntry {
 }
 
 pub const DEFAULT_HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
+pub const DEFAULT_UPGRADE_TIMEOUT: Duration = Duration::from_secs(10);
 pub const DEFAULT_CONNECT_TIMEOUT: Duration = Duration::from_secs(3);
 pub const DEFAULT_RESPONSE_TIMEOUT: Duration = Duration::from_secs(30);
 pub const DEFAULT_MAX_HEAD: usize = 16 * 1024;
@@ -613,6 +621,8 @@ impl ServerConfig {
             retry_after_max: Duration::from_secs(10),
             max_connections_per_ip: None,
             trusted_proxies: None,
+            pid_file: None,
+            upgrade_timeout: DEFAULT_UPGRADE_TIMEOUT,
         }
     }
 }

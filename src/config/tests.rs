@@ -92,6 +92,9 @@ fn out_of_range_values_are_rejected_not_clamped() {
         ("retry_after_max", "\"500ms\""),
         ("max_connections_per_ip", "0"),
         ("trusted_proxies", "[\"10.0.0.0/8\"]"),
+        ("upgrade_timeout", "\"0s\""),
+        ("upgrade_timeout", "\"later\""),
+        ("pid_file", "\"\""),
     ] {
         let e = err(&MIN.replace("[server]\n", &format!("[server]\n{k} = {v}\n")));
         assert!(e.contains(&format!("server.{k}")), "{k}: {e}");

@@ -203,6 +203,20 @@ pub(super) fn validate(
         }
         server.retry_after_max = d;
     }
+    if let Some(v) = &s.pid_file {
+        if v.get_ref().is_empty() {
+            return Err(ConfigError::at(
+                src,
+                v.span(),
+                "server.pid_file",
+                "must be a file path",
+            ));
+        }
+        server.pid_file = Some(PathBuf::from(v.get_ref()));
+    }
+    if let Some(v) = &s.upgrade_timeout {
+        server.upgrade_timeout = duration(src, v, "server.upgrade_timeout")?;
+    }
     if let Some(v) = &s.max_connections_per_ip {
         server.max_connections_per_ip =
             NonZeroU32::new(int_in(src, v, "server.max_connections_per_ip", 1, 10_000_000)? as u32);

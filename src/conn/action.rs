@@ -124,6 +124,9 @@ pub enum Action {
     /// Cancel the readiness poll of a parked side; report with
     /// [`Conn::on_poll_cancelled`].
     CancelPoll(Side),
+    /// Cancel a splicing direction's writability poll on this side (a
+    /// session being quiesced for export); its completion carries no news.
+    CancelPollOut(Side),
     /// Send the front of this side's queue.
     Send(Side),
     /// Open a socket and connect it to this backend.

@@ -12,8 +12,13 @@
 //!                                                           import ─► Relaying(Upgraded), recvs and sends re-armed
 //! ```
 //!
-//! Only an upgraded session that is not splicing and not closing can be
-//! exported; `quiesce` says no otherwise, and the session stays where it is.
+//! Only an upgraded session that is not closing can be exported; `quiesce`
+//! says no otherwise, and the session stays where it is. A splicing
+//! direction has its readiness polls cancelled; the bytes already in its
+//! pipe are read out by the shard and put in front of the record's pending
+//! bytes ([`Conn::piped`], [`Conn::export`]'s `piped`). The shard exports
+//! only once its driver holds no op of the slot either (a splice's polls
+//! are the driver's to count, not the connection's).
 
 use std::net::{IpAddr, SocketAddr};
 
@@ -23,7 +28,7 @@ use super::*;
 const MAGIC: &[u8; 4] = b"RLBS";
 /// Bumped whenever the encoding changes; a record of another version is
 /// refused rather than misread.
-pub const RECORD_VERSION: u16 = 2;
+pub const RECORD_VERSION: u16 = 3;
 
 /// A quiesced relaying session.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -44,6 +49,10 @@ pub struct SessionRecord {
     pub closer: Option<Closer>,
     /// Parked (silent): the importer waits with polls, not recvs.
     pub parked: bool,
+    /// How long the session (its current request) had been running, for
+    /// the access log's duration. Set by the shard, which keeps the clock
+    /// (version 3).
+    pub age_ms: u64,
 }
 
 /// One direction of a session, by destination.
@@ -90,7 +99,7 @@ impl Conn {
             self.state,
             State::Relaying(Relay::Upgraded { going_away: false })
         ) && self.transport.iter().all(Transport::in_place)
-            && self.flow.iter().all(|f| f.splice == Splice::Off && !f.dead);
+            && self.flow.iter().all(|f| !f.dead);
         if !exportable {
             return false;
         }
@@ -105,6 +114,13 @@ impl Conn {
                 RecvState::Off | RecvState::Cancelling => {}
             }
             let flow = &mut self.flow[side.idx()];
+            if let Splice::On { .. } = flow.splice {
+                // Whichever poll the splice is waiting on: readable source,
+                // or writable destination (a cancel that finds none is
+                // harmless).
+                out.push(Action::CancelPoll(side.other()));
+                out.push(Action::CancelPollOut(side));
+            }
             if flow.sending && !flow.unpinning {
                 flow.unpinning = true;
                 out.push(Action::CancelSend(side));
@@ -118,6 +134,20 @@ impl Conn {
         matches!(self.state, State::Relaying(Relay::Quiescing))
             && self.recv.iter().all(|r| *r == RecvState::Off)
             && self.flow.iter().all(|f| !f.sending)
+    }
+
+    /// Bytes waiting in the pipe of each splicing direction, by
+    /// destination side: the shard reads them out for [`Conn::export`].
+    pub fn piped(&self) -> [usize; 2] {
+        self.flow.each_ref().map(|f| match f.splice {
+            Splice::On { in_pipe, .. } => in_pipe,
+            Splice::Off | Splice::Pending => 0,
+        })
+    }
+
+    /// True while being quiesced (or quiescent): nothing may be started.
+    pub fn is_quiescing(&self) -> bool {
+        self.quiescing()
     }
 
     /// A parked side's poll was cancelled (by [`Conn::quiesce`]).
@@ -135,10 +165,15 @@ impl Conn {
     /// `snap` is this process's configuration, to name the backend's
     /// upstream (a backend keeps its state across reloads; one a reload
     /// removed is named by address only).
+    ///
+    /// `piped` holds, by destination side, what [`Conn::piped`] said the
+    /// pipes held, read out of them: older than anything queued, so it goes
+    /// first.
     pub fn export(
         self,
         snap: &Snapshot,
         copy: &mut dyn FnMut(u16, u32, u32) -> Vec<u8>,
+        piped: [Vec<u8>; 2],
         out: &mut Vec<Action>,
     ) -> SessionRecord {
         assert!(
@@ -171,8 +206,9 @@ impl Conn {
             closer,
             ..
         } = self;
+        let mut piped = piped.into_iter();
         let flows = flow.map(|f| {
-            let mut pending = Vec::new();
+            let mut pending = piped.next().unwrap_or_default();
             for p in f.queue.into_iter() {
                 match p {
                     Payload::Ring { bid, start, len } => {
@@ -204,6 +240,7 @@ impl Conn {
             peer_eof,
             closer,
             parked,
+            age_ms: 0,
         }
     }
 
@@ -306,6 +343,7 @@ impl SessionRecord {
             Some(Closer::Shutdown) => 8,
         });
         w.push(u8::from(self.parked));
+        w.extend_from_slice(&self.age_ms.to_le_bytes());
         w
     }
 
@@ -348,6 +386,7 @@ impl SessionRecord {
             _ => return Err(RecordError::Invalid("closer")),
         };
         let parked = r.byte()? != 0;
+        let age_ms = u64::from_le_bytes(r.array()?);
         if !r.0.is_empty() {
             return Err(RecordError::Invalid("bytes after the record"));
         }
@@ -361,6 +400,7 @@ impl SessionRecord {
             peer_eof: [eof & 1 != 0, eof & 2 != 0],
             closer,
             parked,
+            age_ms,
         })
     }
 }

@@ -127,6 +127,7 @@ impl Model {
                     self.poll_in[s.idx()] = true;
                 }
                 Action::CancelPoll(s) => self.poll_in[s.idx()] = false,
+                Action::CancelPollOut(_) => {}
                 Action::Send(s) => {
                     assert!(
                         self.send[s.idx()].is_none(),

@@ -80,6 +80,15 @@ impl Conn {
         if self.stage() == Stage::Closing {
             return;
         }
+        if self.quiescing() {
+            // The poll fired before its cancel landed: start nothing. A
+            // parked side stays parked in the record.
+            if self.recv[src.idx()] == RecvState::Polling {
+                self.recv[src.idx()] = RecvState::Off;
+                self.parking[src.idx()] = true;
+            }
+            return;
+        }
         if self.recv[src.idx()] == RecvState::Polling {
             // A parked side has something (data, EOF or an error): the recv
             // takes it from here.
@@ -113,7 +122,7 @@ impl Conn {
 
     /// A splicing destination can take more of the pipe.
     pub fn on_writable(&mut self, dst: Side, out: &mut Vec<Action>) {
-        if self.stage() == Stage::Closing {
+        if self.stage() == Stage::Closing || self.quiescing() {
             return;
         }
         if let Splice::On { in_pipe, .. } = self.flow[dst.idx()].splice {

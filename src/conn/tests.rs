@@ -1176,7 +1176,7 @@ fn a_relaying_session_round_trips_through_its_record() {
     );
     assert!(c.is_quiescent());
 
-    let rec = c.export(&s, &mut copy, &mut out);
+    let rec = c.export(&s, &mut copy, Default::default(), &mut out);
     // Every buffer the session held is given back exactly once: the ones
     // in flight when their sends were cancelled, the rest at the export.
     let mut released: Vec<u16> = out
@@ -1354,4 +1354,63 @@ fn bytes_held_for_the_101_are_bounded() {
     assert_eq!(c.stage(), Stage::Responding);
     assert_eq!(c.status, Some(400));
     assert!(out.contains(&Action::Release(3)), "{out:?}");
+}
+
+/// A session splicing a big frame can be quiesced: both readiness polls are
+/// cancelled, one that fires before its cancel starts nothing, and the
+/// bytes in the pipe (read out by the shard) go first in the record.
+#[test]
+fn a_splicing_session_exports_what_its_pipe_holds_first() {
+    let s = snap(&["127.0.0.1:9001"], "splice_min = 100");
+    let mut c = relaying(&s);
+    let mut out = Vec::new();
+    // A 256-byte masked frame: its header and 10 payload bytes by recv.
+    let mut part = vec![0x82u8, 0x80 | 126, 0x01, 0x00, 9, 9, 9, 9];
+    part.extend([1u8; 10]);
+    c.on_recv(Side::Client, 3, &part, &mut out);
+    assert!(out.contains(&Action::CancelRecv(Side::Client)), "{out:?}");
+    c.on_send(Side::Backend, Ok(part.len()), &mut out);
+    c.on_recv_end(Side::Client, RecvEnd::Stopped, &mut out);
+    assert!(out.contains(&Action::PollIn(Side::Client)), "{out:?}");
+    out.clear();
+    c.on_readable(Side::Client, &mut out);
+    assert!(
+        matches!(
+            out[..],
+            [Action::Splice {
+                src: Side::Client,
+                ..
+            }]
+        ),
+        "{out:?}"
+    );
+    out.clear();
+    // 50 payload bytes into the pipe; the backend takes none yet.
+    c.on_spliced(Side::Client, Some(Ok(50)), Err(libc::EAGAIN), &mut out);
+    assert_eq!(out, vec![Action::PollOut(Side::Backend)]);
+    out.clear();
+
+    assert!(c.quiesce(&mut out));
+    assert!(out.contains(&Action::CancelPoll(Side::Client)), "{out:?}");
+    assert!(
+        out.contains(&Action::CancelPollOut(Side::Backend)),
+        "{out:?}"
+    );
+    assert_eq!(c.piped(), [0, 50]);
+    out.clear();
+    c.on_writable(Side::Backend, &mut out);
+    c.on_readable(Side::Client, &mut out);
+    assert!(
+        out.is_empty(),
+        "a poll that beat its cancel started {out:?}"
+    );
+    c.on_recv_end(Side::Backend, RecvEnd::Stopped, &mut out);
+    assert!(c.is_quiescent());
+    let piped = [Vec::new(), vec![7u8; 50]];
+    let rec = c.export(&s, &mut |_, _, _| unreachable!(), piped, &mut out);
+    let to_backend = &rec.flows[Side::Backend.idx()];
+    assert_eq!(to_backend.pending, vec![7u8; 50]);
+    assert_eq!(to_backend.frame_left, 256 - 10 - 50);
+    let back = SessionRecord::decode(&rec.encode()).unwrap();
+    assert_eq!(back, rec);
 }

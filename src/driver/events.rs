@@ -341,7 +341,7 @@ impl<T> Driver<T> {
             if l.closing {
                 self.listeners[i] = None;
             } else {
-                rearm = true;
+                rearm = !l.paused;
             }
         }
         Routed::Accept {

@@ -47,6 +47,7 @@ use crate::snapshot::Snapshot;
 use crate::stats::{self, ShardStats};
 
 mod access_log;
+mod handoff;
 mod pacing;
 mod sweeps;
 
@@ -74,6 +75,22 @@ pub enum Command {
     Stop,
     /// Write the access log here from now on (reopened on every reload).
     AccessLog(crate::server::AccessLogWriter),
+    /// A binary upgrade took over the listeners: stop accepting (keeping
+    /// the sockets), close kept-alive connections between requests, and
+    /// send every relaying WebSocket session (now, and any that starts
+    /// relaying later) down this channel; say `Empty` once nothing is left.
+    Handoff(std::sync::mpsc::Sender<crate::handoff::Exported>),
+    /// Sessions to relay from now on: from the previous process, or ours
+    /// coming back from a hand-off that failed.
+    Import(Vec<crate::handoff::Moved>),
+    /// The hand-off failed: accept again and keep what is left.
+    Resume,
+    /// Accept what waits in the listeners' queues now, with plain
+    /// nonblocking accept(2) calls: a connection that arrived while the
+    /// previous process still had an (exclusive) accept armed on the same
+    /// socket woke that process, not us, and would otherwise wait for the
+    /// next connection to wake us.
+    AcceptPending,
 }
 
 /// State shared by all shards.
@@ -193,6 +210,10 @@ pub struct Shard {
     unpin_pending: bool,
     /// Bound addresses of the listeners whose connections speak TLS.
     tls_addrs: Vec<SocketAddr>,
+    /// A hand-off is under way: relaying sessions leave through here.
+    export: Option<std::sync::mpsc::Sender<crate::handoff::Exported>>,
+    /// `Empty` was sent and nothing arrived since.
+    reported_empty: bool,
     /// Sessions the pacing sweep may close, oldest first, and when that
     /// list was made (`pacing.rs`).
     pacing_list: Vec<pacing::Candidate>,
@@ -246,6 +267,8 @@ impl Shard {
             log_dirty: false,
             unpin_pending: false,
             tls_addrs: init.tls_addrs,
+            export: None,
+            reported_empty: false,
             pacing_list: Vec::new(),
             pacing_listed: None,
         })
@@ -299,6 +322,9 @@ impl Shard {
                 self.routed = routed;
             }
             self.fire_timers();
+            if self.export.is_some() {
+                self.report_empty();
+            }
             self.feed_starved();
             self.watch_pool();
             self.stats.active.set(self.driver.len() as u64);
@@ -331,6 +357,9 @@ impl Shard {
                 if opened {
                     // Not adopted: not wanted.
                     self.driver.drop_unadopted(key);
+                }
+                if self.export.is_some() {
+                    self.try_export(key);
                 }
             }
             Routed::Nothing => {}
@@ -548,6 +577,7 @@ impl Shard {
             Action::CancelRecv(side) => d.cancel(key, Op::Recv, side),
             Action::CancelSend(side) => d.cancel(key, Op::Send, side),
             Action::CancelPoll(side) => d.cancel(key, Op::PollIn, side),
+            Action::CancelPollOut(side) => d.cancel(key, Op::PollOut, side),
             Action::CancelConnect => d.cancel(key, Op::Connect, Side::Backend),
             Action::ResetOnClose(side) => d.reset_on_close(key, side),
             Action::Send(side) => d.send(key, side),
@@ -721,6 +751,26 @@ impl Shard {
                             self.exec(key);
                         }
                     }
+                }
+                Command::Handoff(tx) => {
+                    self.export = Some(tx);
+                    self.reported_empty = false;
+                    self.driver.pause_listeners();
+                    for key in self.driver.keys() {
+                        if let Some(s) = self.driver.get_mut(key) {
+                            if s.conn.stage() != Stage::Relaying {
+                                s.conn.drain_idle(&mut self.actions);
+                                self.exec(key);
+                            }
+                        }
+                        self.try_export(key);
+                    }
+                }
+                Command::Import(sessions) => self.import(sessions),
+                Command::AcceptPending => self.accept_pending(),
+                Command::Resume => {
+                    self.export = None;
+                    self.driver.resume_listeners();
                 }
                 Command::CloseAll => {
                     self.draining = true;
