@@ -254,11 +254,29 @@ fn supervise(
                             sessions,
                             pid,
                             took,
+                            staying,
                         } => {
-                            let line = format!(
+                            let mut line = format!(
                                 "handed {sessions} sessions to pid {pid} in {} ms",
                                 took.as_millis()
                             );
+                            if staying > 0 {
+                                // TLS sessions cannot travel yet: this
+                                // process keeps them, draining (no
+                                // accepts; drain_timeout and
+                                // drain_close_rate apply), and exits when
+                                // the last one ends.
+                                line += &format!(
+                                    "; {staying} TLS sessions stay in pid {} until they end",
+                                    std::process::id()
+                                );
+                                log::info!("upgrade: {line}; draining them");
+                                server.control.upgrades[0].fetch_add(1, Ordering::Relaxed);
+                                report.line(&format!("ok: {line}"));
+                                server.drain();
+                                drain_started = Some(Instant::now());
+                                continue;
+                            }
                             log::info!("upgrade: {line}; exiting");
                             server.control.upgrades[0].fetch_add(1, Ordering::Relaxed);
                             report.line(&format!("ok: {line}"));

@@ -1224,3 +1224,75 @@ async fn static_files_and_plain_http_over_one_kept_alive_tls_connection() {
         String::from_utf8_lossy(&rest)
     );
 }
+
+/// A binary upgrade with a `[tls]` listener. The TLS port moves with the
+/// rest, so new wss handshakes are served by the new process with no
+/// refusal. A live TLS session cannot move (its keys and sequence numbers
+/// stay where the handshake ran): it keeps echoing in the old process,
+/// which exits once that session ends.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_upgrade_hands_over_the_tls_port_and_live_tls_sessions_finish_in_the_old_process() {
+    let pki = Pki::new();
+    pki.issue("a", &["a.test"]);
+    let b = Backend::start().await;
+    let (mut proxy, tls_addr) = start(&pki, &[b.addr], &["a"], "");
+    let cfg = client_config(&pki, &[&rustls::version::TLS13]);
+    let mut open = wss(cfg.clone(), tls_addr, "a.test").await;
+    echo_tls(&mut open, Message::Text("before".into())).await;
+    let old = proxy.pid();
+    let out = tokio::task::spawn_blocking(move || {
+        std::process::Command::new(env!("CARGO_BIN_EXE_ringlb"))
+            .args(["upgrade", "--pid", &old.to_string(), "--timeout", "30s"])
+            .output()
+            .unwrap()
+    })
+    .await
+    .unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout).to_string();
+    assert!(
+        stdout.contains("1 TLS sessions stay in pid"),
+        "the outcome says what stays: {stdout}"
+    );
+    assert!(
+        out.status.success(),
+        "upgrade failed: {stdout} {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let new: u32 = stdout
+        .split("to pid ")
+        .nth(1)
+        .and_then(|r| r.split_whitespace().next())
+        .and_then(|p| p.parse().ok())
+        .unwrap_or_else(|| panic!("no pid in {stdout:?}"));
+    struct Kill(u32);
+    impl Drop for Kill {
+        fn drop(&mut self) {
+            let _ = std::process::Command::new("kill")
+                .args(["-9", &self.0.to_string()])
+                .status();
+        }
+    }
+    let _new = Kill(new);
+    // The old process stopped accepting: every new handshake lands in the
+    // new one, on the same port.
+    for i in 0..20 {
+        let mut ws = wss(cfg.clone(), tls_addr, "a.test").await;
+        echo_tls(&mut ws, Message::Text(format!("new {i}"))).await;
+    }
+    for i in 0..5 {
+        echo_tls(&mut open, Message::Text(format!("old session {i}"))).await;
+    }
+    assert!(
+        proxy.wait_exit(Duration::from_millis(300)).is_none(),
+        "the old process must stay while it holds a TLS session"
+    );
+    open.close(None).await.unwrap();
+    drop(open);
+    let status = proxy.wait_exit(Duration::from_secs(20));
+    assert!(
+        status.is_some_and(|s| s.success()),
+        "the old process exits 0 once its last TLS session ended: {status:?}"
+    );
+    let mut ws = wss(cfg, tls_addr, "a.test").await;
+    echo_tls(&mut ws, Message::Text("after the old process left".into())).await;
+}

@@ -92,6 +92,13 @@ impl Conn {
     /// [`Conn::export`] or the session ends. Returns false, changing
     /// nothing, for a session that cannot be exported now (not upgraded,
     /// closing, splicing).
+    /// A relaying session a hand-off cannot take (its transport has state
+    /// of its own: TLS keys and sequence numbers): it stays in this process
+    /// until it ends.
+    pub fn stays_on_upgrade(&self) -> bool {
+        matches!(self.state, State::Relaying(_)) && !self.transport.iter().all(Transport::in_place)
+    }
+
     pub fn quiesce(&mut self, out: &mut Vec<Action>) -> bool {
         // A transport with state of its own (TLS) would have to travel too;
         // only plaintext sessions are exported for now.

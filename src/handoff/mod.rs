@@ -70,9 +70,12 @@ pub enum Exported {
         shard: usize,
         moved: Box<Moved>,
     },
-    /// The shard holds no session now.
+    /// The shard holds no session that can move now: none at all, or
+    /// only `staying` relaying sessions whose transport cannot travel yet
+    /// (TLS), which stay in this process until they end.
     Empty {
         shard: usize,
+        staying: usize,
     },
 }
 

@@ -29,6 +29,9 @@ pub enum Outcome {
         sessions: u64,
         pid: u32,
         took: Duration,
+        /// Sessions that could not move (TLS): this process keeps them,
+        /// draining, until they end.
+        staying: u64,
     },
     /// The new process refused before taking anything; nothing changed.
     Refused(String),
@@ -165,6 +168,7 @@ pub fn upgrade(server: &Server, launch: &mut Launch, report: &mut Report) -> Out
     drop(tx);
     let shards = server.shard_count();
     let mut empty = vec![false; shards];
+    let mut staying = vec![0usize; shards];
     let mut handed = 0u64;
     let mut batches = 0u64;
     // Batches sent and not yet acknowledged, oldest first (acks come in
@@ -189,7 +193,10 @@ pub fn upgrade(server: &Server, launch: &mut Launch, report: &mut Report) -> Out
                 empty[shard] = false;
                 batch.push((shard, *moved));
             }
-            Exported::Empty { shard } => empty[shard] = true,
+            Exported::Empty { shard, staying: n } => {
+                empty[shard] = true;
+                staying[shard] = n;
+            }
         };
         if let Some(x) = first {
             take(x, &mut batch);
@@ -294,6 +301,7 @@ pub fn upgrade(server: &Server, launch: &mut Launch, report: &mut Report) -> Out
         sessions: handed,
         pid,
         took,
+        staying: staying.iter().sum::<usize>() as u64,
     }
 }
 

@@ -136,12 +136,29 @@ impl Shard {
         }
     }
 
-    /// Says `Empty` once the shard holds no session, while exporting.
+    /// Says `Empty` once the shard holds no session that can move, while
+    /// exporting. The scan stops at the first session that can still move
+    /// (or is still in its handshake), so it is short until only sessions
+    /// that stay are left.
     pub(super) fn report_empty(&mut self) {
-        let empty = self.driver.is_empty();
+        let mut staying = 0;
+        let mut empty = true;
+        for key in self.driver.keys() {
+            match self.driver.get(key) {
+                Some(s) if s.conn.stays_on_upgrade() => staying += 1,
+                Some(_) => {
+                    empty = false;
+                    break;
+                }
+                None => {}
+            }
+        }
         if empty && !self.reported_empty {
             if let Some(tx) = &self.export {
-                let _ = tx.send(Exported::Empty { shard: self.id });
+                let _ = tx.send(Exported::Empty {
+                    shard: self.id,
+                    staying,
+                });
             }
         }
         self.reported_empty = empty;

@@ -744,6 +744,9 @@ impl Shard {
                 }
                 Command::Drain => {
                     self.draining = true;
+                    // A drain after a hand-off (sessions that could not
+                    // move stay here): the export is over.
+                    self.export = None;
                     self.close_listeners();
                     for key in self.driver.keys() {
                         if let Some(s) = self.driver.get_mut(key) {
