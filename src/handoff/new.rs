@@ -204,6 +204,9 @@ fn receive(sock: UnixStream, importer: &Importer, control: std::sync::Arc<crate:
                         b.state
                             .connect_failures
                             .fetch_add(t.connect_failures, Ordering::Relaxed);
+                        for (c, v) in b.state.closed.iter().zip(&t.closed) {
+                            c.fetch_add(*v, Ordering::Relaxed);
+                        }
                     }
                 }
                 become_current(&control);

@@ -270,6 +270,12 @@ pub fn upgrade(server: &Server, launch: &mut Launch, report: &mut Report) -> Out
                 addr: b.addr,
                 connections: b.state.connections_total.load(Ordering::Relaxed),
                 connect_failures: b.state.connect_failures.load(Ordering::Relaxed),
+                closed: b
+                    .state
+                    .closed
+                    .iter()
+                    .map(|c| c.load(Ordering::Relaxed))
+                    .collect(),
             })
         })
         .collect();

@@ -51,6 +51,9 @@ pub struct Totals {
     pub addr: SocketAddr,
     pub connections: u64,
     pub connect_failures: u64,
+    /// Sessions closed, by reason (`stats::CLOSE_REASONS` order; a newer
+    /// process that knows more reasons reads zeros for the rest).
+    pub closed: Vec<u64>,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -152,6 +155,10 @@ impl Msg {
                     w.addr(t.addr);
                     w.u64(t.connections);
                     w.u64(t.connect_failures);
+                    w.u32(t.closed.len() as u32);
+                    for c in &t.closed {
+                        w.u64(*c);
+                    }
                 }
             }
         }
@@ -217,6 +224,19 @@ impl Msg {
                         addr: r.addr()?,
                         connections: r.u64()?,
                         connect_failures: r.u64()?,
+                        closed: {
+                            let k = r.u32()? as usize;
+                            // Bounded like every count read here: a reason
+                            // list is short.
+                            if k > 64 {
+                                return Err(bad("too many close reasons"));
+                            }
+                            let mut v = Vec::with_capacity(k);
+                            for _ in 0..k {
+                                v.push(r.u64()?);
+                            }
+                            v
+                        },
                     });
                 }
                 Msg::Done {
@@ -396,6 +416,7 @@ mod tests {
                     addr: "10.0.0.1:8080".parse().unwrap(),
                     connections: 7,
                     connect_failures: 1,
+                    closed: vec![3, 0, 2],
                 }],
             },
             Msg::Current,
