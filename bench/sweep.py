@@ -105,51 +105,6 @@ def median_of(points: list[dict], key: str):
     return statistics.median(vals) if vals else None
 
 
-def line_chart(title: str, series: dict[str, list[tuple[float, float]]], xlabel: str, ylabel: str) -> str:
-    w, h = 680, 420
-    ml, mr, mt, mb = 70, 130, 40, 55
-    pw, ph = w - ml - mr, h - mt - mb
-    allx = [x for s in series.values() for x, _ in s]
-    ally = [y for s in series.values() for _, y in s]
-    body = [f'<text x="{(ml + w - mr) / 2}" y="22" text-anchor="middle" font-size="15">{svgplot.escape(title)}</text>']
-    if not allx:
-        return svgplot._svg(w, h, body + ['<text x="300" y="200">no data</text>'])
-    xmax = svgplot._nice_max(max(allx))
-    ymax = svgplot._nice_max(max(ally))
-
-    def X(x):
-        return ml + pw * x / xmax
-
-    def Y(y):
-        return mt + ph - ph * y / ymax
-
-    for i in range(6):
-        yv = ymax * i / 5
-        xv = xmax * i / 5
-        body.append(f'<line x1="{ml}" y1="{Y(yv):.1f}" x2="{ml + pw}" y2="{Y(yv):.1f}" stroke="#ddd"/>')
-        body.append(f'<text x="{ml - 6}" y="{Y(yv) + 4:.1f}" text-anchor="end">{svgplot._fmt(yv)}</text>')
-        body.append(f'<text x="{X(xv):.1f}" y="{mt + ph + 16}" text-anchor="middle">{svgplot._fmt(xv)}</text>')
-    body.append(f'<rect x="{ml}" y="{mt}" width="{pw}" height="{ph}" fill="none" stroke="#333"/>')
-    body.append(f'<text x="{ml + pw / 2}" y="{h - 8}" text-anchor="middle">{svgplot.escape(xlabel)}</text>')
-    body.append(f'<text x="16" y="{mt + ph / 2}" text-anchor="middle" '
-                f'transform="rotate(-90 16 {mt + ph / 2})">{svgplot.escape(ylabel)}</text>')
-    for i, (name, pts) in enumerate(series.items()):
-        pts = sorted(pts)
-        if not pts:
-            continue
-        col = svgplot.color(name.split(" ")[0], i)
-        dash = ' stroke-dasharray="5,4"' if "sys" in name else ""
-        path = " ".join(f"{'M' if j == 0 else 'L'}{X(x):.1f},{Y(y):.1f}" for j, (x, y) in enumerate(pts))
-        body.append(f'<path d="{path}" fill="none" stroke="{col}" stroke-width="2"{dash}/>')
-        for x, y in pts:
-            body.append(f'<circle cx="{X(x):.1f}" cy="{Y(y):.1f}" r="2.5" fill="{col}"/>')
-        ly = mt + 14 + i * 18
-        body.append(f'<line x1="{w - mr + 10}" y1="{ly - 4}" x2="{w - mr + 30}" y2="{ly - 4}" '
-                    f'stroke="{col}" stroke-width="3"{dash}/>')
-        body.append(f'<text x="{w - mr + 34}" y="{ly}">{svgplot.escape(name)}</text>')
-    return svgplot._svg(w, h, body)
-
-
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--workers", default="1,2")
@@ -308,9 +263,10 @@ def write_summary(out: str, meta: dict) -> None:
         lines.append("")
         name = f"sweep-w{w}-{client}.svg"
         with open(os.path.join(out, name), "w") as fh:
-            fh.write(line_chart(f"proxy CPU per message vs load ({w} worker{'s' if w > 1 else ''}, "
-                                f"{client})", series, "messages per second (achieved)",
-                                "µs of proxy CPU per message (dashed: system)"))
+            fh.write(svgplot.line_chart(
+                f"proxy CPU per message vs load ({w} worker{'s' if w > 1 else ''}, {client})",
+                "messages per second (achieved)", "µs of proxy CPU per message",
+                sorted((k, sorted(v)) for k, v in series.items())))
         lines += [f"![sweep {w} {client}]({name})", ""]
     with open(os.path.join(out, "summary.md"), "w") as fh:
         fh.write("\n".join(lines) + "\n")
