@@ -443,6 +443,14 @@ impl Conn {
         false
     }
 
+    /// A connection ringlb turns away before reading anything: it is
+    /// never read from, only answered (or closed).
+    fn refused(snap: Arc<Snapshot>, client_addr: SocketAddr) -> Conn {
+        let mut c = Conn::accept(snap, client_addr, &mut Vec::new());
+        c.recv = [RecvState::Off, RecvState::Off];
+        c
+    }
+
     /// A connection from an address that has `max_connections_per_ip`
     /// already: answer 429 and close.
     pub fn over_ip_cap(
@@ -450,8 +458,7 @@ impl Conn {
         client_addr: SocketAddr,
         out: &mut Vec<Action>,
     ) -> Conn {
-        let mut c = Conn::accept(snap, client_addr, &mut Vec::new());
-        c.recv = [RecvState::Off, RecvState::Off];
+        let mut c = Conn::refused(snap, client_addr);
         c.respond(Reject::TooManyRequests, out);
         c
     }
@@ -464,8 +471,7 @@ impl Conn {
         over: bool,
         out: &mut Vec<Action>,
     ) -> Conn {
-        let mut c = Conn::accept(snap, client_addr, &mut Vec::new());
-        c.recv = [RecvState::Off, RecvState::Off];
+        let mut c = Conn::refused(snap, client_addr);
         c.status = Some(if over { 503 } else { 429 });
         c.closer = Some(Closer::Proxy);
         c.close_now(out);
@@ -478,8 +484,7 @@ impl Conn {
         client_addr: SocketAddr,
         out: &mut Vec<Action>,
     ) -> Conn {
-        let mut c = Conn::accept(snap, client_addr, &mut Vec::new());
-        c.recv = [RecvState::Off, RecvState::Off];
+        let mut c = Conn::refused(snap, client_addr);
         c.respond(Reject::ServiceUnavailable, out);
         c
     }
