@@ -205,6 +205,7 @@ fn supervise(
     let mut drain_started: Option<Instant> = None;
     let mut closing = false;
     let mut kick_until: Option<Instant> = None;
+    let mut trim = ringlb::server::HeapTrim::new();
     loop {
         if let Some(t) = kick_until {
             server.accept_pending();
@@ -342,6 +343,7 @@ fn supervise(
             }
         }
         server.poll_discovery();
+        trim.tick(&server);
         std::thread::sleep(Duration::from_millis(50));
     }
 }

@@ -19,7 +19,7 @@
 //! - Cancels pass only a `user_data` or a descriptor number to match; the
 //!   kernel keeps neither.
 //! - [`Pipe`]'s methods and [`eventfd_signal`] are plain syscalls that are
-//!   over when they return.
+//!   over when they return; [`trim_heap`] a libc call that takes nothing.
 //!
 //! [`Uring`] counts every op from its push to its last completion (one
 //! without `IORING_CQE_F_MORE`), so a shutdown can wait until the kernel
@@ -599,6 +599,15 @@ pub fn eventfd() -> io::Result<OwnedFd> {
     }
     // SAFETY: eventfd(2) just created `fd` and it is adopted once, here.
     Ok(unsafe { adopt_fd(fd) })
+}
+
+/// Gives the free pages inside the allocator's heaps back to the kernel
+/// (glibc's `malloc_trim(0)`); true if any were. Why ringlb needs it is at
+/// `crate::server::HeapTrim`.
+pub fn trim_heap() -> bool {
+    // SAFETY: takes no pointer and keeps nothing: glibc walks its own free
+    // lists under their arena locks and madvises whole free pages.
+    unsafe { libc::malloc_trim(0) == 1 }
 }
 
 pub fn eventfd_signal(fd: &OwnedFd) {

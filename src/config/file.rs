@@ -75,6 +75,7 @@ pub(super) struct FileServer {
     pub(super) gzip_cache_size: Option<Spanned<i64>>,
     pub(super) splice_min: Option<Spanned<i64>>,
     pub(super) park_idle_after: Option<Spanned<String>>,
+    pub(super) heap_trim_interval: Option<Spanned<String>>,
     pub(super) forwarded_for: Option<Spanned<String>>,
     pub(super) stalled_peer_timeout: Option<Spanned<String>>,
     pub(super) tcp_user_timeout: Option<Spanned<String>>,

@@ -124,6 +124,9 @@ pub struct ServerConfig {
     /// its recvs are swapped for readiness polls, which hold less kernel
     /// memory. `None`: never.
     pub park_idle_after: Option<Duration>,
+    /// At most this often, after new connections, free heap pages go back
+    /// to the kernel (`server::HeapTrim`). `None`: never.
+    pub heap_trim_interval: Option<Duration>,
     /// What happens to an `X-Forwarded-For` the client sent.
     pub forwarded_for: ForwardedFor,
     /// A peer that takes no byte for this long while bytes wait for it is
@@ -502,6 +505,7 @@ pub const DEFAULT_KEEPALIVE_REQUESTS: u32 = 1000;
 pub const DEFAULT_GZIP_CACHE_SIZE: usize = 16 << 20;
 pub const DEFAULT_SPLICE_MIN: u64 = 64 * 1024;
 pub const DEFAULT_PARK_IDLE_AFTER: Duration = Duration::from_secs(5);
+pub const DEFAULT_HEAP_TRIM_INTERVAL: Duration = Duration::from_secs(10);
 pub const DEFAULT_GZIP_MIN_LENGTH: u64 = 256;
 /// Also the default `tcp_user_timeout`: on Linux 5.11+ the kernel ends a
 /// connection whose peer keeps a zero window for that long, so a shorter
@@ -611,6 +615,7 @@ impl ServerConfig {
             gzip_cache_size: DEFAULT_GZIP_CACHE_SIZE,
             splice_min: DEFAULT_SPLICE_MIN,
             park_idle_after: Some(DEFAULT_PARK_IDLE_AFTER),
+            heap_trim_interval: Some(DEFAULT_HEAP_TRIM_INTERVAL),
             forwarded_for: ForwardedFor::Replace,
             stalled_peer_timeout: Some(DEFAULT_STALLED_PEER_TIMEOUT),
             close_boundary_timeout: DEFAULT_CLOSE_BOUNDARY_TIMEOUT,

@@ -93,6 +93,8 @@ fn out_of_range_values_are_rejected_not_clamped() {
         ("max_connections_per_ip", "0"),
         ("trusted_proxies", "[\"10.0.0.0/8\"]"),
         ("upgrade_timeout", "\"0s\""),
+        ("heap_trim_interval", "\"0s\""),
+        ("heap_trim_interval", "\"often\""),
         ("upgrade_timeout", "\"later\""),
         ("pid_file", "\"\""),
     ] {
@@ -135,6 +137,25 @@ fn unknown_balance() {
         "[upstream.u]\nbalance = \"round_robin\"\n",
     ));
     assert!(e.contains("upstream.u.balance"), "{e}");
+}
+
+#[test]
+fn heap_trim_interval_defaults_on_and_can_be_turned_off() {
+    let c = Config::parse(MIN, "t").unwrap();
+    assert_eq!(c.server.heap_trim_interval, Some(Duration::from_secs(10)));
+    let off = MIN.replace("[server]\n", "[server]\nheap_trim_interval = \"off\"\n");
+    assert_eq!(
+        Config::parse(&off, "t").unwrap().server.heap_trim_interval,
+        None
+    );
+    let every = MIN.replace("[server]\n", "[server]\nheap_trim_interval = \"2s\"\n");
+    assert_eq!(
+        Config::parse(&every, "t")
+            .unwrap()
+            .server
+            .heap_trim_interval,
+        Some(Duration::from_secs(2))
+    );
 }
 
 #[test]

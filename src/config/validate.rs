@@ -136,6 +136,13 @@ pub(super) fn validate(
             Some(duration(src, v, "server.park_idle_after")?)
         };
     }
+    if let Some(v) = &s.heap_trim_interval {
+        server.heap_trim_interval = if v.get_ref() == "off" {
+            None
+        } else {
+            Some(duration(src, v, "server.heap_trim_interval")?)
+        };
+    }
     if let Some(v) = &s.forwarded_for {
         server.forwarded_for =
             match v.get_ref().as_str() {

@@ -205,7 +205,7 @@ pub enum Action {
 pub struct Done {
     pub status: u16,
     pub route: Option<Arc<str>>,
-    pub path: Option<Box<str>>,
+    pub path: Option<std::sync::Arc<str>>,
     pub bytes_from_client: u64,
     pub bytes_to_client: u64,
 }

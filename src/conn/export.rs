@@ -271,7 +271,7 @@ impl Conn {
         c.backend = Some(rec.backend);
         c.status = Some(101);
         c.route = rec.route.map(Arc::from);
-        c.path = rec.path.map(Into::into);
+        c.path = rec.path.as_deref().map(intern::intern);
         c.peer_eof = rec.peer_eof;
         c.closer = rec.closer;
         c.active = !rec.parked;

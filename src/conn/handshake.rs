@@ -173,7 +173,7 @@ impl Conn {
             Ok(std::borrow::Cow::Owned(t)) => req.target = t,
             Err(why) => return self.respond(Reject::BadRequest(why), out),
         }
-        self.path = Some(req.path().into());
+        self.path = Some(super::intern::intern(req.path()));
         let Some(route) = hs.snap.router.find(req.path()).cloned() else {
             return self.respond(Reject::NotFound, out);
         };
@@ -232,7 +232,7 @@ impl Conn {
             }
         };
         let append_xff = hs.snap.config.server.forwarded_for == crate::config::ForwardedFor::Append;
-        let https = self.transport[Side::Client.idx()].tls().is_some();
+        let https = self.transport[Side::Client.idx()].is_tls();
         let mut forwarded =
             http::forward_head_proto(&req, &target, ip, append_xff, &extra[..body_part], https);
         if let Some(v) = hs.snap.config.upstreams[upstream].send_proxy_protocol {

@@ -69,6 +69,7 @@ mod export;
 mod frames;
 mod gzip;
 mod handshake;
+mod intern;
 mod queue;
 mod relay;
 mod serve;
@@ -231,7 +232,7 @@ pub struct Conn {
     /// The route prefix matched, for the access log.
     pub route: Option<Arc<str>>,
     /// The current request's path (normalised, no query), for the access log.
-    pub path: Option<Box<str>>,
+    pub path: Option<Arc<str>>,
     /// The backend tried last, for the access log.
     pub backend: Option<SocketAddr>,
 
@@ -318,7 +319,7 @@ impl Conn {
     pub fn start_tls(&mut self, config: Arc<rustls::ServerConfig>) -> bool {
         match tls::TlsSession::new(config) {
             Some(s) => {
-                self.transport[Side::Client.idx()] = Transport::Tls(Box::new(s));
+                self.transport[Side::Client.idx()] = Transport::Tls(transport::TlsSlot::new(s));
                 true
             }
             None => false,
@@ -326,18 +327,18 @@ impl Conn {
     }
 
     /// The client's TLS session, once it has one.
-    pub fn tls_info(&self) -> Option<&TlsInfo> {
-        self.transport[Side::Client.idx()].tls().map(|s| s.info())
+    pub fn tls_info(&self) -> Option<TlsInfo> {
+        self.transport[Side::Client.idx()].tls_info()
     }
 
     /// After a TLS side decoded: sends what its handshake wrote, and closes
     /// the connection if the session failed. False: closed.
     fn after_tls(&mut self, side: Side, out: &mut Vec<Action>) -> bool {
-        let Some(s) = self.transport[side.idx()].tls_mut() else {
+        let Some((reply, failed)) =
+            self.transport[side.idx()].tls(|s| (s.take_reply(), s.status == tls::Status::Failed))
+        else {
             return true;
         };
-        let reply = s.take_reply();
-        let failed = s.status == tls::Status::Failed;
         if let Some(wire) = reply {
             self.flow[side.idx()].queue.push_back(Payload::owned(wire));
             self.kick(side, out);
@@ -368,7 +369,9 @@ impl Conn {
     /// queued and sent first. True if one was queued (the shutdown then
     /// waits for the queue to drain, as it does for any bytes).
     pub(super) fn queue_close_notify(&mut self, side: Side, out: &mut Vec<Action>) -> bool {
-        let Some(alert) = (self.transport[side.idx()].tls_mut()).and_then(|s| s.close_notify())
+        let Some(alert) = self.transport[side.idx()]
+            .tls(|s| s.close_notify())
+            .flatten()
         else {
             return false;
         };
@@ -380,10 +383,8 @@ impl Conn {
     /// PROXY protocol is on: a connection from a trusted L4 tier must start
     /// with a header (`trusted`), any other must not.
     pub fn expect_proxy_header(&mut self, trusted: bool) {
-        if let Some(s) = self.transport[Side::Client.idx()].tls_mut() {
-            // In front of the TLS handshake, in plaintext.
-            s.expect_proxy = trusted;
-        }
+        // In front of the TLS handshake, in plaintext.
+        self.transport[Side::Client.idx()].tls(|s| s.expect_proxy = trusted);
         if let Some(hs) = try_hs_mut(&mut self.state) {
             hs.proxy_in = if trusted {
                 ProxyIn::Required
@@ -592,7 +593,7 @@ impl Conn {
                 other => flow.queue.push_back(other),
             }
         }
-        self.transport[Side::Backend.idx()] = Transport::Tls(Box::new(s));
+        self.transport[Side::Backend.idx()] = Transport::Tls(transport::TlsSlot::new(s));
         true
     }
 
@@ -820,9 +821,7 @@ impl Conn {
     pub fn on_timer(&mut self, kind: TimerKind, out: &mut Vec<Action>) {
         match (kind, self.stage()) {
             (TimerKind::Handshake { req }, Stage::ReadingHead) if req == self.requests => {
-                if let Some(s) = self.transport[Side::Client.idx()].tls_mut() {
-                    s.timed_out = s.handshaking();
-                }
+                self.transport[Side::Client.idx()].tls(|s| s.timed_out = s.handshaking());
                 self.closer = Some(Closer::Proxy);
                 self.status = Some(408);
                 self.close_now(out);

@@ -18,10 +18,73 @@
 //! transport would take the same keys and sequence numbers, and be
 //! `in_place` again.
 //!
+//! A TLS session lives in its shard thread's [`TlsSlot`] table, not in a
+//! box of its own: see there for why.
+//!
 //! `Xor` exists only in tests: a transforming transport that proves the
 //! seam carries a non-plain transport end to end.
 
-use super::tls::TlsSession;
+use std::cell::RefCell;
+use std::marker::PhantomData;
+
+use super::tls::{TlsInfo, TlsSession};
+
+thread_local! {
+    static SESSIONS: RefCell<slab::Slab<TlsSession>> = const { RefCell::new(slab::Slab::new()) };
+}
+
+/// A TLS session held in its thread's table of sessions.
+///
+/// Why not a `Box`: each session is allocated while dozens of handshakes
+/// around it fill the heap with rustls's short-lived state. A boxed session
+/// (and its boxed details) lands between those, and once they are freed
+/// every heap page still holds one live session, so the allocator can give
+/// none of them back: 9000 idle wss:// sessions cost 2.7 KB of RSS each,
+/// of which 1.5 KB was free heap nobody could use
+/// (`bench/results/2026-12-06-tls-idle-slot`). In one growing array the
+/// sessions sit side by side, and handshake garbage frees whole pages.
+///
+/// Sessions never change threads (the shard that accepted one relays it;
+/// a binary upgrade keeps TLS sessions in the old process), so the table is
+/// a thread local and the slot is not `Send`.
+pub struct TlsSlot {
+    key: usize,
+    _thread_bound: PhantomData<*const ()>,
+}
+
+impl TlsSlot {
+    pub fn new(s: TlsSession) -> TlsSlot {
+        let key = SESSIONS.with(|t| t.borrow_mut().insert(s));
+        TlsSlot {
+            key,
+            _thread_bound: PhantomData,
+        }
+    }
+
+    /// Runs `f` on the session. `f` must not create or drop another slot.
+    #[inline]
+    pub fn with<R>(&self, f: impl FnOnce(&mut TlsSession) -> R) -> R {
+        SESSIONS.with(|t| f(&mut t.borrow_mut()[self.key]))
+    }
+}
+
+impl Drop for TlsSlot {
+    fn drop(&mut self) {
+        // Taken out first and dropped outside the borrow: the session's Drop
+        // counts an unfinished handshake.
+        let s = SESSIONS
+            .try_with(|t| t.borrow_mut().try_remove(self.key))
+            .ok()
+            .flatten();
+        drop(s);
+    }
+}
+
+impl std::fmt::Debug for TlsSlot {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        self.with(|s| s.fmt(f))
+    }
+}
 
 /// How bytes are carried on one side's socket.
 #[derive(Debug, Default)]
@@ -29,7 +92,7 @@ pub enum Transport {
     #[default]
     Plain,
     /// TLS terminated here (`tls.rs`): a handshake, then records.
-    Tls(Box<TlsSession>),
+    Tls(TlsSlot),
     /// Test only: every byte XORed with the key, both ways.
     #[cfg(test)]
     Xor(u8),
@@ -55,30 +118,32 @@ impl Transport {
     pub(super) fn decode<'a>(&mut self, data: &'a [u8]) -> Decoded<'a> {
         match self {
             Transport::Plain => Decoded::InPlace(data),
-            Transport::Tls(s) => Decoded::Owned(s.decode(data)),
+            Transport::Tls(s) => Decoded::Owned(s.with(|s| s.decode(data))),
             #[cfg(test)]
             Transport::Xor(k) => Decoded::Owned(data.iter().map(|b| b ^ *k).collect()),
         }
     }
 
-    pub(super) fn tls(&self) -> Option<&TlsSession> {
+    pub(super) fn is_tls(&self) -> bool {
+        matches!(self, Transport::Tls(_))
+    }
+
+    /// Runs `f` on the TLS session, if this side has one.
+    pub(super) fn tls<R>(&self, f: impl FnOnce(&mut TlsSession) -> R) -> Option<R> {
         match self {
-            Transport::Tls(s) => Some(s),
+            Transport::Tls(s) => Some(s.with(f)),
             _ => None,
         }
     }
 
-    pub(super) fn tls_mut(&mut self) -> Option<&mut TlsSession> {
-        match self {
-            Transport::Tls(s) => Some(s),
-            _ => None,
-        }
+    pub(super) fn tls_info(&self) -> Option<TlsInfo> {
+        self.tls(|s| s.info().clone())
     }
 
     /// The session went quiet (parked): drop what can be rebuilt.
     pub(super) fn idle(&mut self) {
         if let Transport::Tls(s) = self {
-            s.idle();
+            s.with(TlsSession::idle);
         }
     }
 
@@ -88,7 +153,7 @@ impl Transport {
     #[inline]
     pub(super) fn encode_slice(&mut self, data: &[u8]) -> Vec<u8> {
         match self {
-            Transport::Tls(s) => s.encode_slice(data),
+            Transport::Tls(s) => s.with(|s| s.encode_slice(data)),
             _ => self.encode(data.to_vec()),
         }
     }
@@ -98,7 +163,7 @@ impl Transport {
     pub(super) fn encode(&mut self, data: Vec<u8>) -> Vec<u8> {
         match self {
             Transport::Plain => data,
-            Transport::Tls(s) => s.encode_slice(&data),
+            Transport::Tls(s) => s.with(|s| s.encode_slice(&data)),
             #[cfg(test)]
             Transport::Xor(k) => data.into_iter().map(|b| b ^ *k).collect(),
         }
