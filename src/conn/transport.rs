@@ -72,8 +72,17 @@ impl Drop for TlsSlot {
     fn drop(&mut self) {
         // Taken out first and dropped outside the borrow: the session's Drop
         // counts an unfinished handshake.
+        // The table keeps its high-water size while any session is left
+        // (keys cannot move); the last one out gives it back.
         let s = SESSIONS
-            .try_with(|t| t.borrow_mut().try_remove(self.key))
+            .try_with(|t| {
+                let mut t = t.borrow_mut();
+                let s = t.try_remove(self.key);
+                if t.is_empty() {
+                    t.shrink_to_fit();
+                }
+                s
+            })
             .ok()
             .flatten();
         drop(s);
@@ -82,7 +91,11 @@ impl Drop for TlsSlot {
 
 impl std::fmt::Debug for TlsSlot {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        self.with(|s| s.fmt(f))
+        // Not `with`: a Debug print from inside a `with` must not panic.
+        SESSIONS.with(|t| match t.try_borrow() {
+            Ok(t) => t[self.key].fmt(f),
+            Err(_) => write!(f, "TlsSlot({})", self.key),
+        })
     }
 }
 
