@@ -266,7 +266,7 @@ def _load_cmd(ctx: Ctx, scenario: str, p: dict, url: str, json_path: str, hist_p
     mode = {"pingpong": "pingpong", PIN_SCENARIO: "pingpong", "rate": "rate",
             "handshake": "handshake", "handshake_resumed": "handshake",
             "bulk": "bulk", "idle": "idle"}[scenario]
-    if mode in ("pingpong", "rate") and ctx.bins.get("client"):
+    if mode in ("pingpong", "rate", "handshake") and ctx.bins.get("client"):
         lb = ctx.bins["client"]  # --client indep: the independent load tool
     cmd = [lb, mode, "--url", url, "--json", json_path]
     if mode in ("pingpong", "rate", "bulk"):
@@ -677,7 +677,7 @@ def main(argv=None) -> int:
                     help="count context switches and syscalls (io_uring_enter, epoll_wait) in the "
                          "proxy over each message run's window with `perf stat` (needs tracefs)")
     ap.add_argument("--client", choices=["ringlb-load", "indep"], default="ringlb-load",
-                    help="load tool for pingpong/rate: ringlb-load, or indep (bench/indep-load, "
+                    help="load tool for pingpong/rate/handshake: ringlb-load, or indep (bench/indep-load, "
                          "tokio-tungstenite; built by --build or `cargo build --release` there)")
     ap.add_argument("--skip-missing", action="store_true",
                     help="drop targets whose program is not installed instead of stopping")

@@ -5,8 +5,8 @@
 //! work-stealing runtime, one task per connection and direction) offers the
 //! load, so a quirk of ringlb-load's batching cannot flatter one proxy.
 //!
-//! Two modes, the flags and the JSON keys the harness reads being the same as
-//! ringlb-load's (`bench/run.py` picks the tool with `--client`):
+//! Three modes, the flags and the JSON keys the harness reads being the same
+//! as ringlb-load's (`bench/run.py` picks the tool with `--client`):
 //! - `pingpong`: closed loop; every connection sends one binary message and
 //!   waits for its echo before the next.
 //! - `rate`: open loop; `--rate` messages per second over all connections,
@@ -14,6 +14,8 @@
 //!   over the period). Latency is taken from the *scheduled* send time, not
 //!   from when the send happened, so a stalled proxy cannot hide its stall by
 //!   slowing the client (no coordinated omission).
+//! - `handshake`: `--total` sessions, `--concurrency` at a time, each one
+//!   connect, upgrade, one echo, close handshake; the per-connection path.
 //!
 //! Every echo is checked: same length, same sequence number as sent.
 
@@ -30,6 +32,7 @@ use tokio_tungstenite::tungstenite::Message;
 enum Mode {
     Pingpong,
     Rate,
+    Handshake,
 }
 
 #[derive(Parser, Debug)]
@@ -62,6 +65,12 @@ struct Cli {
     /// Latency percentiles as CSV (same columns as ringlb-load's).
     #[arg(long)]
     hist: Option<String>,
+    /// Handshake mode: sessions in all.
+    #[arg(long, default_value_t = 20000)]
+    total: u64,
+    /// Handshake mode: sessions at a time.
+    #[arg(long, default_value_t = 50)]
+    concurrency: usize,
     /// Runtime worker threads.
     #[arg(long, default_value_t = 2)]
     threads: usize,
@@ -140,7 +149,10 @@ struct Plan {
 }
 
 async fn pingpong(plan: &Plan, conn: u64) -> Tally {
-    let mut t = Tally { hist: new_hist(), messages: 0 };
+    let mut t = Tally {
+        hist: new_hist(),
+        messages: 0,
+    };
     let ws = match tokio_tungstenite::connect_async(plan.url.as_str()).await {
         Ok((ws, _)) => ws,
         Err(_) => {
@@ -152,7 +164,11 @@ async fn pingpong(plan: &Plan, conn: u64) -> Tally {
     let mut seq = 0u64;
     while Instant::now() < plan.end {
         let sent = Instant::now();
-        if tx.send(Message::Binary(payload(plan.size, conn, seq, 0))).await.is_err() {
+        if tx
+            .send(Message::Binary(payload(plan.size, conn, seq, 0)))
+            .await
+            .is_err()
+        {
             plan.errors.io.fetch_add(1, Ordering::Relaxed);
             return t;
         }
@@ -193,7 +209,10 @@ async fn open_loop(plan: &Plan, conn: u64, phase: Duration) -> Tally {
         Ok((ws, _)) => ws,
         Err(_) => {
             plan.errors.connect.fetch_add(1, Ordering::Relaxed);
-            return Tally { hist: new_hist(), messages: 0 };
+            return Tally {
+                hist: new_hist(),
+                messages: 0,
+            };
         }
     };
     let (mut tx, mut rx) = ws.split();
@@ -209,16 +228,27 @@ async fn open_loop(plan: &Plan, conn: u64, phase: Duration) -> Tally {
             let due = first + period * seq as u32;
             tokio::time::sleep_until(due.into()).await;
             let woke = Instant::now();
-            let from = if woke.saturating_duration_since(due) <= TIMER_SLOP { woke } else { due };
+            let from = if woke.saturating_duration_since(due) <= TIMER_SLOP {
+                woke
+            } else {
+                due
+            };
             let stamp = from.saturating_duration_since(start).as_nanos() as u64;
-            if tx.send(Message::Binary(payload(size, conn, seq, stamp))).await.is_err() {
+            if tx
+                .send(Message::Binary(payload(size, conn, seq, stamp)))
+                .await
+                .is_err()
+            {
                 errors.io.fetch_add(1, Ordering::Relaxed);
                 return;
             }
         }
         let _ = tx.send(Message::Close(None)).await;
     });
-    let mut t = Tally { hist: new_hist(), messages: 0 };
+    let mut t = Tally {
+        hist: new_hist(),
+        messages: 0,
+    };
     let mut expect = 0u64;
     // Bounded: every echo due has arrived, or 5 s past the end.
     let deadline = plan.end + Duration::from_secs(5);
@@ -234,7 +264,9 @@ async fn open_loop(plan: &Plan, conn: u64, phase: Duration) -> Tally {
                 let from = plan.start + Duration::from_nanos(stamp_of(&b));
                 let now = Instant::now();
                 if due >= plan.warm_end && due <= plan.end {
-                    let _ = t.hist.record((now.saturating_duration_since(from)).as_nanos().max(1_000) as u64);
+                    let _ = t
+                        .hist
+                        .record((now.saturating_duration_since(from)).as_nanos().max(1_000) as u64);
                     t.messages += 1;
                 }
                 expect += 1;
@@ -273,7 +305,11 @@ fn main() {
         .enable_all()
         .build()
         .expect("tokio runtime");
-    let code = rt.block_on(run(cli));
+    let code = if cli.mode == Mode::Handshake {
+        rt.block_on(handshakes(cli))
+    } else {
+        rt.block_on(run(cli))
+    };
     std::process::exit(code);
 }
 
@@ -306,7 +342,7 @@ async fn run(cli: Cli) -> i32 {
         tasks.push(tokio::spawn(async move {
             match mode {
                 Mode::Pingpong => pingpong(&plan, i as u64).await,
-                Mode::Rate => open_loop(&plan, i as u64, phase).await,
+                Mode::Rate | Mode::Handshake => open_loop(&plan, i as u64, phase).await,
             }
         }));
     }
@@ -331,7 +367,7 @@ async fn run(cli: Cli) -> i32 {
     });
     let out = serde_json::json!({
         "tool": "indep-load",
-        "mode": match cli.mode { Mode::Pingpong => "pingpong", Mode::Rate => "rate" },
+        "mode": match cli.mode { Mode::Pingpong => "pingpong", Mode::Rate => "rate", Mode::Handshake => "handshake" },
         "params": {"connections": cli.connections, "size": cli.size, "rate": cli.rate,
                    "duration_s": secs, "warmup_s": cli.warmup.as_secs_f64(), "threads": cli.threads},
         "elapsed_s": secs,
@@ -381,6 +417,133 @@ async fn run(cli: Cli) -> i32 {
     } else {
         0
     }
+}
+
+/// One session of the handshake mode: connect and upgrade (timed), one
+/// echo (checked), then the close handshake, waiting for the peer's Close.
+async fn one_session(url: &str, size: usize, n: u64, errors: &Errors) -> Option<Duration> {
+    let t0 = Instant::now();
+    let Ok((ws, _)) = tokio_tungstenite::connect_async(url).await else {
+        errors.connect.fetch_add(1, Ordering::Relaxed);
+        return None;
+    };
+    let took = t0.elapsed();
+    let (mut tx, mut rx) = ws.split();
+    if tx
+        .send(Message::Binary(payload(size, n, 0, 0)))
+        .await
+        .is_err()
+    {
+        errors.io.fetch_add(1, Ordering::Relaxed);
+        return None;
+    }
+    loop {
+        match rx.next().await {
+            Some(Ok(Message::Binary(b))) => {
+                if b.len() != size.max(MIN_SIZE) || seq_of(&b, n) != Some(0) {
+                    errors.mismatch.fetch_add(1, Ordering::Relaxed);
+                    return None;
+                }
+                break;
+            }
+            Some(Ok(Message::Ping(_) | Message::Pong(_))) => continue,
+            Some(Ok(_)) | None => {
+                errors.closed.fetch_add(1, Ordering::Relaxed);
+                return None;
+            }
+            Some(Err(_)) => {
+                errors.io.fetch_add(1, Ordering::Relaxed);
+                return None;
+            }
+        }
+    }
+    let _ = tx.send(Message::Close(None)).await;
+    // The peer's Close (or EOF) ends the session.
+    while let Some(Ok(m)) = rx.next().await {
+        if m.is_close() {
+            break;
+        }
+    }
+    Some(took)
+}
+
+async fn handshakes(cli: Cli) -> i32 {
+    let errors = Arc::new(Errors::default());
+    let next = Arc::new(AtomicU64::new(0));
+    let cpu0 = proc_cpu();
+    let t0 = Instant::now();
+    let mut tasks = Vec::new();
+    for _ in 0..cli.concurrency.max(1) {
+        let (errors, next, url) = (errors.clone(), next.clone(), cli.url.clone());
+        let (total, size) = (cli.total, cli.size);
+        tasks.push(tokio::spawn(async move {
+            let mut hist = new_hist();
+            loop {
+                let n = next.fetch_add(1, Ordering::Relaxed);
+                if n >= total {
+                    return hist;
+                }
+                if let Some(d) = one_session(&url, size, n, &errors).await {
+                    let _ = hist.record(d.as_nanos().max(1_000) as u64);
+                }
+            }
+        }));
+    }
+    let mut hist = new_hist();
+    for t in tasks {
+        match t.await {
+            Ok(h) => {
+                let _ = hist.add(&h);
+            }
+            Err(_) => {
+                errors.io.fetch_add(1, Ordering::Relaxed);
+            }
+        }
+    }
+    let secs = t0.elapsed().as_secs_f64();
+    let cpu1 = proc_cpu();
+    let done = hist.len();
+    let us = |q: f64| hist.value_at_quantile(q) as f64 / 1e3;
+    let out = serde_json::json!({
+        "tool": "indep-load",
+        "mode": "handshake",
+        "params": {"total": cli.total, "concurrency": cli.concurrency, "size": cli.size,
+                   "threads": cli.threads},
+        "elapsed_s": secs,
+        "handshakes": done,
+        "handshakes_per_s": done as f64 / secs,
+        "handshake_latency_us": {
+            "count": done,
+            "mean": if hist.is_empty() { 0.0 } else { hist.mean() / 1e3 },
+            "p50": us(0.5), "p90": us(0.9), "p99": us(0.99), "p999": us(0.999),
+            "max": hist.max() as f64 / 1e3,
+        },
+        "connections": {"requested": cli.total},
+        "errors": {
+            "connect": errors.connect.load(Ordering::Relaxed),
+            "mismatch": errors.mismatch.load(Ordering::Relaxed),
+            "closed": errors.closed.load(Ordering::Relaxed),
+            "io": errors.io.load(Ordering::Relaxed),
+        },
+        "error_total": errors.total(),
+        "cpu_s": {"user": cpu1.0 - cpu0.0, "sys": cpu1.1 - cpu0.1},
+    });
+    println!(
+        "{} sessions in {:.1}s = {:.0} /s, upgrade p50 {:.0}us p99 {:.0}us, errors {}",
+        done,
+        secs,
+        done as f64 / secs,
+        us(0.5),
+        us(0.99),
+        errors.total()
+    );
+    if let Some(path) = &cli.json {
+        if let Err(e) = std::fs::write(path, serde_json::to_vec_pretty(&out).unwrap()) {
+            eprintln!("cannot write {path}: {e}");
+            return 1;
+        }
+    }
+    i32::from(errors.total() > 0)
 }
 
 /// This process's (user, sys) CPU seconds, from /proc (no unsafe needed).
