@@ -85,6 +85,15 @@ struct Errors {
 }
 
 impl Errors {
+    fn json(&self) -> serde_json::Value {
+        serde_json::json!({
+            "connect": self.connect.load(Ordering::Relaxed),
+            "mismatch": self.mismatch.load(Ordering::Relaxed),
+            "closed": self.closed.load(Ordering::Relaxed),
+            "io": self.io.load(Ordering::Relaxed),
+        })
+    }
+
     fn total(&self) -> u64 {
         self.connect.load(Ordering::Relaxed)
             + self.mismatch.load(Ordering::Relaxed)
@@ -97,6 +106,17 @@ impl Errors {
 struct Tally {
     hist: Histogram<u64>,
     messages: u64,
+}
+
+/// Latency percentiles in µs, with the keys ringlb-load writes.
+fn lat_json(hist: &Histogram<u64>) -> serde_json::Value {
+    let us = |q: f64| hist.value_at_quantile(q) as f64 / 1e3;
+    serde_json::json!({
+        "count": hist.len(),
+        "mean": if hist.is_empty() { 0.0 } else { hist.mean() / 1e3 },
+        "p50": us(0.5), "p90": us(0.9), "p99": us(0.99), "p999": us(0.999),
+        "max": hist.max() as f64 / 1e3,
+    })
 }
 
 fn new_hist() -> Histogram<u64> {
@@ -359,12 +379,7 @@ async fn run(cli: Cli) -> i32 {
     let cpu1 = proc_cpu();
     let secs = cli.duration.as_secs_f64();
     let us = |q: f64| hist.value_at_quantile(q) as f64 / 1e3;
-    let lat = serde_json::json!({
-        "count": hist.len(),
-        "mean": if hist.is_empty() { 0.0 } else { hist.mean() / 1e3 },
-        "p50": us(0.5), "p90": us(0.9), "p99": us(0.99), "p999": us(0.999),
-        "max": hist.max() as f64 / 1e3,
-    });
+    let lat = lat_json(&hist);
     let out = serde_json::json!({
         "tool": "indep-load",
         "mode": match cli.mode { Mode::Pingpong => "pingpong", Mode::Rate => "rate", Mode::Handshake => "handshake" },
@@ -376,12 +391,7 @@ async fn run(cli: Cli) -> i32 {
         "offered_per_s": cli.rate,
         "latency_us": lat,
         "connections": {"requested": cli.connections},
-        "errors": {
-            "connect": errors.connect.load(Ordering::Relaxed),
-            "mismatch": errors.mismatch.load(Ordering::Relaxed),
-            "closed": errors.closed.load(Ordering::Relaxed),
-            "io": errors.io.load(Ordering::Relaxed),
-        },
+        "errors": errors.json(),
         "error_total": errors.total(),
         "cpu_s": {"user": cpu1.0 - cpu0.0, "sys": cpu1.1 - cpu0.1},
     });
@@ -394,11 +404,8 @@ async fn run(cli: Cli) -> i32 {
         us(0.99),
         errors.total()
     );
-    if let Some(path) = &cli.json {
-        if let Err(e) = std::fs::write(path, serde_json::to_vec_pretty(&out).unwrap()) {
-            eprintln!("cannot write {path}: {e}");
-            return 1;
-        }
+    if !write_json(cli.json.as_deref(), &out) {
+        return 1;
     }
     if let Some(path) = &cli.hist {
         let mut s = String::from("kind,percentile,latency_us,count_at_or_below\n");
@@ -512,19 +519,9 @@ async fn handshakes(cli: Cli) -> i32 {
         "elapsed_s": secs,
         "handshakes": done,
         "handshakes_per_s": done as f64 / secs,
-        "handshake_latency_us": {
-            "count": done,
-            "mean": if hist.is_empty() { 0.0 } else { hist.mean() / 1e3 },
-            "p50": us(0.5), "p90": us(0.9), "p99": us(0.99), "p999": us(0.999),
-            "max": hist.max() as f64 / 1e3,
-        },
+        "handshake_latency_us": lat_json(&hist),
         "connections": {"requested": cli.total},
-        "errors": {
-            "connect": errors.connect.load(Ordering::Relaxed),
-            "mismatch": errors.mismatch.load(Ordering::Relaxed),
-            "closed": errors.closed.load(Ordering::Relaxed),
-            "io": errors.io.load(Ordering::Relaxed),
-        },
+        "errors": errors.json(),
         "error_total": errors.total(),
         "cpu_s": {"user": cpu1.0 - cpu0.0, "sys": cpu1.1 - cpu0.1},
     });
@@ -537,13 +534,24 @@ async fn handshakes(cli: Cli) -> i32 {
         us(0.99),
         errors.total()
     );
-    if let Some(path) = &cli.json {
-        if let Err(e) = std::fs::write(path, serde_json::to_vec_pretty(&out).unwrap()) {
-            eprintln!("cannot write {path}: {e}");
-            return 1;
-        }
+    if !write_json(cli.json.as_deref(), &out) {
+        return 1;
     }
     i32::from(errors.total() > 0)
+}
+
+/// Writes the result for the harness, if asked; false if it could not.
+fn write_json(path: Option<&str>, out: &serde_json::Value) -> bool {
+    let Some(path) = path else {
+        return true;
+    };
+    match std::fs::write(path, serde_json::to_vec_pretty(out).unwrap()) {
+        Ok(()) => true,
+        Err(e) => {
+            eprintln!("cannot write {path}: {e}");
+            false
+        }
+    }
 }
 
 /// This process's (user, sys) CPU seconds, from /proc (no unsafe needed).
