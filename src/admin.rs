@@ -762,6 +762,8 @@ pub fn metrics(control: &Control) -> String {
             control.upgrades[i].load(Ordering::Relaxed)
         );
     }
+    let _ = writeln!(out, "# HELP ringlb_heap_trims_total Times the free pages inside the heap were handed back to the kernel (server.heap_trim_interval).\n# TYPE ringlb_heap_trims_total counter\nringlb_heap_trims_total {}", crate::server::HEAP_TRIMS.load(Ordering::Relaxed));
+    let _ = writeln!(out, "# HELP ringlb_heap_trim_seconds_total Time spent in those trims; each holds a malloc arena's lock while it walks it.\n# TYPE ringlb_heap_trim_seconds_total counter\nringlb_heap_trim_seconds_total {}", crate::server::HEAP_TRIM_MICROS.load(Ordering::Relaxed) as f64 / 1e6);
     let _ = writeln!(out, "# HELP ringlb_config_reloads_total Configuration reloads by result.\n# TYPE ringlb_config_reloads_total counter");
     let _ = writeln!(
         out,

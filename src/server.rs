@@ -965,6 +965,12 @@ fn open_access_log(cfg: &AccessLog) -> anyhow::Result<Option<Box<dyn Write + Sen
 /// accepted or sessions parked (parking drops a TLS session's cipher
 /// contexts); a quiet process has nothing new to give back. Measured:
 /// `bench/results/2026-12-06-tls-idle-slot`.
+/// Trims run, and the time they took in µs (`ringlb_heap_trims_total`,
+/// `ringlb_heap_trim_seconds_total`): a trim holds each malloc arena's lock
+/// while it walks it, so an operator chasing periodic stalls can see it.
+pub static HEAP_TRIMS: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+pub static HEAP_TRIM_MICROS: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+
 pub struct HeapTrim {
     last: std::time::Instant,
     events: u64,
@@ -991,14 +997,19 @@ impl HeapTrim {
         }
         self.events = events;
         let released = crate::ring::trim_heap();
+        let took = self.last.elapsed();
+        HEAP_TRIMS.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        HEAP_TRIM_MICROS.fetch_add(
+            took.as_micros() as u64,
+            std::sync::atomic::Ordering::Relaxed,
+        );
         log::debug!(
-            "heap trim: {} in {:?}",
+            "heap trim: {} in {took:?}",
             if released {
                 "pages released"
             } else {
                 "nothing to release"
-            },
-            self.last.elapsed()
+            }
         );
     }
 }

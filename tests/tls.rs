@@ -858,12 +858,13 @@ async fn idle_tls_sessions_add_no_thread_and_stay_under_2_kb_each() {
     let pki = Pki::new();
     pki.issue("a", &["a.test"]);
     let b = Backend::start().await;
-    let (proxy, tls_addr) = start(
-        &pki,
+    let cfg = config(
         &[b.addr],
-        &["a"],
         "park_idle_after = \"200ms\"\nheap_trim_interval = \"300ms\"",
-    );
+        "",
+    ) + &tls_section(&pki, &["a"], "")
+        + "\n[admin]\nlisten = \"127.0.0.1:0\"\n";
+    let (proxy, tls_addr) = start_cfg(&cfg);
     let cfg = client_config(&pki, &[&rustls::version::TLS13]);
     // Warm-up: allocator arenas and the slab grow in steps.
     let warm = open_tls_waves(&cfg, tls_addr, 200, 64).await;
@@ -888,6 +889,15 @@ async fn idle_tls_sessions_add_no_thread_and_stay_under_2_kb_each() {
         "threads grew with idle TLS sessions"
     );
     assert!(per <= 2048.0, "{per:.0} B of RSS per idle TLS session");
+    // The trims ran and are visible to an operator.
+    let (_, metrics) = proxy.admin("GET", "/metrics");
+    let trims = metrics
+        .lines()
+        .find_map(|l| l.strip_prefix("ringlb_heap_trims_total "))
+        .and_then(|v| v.parse::<u64>().ok())
+        .expect("ringlb_heap_trims_total in /metrics");
+    assert!(trims >= 1, "no heap trim counted");
+    assert!(metrics.contains("ringlb_heap_trim_seconds_total "));
     for (i, ws) in held.iter_mut().enumerate().step_by(97) {
         echo_tls(ws, Message::Text(format!("still {i}"))).await;
     }
