@@ -124,8 +124,8 @@ pub struct ServerConfig {
     /// its recvs are swapped for readiness polls, which hold less kernel
     /// memory. `None`: never.
     pub park_idle_after: Option<Duration>,
-    /// At most this often, after new connections, free heap pages go back
-    /// to the kernel (`server::HeapTrim`). `None`: never.
+    /// At most this often, after new connections or parked sessions, free
+    /// heap pages go back to the kernel (`server::HeapTrim`). `None`: never.
     pub heap_trim_interval: Option<Duration>,
     /// What happens to an `X-Forwarded-For` the client sent.
     pub forwarded_for: ForwardedFor,
