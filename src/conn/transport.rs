@@ -62,9 +62,16 @@ impl TlsSlot {
     }
 
     /// Runs `f` on the session. `f` must not create or drop another slot.
+    /// `&mut self`: the slot owns its session, so changing the session
+    /// needs the slot as much as a `Box` would.
     #[inline]
-    pub fn with<R>(&self, f: impl FnOnce(&mut TlsSession) -> R) -> R {
+    pub fn with<R>(&mut self, f: impl FnOnce(&mut TlsSession) -> R) -> R {
         SESSIONS.with(|t| f(&mut t.borrow_mut()[self.key]))
+    }
+
+    /// Reads the session. Same rule as `with`.
+    pub fn read<R>(&self, f: impl FnOnce(&TlsSession) -> R) -> R {
+        SESSIONS.with(|t| f(&t.borrow()[self.key]))
     }
 }
 
@@ -142,7 +149,7 @@ impl Transport {
     }
 
     /// Runs `f` on the TLS session, if this side has one.
-    pub(super) fn tls<R>(&self, f: impl FnOnce(&mut TlsSession) -> R) -> Option<R> {
+    pub(super) fn tls<R>(&mut self, f: impl FnOnce(&mut TlsSession) -> R) -> Option<R> {
         match self {
             Transport::Tls(s) => Some(s.with(f)),
             _ => None,
@@ -150,7 +157,10 @@ impl Transport {
     }
 
     pub(super) fn tls_info(&self) -> Option<TlsInfo> {
-        self.tls(|s| s.info().clone())
+        match self {
+            Transport::Tls(s) => Some(s.read(|s| s.info().clone())),
+            _ => None,
+        }
     }
 
     /// The session went quiet (parked): drop what can be rebuilt.
