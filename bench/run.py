@@ -677,8 +677,9 @@ def main(argv=None) -> int:
                     help="count context switches and syscalls (io_uring_enter, epoll_wait) in the "
                          "proxy over each message run's window with `perf stat` (needs tracefs)")
     ap.add_argument("--client", choices=["ringlb-load", "indep"], default="ringlb-load",
-                    help="load tool for pingpong/rate/handshake: ringlb-load, or indep (bench/indep-load, "
-                         "tokio-tungstenite; built by --build or `cargo build --release` there)")
+                    help="load tool for pingpong/rate/handshake (and handshake_resumed): ringlb-load, "
+                         "or indep (bench/indep-load: tokio-tungstenite, TLS through OpenSSL; built by "
+                         "--build or `cargo build --release` there)")
     ap.add_argument("--skip-missing", action="store_true",
                     help="drop targets whose program is not installed instead of stopping")
     args = ap.parse_args(argv)
@@ -705,8 +706,6 @@ def main(argv=None) -> int:
             ap.error(f"unknown scenario {s!r}")
     if PIN_SCENARIO in scenarios and (os.cpu_count() or 1) < 2:
         ap.error("--pin needs at least 2 CPUs")
-    if args.client == "indep" and any(is_tls(t) for t in names):
-        ap.error("--client indep does not speak TLS; the TLS targets need ringlb-load")
 
     progs, missing = check_tools(names, PIN_SCENARIO in scenarios, bool(args.perf or args.perf_stat))
     if missing:
@@ -744,7 +743,7 @@ def main(argv=None) -> int:
     bins["ringlb"] = find_binary("ringlb", args.bin_dir)
     if args.base_bin:
         bins["ringlb-base"] = os.path.abspath(args.base_bin)
-    elif "ringlb-base" in names:
+    elif any(TARGETS.get(t, (None, None, {}))[2].get("binary") == "ringlb-base" for t in names):
         print("the ringlb-base target needs --base-bin PATH (an older ringlb to compare with)",
               file=sys.stderr)
         return 2

@@ -40,6 +40,10 @@ TARGETS = {
     # and TLS_AES_128_GCM_SHA256 only; backends stay plaintext. The load tool
     # connects with --tls and offers only that suite.
     "ringlb-tls": ("ringlb", "ringlb-tls.toml.tmpl", {"ringlb_extra": "", "tls": True}),
+    # The --base-bin build with ringlb-tls's configuration: a same-run A/B
+    # of old against new code on the TLS path.
+    "ringlb-tls-base": ("ringlb", "ringlb-tls.toml.tmpl",
+                        {"ringlb_extra": "", "tls": True, "binary": "ringlb-base"}),
     "nginx-tls": ("nginx", "nginx-tls.conf.tmpl", {"nginx_extra": "", "tls": True}),
     "haproxy-tls": ("haproxy", "haproxy-tls.cfg.tmpl", {"tls": True}),
 }

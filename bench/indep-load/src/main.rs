@@ -18,15 +18,27 @@
 //!   connect, upgrade, one echo, close handshake; the per-connection path.
 //!
 //! Every echo is checked: same length, same sequence number as sent.
+//!
+//! `--tls` (or a `wss://` URL) speaks TLS through OpenSSL, a different TLS
+//! stack from ringlb's and ringlb-load's rustls, with ringlb-load's TLS
+//! flags (`--ca`, `--sni`, `--tls-version`, `--tls-cipher`, `--tls-resume` /
+//! `--no-tls-resume`) and its `tls` JSON block, which the harness checks.
+//! Resumption keeps a pool of the sessions the servers sent (TLS 1.3
+//! tickets) and uses each once, as browsers do. The key exchange offered is
+//! X25519 alone, so a handshake that completes negotiated it.
 
+use std::collections::HashMap;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use clap::{Parser, ValueEnum};
 use futures_util::{SinkExt, StreamExt};
 use hdrhistogram::Histogram;
+use openssl::ssl::{SslConnector, SslMethod, SslSession, SslSessionCacheMode, SslVersion};
+use tokio::io::{AsyncRead, AsyncWrite};
 use tokio_tungstenite::tungstenite::Message;
+use tokio_tungstenite::WebSocketStream;
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
 enum Mode {
@@ -74,6 +86,210 @@ struct Cli {
     /// Runtime worker threads.
     #[arg(long, default_value_t = 2)]
     threads: usize,
+    /// Speak TLS (wss://); a wss:// URL implies it.
+    #[arg(long)]
+    tls: bool,
+    /// PEM file with the CA the server's certificate must chain to.
+    #[arg(long)]
+    ca: Option<String>,
+    /// Server name to send and verify (default: the URL's host).
+    #[arg(long)]
+    sni: Option<String>,
+    /// Only this TLS version: 1.2 or 1.3.
+    #[arg(long)]
+    tls_version: Option<String>,
+    /// Only this cipher suite, by its rustls name (as ringlb-load takes it),
+    /// e.g. TLS13_AES_128_GCM_SHA256.
+    #[arg(long)]
+    tls_cipher: Option<String>,
+    /// Resume TLS sessions from tickets the servers sent (the default).
+    #[arg(long, overrides_with = "no_tls_resume")]
+    tls_resume: bool,
+    /// Full handshakes only.
+    #[arg(long)]
+    no_tls_resume: bool,
+}
+
+/// What a connection runs over.
+trait Io: AsyncRead + AsyncWrite + Unpin + Send {}
+impl<T: AsyncRead + AsyncWrite + Unpin + Send> Io for T {}
+type Ws = WebSocketStream<Box<dyn Io>>;
+
+/// Opens WebSocket connections, over TLS if asked, and counts handshakes.
+struct Connector {
+    url: String,
+    host_port: String,
+    tls: Option<Tls>,
+}
+
+struct Tls {
+    connector: SslConnector,
+    server_name: String,
+    resume: bool,
+    /// Sessions the servers sent, each used once.
+    sessions: Arc<Mutex<Vec<SslSession>>>,
+    full: AtomicU64,
+    resumed: AtomicU64,
+    negotiated: Mutex<HashMap<String, u64>>,
+}
+
+/// Sessions kept for resumption; the oldest go first beyond this.
+const MAX_SESSIONS: usize = 1024;
+
+impl Connector {
+    fn new(cli: &Cli) -> Result<Connector, String> {
+        let wss = cli.url.starts_with("wss://");
+        let rest = cli
+            .url
+            .strip_prefix("wss://")
+            .or_else(|| cli.url.strip_prefix("ws://"))
+            .ok_or("the URL must start with ws:// or wss://")?;
+        let host_port = rest.split('/').next().unwrap_or(rest).to_string();
+        let host = host_port
+            .rsplit_once(':')
+            .map_or(host_port.as_str(), |h| h.0);
+        let tls = if cli.tls || wss {
+            Some(Tls::new(cli, host)?)
+        } else {
+            None
+        };
+        // tungstenite sees ws://: the TLS is ours, beneath it.
+        let url = if wss {
+            format!("ws://{rest}")
+        } else {
+            cli.url.clone()
+        };
+        Ok(Connector {
+            url,
+            host_port,
+            tls,
+        })
+    }
+
+    async fn connect(&self) -> Result<Ws, String> {
+        let tcp = tokio::net::TcpStream::connect(&self.host_port)
+            .await
+            .map_err(|e| e.to_string())?;
+        let io: Box<dyn Io> = match &self.tls {
+            None => Box::new(tcp),
+            Some(t) => Box::new(t.handshake(tcp).await?),
+        };
+        let (ws, _) = tokio_tungstenite::client_async(self.url.as_str(), io)
+            .await
+            .map_err(|e| e.to_string())?;
+        Ok(ws)
+    }
+
+    fn json(&self) -> Option<serde_json::Value> {
+        let t = self.tls.as_ref()?;
+        let full = t.full.load(Ordering::Relaxed);
+        let resumed = t.resumed.load(Ordering::Relaxed);
+        Some(serde_json::json!({
+            "library": openssl::version::version(),
+            "handshakes": full + resumed,
+            "full": full,
+            "resumed": resumed,
+            "negotiated": *t.negotiated.lock().unwrap(),
+        }))
+    }
+}
+
+impl Tls {
+    fn new(cli: &Cli, host: &str) -> Result<Tls, String> {
+        let e = |e: openssl::error::ErrorStack| e.to_string();
+        let mut b = SslConnector::builder(SslMethod::tls_client()).map_err(e)?;
+        if let Some(ca) = &cli.ca {
+            b.set_ca_file(ca).map_err(|x| format!("{ca}: {x}"))?;
+        }
+        match cli.tls_version.as_deref() {
+            None => {}
+            Some("1.3") => {
+                b.set_min_proto_version(Some(SslVersion::TLS1_3))
+                    .map_err(e)?;
+                b.set_max_proto_version(Some(SslVersion::TLS1_3))
+                    .map_err(e)?;
+            }
+            Some("1.2") => {
+                b.set_min_proto_version(Some(SslVersion::TLS1_2))
+                    .map_err(e)?;
+                b.set_max_proto_version(Some(SslVersion::TLS1_2))
+                    .map_err(e)?;
+            }
+            Some(v) => return Err(format!("--tls-version {v}: 1.2 or 1.3")),
+        }
+        if let Some(c) = &cli.tls_cipher {
+            // rustls names TLS 1.3 suites TLS13_*, OpenSSL TLS_*.
+            let name = c.strip_prefix("TLS13_").map(|r| format!("TLS_{r}"));
+            let name = name.ok_or(format!("--tls-cipher {c}: only TLS 1.3 suites"))?;
+            b.set_ciphersuites(&name)
+                .map_err(|x| format!("{name}: {x}"))?;
+        }
+        b.set_groups_list("X25519").map_err(e)?;
+        b.set_alpn_protos(b"\x08http/1.1").map_err(e)?;
+        let sessions: Arc<Mutex<Vec<SslSession>>> = Arc::default();
+        let resume = !cli.no_tls_resume;
+        if resume {
+            b.set_session_cache_mode(SslSessionCacheMode::CLIENT);
+            let keep = sessions.clone();
+            b.set_new_session_callback(move |_, s| {
+                let mut v = keep.lock().unwrap();
+                if v.len() >= MAX_SESSIONS {
+                    v.remove(0);
+                }
+                v.push(s);
+            });
+        }
+        Ok(Tls {
+            connector: b.build(),
+            server_name: cli.sni.clone().unwrap_or_else(|| host.to_string()),
+            resume,
+            sessions,
+            full: AtomicU64::new(0),
+            resumed: AtomicU64::new(0),
+            negotiated: Mutex::new(HashMap::new()),
+        })
+    }
+
+    async fn handshake(
+        &self,
+        tcp: tokio::net::TcpStream,
+    ) -> Result<tokio_openssl::SslStream<tokio::net::TcpStream>, String> {
+        let e = |e: openssl::error::ErrorStack| e.to_string();
+        let mut ssl = self
+            .connector
+            .configure()
+            .map_err(e)?
+            .into_ssl(&self.server_name)
+            .map_err(e)?;
+        if self.resume {
+            let s = self.sessions.lock().unwrap().pop();
+            if let Some(s) = s {
+                // SAFETY: the session came from this connector's context
+                // (its new-session callback), as set_session requires.
+                unsafe { ssl.set_session(&s) }.map_err(e)?;
+            }
+        }
+        let mut stream = tokio_openssl::SslStream::new(ssl, tcp).map_err(e)?;
+        std::pin::Pin::new(&mut stream)
+            .connect()
+            .await
+            .map_err(|x| x.to_string())?;
+        let ssl = stream.ssl();
+        if ssl.session_reused() {
+            self.resumed.fetch_add(1, Ordering::Relaxed);
+        } else {
+            self.full.fetch_add(1, Ordering::Relaxed);
+        }
+        // ringlb-load's (rustls's) spelling, which the harness checks.
+        let version = ssl.version_str().replace("TLSv1.", "TLSv1_");
+        let cipher = ssl.current_cipher().map_or("?", |c| c.name());
+        let cipher = cipher
+            .strip_prefix("TLS_")
+            .map_or(cipher.to_string(), |r| format!("TLS13_{r}"));
+        let key = format!("{version} {cipher} X25519");
+        *self.negotiated.lock().unwrap().entry(key).or_default() += 1;
+        Ok(stream)
+    }
 }
 
 #[derive(Default)]
@@ -158,7 +374,7 @@ fn seq_of(p: &[u8], conn: u64) -> Option<u64> {
 }
 
 struct Plan {
-    url: String,
+    conn: Connector,
     size: usize,
     start: Instant,
     warm_end: Instant,
@@ -173,8 +389,8 @@ async fn pingpong(plan: &Plan, conn: u64) -> Tally {
         hist: new_hist(),
         messages: 0,
     };
-    let ws = match tokio_tungstenite::connect_async(plan.url.as_str()).await {
-        Ok((ws, _)) => ws,
+    let ws = match plan.conn.connect().await {
+        Ok(ws) => ws,
         Err(_) => {
             plan.errors.connect.fetch_add(1, Ordering::Relaxed);
             return t;
@@ -225,8 +441,8 @@ async fn pingpong(plan: &Plan, conn: u64) -> Tally {
 
 async fn open_loop(plan: &Plan, conn: u64, phase: Duration) -> Tally {
     let period = plan.period.expect("rate mode has a period");
-    let ws = match tokio_tungstenite::connect_async(plan.url.as_str()).await {
-        Ok((ws, _)) => ws,
+    let ws = match plan.conn.connect().await {
+        Ok(ws) => ws,
         Err(_) => {
             plan.errors.connect.fetch_add(1, Ordering::Relaxed);
             return Tally {
@@ -320,20 +536,27 @@ fn main() {
         eprintln!("--connections must be at least 1");
         std::process::exit(2);
     }
+    let conn = match Connector::new(&cli) {
+        Ok(c) => c,
+        Err(e) => {
+            eprintln!("{e}");
+            std::process::exit(2);
+        }
+    };
     let rt = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(cli.threads.max(1))
         .enable_all()
         .build()
         .expect("tokio runtime");
     let code = if cli.mode == Mode::Handshake {
-        rt.block_on(handshakes(cli))
+        rt.block_on(handshakes(cli, conn))
     } else {
-        rt.block_on(run(cli))
+        rt.block_on(run(cli, conn))
     };
     std::process::exit(code);
 }
 
-async fn run(cli: Cli) -> i32 {
+async fn run(cli: Cli, conn: Connector) -> i32 {
     let errors = Arc::new(Errors::default());
     // Connections open during the first part of the warm-up.
     let start = Instant::now() + Duration::from_millis(200);
@@ -343,7 +566,7 @@ async fn run(cli: Cli) -> i32 {
         .rate
         .map(|r| Duration::from_secs_f64(cli.connections as f64 / r));
     let plan = Arc::new(Plan {
-        url: cli.url.clone(),
+        conn,
         size: cli.size,
         start,
         warm_end,
@@ -394,6 +617,7 @@ async fn run(cli: Cli) -> i32 {
         "errors": errors.json(),
         "error_total": errors.total(),
         "cpu_s": {"user": cpu1.0 - cpu0.0, "sys": cpu1.1 - cpu0.1},
+        "tls": plan.conn.json(),
     });
     println!(
         "{} msgs in {:.1}s = {:.0} msg/s, p50 {:.0}us p99 {:.0}us, errors {}",
@@ -428,9 +652,9 @@ async fn run(cli: Cli) -> i32 {
 
 /// One session of the handshake mode: connect and upgrade (timed), one
 /// echo (checked), then the close handshake, waiting for the peer's Close.
-async fn one_session(url: &str, size: usize, n: u64, errors: &Errors) -> Option<Duration> {
+async fn one_session(conn: &Connector, size: usize, n: u64, errors: &Errors) -> Option<Duration> {
     let t0 = Instant::now();
-    let Ok((ws, _)) = tokio_tungstenite::connect_async(url).await else {
+    let Ok(ws) = conn.connect().await else {
         errors.connect.fetch_add(1, Ordering::Relaxed);
         return None;
     };
@@ -474,14 +698,15 @@ async fn one_session(url: &str, size: usize, n: u64, errors: &Errors) -> Option<
     Some(took)
 }
 
-async fn handshakes(cli: Cli) -> i32 {
+async fn handshakes(cli: Cli, conn: Connector) -> i32 {
+    let conn = Arc::new(conn);
     let errors = Arc::new(Errors::default());
     let next = Arc::new(AtomicU64::new(0));
     let cpu0 = proc_cpu();
     let t0 = Instant::now();
     let mut tasks = Vec::new();
     for _ in 0..cli.concurrency.max(1) {
-        let (errors, next, url) = (errors.clone(), next.clone(), cli.url.clone());
+        let (errors, next, conn) = (errors.clone(), next.clone(), conn.clone());
         let (total, size) = (cli.total, cli.size);
         tasks.push(tokio::spawn(async move {
             let mut hist = new_hist();
@@ -490,7 +715,7 @@ async fn handshakes(cli: Cli) -> i32 {
                 if n >= total {
                     return hist;
                 }
-                if let Some(d) = one_session(&url, size, n, &errors).await {
+                if let Some(d) = one_session(&conn, size, n, &errors).await {
                     let _ = hist.record(d.as_nanos().max(1_000) as u64);
                 }
             }
@@ -524,6 +749,7 @@ async fn handshakes(cli: Cli) -> i32 {
         "errors": errors.json(),
         "error_total": errors.total(),
         "cpu_s": {"user": cpu1.0 - cpu0.0, "sys": cpu1.1 - cpu0.1},
+        "tls": conn.json(),
     });
     println!(
         "{} sessions in {:.1}s = {:.0} /s, upgrade p50 {:.0}us p99 {:.0}us, errors {}",
