@@ -24,7 +24,8 @@
 //! flags (`--ca`, `--sni`, `--tls-version`, `--tls-cipher`, `--tls-resume` /
 //! `--no-tls-resume`) and its `tls` JSON block, which the harness checks.
 //! Resumption keeps a pool of the sessions the servers sent (TLS 1.3
-//! tickets) and uses each once, as browsers do. The key exchange offered is
+//! tickets) and uses each once (RFC 8446, C.4: clients should not reuse a
+//! ticket). The key exchange offered is
 //! X25519 alone, so a handshake that completes negotiated it.
 
 use std::collections::HashMap;
