@@ -953,6 +953,12 @@ fn open_access_log(cfg: &AccessLog) -> anyhow::Result<Option<Box<dyn Write + Sen
     })
 }
 
+/// Trims run, and the time they took in µs (`ringlb_heap_trims_total`,
+/// `ringlb_heap_trim_seconds_total`): a trim holds each malloc arena's lock
+/// while it walks it, so an operator chasing periodic stalls can see it.
+pub static HEAP_TRIMS: AtomicU64 = AtomicU64::new(0);
+pub static HEAP_TRIM_MICROS: AtomicU64 = AtomicU64::new(0);
+
 /// Returns the heap's free pages to the kernel now and then.
 ///
 /// Why: every session is set up amid short-lived allocations (a TLS
@@ -965,12 +971,6 @@ fn open_access_log(cfg: &AccessLog) -> anyhow::Result<Option<Box<dyn Write + Sen
 /// accepted or sessions parked (parking drops a TLS session's cipher
 /// contexts); a quiet process has nothing new to give back. Measured:
 /// `bench/results/2026-12-06-tls-idle-slot`.
-/// Trims run, and the time they took in µs (`ringlb_heap_trims_total`,
-/// `ringlb_heap_trim_seconds_total`): a trim holds each malloc arena's lock
-/// while it walks it, so an operator chasing periodic stalls can see it.
-pub static HEAP_TRIMS: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
-pub static HEAP_TRIM_MICROS: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
-
 pub struct HeapTrim {
     last: std::time::Instant,
     events: u64,
@@ -996,13 +996,11 @@ impl HeapTrim {
             return;
         }
         self.events = events;
+        let t0 = std::time::Instant::now();
         let released = crate::ring::trim_heap();
-        let took = self.last.elapsed();
-        HEAP_TRIMS.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-        HEAP_TRIM_MICROS.fetch_add(
-            took.as_micros() as u64,
-            std::sync::atomic::Ordering::Relaxed,
-        );
+        let took = t0.elapsed();
+        HEAP_TRIMS.fetch_add(1, Ordering::Relaxed);
+        HEAP_TRIM_MICROS.fetch_add(took.as_micros() as u64, Ordering::Relaxed);
         log::debug!(
             "heap trim: {} in {took:?}",
             if released {
