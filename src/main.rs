@@ -262,8 +262,8 @@ fn supervise(
                                 took.as_millis()
                             );
                             if staying > 0 {
-                                // TLS sessions cannot travel yet: this
-                                // process keeps them, draining (no
+                                // Sessions whose TLS state could not be
+                                // taken: this process keeps them, draining (no
                                 // accepts; drain_timeout and
                                 // drain_close_rate apply), and exits when
                                 // the last one ends.

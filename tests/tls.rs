@@ -1262,20 +1262,34 @@ async fn static_files_and_plain_http_over_one_kept_alive_tls_connection() {
     );
 }
 
-/// A binary upgrade with a `[tls]` listener. The TLS port moves with the
-/// rest, so new wss handshakes are served by the new process with no
-/// refusal. A live TLS session cannot move (its keys and sequence numbers
-/// stay where the handshake ran): it keeps echoing in the old process,
-/// which exits once that session ends.
+/// A binary upgrade moves live TLS sessions with their keys and sequence
+/// numbers: wss:// clients over TLS 1.3 and 1.2 and a plaintext client,
+/// all relaying to a wss:// backend (so ringlb's TLS client side moves
+/// too), keep echoing through the new process, and the old one exits at
+/// once instead of waiting for them. The TLS port moves with the rest, so
+/// new handshakes land in the new process.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn an_upgrade_hands_over_the_tls_port_and_live_tls_sessions_finish_in_the_old_process() {
+async fn an_upgrade_hands_live_tls_sessions_to_the_new_process() {
     let pki = Pki::new();
     pki.issue("a", &["a.test"]);
-    let b = Backend::start().await;
-    let (mut proxy, tls_addr) = start(&pki, &[b.addr], &["a"], "");
-    let cfg = client_config(&pki, &[&rustls::version::TLS13]);
-    let mut open = wss(cfg.clone(), tls_addr, "a.test").await;
-    echo_tls(&mut open, Message::Text("before".into())).await;
+    let backend = tls_echo_backend(&pki, "backend.test").await;
+    let up = format!(
+        "tls = {{ server_name = \"backend.test\", ca = \"{}\" }}",
+        pki.path("ca.pem").display()
+    );
+    let cfg = config(&[backend], "", &up) + &tls_section(&pki, &["a"], "");
+    let (mut proxy, tls_addr) = start_cfg(&cfg);
+    let cfg13 = client_config(&pki, &[&rustls::version::TLS13]);
+    let cfg12 = client_config(&pki, &[&rustls::version::TLS12]);
+    let mut s13 = wss(cfg13.clone(), tls_addr, "a.test").await;
+    let mut s12 = wss(cfg12, tls_addr, "a.test").await;
+    let mut plain = connect(&proxy.url("/")).await;
+    let big = Message::Binary((0..(300 << 10)).map(|i| (i % 251) as u8).collect());
+    for ws in [&mut s13, &mut s12] {
+        echo_tls(ws, Message::Text("before".into())).await;
+        echo_tls(ws, big.clone()).await;
+    }
+    echo(&mut plain, "before").await;
     let old = proxy.pid();
     let out = tokio::task::spawn_blocking(move || {
         std::process::Command::new(env!("CARGO_BIN_EXE_ringlb"))
@@ -1287,13 +1301,13 @@ async fn an_upgrade_hands_over_the_tls_port_and_live_tls_sessions_finish_in_the_
     .unwrap();
     let stdout = String::from_utf8_lossy(&out.stdout).to_string();
     assert!(
-        stdout.contains("1 TLS sessions stay in pid"),
-        "the outcome says what stays: {stdout}"
-    );
-    assert!(
         out.status.success(),
         "upgrade failed: {stdout} {}",
         String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(
+        stdout.contains("handed 3 sessions to pid") && !stdout.contains("stay"),
+        "every session moves: {stdout}"
     );
     let new: u32 = stdout
         .split("to pid ")
@@ -1310,26 +1324,34 @@ async fn an_upgrade_hands_over_the_tls_port_and_live_tls_sessions_finish_in_the_
         }
     }
     let _new = Kill(new);
-    // The old process stopped accepting: every new handshake lands in the
-    // new one, on the same port.
-    for i in 0..20 {
-        let mut ws = wss(cfg.clone(), tls_addr, "a.test").await;
-        echo_tls(&mut ws, Message::Text(format!("new {i}"))).await;
-    }
-    for i in 0..5 {
-        echo_tls(&mut open, Message::Text(format!("old session {i}"))).await;
-    }
-    assert!(
-        proxy.wait_exit(Duration::from_millis(300)).is_none(),
-        "the old process must stay while it holds a TLS session"
-    );
-    open.close(None).await.unwrap();
-    drop(open);
-    let status = proxy.wait_exit(Duration::from_secs(20));
+    let status = proxy.wait_exit(Duration::from_secs(10));
     assert!(
         status.is_some_and(|s| s.success()),
-        "the old process exits 0 once its last TLS session ended: {status:?}"
+        "the old process holds nothing and exits 0: {status:?}"
     );
-    let mut ws = wss(cfg, tls_addr, "a.test").await;
-    echo_tls(&mut ws, Message::Text("after the old process left".into())).await;
+    // Only the new process is left: these go through it, on the keys and
+    // sequence numbers the old one handed over.
+    for i in 0..5 {
+        for ws in [&mut s13, &mut s12] {
+            echo_tls(ws, Message::Text(format!("moved {i}"))).await;
+        }
+        echo(&mut plain, &format!("moved {i}")).await;
+    }
+    for ws in [&mut s13, &mut s12] {
+        echo_tls(ws, big.clone()).await;
+    }
+    let mut ws = wss(cfg13, tls_addr, "a.test").await;
+    echo_tls(&mut ws, Message::Text("a new handshake".into())).await;
+    // A moved session still ends cleanly: close_notify and a Close answered.
+    s13.close(None).await.unwrap();
+    let end = tokio::time::timeout(Duration::from_secs(10), async {
+        while let Some(m) = s13.next().await {
+            if m.is_err() {
+                return false;
+            }
+        }
+        true
+    })
+    .await;
+    assert_eq!(end, Ok(true), "the moved TLS session closed cleanly");
 }

@@ -3,7 +3,10 @@
 //! separately (SCM_RIGHTS); this record is everything else the connection
 //! holds: the bytes received and not yet sent each way, where each
 //! direction is in its frames, byte counts, half-closes, the backend (for
-//! least-connections counts) and what the access log needs.
+//! least-connections counts) and what the access log needs. A TLS side
+//! adds its record-layer state (`TlsRecord`: keys, IVs, sequence numbers,
+//! a record cut across receives); bytes queued towards a TLS side are
+//! already sealed, so they travel as they are.
 //!
 //! ```text
 //! Relaying(Upgraded) ─quiesce─► Relaying(Quiescing) ─(every op returned)─► export ─► SessionRecord
@@ -28,7 +31,7 @@ use super::*;
 const MAGIC: &[u8; 4] = b"RLBS";
 /// Bumped whenever the encoding changes; a record of another version is
 /// refused rather than misread.
-pub const RECORD_VERSION: u16 = 3;
+pub const RECORD_VERSION: u16 = 4;
 
 /// A quiesced relaying session.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -53,6 +56,21 @@ pub struct SessionRecord {
     /// the access log's duration. Set by the shard, which keeps the clock
     /// (version 3).
     pub age_ms: u64,
+    /// Each side's transport, by side (version 4).
+    pub tls: [TlsSide; 2],
+}
+
+/// What a side's transport carries over.
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub enum TlsSide {
+    #[default]
+    Plain,
+    /// An established TLS session.
+    Tls(Box<TlsRecord>),
+    /// A TLS session whose state could not be taken: the importer refuses
+    /// the record, and the session is closed rather than continued as
+    /// plaintext.
+    Lost,
 }
 
 /// One direction of a session, by destination.
@@ -86,26 +104,27 @@ pub enum RecordError {
 }
 
 impl Conn {
+    /// A relaying session a hand-off cannot take, because a side's
+    /// transport state cannot travel (a TLS session that failed, or a
+    /// test transport): it stays in this process until it ends.
+    pub fn stays_on_upgrade(&self) -> bool {
+        matches!(self.state, State::Relaying(_))
+            && !self.transport.iter().all(Transport::exportable)
+    }
+
     /// Starts taking a relaying session out of this process: every recv
     /// and poll is cancelled, and a send in flight too (a cancelled send
     /// sent nothing; its bytes stay queued). Nothing is re-armed until
     /// [`Conn::export`] or the session ends. Returns false, changing
     /// nothing, for a session that cannot be exported now (not upgraded,
     /// closing, splicing).
-    /// A relaying session a hand-off cannot take (its transport has state
-    /// of its own: TLS keys and sequence numbers): it stays in this process
-    /// until it ends.
-    pub fn stays_on_upgrade(&self) -> bool {
-        matches!(self.state, State::Relaying(_)) && !self.transport.iter().all(Transport::in_place)
-    }
-
     pub fn quiesce(&mut self, out: &mut Vec<Action>) -> bool {
-        // A transport with state of its own (TLS) would have to travel too;
-        // only plaintext sessions are exported for now.
+        // An established TLS session travels as its keys and sequence
+        // numbers (`TlsRecord`).
         let exportable = matches!(
             self.state,
             State::Relaying(Relay::Upgraded { going_away: false })
-        ) && self.transport.iter().all(Transport::in_place)
+        ) && self.transport.iter().all(Transport::exportable)
             && self.flow.iter().all(|f| !f.dead);
         if !exportable {
             return false;
@@ -204,6 +223,7 @@ impl Conn {
             .backend_addr()
             .or(self.backend)
             .unwrap_or(self.client_addr);
+        let tls = self.transport.each_ref().map(Transport::export);
         let Conn {
             client_addr,
             flow,
@@ -248,6 +268,7 @@ impl Conn {
             closer,
             parked,
             age_ms: 0,
+            tls,
         }
     }
 
@@ -265,6 +286,9 @@ impl Conn {
             .find(|u| u.name == rec.upstream)
             .and_then(|u| u.lease_on(rec.backend));
         let mut c = Conn::accept(snap, rec.client_addr, &mut Vec::new());
+        for (t, side) in c.transport.iter_mut().zip(&rec.tls) {
+            *t = Transport::import(side).map_err(RecordError::Invalid)?;
+        }
         c.recv = [RecvState::Off, RecvState::Off];
         c.upload = Upload::Open;
         c.lease = lease;
@@ -351,6 +375,32 @@ impl SessionRecord {
         });
         w.push(u8::from(self.parked));
         w.extend_from_slice(&self.age_ms.to_le_bytes());
+        for t in &self.tls {
+            match t {
+                TlsSide::Plain => w.push(0),
+                TlsSide::Lost => w.push(2),
+                TlsSide::Tls(r) => {
+                    w.push(1);
+                    w.push(
+                        u8::from(r.tls13)
+                            | u8::from(r.client) << 1
+                            | u8::from(r.resumed) << 2
+                            | u8::from(r.peer_closed) << 3
+                            | u8::from(r.closed_write) << 4,
+                    );
+                    w.extend_from_slice(&r.version.to_le_bytes());
+                    w.extend_from_slice(&r.suite.to_le_bytes());
+                    put_opt_str(&mut w, r.sni.as_deref());
+                    put_bytes(&mut w, &r.partial);
+                    for d in [&r.rx, &r.tx] {
+                        w.push(d.alg);
+                        put_bytes(&mut w, &d.key);
+                        w.extend_from_slice(&d.iv);
+                        w.extend_from_slice(&d.seq.to_le_bytes());
+                    }
+                }
+            }
+        }
         w
     }
 
@@ -394,6 +444,15 @@ impl SessionRecord {
         };
         let parked = r.byte()? != 0;
         let age_ms = u64::from_le_bytes(r.array()?);
+        let mut tls: [TlsSide; 2] = Default::default();
+        for t in &mut tls {
+            *t = match r.byte()? {
+                0 => TlsSide::Plain,
+                2 => TlsSide::Lost,
+                1 => TlsSide::Tls(Box::new(r.tls()?)),
+                _ => return Err(RecordError::Invalid("transport")),
+            };
+        }
         if !r.0.is_empty() {
             return Err(RecordError::Invalid("bytes after the record"));
         }
@@ -408,6 +467,7 @@ impl SessionRecord {
             closer,
             parked,
             age_ms,
+            tls,
         })
     }
 }
@@ -476,6 +536,40 @@ impl<'a> Reader<'a> {
             1 => self.string().map(Some),
             _ => Err(RecordError::Invalid("optional text")),
         }
+    }
+
+    fn tls(&mut self) -> Result<TlsRecord, RecordError> {
+        let bits = self.byte()?;
+        if bits >> 5 != 0 {
+            return Err(RecordError::Invalid("TLS flags"));
+        }
+        let version = u16::from_le_bytes(self.array()?);
+        let suite = u16::from_le_bytes(self.array()?);
+        let sni = self.opt_string()?;
+        let partial = self.bytes()?.to_vec();
+        let mut dir = || -> Result<DirRecord, RecordError> {
+            Ok(DirRecord {
+                alg: self.byte()?,
+                key: self.bytes()?.to_vec(),
+                iv: self.array()?,
+                seq: u64::from_le_bytes(self.array()?),
+            })
+        };
+        let rx = dir()?;
+        let tx = dir()?;
+        Ok(TlsRecord {
+            tls13: bits & 1 != 0,
+            client: bits & 2 != 0,
+            rx,
+            tx,
+            partial,
+            version,
+            suite,
+            sni,
+            resumed: bits & 4 != 0,
+            peer_closed: bits & 8 != 0,
+            closed_write: bits & 16 != 0,
+        })
     }
 
     fn addr(&mut self) -> Result<SocketAddr, RecordError> {

@@ -79,7 +79,7 @@ mod transport;
 pub use action::{Action, Closer, Done, Owned, Payload, RecvEnd, Side, TimerKind};
 use body::BodyTracker;
 pub use close::CloseKind;
-pub use export::{FlowRecord, RecordError, SessionRecord, RECORD_VERSION};
+pub use export::{FlowRecord, RecordError, SessionRecord, TlsSide, RECORD_VERSION};
 use frames::FrameTracker;
 use handshake::{Handshake, ProxyIn, Upload};
 use queue::Queue;
@@ -87,7 +87,7 @@ pub use relay::{pool_quota, set_pool_quota};
 use relay::{release_unsent, Flow};
 use splice::Splice;
 pub use splice::SPLICE_CHUNK;
-pub use tls::TlsInfo;
+pub use tls::{DirRecord, TlsInfo, TlsRecord};
 pub use transport::Transport;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

@@ -62,6 +62,66 @@ pub struct TlsInfo {
     pub resumed: bool,
 }
 
+/// An established TLS session as data: what a binary upgrade's live
+/// hand-off carries to the next process with the rest of the session
+/// (`export.rs`). The record layer is ringlb's own, so the keys, IVs and
+/// sequence numbers of each direction, a record cut across receives and
+/// the access log's facts are the whole of its state. Key bytes are zeroed
+/// when it is dropped, and never printed.
+#[derive(Clone, PartialEq, Eq)]
+pub struct TlsRecord {
+    pub tls13: bool,
+    /// ringlb was the client (a wss:// backend).
+    pub client: bool,
+    pub rx: DirRecord,
+    pub tx: DirRecord,
+    /// A record cut across receives, not yet opened.
+    pub partial: Vec<u8>,
+    /// rustls's numbers for the version and the cipher suite (0: none).
+    pub version: u16,
+    pub suite: u16,
+    pub sni: Option<String>,
+    pub resumed: bool,
+    /// The peer sent close_notify.
+    pub peer_closed: bool,
+    /// ringlb sent close_notify: nothing more may be sealed.
+    pub closed_write: bool,
+}
+
+/// One direction's keys, as data.
+#[derive(Clone, PartialEq, Eq)]
+pub struct DirRecord {
+    /// [`ALG_AES_128_GCM`], [`ALG_AES_256_GCM`] or [`ALG_CHACHA20`].
+    pub alg: u8,
+    pub key: Vec<u8>,
+    pub iv: [u8; 12],
+    pub seq: u64,
+}
+
+pub const ALG_AES_128_GCM: u8 = 1;
+pub const ALG_AES_256_GCM: u8 = 2;
+pub const ALG_CHACHA20: u8 = 3;
+
+impl Drop for DirRecord {
+    fn drop(&mut self) {
+        self.key.iter_mut().for_each(|b| *b = 0);
+        self.iv.iter_mut().for_each(|b| *b = 0);
+    }
+}
+
+impl std::fmt::Debug for TlsRecord {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("TlsRecord")
+            .field("tls13", &self.tls13)
+            .field("client", &self.client)
+            .field("rx_seq", &self.rx.seq)
+            .field("tx_seq", &self.tx.seq)
+            .field("partial", &self.partial.len())
+            .field("sni", &self.sni)
+            .finish_non_exhaustive()
+    }
+}
+
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub(super) enum Status {
     Ok,
@@ -375,6 +435,78 @@ impl TlsSession {
         Ok(())
     }
 
+    /// True if [`TlsSession::export`] can take this session: its handshake
+    /// is done and it has not failed.
+    pub(super) fn exportable(&self) -> bool {
+        matches!(self.phase, Phase::Records(_))
+            && self.status != Status::Failed
+            && !self.expect_proxy
+            && self.pending.is_empty()
+            && self.reply.is_empty()
+    }
+
+    /// The session as data, for the live hand-off; `None` unless
+    /// [`TlsSession::exportable`].
+    pub(super) fn export(&self) -> Option<TlsRecord> {
+        let Phase::Records(r) = &self.phase else {
+            return None;
+        };
+        if !self.exportable() {
+            return None;
+        }
+        Some(TlsRecord {
+            tls13: r.tls13,
+            client: r.client,
+            rx: r.rx.export(),
+            tx: r.tx.export(),
+            partial: self.partial.clone(),
+            version: self.info.version.map_or(0, u16::from),
+            suite: self.info.suite.map_or(0, u16::from),
+            sni: self.info.sni.as_deref().map(str::to_owned),
+            resumed: self.info.resumed,
+            peer_closed: self.status == Status::PeerClosed,
+            closed_write: self.closed_write,
+        })
+    }
+
+    /// An established session rebuilt from its record: it opens and seals
+    /// records from the next sequence number on, as if it had never left.
+    /// Its handshake was counted where it happened.
+    pub(super) fn import(rec: &TlsRecord) -> Result<TlsSession, &'static str> {
+        if rec.partial.len() >= HEADER + MAX_RECORD {
+            return Err("TLS partial record too long");
+        }
+        let records = Records {
+            tls13: rec.tls13,
+            client: rec.client,
+            rx: Dir::import(&rec.rx)?,
+            tx: Dir::import(&rec.tx)?,
+        };
+        Ok(TlsSession {
+            phase: Phase::Records(records),
+            partial: rec.partial.clone(),
+            reply: Vec::new(),
+            info: TlsInfo {
+                version: (rec.version != 0).then(|| ProtocolVersion::from(rec.version)),
+                suite: (rec.suite != 0).then(|| rustls::CipherSuite::from(rec.suite)),
+                sni: rec.sni.as_deref().map(super::intern::intern),
+                resumed: rec.resumed,
+            },
+            status: if rec.peer_closed {
+                Status::PeerClosed
+            } else {
+                Status::Ok
+            },
+            started: Instant::now(),
+            counted: true,
+            timed_out: false,
+            expect_proxy: false,
+            client: rec.client,
+            pending: Vec::new(),
+            closed_write: rec.closed_write,
+        })
+    }
+
     /// The close_notify alert, once, when ringlb is about to shut its write
     /// half (so the peer can tell an end from a truncation); `None` before
     /// the handshake is done.
@@ -499,6 +631,45 @@ impl Dir {
             iv: v,
             explicit,
             seq,
+            cached: None,
+        })
+    }
+
+    fn export(&self) -> DirRecord {
+        let alg = if *self.alg == aead::AES_128_GCM {
+            ALG_AES_128_GCM
+        } else if *self.alg == aead::AES_256_GCM {
+            ALG_AES_256_GCM
+        } else {
+            ALG_CHACHA20
+        };
+        DirRecord {
+            alg,
+            key: self.key[..usize::from(self.key_len)].to_vec(),
+            iv: self.iv,
+            seq: self.seq,
+        }
+    }
+
+    fn import(d: &DirRecord) -> Result<Dir, &'static str> {
+        let (alg, key_len, explicit) = match d.alg {
+            ALG_AES_128_GCM => (&aead::AES_128_GCM, 16, true),
+            ALG_AES_256_GCM => (&aead::AES_256_GCM, 32, true),
+            ALG_CHACHA20 => (&aead::CHACHA20_POLY1305, 32, false),
+            _ => return Err("TLS cipher"),
+        };
+        if d.key.len() != key_len {
+            return Err("TLS key length");
+        }
+        let mut key = [0u8; 32];
+        key[..key_len].copy_from_slice(&d.key);
+        Ok(Dir {
+            alg,
+            key,
+            key_len: key_len as u8,
+            iv: d.iv,
+            explicit,
+            seq: d.seq,
             cached: None,
         })
     }
@@ -902,6 +1073,76 @@ mod tests {
                 assert_eq!(s.status, Status::PeerClosed, "{suite:?} cut {cut}");
             }
         }
+    }
+
+    /// A binary upgrade carries an established session as a `TlsRecord`:
+    /// the rebuilt session continues both directions from the next
+    /// sequence number, with a record cut across the move, for every suite
+    /// and both roles' bookkeeping (close_notify sent, peer closed).
+    #[test]
+    fn an_exported_session_continues_where_it_stopped() {
+        let pki = pki();
+        for (suite, v) in SUITES {
+            let (mut s, mut c) = established(&pki, suite, v, 1 << 20);
+            c.writer().write_all(b"before the move").unwrap();
+            let wire = client_out(&mut c);
+            assert_eq!(feed(&mut s, &wire, 7), b"before the move");
+            let wire = s.encode(b"down before".to_vec());
+            assert_eq!(client_in(&mut c, &wire), b"down before");
+            // A record cut across the move: its first half stays in the
+            // old session's partial buffer and travels.
+            c.writer().write_all(b"cut across the move").unwrap();
+            let wire = client_out(&mut c);
+            assert!(s.decode(&wire[..9]).is_empty());
+            let rec = s.export().expect("an established session exports");
+            assert!(!format!("{rec:?}").contains("key:"), "keys are not printed");
+            drop(s);
+            let mut s2 = TlsSession::import(&rec).unwrap();
+            assert_eq!(s2.info().suite, Some(suite), "{suite:?}");
+            assert_eq!(s2.info().sni.as_deref(), Some("t.test"));
+            assert_eq!(s2.info().version.map(u16::from), Some(u16::from(v.version)));
+            assert_eq!(s2.decode(&wire[9..]), b"cut across the move", "{suite:?}");
+            let wire = s2.encode(b"down after".to_vec());
+            assert_eq!(client_in(&mut c, &wire), b"down after", "{suite:?}");
+            // Parked in between: the rebuilt session idles like any other.
+            s2.idle();
+            c.writer().write_all(b"after idle").unwrap();
+            let wire = client_out(&mut c);
+            assert_eq!(s2.decode(&wire), b"after idle");
+            // close_notify already sent travels too: nothing more is sealed.
+            let alert = s2.close_notify().unwrap();
+            client_in(&mut c, &alert);
+            let mut s3 = TlsSession::import(&s2.export().unwrap()).unwrap();
+            assert!(s3.close_notify().is_none() && s3.encode(b"late".to_vec()).is_empty());
+            c.send_close_notify();
+            let wire = client_out(&mut c);
+            s3.decode(&wire);
+            assert_eq!(s3.status, Status::PeerClosed);
+            let s4 = TlsSession::import(&s3.export().unwrap()).unwrap();
+            assert_eq!(s4.status, Status::PeerClosed, "{suite:?}");
+        }
+    }
+
+    #[test]
+    fn only_an_established_session_exports_and_a_bad_record_is_refused() {
+        let pki = pki();
+        let (server, _) = configs(&pki, SUITES[0].0, SUITES[0].1);
+        let s = TlsSession::new(server.clone()).unwrap();
+        assert!(!s.exportable() && s.export().is_none(), "still handshaking");
+        let mut failed = TlsSession::new(server).unwrap();
+        failed.decode(b"GET / HTTP/1.1\r\n");
+        assert!(failed.export().is_none(), "failed");
+        let (s, _) = established(&pki, SUITES[0].0, SUITES[0].1, 1 << 20);
+        let good = s.export().unwrap();
+        let mut bad = good.clone();
+        bad.rx.alg = 9;
+        assert!(TlsSession::import(&bad).is_err(), "unknown cipher");
+        let mut bad = good.clone();
+        bad.tx.key.pop();
+        assert!(TlsSession::import(&bad).is_err(), "short key");
+        let mut bad = good;
+        bad.partial = vec![0x17; super::HEADER + super::MAX_RECORD];
+        assert!(TlsSession::import(&bad).is_err(), "partial record too long");
     }
 
     #[test]

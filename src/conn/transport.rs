@@ -27,6 +27,7 @@
 use std::cell::RefCell;
 use std::marker::PhantomData;
 
+use super::export::TlsSide;
 use super::tls::{TlsInfo, TlsSession};
 
 thread_local! {
@@ -44,9 +45,10 @@ thread_local! {
 /// (`bench/results/2026-12-06-tls-idle-slot`). In one growing array the
 /// sessions sit side by side, and handshake garbage frees whole pages.
 ///
-/// Sessions never change threads (the shard that accepted one relays it;
-/// a binary upgrade keeps TLS sessions in the old process), so the table is
-/// a thread local and the slot is not `Send`.
+/// Sessions never change threads (the shard that accepted one relays it; a
+/// binary upgrade exports a session as data, `TlsRecord`, and the importing
+/// shard makes a new slot from it), so the table is a thread local and the
+/// slot is not `Send`.
 pub struct TlsSlot {
     key: usize,
     _thread_bound: PhantomData<*const ()>,
@@ -141,6 +143,39 @@ impl Transport {
             Transport::Tls(s) => Decoded::Owned(s.with(|s| s.decode(data))),
             #[cfg(test)]
             Transport::Xor(k) => Decoded::Owned(data.iter().map(|b| b ^ *k).collect()),
+        }
+    }
+
+    /// A binary upgrade's hand-off can carry this side's state: none, or
+    /// an established TLS session's keys and sequence numbers.
+    pub(super) fn exportable(&self) -> bool {
+        match self {
+            Transport::Plain => true,
+            Transport::Tls(s) => s.read(TlsSession::exportable),
+            #[cfg(test)]
+            Transport::Xor(_) => false,
+        }
+    }
+
+    /// This side's state for the hand-off record.
+    pub(super) fn export(&self) -> TlsSide {
+        match self {
+            Transport::Plain => TlsSide::Plain,
+            Transport::Tls(s) => s
+                .read(TlsSession::export)
+                .map_or(TlsSide::Lost, |r| TlsSide::Tls(Box::new(r))),
+            #[cfg(test)]
+            Transport::Xor(_) => TlsSide::Lost,
+        }
+    }
+
+    /// The transport a handed-over side had; on the importing shard's
+    /// thread, whose table the TLS session joins.
+    pub(super) fn import(side: &TlsSide) -> Result<Transport, &'static str> {
+        match side {
+            TlsSide::Plain => Ok(Transport::Plain),
+            TlsSide::Tls(r) => Ok(Transport::Tls(TlsSlot::new(TlsSession::import(r)?))),
+            TlsSide::Lost => Err("its TLS state could not be taken from the old process"),
         }
     }
 

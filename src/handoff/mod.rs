@@ -71,8 +71,9 @@ pub enum Exported {
         moved: Box<Moved>,
     },
     /// The shard holds no session that can move now: none at all, or
-    /// only `staying` relaying sessions whose transport cannot travel yet
-    /// (TLS), which stay in this process until they end.
+    /// only `staying` relaying sessions whose transport state cannot be
+    /// taken (`Conn::stays_on_upgrade`), which stay in this process until
+    /// they end.
     Empty {
         shard: usize,
         staying: usize,

@@ -168,8 +168,10 @@ fn receive(sock: UnixStream, importer: &Importer, control: std::sync::Arc<crate:
                 let n = records.len() as u32;
                 let mut per_shard: Vec<Vec<Moved>> = (0..shards).map(|_| Vec::new()).collect();
                 let mut fds = fds.into_iter();
-                for r in records {
-                    let rec = SessionRecord::decode(&r)?;
+                for mut r in records {
+                    let rec = SessionRecord::decode(&r);
+                    wire::wipe(&mut r);
+                    let rec = rec?;
                     let (Some(client), Some(backend)) = (fds.next(), fds.next()) else {
                         anyhow::bail!("hand-off: sockets missing");
                     };

@@ -213,7 +213,11 @@ pub fn upgrade(server: &Server, launch: &mut Launch, report: &mut Report) -> Out
                 .iter()
                 .flat_map(|(_, m)| [m.client.as_raw_fd(), m.backend.as_raw_fd()])
                 .collect();
-            let sent = wire::send(&ours, &Msg::Sessions { records }, &fds);
+            let mut msg = Msg::Sessions { records };
+            let sent = wire::send(&ours, &msg, &fds);
+            if let Msg::Sessions { records } = &mut msg {
+                records.iter_mut().for_each(|r| wire::wipe(r));
+            }
             unacked.push_back(batch);
             if let Err(e) = sent {
                 let why = format!("sending sessions to pid {pid}: {e}");

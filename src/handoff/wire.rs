@@ -262,15 +262,25 @@ fn bad(what: &str) -> io::Error {
     )
 }
 
+/// Zeroes a buffer that held session records before it is freed: they
+/// carry TLS keys (`TlsRecord`), which must not linger in freed heap.
+/// `black_box` keeps the stores from being dropped as dead.
+pub fn wipe(b: &mut [u8]) {
+    b.fill(0);
+    std::hint::black_box(b);
+}
+
 /// Sends `msg` with `fds` (our copies stay open).
 pub fn send(sock: &UnixStream, msg: &Msg, fds: &[RawFd]) -> io::Result<()> {
-    let body = msg.body();
+    let mut body = msg.body();
     let mut head = [0u8; 7];
     head[0] = msg.kind();
     head[1..3].copy_from_slice(&(fds.len() as u16).to_le_bytes());
     head[3..7].copy_from_slice(&(body.len() as u32).to_le_bytes());
-    ring::send_with_fds(sock.as_raw_fd(), &head, fds)?;
-    (&*sock).write_all(&body)
+    let sent =
+        ring::send_with_fds(sock.as_raw_fd(), &head, fds).and_then(|_| (&*sock).write_all(&body));
+    wipe(&mut body);
+    sent
 }
 
 /// Receives one message and its descriptors. EOF before a header is
@@ -302,8 +312,11 @@ pub fn recv(sock: &UnixStream) -> io::Result<(Msg, Vec<OwnedFd>)> {
         )));
     }
     let mut body = vec![0u8; len];
-    (&*sock).read_exact(&mut body)?;
-    Ok((Msg::decode(head[0], &body)?, fds))
+    let msg = (&*sock)
+        .read_exact(&mut body)
+        .and_then(|_| Msg::decode(head[0], &body));
+    wipe(&mut body);
+    Ok((msg?, fds))
 }
 
 struct W(Vec<u8>);
