@@ -3,6 +3,7 @@
 
     python3 bench/upgrade.py [--sessions 1000,4000,9000] [--targets ringlb,nginx,haproxy]
                              [--grace 10] [--rate-per-session 2] [--out DIR] [--bin-dir DIR]
+                             [--tls]
 
 For each target and session count it starts two `ringlb-load echo` backends,
 the target in front of them and `ringlb-load rate` with N sessions (each
@@ -18,6 +19,10 @@ operators do:
   the new one wrote its pid file; `worker_shutdown_timeout` = --grace;
 - HAProxy: a new `haproxy -sf OLDPID` (soft stop of the old process once
   the new one listens), `hard-stop-after` = --grace.
+
+With --tls every session is wss://: each target runs its TLS benchmark
+configuration (bench/configs/*-tls.*, a certificate made for the run by
+tlscerts.py) and the load tool connects with run.py's TLS flags.
 
 It records, per run: sessions cut (connections the load tool saw closed or
 failing), the longest stall (the maximum message latency over the run; the
@@ -48,7 +53,8 @@ sys.path.insert(0, HERE)
 
 import procutil  # noqa: E402
 from procutil import Child, StartError, free_port, wait_tcp  # noqa: E402
-from targets import HAPROXY_MAXCONN, find_program, render  # noqa: E402
+import tlscerts  # noqa: E402
+from targets import HAPROXY_MAXCONN, TLS_LOAD_FLAGS, find_program, render, tls_values  # noqa: E402
 
 REPO = os.path.dirname(HERE)
 
@@ -82,8 +88,9 @@ def start_backends(bins, logs, tag):
     return children, ports
 
 
-def start_target(kind, bins, backends, work, logs, configs, tag, workers, grace):
-    """Render the target's benchmark config (bench/configs), add the upgrade
+def start_target(kind, bins, backends, work, logs, configs, tag, workers, grace, tls=None):
+    """Render the target's benchmark config (bench/configs; its TLS variant
+    with `tls`, the certificates from tlscerts.make), add the upgrade
     settings, start it in the foreground; returns (child, port, prefix)."""
     port = free_port()
     prefix = os.path.join(work, f"{tag}-{kind}")
@@ -91,16 +98,19 @@ def start_target(kind, bins, backends, work, logs, configs, tag, workers, grace)
     values = {"port": port, "workers": workers, "prefix": prefix,
               "haproxy_maxconn": HAPROXY_MAXCONN,
               "backend1": backends[0], "backend2": backends[1]}
+    suffix = "-tls" if tls else ""
+    if tls:
+        values.update(tls_values(tls))
     env = dict(os.environ)
     if kind == "ringlb":
         values["ringlb_extra"] = f'pid_file = "{prefix}/ringlb.pid"\nupgrade_timeout = "10s"'
-        text = render("ringlb.toml.tmpl", values)
+        text = render(f"ringlb{suffix}.toml.tmpl", values)
         path = os.path.join(prefix, "ringlb.toml")
         cmd = [bins["ringlb"], "run", "--config", path]
         env.setdefault("RUST_LOG", "info")
     elif kind == "nginx":
         values["nginx_extra"] = ""
-        text = render("nginx.conf.tmpl", values)
+        text = render(f"nginx{suffix}.conf.tmpl", values)
         # How long old workers may keep sessions after QUIT.
         text = text.replace("worker_rlimit_nofile 20000;",
                             f"worker_rlimit_nofile 20000;\nworker_shutdown_timeout {grace}s;")
@@ -114,7 +124,7 @@ def start_target(kind, bins, backends, work, logs, configs, tag, workers, grace)
         cmd = [bins["nginx"], "-p", prefix + "/", "-c", path,
                "-e", os.path.join(prefix, "error.log"), "-g", "daemon on;"]
     elif kind == "haproxy":
-        text = render("haproxy.cfg.tmpl", values)
+        text = render(f"haproxy{suffix}.cfg.tmpl", values)
         # How long the old process may keep sessions after the soft stop.
         text = text.replace("global\n", f"global\n    hard-stop-after {grace}s\n", 1)
         path = os.path.join(prefix, "haproxy.cfg")
@@ -222,19 +232,22 @@ def run_one(args, bins, out, kind, n, rep):
         echoes, ports = start_backends(bins, logs, tag)
         started += echoes
         child, port, prefix, cfg, main_pid = start_target(kind, bins, ports, work, logs, configs,
-                                                          tag, args.workers, args.grace)
+                                                          tag, args.workers, args.grace, args.tls)
         started.append(child)
         if kind == "nginx":
             daemon_group = main_pid
         warmup = args.warmup
         duration = args.upgrade_at + args.grace + args.tail
         json_path = os.path.join(raw, f"{tag}-load.json")
-        load = Child("load", [bins["ringlb-load"], "rate", "--url", f"ws://127.0.0.1:{port}/",
-                              "--connections", str(n), "--rate", str(int(n * args.rate_per_session)),
-                              "--size", "64", "--duration", f"{duration}s", "--warmup", f"{warmup}s",
-                              "--procs", str(max(1, n // 5000 + 1)), "--timeout", "10s",
-                              "--allow-errors", "--json", json_path],
-                     os.path.join(logs, f"{tag}-load.log"))
+        scheme = "wss" if args.tls else "ws"
+        cmd = [bins["ringlb-load"], "rate", "--url", f"{scheme}://127.0.0.1:{port}/",
+               "--connections", str(n), "--rate", str(int(n * args.rate_per_session)),
+               "--size", "64", "--duration", f"{duration}s", "--warmup", f"{warmup}s",
+               "--procs", str(max(1, n // 5000 + 1)), "--timeout", "10s",
+               "--allow-errors", "--json", json_path]
+        if args.tls:
+            cmd += ["--tls", "--ca", args.tls["ca"], "--sni", args.tls["server_name"]] + TLS_LOAD_FLAGS
+        load = Child("load", cmd, os.path.join(logs, f"{tag}-load.log"))
         started.append(load)
         # Opening N sessions takes a while; the upgrade comes upgrade_at
         # seconds into the measured window.
@@ -289,7 +302,9 @@ def summary(records, args) -> str:
         f"{datetime.datetime.now().isoformat(timespec='seconds')}. Each session sends a "
         f"64-byte message every {1 / args.rate_per_session:.2f} s; the upgrade comes "
         f"{args.upgrade_at} s into the measured window; nginx `worker_shutdown_timeout` and "
-        f"HAProxy `hard-stop-after` = {args.grace} s.",
+        f"HAProxy `hard-stop-after` = {args.grace} s."
+        + (" Sessions are wss:// (TLS 1.3, AES-128-GCM, the run's ECDSA P-256 certificate)"
+           " through each target's TLS configuration." if args.tls else ""),
         "",
         "| target | sessions | hand-off (ms) | longest stall (ms) | p99 (ms) | sessions cut | old process lingered (s) | note |",
         "|---|---|---|---|---|---|---|---|",
@@ -320,6 +335,9 @@ def main(argv=None) -> int:
     ap.add_argument("--workers", type=int, default=2)
     ap.add_argument("--bin-dir", default=None, help="where ringlb and ringlb-load are")
     ap.add_argument("--out", default=None)
+    ap.add_argument("--tls", action="store_true",
+                    help="wss:// sessions through each target's TLS configuration "
+                         "(bench/configs/*-tls.*; certificates made for the run)")
     args = ap.parse_args(argv)
 
     bins = {"ringlb": find_bin("ringlb", args.bin_dir),
@@ -336,6 +354,14 @@ def main(argv=None) -> int:
     for d in ("raw", "logs", "configs"):
         os.makedirs(os.path.join(out, d), exist_ok=True)
     sessions = [int(s) for s in args.sessions.split(",") if s]
+    if args.tls:
+        openssl = find_program("openssl")
+        if not openssl:
+            log("--tls needs the openssl command line (apt-get install -y openssl)")
+            return 2
+        args.tls = tlscerts.make(tempfile.mkdtemp(prefix="ringlb-upgrade-certs-"), openssl)
+    else:
+        args.tls = None
     records = []
     try:
         for rep in range(args.reps):

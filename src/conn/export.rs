@@ -30,8 +30,11 @@ use super::*;
 /// First bytes of an encoded record.
 const MAGIC: &[u8; 4] = b"RLBS";
 /// Bumped whenever the encoding changes; a record of another version is
-/// refused rather than misread.
+/// refused rather than misread, except version 3 (the same record without
+/// `tls`: every side plain), so that a live upgrade from the ringlb before
+/// TLS hand-off keeps its sessions.
 pub const RECORD_VERSION: u16 = 4;
+const OLDEST_READ: u16 = 3;
 
 /// A quiesced relaying session.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -95,7 +98,9 @@ pub struct FlowRecord {
 pub enum RecordError {
     #[error("not a session record")]
     Magic,
-    #[error("session record version {0}, this ringlb reads version {RECORD_VERSION}")]
+    #[error(
+        "session record version {0}, this ringlb reads versions {OLDEST_READ} to {RECORD_VERSION}"
+    )]
     Version(u16),
     #[error("session record truncated")]
     Truncated,
@@ -410,7 +415,7 @@ impl SessionRecord {
             return Err(RecordError::Magic);
         }
         let version = u16::from_le_bytes(r.array()?);
-        if version != RECORD_VERSION {
+        if !(OLDEST_READ..=RECORD_VERSION).contains(&version) {
             return Err(RecordError::Version(version));
         }
         let client_addr = r.addr()?;
@@ -445,7 +450,7 @@ impl SessionRecord {
         let parked = r.byte()? != 0;
         let age_ms = u64::from_le_bytes(r.array()?);
         let mut tls: [TlsSide; 2] = Default::default();
-        for t in &mut tls {
+        for t in tls.iter_mut().filter(|_| version >= 4) {
             *t = match r.byte()? {
                 0 => TlsSide::Plain,
                 2 => TlsSide::Lost,

@@ -1503,6 +1503,13 @@ fn a_tls_session_travels_in_its_record() {
         Err(RecordError::Invalid("transport"))
     );
 
+    // A version 3 record (the ringlb before TLS hand-off: no transports)
+    // still reads, every side plain, so upgrading from it keeps sessions.
+    let mut v3 = plain.encode();
+    v3.truncate(v3.len() - 2);
+    v3[4..6].copy_from_slice(&3u16.to_le_bytes());
+    assert_eq!(SessionRecord::decode(&v3), Ok(plain));
+
     let mut x = relaying(&s);
     x.transport = [Transport::Xor(0x11), Transport::Plain];
     assert!(x.stays_on_upgrade());
