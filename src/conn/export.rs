@@ -345,12 +345,37 @@ impl SessionRecord {
     /// The record as bytes: magic, version, then each field in order
     /// (integers little-endian, byte strings length-prefixed).
     pub fn encode(&self) -> Vec<u8> {
+        // Sized for everything, so the buffer never grows: a reallocation
+        // would free a copy of the TLS keys that nobody wipes.
+        let strings = [
+            &self.upstream,
+            self.route.as_deref().unwrap_or(""),
+            self.path.as_deref().unwrap_or(""),
+        ]
+        .iter()
+        .map(|s| s.len() + 5)
+        .sum::<usize>();
+        let tls = self
+            .tls
+            .iter()
+            .map(|t| match t {
+                TlsSide::Tls(r) => {
+                    64 + r.partial.len()
+                        + r.sni.as_ref().map_or(0, String::len)
+                        + r.rx.key.len()
+                        + r.tx.key.len()
+                }
+                _ => 1,
+            })
+            .sum::<usize>();
         let mut w = Vec::with_capacity(
-            64 + self
-                .flows
-                .iter()
-                .map(|f| f.pending.len() + 32)
-                .sum::<usize>(),
+            128 + strings
+                + tls
+                + self
+                    .flows
+                    .iter()
+                    .map(|f| f.pending.len() + f.frame_header.len() + 32)
+                    .sum::<usize>(),
         );
         w.extend_from_slice(MAGIC);
         w.extend_from_slice(&RECORD_VERSION.to_le_bytes());
@@ -380,6 +405,7 @@ impl SessionRecord {
         });
         w.push(u8::from(self.parked));
         w.extend_from_slice(&self.age_ms.to_le_bytes());
+        let cap = w.capacity();
         for t in &self.tls {
             match t {
                 TlsSide::Plain => w.push(0),
@@ -406,6 +432,7 @@ impl SessionRecord {
                 }
             }
         }
+        debug_assert_eq!(w.capacity(), cap, "the record buffer grew");
         w
     }
 

@@ -133,6 +133,9 @@ impl Msg {
             }
             Msg::Ready | Msg::Current => {}
             Msg::Sessions { records } => {
+                // All at once: a growing buffer would free copies of the
+                // records (TLS keys) before `send` can wipe them.
+                w.0.reserve_exact(4 + records.iter().map(|r| 4 + r.len()).sum::<usize>());
                 w.u32(records.len() as u32);
                 for r in records {
                     w.bytes(r);
