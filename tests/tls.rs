@@ -98,7 +98,16 @@ fn start(
 }
 
 fn start_cfg(cfg: &str) -> (Proxy, SocketAddr) {
-    let proxy = Proxy::start(cfg);
+    start_cfg_under(cfg, &[])
+}
+
+/// `start_cfg` with the daemon run under `wrapper` (e.g. `env VAR=...`).
+fn start_cfg_under(cfg: &str, wrapper: &[&str]) -> (Proxy, SocketAddr) {
+    let proxy = if wrapper.is_empty() {
+        Proxy::start(cfg)
+    } else {
+        Proxy::start_under(cfg, wrapper)
+    };
     let line = proxy.wait_log("shards, TLS)", Duration::from_secs(10));
     let addr = line
         .split("listening on ")
@@ -1143,6 +1152,76 @@ async fn a_wss_backend_is_reached_over_verified_tls() {
     let proxy = Proxy::start(&config(&[backend], "", &bad_ca));
     let resp = raw_exchange(proxy.addr(), upgrade_request("/", "").as_bytes()).await;
     assert_eq!(status_of(&resp), 502, "{}", String::from_utf8_lossy(&resp));
+}
+
+/// The fallback when a live TLS session's state cannot be taken (forced
+/// here by a test hook; no real session should need it): the session stays
+/// and keeps echoing in the old process, which reports it, accepts nothing
+/// more (new handshakes land in the new process on the same port) and
+/// exits once the session ends.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_tls_session_that_cannot_move_stays_and_the_old_process_drains_it() {
+    if !cfg!(debug_assertions) {
+        eprintln!("skipped: release builds compile the RINGLB_TEST_FAULT hooks out");
+        return;
+    }
+    let pki = Pki::new();
+    pki.issue("a", &["a.test"]);
+    let b = Backend::start().await;
+    let cfg = config(&[b.addr], "", "") + &tls_section(&pki, &["a"], "");
+    let (mut proxy, tls_addr) =
+        start_cfg_under(&cfg, &["env", "RINGLB_TEST_FAULT=handoff-tls-stays"]);
+    let cfg = client_config(&pki, &[&rustls::version::TLS13]);
+    let mut open = wss(cfg.clone(), tls_addr, "a.test").await;
+    echo_tls(&mut open, Message::Text("before".into())).await;
+    let old = proxy.pid();
+    let out = tokio::task::spawn_blocking(move || {
+        std::process::Command::new(env!("CARGO_BIN_EXE_ringlb"))
+            .args(["upgrade", "--pid", &old.to_string(), "--timeout", "30s"])
+            .output()
+            .unwrap()
+    })
+    .await
+    .unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout).to_string();
+    assert!(
+        out.status.success() && stdout.contains("1 TLS sessions stay in pid"),
+        "the outcome says what stays: {stdout} {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let new: u32 = stdout
+        .split("to pid ")
+        .nth(1)
+        .and_then(|r| r.split_whitespace().next())
+        .and_then(|p| p.parse().ok())
+        .unwrap_or_else(|| panic!("no pid in {stdout:?}"));
+    struct Kill(u32);
+    impl Drop for Kill {
+        fn drop(&mut self) {
+            let _ = std::process::Command::new("kill")
+                .args(["-9", &self.0.to_string()])
+                .status();
+        }
+    }
+    let _new = Kill(new);
+    for i in 0..10 {
+        let mut ws = wss(cfg.clone(), tls_addr, "a.test").await;
+        echo_tls(&mut ws, Message::Text(format!("new {i}"))).await;
+    }
+    for i in 0..5 {
+        echo_tls(&mut open, Message::Text(format!("old session {i}"))).await;
+    }
+    assert!(
+        proxy.wait_exit(Duration::from_millis(300)).is_none(),
+        "the old process must stay while it holds a TLS session"
+    );
+    open.close(None).await.unwrap();
+    drop(open);
+    let status = proxy.wait_exit(Duration::from_secs(20));
+    assert!(
+        status.is_some_and(|s| s.success()),
+        "the old process exits 0 once its last TLS session ended: {status:?}"
+    );
 }
 
 /// Reads one HTTP answer with a Content-Length body from a TLS stream.

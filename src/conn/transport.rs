@@ -151,7 +151,15 @@ impl Transport {
     pub(super) fn exportable(&self) -> bool {
         match self {
             Transport::Plain => true,
-            Transport::Tls(s) => s.read(TlsSession::exportable),
+            Transport::Tls(s) => {
+                // tests/tls.rs: the fallback for a TLS state that cannot be
+                // taken (the session stays; the old process drains it).
+                #[cfg(debug_assertions)]
+                if crate::server::test_fault("handoff-tls-stays") {
+                    return false;
+                }
+                s.read(TlsSession::exportable)
+            }
             #[cfg(test)]
             Transport::Xor(_) => false,
         }
