@@ -1174,36 +1174,12 @@ async fn a_tls_session_that_cannot_move_stays_and_the_old_process_drains_it() {
     let cfg = client_config(&pki, &[&rustls::version::TLS13]);
     let mut open = wss(cfg.clone(), tls_addr, "a.test").await;
     echo_tls(&mut open, Message::Text("before".into())).await;
-    let old = proxy.pid();
-    let out = tokio::task::spawn_blocking(move || {
-        std::process::Command::new(env!("CARGO_BIN_EXE_ringlb"))
-            .args(["upgrade", "--pid", &old.to_string(), "--timeout", "30s"])
-            .output()
-            .unwrap()
-    })
-    .await
-    .unwrap();
-    let stdout = String::from_utf8_lossy(&out.stdout).to_string();
+    let (ok, stdout, stderr) = upgrade(proxy.pid()).await;
     assert!(
-        out.status.success() && stdout.contains("1 TLS sessions stay in pid"),
-        "the outcome says what stays: {stdout} {}",
-        String::from_utf8_lossy(&out.stderr)
+        ok && stdout.contains("1 TLS sessions stay in pid"),
+        "the outcome says what stays: {stdout} {stderr}"
     );
-    let new: u32 = stdout
-        .split("to pid ")
-        .nth(1)
-        .and_then(|r| r.split_whitespace().next())
-        .and_then(|p| p.parse().ok())
-        .unwrap_or_else(|| panic!("no pid in {stdout:?}"));
-    struct Kill(u32);
-    impl Drop for Kill {
-        fn drop(&mut self) {
-            let _ = std::process::Command::new("kill")
-                .args(["-9", &self.0.to_string()])
-                .status();
-        }
-    }
-    let _new = Kill(new);
+    let _new = Pid(new_pid(&stdout));
     for i in 0..10 {
         let mut ws = wss(cfg.clone(), tls_addr, "a.test").await;
         echo_tls(&mut ws, Message::Text(format!("new {i}"))).await;
@@ -1369,40 +1345,13 @@ async fn an_upgrade_hands_live_tls_sessions_to_the_new_process() {
         echo_tls(ws, big.clone()).await;
     }
     echo(&mut plain, "before").await;
-    let old = proxy.pid();
-    let out = tokio::task::spawn_blocking(move || {
-        std::process::Command::new(env!("CARGO_BIN_EXE_ringlb"))
-            .args(["upgrade", "--pid", &old.to_string(), "--timeout", "30s"])
-            .output()
-            .unwrap()
-    })
-    .await
-    .unwrap();
-    let stdout = String::from_utf8_lossy(&out.stdout).to_string();
-    assert!(
-        out.status.success(),
-        "upgrade failed: {stdout} {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    let (ok, stdout, stderr) = upgrade(proxy.pid()).await;
+    assert!(ok, "upgrade failed: {stdout} {stderr}");
     assert!(
         stdout.contains("handed 3 sessions to pid") && !stdout.contains("stay"),
         "every session moves: {stdout}"
     );
-    let new: u32 = stdout
-        .split("to pid ")
-        .nth(1)
-        .and_then(|r| r.split_whitespace().next())
-        .and_then(|p| p.parse().ok())
-        .unwrap_or_else(|| panic!("no pid in {stdout:?}"));
-    struct Kill(u32);
-    impl Drop for Kill {
-        fn drop(&mut self) {
-            let _ = std::process::Command::new("kill")
-                .args(["-9", &self.0.to_string()])
-                .status();
-        }
-    }
-    let _new = Kill(new);
+    let _new = Pid(new_pid(&stdout));
     let status = proxy.wait_exit(Duration::from_secs(10));
     assert!(
         status.is_some_and(|s| s.success()),

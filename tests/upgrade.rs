@@ -477,43 +477,6 @@ fn connect_loop(proxy: SocketAddr) -> Probes {
 }
 
 /// Kills a process started by an upgrade (a grandchild of the test) on drop.
-struct Pid(u32);
-
-impl Drop for Pid {
-    fn drop(&mut self) {
-        let _ = Command::new("kill")
-            .arg("-9")
-            .arg(self.0.to_string())
-            .status();
-    }
-}
-
-/// `ringlb upgrade --pid PID`: (success, stdout, stderr).
-async fn upgrade(pid: u32) -> (bool, String, String) {
-    let out = tokio::task::spawn_blocking(move || {
-        Command::new(env!("CARGO_BIN_EXE_ringlb"))
-            .args(["upgrade", "--pid", &pid.to_string(), "--timeout", "60s"])
-            .output()
-            .unwrap()
-    })
-    .await
-    .unwrap();
-    (
-        out.status.success(),
-        String::from_utf8_lossy(&out.stdout).to_string(),
-        String::from_utf8_lossy(&out.stderr).to_string(),
-    )
-}
-
-fn new_pid(stdout: &str) -> u32 {
-    stdout
-        .split("to pid ")
-        .nth(1)
-        .and_then(|r| r.split_whitespace().next())
-        .and_then(|p| p.parse().ok())
-        .unwrap_or_else(|| panic!("no pid in {stdout:?}"))
-}
-
 fn sockets_of(pid: u32) -> usize {
     std::fs::read_dir(format!("/proc/{pid}/fd"))
         .map(|d| {

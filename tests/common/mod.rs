@@ -488,3 +488,42 @@ pub async fn wait_until(what: &str, mut f: impl FnMut() -> bool) {
         tokio::time::sleep(Duration::from_millis(10)).await;
     }
 }
+
+/// A process this test started by `ringlb upgrade`: killed when dropped.
+pub struct Pid(pub u32);
+
+impl Drop for Pid {
+    fn drop(&mut self) {
+        let _ = std::process::Command::new("kill")
+            .arg("-9")
+            .arg(self.0.to_string())
+            .status();
+    }
+}
+
+/// `ringlb upgrade --pid PID`: (success, stdout, stderr).
+pub async fn upgrade(pid: u32) -> (bool, String, String) {
+    let out = tokio::task::spawn_blocking(move || {
+        std::process::Command::new(env!("CARGO_BIN_EXE_ringlb"))
+            .args(["upgrade", "--pid", &pid.to_string(), "--timeout", "60s"])
+            .output()
+            .unwrap()
+    })
+    .await
+    .unwrap();
+    (
+        out.status.success(),
+        String::from_utf8_lossy(&out.stdout).to_string(),
+        String::from_utf8_lossy(&out.stderr).to_string(),
+    )
+}
+
+/// The new process's pid in `ringlb upgrade`'s outcome line.
+pub fn new_pid(stdout: &str) -> u32 {
+    stdout
+        .split("to pid ")
+        .nth(1)
+        .and_then(|r| r.split_whitespace().next())
+        .and_then(|p| p.parse().ok())
+        .unwrap_or_else(|| panic!("no pid in {stdout:?}"))
+}
