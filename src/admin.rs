@@ -1,6 +1,7 @@
 //! The admin listener: `GET /` (the dashboard, a self-contained page that
 //! polls `/status`), `GET /metrics` (Prometheus text format 0.0.4),
-//! `GET /status` (JSON), `GET /healthz` (`ok`),
+//! `GET /status` (JSON), `GET /healthz` (`ok`: the process is up),
+//! `GET /readyz` (`ready`, or 503 `draining` once it is stopping),
 //! `POST /backends/{upstream}/{addr}/drain[?close_rate=N]|undrain`,
 //! `POST /upstreams/{upstream}/rebalance`.
 //!
@@ -10,8 +11,8 @@
 //! after a CORS preflight that ringlb never answers), and DNS rebinding can
 //! point a page's own host name at the admin address (so `Host` must name
 //! the admin listener itself, as an IP literal or `localhost`). An optional
-//! bearer token (`admin.token_file`) guards every request but `/healthz`
-//! and the dashboard page itself (static, it holds no data; its script asks
+//! bearer token (`admin.token_file`) guards every request but `/healthz`,
+//! `/readyz` and the dashboard page itself (static, it holds no data; its script asks
 //! for the token and sends it with every request it makes).
 //!
 //! Plain threads with blocking sockets, off the shards entirely: the admin
@@ -264,7 +265,7 @@ fn refusal(
         // The dashboard page is exempt: a browser cannot attach a bearer
         // token to a navigation, and the page holds no data; every request
         // its script makes carries the token the user entered.
-        let open = path == "/healthz" || (path == "/" && req.method == "GET");
+        let open = matches!(path, "/healthz" | "/readyz") || (path == "/" && req.method == "GET");
         if !open && !presented.is_some_and(|p| token.matches(p)) {
             return Some((
                 401,
@@ -331,9 +332,13 @@ pub fn handle(method: &str, path: &str, control: &Control) -> (u16, &'static str
         ("GET", "/metrics") => (200, "text/plain; version=0.0.4", metrics(control)),
         ("GET", "/status") => (200, "application/json", status(control)),
         ("GET", "/healthz") => (200, "text/plain", "ok\n".into()),
+        ("GET", "/readyz") if control.stopping.load(Ordering::Relaxed) => {
+            (503, "text/plain", "draining\n".into())
+        }
+        ("GET", "/readyz") => (200, "text/plain", "ready\n".into()),
         ("POST", p) if p.starts_with("/backends/") => backend_action(p, query, control),
         ("POST", p) if p.starts_with("/upstreams/") => upstream_action(p, control),
-        (_, "/" | "/metrics" | "/status" | "/healthz") => {
+        (_, "/" | "/metrics" | "/status" | "/healthz" | "/readyz") => {
             (405, "text/plain", "method not allowed\n".into())
         }
         _ => (404, "text/plain", "not found\n".into()),

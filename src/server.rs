@@ -76,6 +76,10 @@ pub struct Control {
     pub taking_over: AtomicBool,
     /// What the resolver thread knows about each backend name.
     pub dns: Arc<crate::resolver::DnsState>,
+    /// Stopping (a SIGTERM drain, or closing everything): `GET /readyz`
+    /// answers 503 so health checks take this instance out while its
+    /// sessions finish.
+    pub stopping: AtomicBool,
 }
 
 impl Control {
@@ -269,6 +273,7 @@ impl Server {
             upgrades: Default::default(),
             admin_busy: Arc::default(),
             taking_over: AtomicBool::new(false),
+            stopping: AtomicBool::new(false),
             dns: Arc::default(),
         });
         let mut admin_sock = None;
@@ -588,6 +593,7 @@ impl Server {
     /// Stops accepting; shards exit as their last session ends.
     pub fn drain(&mut self) {
         self.exit_requested = true;
+        self.control.stopping.store(true, Ordering::Relaxed);
         // Our copies would keep the sockets listening (connections queued,
         // never accepted) after the shards close theirs.
         self.listen_socks.clear();
@@ -597,6 +603,7 @@ impl Server {
     /// Ends every session now and lets the shards exit.
     pub fn close_all(&mut self) {
         self.exit_requested = true;
+        self.control.stopping.store(true, Ordering::Relaxed);
         self.listen_socks.clear();
         self.send(|| Command::CloseAll);
     }

@@ -229,9 +229,12 @@ fn a_configured_token_is_required() {
         let (status, text) = post(auth);
         assert_eq!(status, 401, "POST with {auth:?}: {text}");
     }
-    // The liveness answer says nothing and needs no token.
+    // The liveness and readiness answers say nothing and need no token.
     let (status, text) = get(admin, "/healthz", "");
     assert_eq!(status, 200, "{text}");
+    let (status, text) = get(admin, "/readyz", "");
+    assert_eq!(status, 200, "{text}");
+    assert!(text.ends_with("ready\n"), "{text}");
 
     let good = "Authorization: Bearer s3cret-Token_1\r\n";
     let (status, text) = get(admin, "/status", good);

@@ -245,6 +245,35 @@ async fn sigterm_stops_accepting_and_waits_for_sessions() {
     assert!(st.success(), "{st:?}");
 }
 
+/// Readiness is not liveness: once a SIGTERM drain starts, `/readyz`
+/// answers 503 so health checks take the instance out, while `/healthz`
+/// stays 200 (the process is fine) and live sessions keep relaying until
+/// they end.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn readyz_fails_while_draining_and_healthz_does_not() {
+    let a = Backend::start().await;
+    let mut proxy = Proxy::start(&with_admin(&[a.addr], "drain_timeout = \"30s\"", ""));
+    assert_eq!(proxy.admin("GET", "/readyz"), (200, "ready\n".to_string()));
+    let mut live = connect(&proxy.url("/")).await;
+    echo(&mut live, "before").await;
+    proxy.signal("TERM");
+    wait_until("readyz says draining", || {
+        proxy.admin("GET", "/readyz") == (503, "draining\n".to_string())
+    })
+    .await;
+    assert_eq!(proxy.admin("GET", "/healthz"), (200, "ok\n".to_string()));
+    for i in 0..3 {
+        echo(&mut live, &format!("while draining {i}")).await;
+    }
+    live.close(None).await.unwrap();
+    while let Some(Ok(_)) = live.next().await {}
+    drop(live);
+    let st = proxy
+        .wait_exit(Duration::from_secs(10))
+        .expect("did not exit after the last session");
+    assert!(st.success(), "{st:?}");
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn drain_timeout_closes_what_is_left() {
     let a = Backend::start().await;

@@ -526,7 +526,7 @@ fn kubernetes_config() -> ringlb::config::Config {
 }
 
 #[test]
-fn kubernetes_pods_probe_healthz_run_confined_and_outlast_the_drain() {
+fn kubernetes_pods_probe_readyz_and_healthz_run_confined_and_outlast_the_drain() {
     let config = kubernetes_config();
     let admin = config
         .admin
@@ -559,7 +559,8 @@ fn kubernetes_pods_probe_healthz_run_confined_and_outlast_the_drain() {
         assert!(readme.contains("config/docker-seccomp.json"));
         assert_eq!(yaml_value(&m, "runAsNonRoot"), "true", "{file}");
         assert_ne!(yaml_value(&m, "runAsUser"), "0", "{file}");
-        // Probes: GET /healthz on the admin port.
+        // Probes on the admin port: readiness GET /readyz (fails while
+        // draining), liveness GET /healthz.
         assert!(
             m.contains(&format!("containerPort: {}\n", admin.port())),
             "{file}"
@@ -571,10 +572,10 @@ fn kubernetes_pods_probe_healthz_run_confined_and_outlast_the_drain() {
             .find(|w| w[1] == format!("containerPort: {}", admin.port()))
             .map(|w| w[0].trim_start_matches("- name: ").to_string())
             .unwrap_or_else(|| panic!("{file}: no named admin port"));
-        for probe in ["readinessProbe", "livenessProbe"] {
+        for (probe, path) in [("readinessProbe", "/readyz"), ("livenessProbe", "/healthz")] {
             let p = yaml_block(&m, probe);
             assert!(
-                p.contains("httpGet:\npath: /healthz\n"),
+                p.contains(&format!("httpGet:\npath: {path}\n")),
                 "{file} {probe}: {p}"
             );
             assert_eq!(yaml_value(&p, "port"), port_name, "{file} {probe}");
