@@ -242,7 +242,10 @@ pm run -d --name "$NAME" "${RUN_FLAGS[@]}" \
   --security-opt seccomp=config/docker-seccomp.json "$IMAGE" >"$WORK/run.log" 2>&1 \
   || { cat "$WORK/run.log" >&2; fail "start: podman run"; }
 for i in $(seq 100); do
-  pm logs "$NAME" 2>&1 | grep -q "admin listening on" && break
+  # Into a file, then grep: under pipefail, `pm logs | grep -q` fails
+  # whenever grep stops reading before podman is done writing (SIGPIPE).
+  pm logs "$NAME" >"$WORK/start-logs.txt" 2>&1 || true
+  grep -q "admin listening on" "$WORK/start-logs.txt" && break
   [ "$(pm inspect --format '{{.State.Running}}' "$NAME")" = true ] \
     || fail "start: ringlb exited under config/docker-seccomp.json" "$NAME"
   [ "$i" = 100 ] && fail "start: no 'admin listening on' after 10 s" "$NAME"
@@ -322,9 +325,10 @@ took=$((SECONDS - t_stop))
 wait "$IDLE" || { cat "$WORK/idle.log" >&2; fail "stop: the held sessions failed during the drain" "$NAME"; }
 code="$(pm inspect --format '{{.State.ExitCode}}' "$NAME")"
 [ "$code" = 0 ] || fail "stop: exit code $code after ${took}s (stop timeout ${STOP_TIMEOUT}s)" "$NAME"
-pm logs "$NAME" 2>&1 | grep -q 'draining: listeners closed, 2 sessions continue' \
+pm logs "$NAME" >"$WORK/stop-logs.txt" 2>&1 || fail "stop: podman logs" "$NAME"
+grep -q 'draining: listeners closed, 2 sessions continue' "$WORK/stop-logs.txt" \
   || fail "stop: no drain line for the 2 sessions in the log" "$NAME"
-pm logs "$NAME" 2>&1 | grep -q 'drained; exiting' || fail "stop: no 'drained; exiting' in the log" "$NAME"
+grep -q 'drained; exiting' "$WORK/stop-logs.txt" || fail "stop: no 'drained; exiting' in the log" "$NAME"
 ok "stop: podman stop drained 2 open sessions (still echoing), exit 0 after ${took}s of ${STOP_TIMEOUT}s [$(elapsed)]"
 
 # ---- 5. podman's default seccomp profile ----
