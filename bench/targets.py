@@ -32,8 +32,15 @@ TARGETS = {
     "ringlb-base": ("ringlb", "ringlb.toml.tmpl", {"ringlb_extra": "", "binary": "ringlb-base"}),
     # ringlb without TCP_USER_TIMEOUT (A/B of server.tcp_user_timeout).
     "ringlb-nouto": ("ringlb", "ringlb.toml.tmpl", {"ringlb_extra": "tcp_user_timeout = \"off\""}),
+    # ringlb with its shards under the kernel's default policy (A/B of
+    # server.scheduling = "batch", the default).
+    "ringlb-normal": ("ringlb", "ringlb.toml.tmpl", {"ringlb_extra": "scheduling = \"normal\""}),
     "nginx": ("nginx", "nginx.conf.tmpl", {"nginx_extra": ""}),
     "nginx-tuned": ("nginx", "nginx.conf.tmpl", {"nginx_extra": NGINX_TUNED_EXTRA}),
+    # nginx started under `chrt -b 0` (its workers inherit SCHED_BATCH): what
+    # ringlb's default scheduling policy would give nginx, for an honest
+    # reading of ringlb's ratios.
+    "nginx-batch": ("nginx", "nginx.conf.tmpl", {"nginx_extra": "", "sched": "batch"}),
     "haproxy": ("haproxy", "haproxy.cfg.tmpl", {}),
     # TLS termination (issue #15): each proxy with TLS on its listener, the
     # same ECDSA P-256 test certificate (made per run by tlscerts.py), TLS 1.3
@@ -44,7 +51,13 @@ TARGETS = {
     # of old against new code on the TLS path.
     "ringlb-tls-base": ("ringlb", "ringlb-tls.toml.tmpl",
                         {"ringlb_extra": "", "tls": True, "binary": "ringlb-base"}),
+    # ringlb-tls with the kernel's default scheduling policy (A/B of
+    # server.scheduling).
+    "ringlb-tls-normal": ("ringlb", "ringlb-tls.toml.tmpl",
+                          {"ringlb_extra": "scheduling = \"normal\"", "tls": True}),
     "nginx-tls": ("nginx", "nginx-tls.conf.tmpl", {"nginx_extra": "", "tls": True}),
+    "nginx-tls-batch": ("nginx", "nginx-tls.conf.tmpl",
+                        {"nginx_extra": "", "tls": True, "sched": "batch"}),
     "haproxy-tls": ("haproxy", "haproxy-tls.cfg.tmpl", {"tls": True}),
 }
 
@@ -221,6 +234,8 @@ def start_target(name: str, backend_ports: list[int], workdir: str, logdir: str,
     else:  # pragma: no cover
         raise StartError(f"unknown target kind {kind}")
 
+    if extra.get("sched") == "batch":
+        cmd = ["chrt", "-b", "0"] + cmd
     child = Child(name, cmd, os.path.join(logdir, f"{tag}-{name}.log"), env=env, cpus=cpus)
     try:
         wait_tcp(port, ready_timeout, child)

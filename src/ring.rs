@@ -610,6 +610,21 @@ pub fn trim_heap() -> bool {
     unsafe { libc::malloc_trim(0) == 1 }
 }
 
+/// Puts the calling thread under `SCHED_BATCH`: the scheduler no longer
+/// lets it preempt a running task when it wakes, so on a busy CPU its
+/// completions gather until the running task's slice ends and one wake-up
+/// serves many. Why ringlb wants that is at `crate::config::Scheduling`.
+pub fn set_batch_scheduling() -> io::Result<()> {
+    let param = libc::sched_param { sched_priority: 0 };
+    // SAFETY: pid 0 is the calling thread; the kernel copies `param` from a
+    // live stack value during the call and keeps no pointer to it.
+    let rc = unsafe { libc::sched_setscheduler(0, libc::SCHED_BATCH, &param) };
+    if rc != 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(())
+}
+
 pub fn eventfd_signal(fd: &OwnedFd) {
     let one = 1u64.to_ne_bytes();
     // SAFETY: writes 8 bytes from a live stack array to an fd we own.

@@ -692,3 +692,52 @@ async fn reload_that_changes_a_restart_only_key_is_refused() {
     echo(&mut ws2, "new config").await;
     assert_eq!((a.active(), b.active()), (1, 1));
 }
+
+/// The scheduling policy of each `ringlb-shard-*` thread of `pid`, from
+/// field 41 of `/proc/PID/task/TID/stat` (0 SCHED_OTHER, 3 SCHED_BATCH).
+fn shard_policies(pid: u32) -> Vec<u32> {
+    let mut out = Vec::new();
+    for t in std::fs::read_dir(format!("/proc/{pid}/task")).unwrap() {
+        let dir = t.unwrap().path();
+        let comm = std::fs::read_to_string(dir.join("comm")).unwrap_or_default();
+        if !comm.starts_with("ringlb-shard-") {
+            continue;
+        }
+        let stat = std::fs::read_to_string(dir.join("stat")).unwrap();
+        // Fields after the parenthesised name start at field 3.
+        let rest = &stat[stat.rfind(')').unwrap() + 2..];
+        out.push(rest.split(' ').nth(41 - 3).unwrap().parse().unwrap());
+    }
+    out
+}
+
+/// Shards run under SCHED_BATCH unless the file says "normal", and a reload
+/// that changes the policy is refused (the threads keep theirs) while the
+/// proxy goes on relaying.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn shards_run_under_sched_batch_unless_told_normal() {
+    let a = Backend::start().await;
+    let proxy = Proxy::start(&with_admin(&[a.addr], "", ""));
+    proxy.wait_log("shard scheduling: batch", Duration::from_secs(10));
+    assert_eq!(shard_policies(proxy.pid()), vec![3, 3]);
+    let normal = Proxy::start(&with_admin(&[a.addr], "scheduling = \"normal\"", ""));
+    normal.wait_log("shard scheduling: normal", Duration::from_secs(10));
+    assert_eq!(shard_policies(normal.pid()), vec![0, 0]);
+
+    std::fs::write(
+        &proxy.config_path,
+        with_admin(&[a.addr], "scheduling = \"normal\"", ""),
+    )
+    .unwrap();
+    proxy.signal("HUP");
+    let line = proxy.wait_log("reload rejected", Duration::from_secs(10));
+    assert!(
+        line.contains("server.scheduling changed from batch to normal") && line.contains("restart"),
+        "{line}"
+    );
+    assert_eq!(shard_policies(proxy.pid()), vec![3, 3]);
+    for p in [&proxy, &normal] {
+        let mut ws = connect(&p.url("/")).await;
+        echo(&mut ws, "still relaying").await;
+    }
+}

@@ -77,6 +77,7 @@ pub(super) struct FileServer {
     pub(super) park_idle_after: Option<Spanned<String>>,
     pub(super) heap_trim_interval: Option<Spanned<String>>,
     pub(super) forwarded_for: Option<Spanned<String>>,
+    pub(super) scheduling: Option<Spanned<String>>,
     pub(super) stalled_peer_timeout: Option<Spanned<String>>,
     pub(super) tcp_user_timeout: Option<Spanned<String>>,
     pub(super) max_handshakes_per_second: Option<Spanned<i64>>,

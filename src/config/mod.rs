@@ -129,6 +129,8 @@ pub struct ServerConfig {
     pub heap_trim_interval: Option<Duration>,
     /// What happens to an `X-Forwarded-For` the client sent.
     pub forwarded_for: ForwardedFor,
+    /// The scheduling policy of the shard threads.
+    pub scheduling: Scheduling,
     /// A peer that takes no byte for this long while bytes wait for it is
     /// closed. Not an idle timeout: a silent session with nothing pending
     /// is never cut. `None`: never.
@@ -187,6 +189,35 @@ pub enum ForwardedFor {
     /// Behind a trusted proxy: the client's list is kept and the address
     /// ringlb saw is appended.
     Append,
+}
+
+/// `[server] scheduling`: how the kernel schedules the shard threads.
+///
+/// A shard sleeps in `io_uring_enter` whenever it has no completion, and
+/// under the default policy every wake-up preempts whatever runs on its
+/// CPU. At partial load that means a sleep and a wake-up for almost every
+/// event, and on this project's measurements each costs a shard tens of
+/// microseconds of CPU (the switch itself, then cold caches). Under
+/// `SCHED_BATCH` a waking shard runs at once on an idle CPU, as before, but
+/// does not preempt a busy one: its completions gather until that task's
+/// slice ends, and one wake-up serves them all. The price is latency, only
+/// when the CPU is contended, and bounded by the scheduler's slice (a few
+/// milliseconds). `docs/PERFORMANCE.md` has the measurements.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Scheduling {
+    /// `SCHED_BATCH` (the default).
+    Batch,
+    /// `SCHED_OTHER`, the kernel's default: a waking shard preempts.
+    Normal,
+}
+
+impl Scheduling {
+    pub fn name(self) -> &'static str {
+        match self {
+            Scheduling::Batch => "batch",
+            Scheduling::Normal => "normal",
+        }
+    }
 }
 
 /// Where the access log goes: one JSON line per session, at its end.
@@ -617,6 +648,7 @@ impl ServerConfig {
             park_idle_after: Some(DEFAULT_PARK_IDLE_AFTER),
             heap_trim_interval: Some(DEFAULT_HEAP_TRIM_INTERVAL),
             forwarded_for: ForwardedFor::Replace,
+            scheduling: Scheduling::Batch,
             stalled_peer_timeout: Some(DEFAULT_STALLED_PEER_TIMEOUT),
             close_boundary_timeout: DEFAULT_CLOSE_BOUNDARY_TIMEOUT,
             drain_close_rate: None,

@@ -83,6 +83,7 @@ fn out_of_range_values_are_rejected_not_clamped() {
         ("buffers_per_shard", "1000"),
         ("buffer_size", "10"),
         ("forwarded_for", "\"trust\""),
+        ("scheduling", "\"fifo\""),
         ("stalled_peer_timeout", "\"0s\""),
         ("stalled_peer_timeout", "\"soon\""),
         ("tcp_user_timeout", "\"0s\""),
@@ -156,6 +157,19 @@ fn heap_trim_interval_defaults_on_and_can_be_turned_off() {
             .heap_trim_interval,
         Some(Duration::from_secs(2))
     );
+}
+
+#[test]
+fn scheduling_defaults_to_batch_and_can_be_normal() {
+    let c = Config::parse(MIN, "t").unwrap();
+    assert_eq!(c.server.scheduling, Scheduling::Batch);
+    let normal = MIN.replace("[server]\n", "[server]\nscheduling = \"normal\"\n");
+    assert_eq!(
+        Config::parse(&normal, "t").unwrap().server.scheduling,
+        Scheduling::Normal
+    );
+    let e = err(&MIN.replace("[server]\n", "[server]\nscheduling = \"rt\"\n"));
+    assert!(e.contains("give \"batch\""), "{e}");
 }
 
 #[test]

@@ -156,6 +156,20 @@ pub(super) fn validate(
                 )),
             };
     }
+    if let Some(v) = &s.scheduling {
+        server.scheduling = match v.get_ref().as_str() {
+            "batch" => Scheduling::Batch,
+            "normal" => Scheduling::Normal,
+            _ => {
+                return Err(ConfigError::at(
+                    src,
+                    v.span(),
+                    "server.scheduling",
+                    "give \"batch\" (shards do not preempt a busy CPU when they wake) or \"normal\" (the kernel's default)",
+                ))
+            }
+        };
+    }
     if let Some(v) = &s.stalled_peer_timeout {
         server.stalled_peer_timeout = if v.get_ref() == "off" {
             None
