@@ -211,6 +211,7 @@ impl Server {
 
         let shared = Arc::new(Shared::default());
         let mut handles = Vec::new();
+        let mut batch_refused = 0;
         let mut stats_all = Vec::new();
         for (id, listeners) in per_shard.into_iter().enumerate() {
             let (tx, rx) = mpsc::channel();
@@ -232,13 +233,18 @@ impl Server {
             let thread = std::thread::Builder::new()
                 .name(format!("ringlb-shard-{id}"))
                 .spawn(move || {
-                    if scheduling == Scheduling::Batch {
-                        // Not fatal: a seccomp profile may refuse it, and
-                        // the shard works the same, at more CPU per event.
-                        if let Err(e) = ring::set_batch_scheduling() {
-                            log::warn!("shard {id}: could not set SCHED_BATCH ({e}); running under the default policy");
+                    // Not fatal: a seccomp profile may refuse it, and the
+                    // shard works the same, at more CPU per event.
+                    let refused = match scheduling {
+                        // tests/ops.rs: what a seccomp profile that
+                        // refuses the call looks like.
+                        #[cfg(debug_assertions)]
+                        Scheduling::Batch if test_fault("sched-batch-refused") => {
+                            Some(std::io::Error::from_raw_os_error(libc::EPERM))
                         }
-                    }
+                        Scheduling::Batch => ring::set_batch_scheduling().err(),
+                        Scheduling::Normal => None,
+                    };
                     let shard = match Shard::new(init) {
                         Ok(s) => s,
                         Err(e) => {
@@ -246,7 +252,7 @@ impl Server {
                             return Ok(());
                         }
                     };
-                    let _ = ready_tx.send(Ok(format!("{:?}", shard.mode())));
+                    let _ = ready_tx.send(Ok((format!("{:?}", shard.mode()), refused)));
                     let res = shard.run();
                     if let Err(e) = &res {
                         log::error!("shard {id} stopped: {e}");
@@ -254,7 +260,13 @@ impl Server {
                     res
                 })?;
             match ready_rx.recv() {
-                Ok(Ok(mode)) => log::debug!("shard {id} ready (io_uring mode {mode})"),
+                Ok(Ok((mode, refused))) => {
+                    log::debug!("shard {id} ready (io_uring mode {mode})");
+                    if let Some(e) = refused {
+                        log::warn!("shard {id}: SCHED_BATCH refused ({e}); it runs under the kernel's default policy");
+                        batch_refused += 1;
+                    }
+                }
                 Ok(Err(e)) => bail!("shard {id} could not start its io_uring: {e}"),
                 Err(_) => bail!("shard {id} died while starting"),
             }
@@ -304,10 +316,15 @@ impl Server {
             let tls = if tls_addrs.contains(a) { ", TLS" } else { "" };
             log::info!("listening on {a} ({shards} shards{tls})");
         }
-        log::info!(
-            "shard scheduling: {}",
-            snapshot.config.server.scheduling.name()
-        );
+        match batch_refused {
+            0 => log::info!(
+                "shard scheduling: {}",
+                snapshot.config.server.scheduling.name()
+            ),
+            n => log::warn!(
+                "shard scheduling: batch refused on {n} of {shards} shards, which run under the kernel's default policy"
+            ),
+        }
         for c in snapshot
             .config
             .tls

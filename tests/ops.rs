@@ -741,3 +741,26 @@ async fn shards_run_under_sched_batch_unless_told_normal() {
         echo(&mut ws, "still relaying").await;
     }
 }
+
+/// Where the policy cannot be set (a seccomp profile that refuses
+/// sched_setscheduler), the shards start anyway under the default policy,
+/// and the log says so instead of claiming "batch".
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_refused_sched_batch_is_a_warning_and_the_shards_still_serve() {
+    let a = Backend::start().await;
+    let proxy = Proxy::start_under(
+        &with_admin(&[a.addr], "", ""),
+        &["env", "RINGLB_TEST_FAULT=sched-batch-refused"],
+    );
+    let line = proxy.wait_log("shard scheduling:", Duration::from_secs(10));
+    assert!(
+        line.contains("batch refused on 2 of 2 shards") && line.contains("WARN"),
+        "{line}"
+    );
+    assert!(proxy
+        .wait_log("shard 0: SCHED_BATCH refused", Duration::from_secs(1))
+        .contains("Operation not permitted"));
+    assert_eq!(shard_policies(proxy.pid()), vec![0, 0]);
+    let mut ws = connect(&proxy.url("/")).await;
+    echo(&mut ws, "still relaying").await;
+}
