@@ -194,10 +194,11 @@ pub enum ForwardedFor {
 /// `[server] scheduling`: how the kernel schedules the shard threads.
 ///
 /// A shard sleeps in `io_uring_enter` whenever it has no completion, and
-/// under the default policy every wake-up preempts whatever runs on its
-/// CPU. At partial load that means a sleep and a wake-up for almost every
-/// event, and on this project's measurements each costs a shard tens of
-/// microseconds of CPU (the switch itself, then cold caches). Under
+/// under the default policy a waking shard usually preempts whatever runs
+/// on its CPU, since its short runs leave it owed CPU time. Where cores
+/// are shared that means a sleep and a wake-up for almost every event, and
+/// on this project's measurements each costs a shard tens of microseconds
+/// of CPU (the switch itself, then cold caches). Under
 /// `SCHED_BATCH` a waking shard runs at once on an idle CPU, as before, but
 /// does not preempt a busy one: its completions gather until that task's
 /// slice ends, and one wake-up serves them all. The price is latency, only
