@@ -253,7 +253,11 @@ for i in $(seq 100); do
 done
 [ "$(pm exec "$NAME" grep '^Seccomp:' /proc/1/status | tr -d '[:space:]')" = Seccomp:2 ] \
   || fail "start: no seccomp filter on ringlb in the container" "$NAME"
-ok "start: ringlb runs under config/docker-seccomp.json (Seccomp: 2, $(pm logs "$NAME" 2>&1 | grep -o 'listening on [^ ]* ([0-9]* shards)')) [$(elapsed)]"
+# The profile must also let the shards set SCHED_BATCH; where it does not,
+# ringlb says "batch refused" instead of this line.
+grep -q 'shard scheduling: batch' "$WORK/start-logs.txt" \
+  || fail "start: shards not under SCHED_BATCH with config/docker-seccomp.json" "$NAME"
+ok "start: ringlb runs under config/docker-seccomp.json (Seccomp: 2, $(pm logs "$NAME" 2>&1 | grep -o 'listening on [^ ]* ([0-9]* shards)'), shard scheduling: batch) [$(elapsed)]"
 
 URL="http://127.0.0.1:$LISTEN_PORT"
 # get PATH [curl args]: the body, failing on a non-2xx status.
